@@ -1,0 +1,136 @@
+"""The four cells of SPEC.md, called like PyTorch's nn.*Cell: one step with ``cell(x, hx)``, a
+whole sequence in one kernel call with ``cell.run(xs, state)``."""
+
+import numpy as np
+
+from fastcell._checks import as_input, shape_error
+from fastcell.recurrence import GRURecurrence, LSTMRecurrence, RNNRecurrence
+
+
+class _Cell:
+    """Shared call logic; subclasses build ``self._rec``, the kernel-ready weights."""
+
+    def __init__(self, rec):
+        self._rec = rec
+
+    input_size = property(lambda self: self._rec.input_size)
+    hidden_size = property(lambda self: self._rec.hidden_size)
+    dtype = property(lambda self: self._rec.dtype)
+
+    def state_dict(self):
+        """The weights under PyTorch's nn.*Cell names, as NumPy arrays."""
+        return dict(self._rec.parameters())
+
+    def __getattr__(self, name):
+        # weight_ih, bias_hh, ... read straight from the (read-only) weights.
+        params = self.__dict__.get("_rec")
+        if params is not None and name in params.parameters():
+            return params.parameters()[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.input_size}, {self.hidden_size}, dtype={self.dtype.name})"
+
+    # -- argument handling --
+
+    def _inputs(self, value, name, step):
+        """x as (T, B, I) plus whether it came unbatched; a step is T = 1."""
+        x = as_input(value, name, self.dtype)
+        batched_ndim = 2 if step else 3
+        if x.ndim not in (batched_ndim - 1, batched_ndim) or x.shape[-1] != self.input_size:
+            raise shape_error(name, self._input_shapes(step), x.shape)
+        unbatched = x.ndim == batched_ndim - 1
+        if unbatched:
+            x = x[None] if step else x[:, None]
+        if step:
+            x = x[None]
+        return x, unbatched
+
+    def _input_shapes(self, step):
+        I = self.input_size
+        return f"(B, {I}) or ({I},)" if step else f"(T, B, {I}) or (T, {I})"
+
+    def _state(self, value, name, size, batch, unbatched):
+        """A fresh (B, size) buffer holding the given state (zeros for None)."""
+        if value is None:
+            return np.zeros((batch, size), self.dtype)
+        s = as_input(value, name, self.dtype)
+        want = (size,) if unbatched else (batch, size)
+        if s.shape != want:
+            raise shape_error(name, want, s.shape)
+        return np.array(s.reshape(batch, size), order="C", copy=True)
+
+    def _states(self, state, name, batch, unbatched):
+        """[h] or [h, c] buffers for the kernel."""
+        rec = self._rec
+        if not rec.has_cell_state:
+            return [self._state(state, name, rec.output_size, batch, unbatched)]
+        if state is None:
+            state = (None, None)
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise TypeError(f"{name}: expected an (h, c) pair, got {type(state).__name__}")
+        return [self._state(state[0], f"{name}[0] (h)", rec.output_size, batch, unbatched),
+                self._state(state[1], f"{name}[1] (c)", rec.hidden_size, batch, unbatched)]
+
+    @staticmethod
+    def _h_c(states):
+        return states[0], (states[1] if len(states) == 2 else None)
+
+    @staticmethod
+    def _result(states, unbatched):
+        out = [s[0] if unbatched else s for s in states]
+        return out[0] if len(out) == 1 else tuple(out)
+
+    # -- the two calls --
+
+    def __call__(self, x, hx=None):
+        """One step: x (B, I) or (I,); hx h, or (h, c) for the LSTMs; None means zeros.
+
+        Returns the new state in the same form."""
+        x, unbatched = self._inputs(x, "x", step=True)
+        states = self._states(hx, "hx", x.shape[1], unbatched)
+        self._rec.run(x, *self._h_c(states))
+        return self._result(states, unbatched)
+
+    def run(self, xs, state=None):
+        """A whole sequence: xs (T, B, I) or (T, I). Returns (outputs (T, B, H_out), final state)."""
+        x, unbatched = self._inputs(xs, "xs", step=False)
+        T, B = x.shape[:2]
+        states = self._states(state, "state", B, unbatched)
+        out = np.empty((T, B, self._rec.output_size), self.dtype)
+        self._rec.run(x, *self._h_c(states), out=out)
+        return (out[:, 0] if unbatched else out), self._result(states, unbatched)
+
+
+class RNNCell(_Cell):
+    """h' = phi(W_ih x + b_ih + W_hh h + b_hh), phi tanh or relu (nn.RNNCell)."""
+
+    def __init__(self, weight_ih, weight_hh, bias_ih=None, bias_hh=None, nonlinearity="tanh"):
+        super().__init__(RNNRecurrence(weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity))
+
+    nonlinearity = property(lambda self: self._rec.nonlinearity)
+
+
+class GRUCell(_Cell):
+    """nn.GRUCell (reset_after=True) or the reset-before GRU of Cho et al. 2014."""
+
+    def __init__(self, weight_ih, weight_hh, bias_ih=None, bias_hh=None, reset_after=True):
+        super().__init__(GRURecurrence(weight_ih, weight_hh, bias_ih, bias_hh, reset_after))
+
+    reset_after = property(lambda self: self._rec.reset_after)
+
+
+class LSTMCell(_Cell):
+    """nn.LSTMCell; the state is an (h, c) pair."""
+
+    def __init__(self, weight_ih, weight_hh, bias_ih=None, bias_hh=None):
+        super().__init__(LSTMRecurrence(weight_ih, weight_hh, bias_ih, bias_hh))
+
+
+class PeepholeLSTMCell(_Cell):
+    """LSTM with diagonal peepholes weight_ph (3, H), rows p_i, p_f, p_o (SPEC.md)."""
+
+    def __init__(self, weight_ih, weight_hh, weight_ph, bias_ih=None, bias_hh=None):
+        if weight_ph is None:
+            raise TypeError("weight_ph: expected an array of shape (3, hidden_size), got None")
+        super().__init__(LSTMRecurrence(weight_ih, weight_hh, bias_ih, bias_hh, weight_ph=weight_ph))

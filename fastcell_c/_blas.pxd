@@ -1,0 +1,38 @@
+# One thin row-major wrapper over scipy.linalg.cython_blas, fused over float and double.
+# Row-major callers are served by swapping operands (C^T = W A^T in column-major), never by copying.
+from cython cimport floating
+from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
+
+
+cdef inline void matmul_wt(int m, int n, int k,
+                           const floating* a, int lda,
+                           const floating* w, int ldw,
+                           floating beta, floating* c, int ldc) noexcept nogil:
+    """c[m, n] = a[m, k] @ w[n, k].T + beta * c, all row-major with leading dimensions lda, ldw, ldc."""
+    cdef char trans = b'T'
+    cdef char notrans = b'N'
+    cdef floating one = 1
+    cdef int inc = 1
+    cdef Py_ssize_t i, j
+    if m <= 0 or n <= 0:
+        return
+    if k <= 0:
+        # BLAS rejects lda = 0; the product is empty, so only the beta scaling is left.
+        for i in range(m):
+            for j in range(n):
+                c[i * ldc + j] = 0 if beta == 0 else beta * c[i * ldc + j]
+        return
+    if m == 1:
+        # One row: GEMV over w's rows (w^T in column-major is w row-major).
+        if floating is float:
+            sgemv(&trans, &k, &n, &one, <float*>w, &ldw, <float*>a, &inc, &beta, c, &inc)
+        else:
+            dgemv(&trans, &k, &n, &one, <double*>w, &ldw, <double*>a, &inc, &beta, c, &inc)
+    else:
+        # c^T[n, m] = w[n, k] @ a^T[k, m] in column-major terms.
+        if floating is float:
+            sgemm(&trans, &notrans, &n, &m, &k, &one, <float*>w, &ldw, <float*>a, &lda,
+                  &beta, c, &ldc)
+        else:
+            dgemm(&trans, &notrans, &n, &m, &k, &one, <double*>w, &ldw, <double*>a, &lda,
+                  &beta, c, &ldc)

@@ -1,0 +1,102 @@
+# How a batch of sequences is walked step by step, shared by every cell's sequence kernel:
+# the input projection of the whole batch in one GEMM, which rows of the gate buffer a step
+# owns, and where each row's output goes.
+#
+# Without lengths the gate buffer G keeps x's own row order ((T, B) or, batch_first, (B, T)),
+# so a step's rows are G[t, 0:B] with a row stride of 1 or T rows, and no input is copied.
+# With lengths the rows are first packed in processing order, as PyTorch's PackedSequence:
+# processing row j is batch entry perm[j], lengths are non-increasing, so the active rows of a
+# step are a prefix 0..n-1 and a finished sequence's state stays in its row untouched.
+from libc.stdint cimport int64_t
+from libc.string cimport memcpy
+from cython cimport floating
+
+from fastcell_c._blas cimport matmul_wt
+
+
+cdef struct Walk:
+    Py_ssize_t T, B
+    Py_ssize_t x_ts, x_bs      # row strides of x (and of G without lengths): time, batch
+    Py_ssize_t o_ts, o_bs      # element strides of the output: time, batch
+    const int64_t* lengths     # NULL: every sequence runs T steps
+    const int64_t* perm
+    bint reverse
+    Py_ssize_t n               # rows active at the current step
+    Py_ssize_t g_row           # first G row of the current step
+    Py_ssize_t g_ld            # G row stride of the current step, in rows
+    Py_ssize_t off             # packed offset of the current step
+
+
+cdef inline Walk make_walk(Py_ssize_t T, Py_ssize_t B, bint batch_first, Py_ssize_t out_width,
+                           const int64_t* lengths, const int64_t* perm,
+                           bint reverse) noexcept nogil:
+    cdef Walk w
+    w.T = T
+    w.B = B
+    if batch_first:
+        w.x_ts, w.x_bs = 1, T
+        w.o_ts, w.o_bs = out_width, T * out_width
+    else:
+        w.x_ts, w.x_bs = B, 1
+        w.o_ts, w.o_bs = B * out_width, out_width
+    w.lengths = lengths
+    w.perm = perm
+    w.reverse = reverse
+    w.n = B
+    w.g_row = 0
+    w.g_ld = 1
+    w.off = 0
+    return w
+
+
+cdef inline Py_ssize_t time_of(const Walk* w, Py_ssize_t s, Py_ssize_t j) noexcept nogil:
+    """The time index that processing row j reads at step s."""
+    if w.lengths == NULL:
+        return w.T - 1 - s if w.reverse else s
+    return w.lengths[j] - 1 - s if w.reverse else s
+
+
+cdef inline Py_ssize_t batch_of(const Walk* w, Py_ssize_t j) noexcept nogil:
+    return j if w.perm == NULL else w.perm[j]
+
+
+cdef inline void project_inputs(Walk* w, const floating* x, int I, const floating* w_ih, int gates,
+                                floating* G, floating* xp) noexcept nogil:
+    """G = x @ w_ih.T for every row the walk will read: one GEMM (xp: packing space, lengths only)."""
+    cdef Py_ssize_t s, j, n = w.B, r = 0
+    if w.lengths == NULL:
+        matmul_wt(<int>(w.T * w.B), gates, I, x, I, w_ih, I, 0, G, gates)
+        return
+    for s in range(w.T):
+        while n > 0 and w.lengths[n - 1] <= s:
+            n -= 1
+        for j in range(n):
+            memcpy(xp + r * I, x + (time_of(w, s, j) * w.x_ts + batch_of(w, j) * w.x_bs) * I,
+                   I * sizeof(floating))
+            r += 1
+    matmul_wt(<int>r, gates, I, xp, I, w_ih, I, 0, G, gates)
+
+
+cdef inline void begin_step(Walk* w, Py_ssize_t s) noexcept nogil:
+    """Sets n, g_row and g_ld for step s; steps are taken in order 0, 1, ..., T-1."""
+    if w.lengths == NULL:
+        w.g_row = time_of(w, s, 0) * w.x_ts
+        w.g_ld = w.x_bs
+        return
+    if s > 0:
+        w.off += w.n
+    while w.n > 0 and w.lengths[w.n - 1] <= s:
+        w.n -= 1
+    w.g_row = w.off
+    w.g_ld = 1
+
+
+cdef inline void write_outputs(const Walk* w, Py_ssize_t s, const floating* h, Py_ssize_t width,
+                               floating* out) noexcept nogil:
+    """Copies the n state rows of step s to their places in the output."""
+    cdef Py_ssize_t j
+    if out == NULL:
+        return
+    for j in range(w.n):
+        memcpy(out + time_of(w, s, j) * w.o_ts + batch_of(w, j) * w.o_bs, h + j * width,
+               width * sizeof(floating))

@@ -1,0 +1,46 @@
+import zlib
+
+import numpy as np
+import pytest
+
+TOL = {np.float32: 1e-5, np.float64: 1e-12}
+
+# Every cell variant of SPEC.md: (name, gates, fastcell keyword arguments).
+VARIANTS = {
+    "rnn_tanh": (1, {"nonlinearity": "tanh"}),
+    "rnn_relu": (1, {"nonlinearity": "relu"}),
+    "gru": (3, {"reset_after": True}),
+    "gru_reset_before": (3, {"reset_after": False}),
+    "lstm": (4, {}),
+    "peephole_lstm": (4, {}),
+}
+
+
+def torch_or_skip():
+    return pytest.importorskip("torch")
+
+
+def init_weights(rng, gates, input_size, hidden_size, dtype, peephole=False, proj_size=0,
+                 bias=True):
+    """PyTorch's default initialisation, U(-1/sqrt(H), 1/sqrt(H)), under PyTorch's names."""
+    k = 1 / np.sqrt(hidden_size)
+    hout = proj_size or hidden_size
+
+    def u(*shape):
+        return rng.uniform(-k, k, shape).astype(dtype)
+
+    w = {"weight_ih": u(gates * hidden_size, input_size), "weight_hh": u(gates * hidden_size, hout)}
+    if bias:
+        w["bias_ih"] = u(gates * hidden_size)
+        w["bias_hh"] = u(gates * hidden_size)
+    if peephole:
+        w["weight_ph"] = u(3, hidden_size)
+    if proj_size:
+        w["weight_hr"] = u(proj_size, hidden_size)
+    return w
+
+
+@pytest.fixture
+def rng(request):
+    # A seed per test, stable across runs.
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
