@@ -17,9 +17,20 @@ class _Cell:
     hidden_size = property(lambda self: self._rec.hidden_size)
     dtype = property(lambda self: self._rec.dtype)
 
+    kind = ""
+
     def state_dict(self):
-        """The weights under PyTorch's nn.*Cell names, as NumPy arrays."""
+        """The weights under PyTorch's nn.*Cell names, as read-only NumPy arrays."""
         return dict(self._rec.parameters())
+
+    def config(self):
+        """Everything but the weights needed to rebuild this cell (the weight file's metadata)."""
+        return {"cell": self.kind, "module": "cell", "input_size": self.input_size,
+                "hidden_size": self.hidden_size, "bias": self._rec.bias_ih is not None,
+                "dtype": self.dtype.name, **self._extra_config()}
+
+    def _extra_config(self):
+        return {}
 
     def __getattr__(self, name):
         # weight_ih, bias_hh, ... read straight from the (read-only) weights.
@@ -108,7 +119,11 @@ class RNNCell(_Cell):
     def __init__(self, weight_ih, weight_hh, bias_ih=None, bias_hh=None, nonlinearity="tanh"):
         super().__init__(RNNRecurrence(weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity))
 
+    kind = "rnn"
     nonlinearity = property(lambda self: self._rec.nonlinearity)
+
+    def _extra_config(self):
+        return {"nonlinearity": self.nonlinearity}
 
 
 class GRUCell(_Cell):
@@ -117,7 +132,11 @@ class GRUCell(_Cell):
     def __init__(self, weight_ih, weight_hh, bias_ih=None, bias_hh=None, reset_after=True):
         super().__init__(GRURecurrence(weight_ih, weight_hh, bias_ih, bias_hh, reset_after))
 
+    kind = "gru"
     reset_after = property(lambda self: self._rec.reset_after)
+
+    def _extra_config(self):
+        return {"reset_after": self.reset_after}
 
 
 class LSTMCell(_Cell):
@@ -125,6 +144,8 @@ class LSTMCell(_Cell):
 
     def __init__(self, weight_ih, weight_hh, bias_ih=None, bias_hh=None):
         super().__init__(LSTMRecurrence(weight_ih, weight_hh, bias_ih, bias_hh))
+
+    kind = "lstm"
 
 
 class PeepholeLSTMCell(_Cell):
@@ -134,3 +155,5 @@ class PeepholeLSTMCell(_Cell):
         if weight_ph is None:
             raise TypeError("weight_ph: expected an array of shape (3, hidden_size), got None")
         super().__init__(LSTMRecurrence(weight_ih, weight_hh, bias_ih, bias_hh, weight_ph=weight_ph))
+
+    kind = "peephole_lstm"

@@ -1,0 +1,286 @@
+"""Layers with torch.nn.RNN / GRU / LSTM's constructor, state_dict names and call semantics, plus
+PeepholeLSTM. Every layer and direction is one call of the compiled sequence kernel; Python loops
+over layers and directions only, never over time."""
+
+import numpy as np
+
+from fastcell._checks import FLOAT_DTYPES, as_input, shape_error, to_numpy
+from fastcell.recurrence import NONLINEARITIES, GRURecurrence, LSTMRecurrence, RNNRecurrence
+
+
+class StateDictError(ValueError):
+    """load_state_dict found missing, unexpected or mis-shaped entries (all listed)."""
+
+
+class _Layer:
+    """Shared by the four layer types. Subclasses set ``kind``, ``gates`` and ``_make``."""
+
+    kind = ""
+    gates = 0
+    has_cell_state = False
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 bidirectional=False, dtype=np.float32, proj_size=0):
+        for name, v, low in (("input_size", input_size, 1), ("hidden_size", hidden_size, 1),
+                             ("num_layers", num_layers, 1), ("proj_size", proj_size, 0)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+                raise ValueError(f"{name}: expected an integer >= {low}, got {v!r}")
+        if proj_size and proj_size >= hidden_size:
+            raise ValueError(f"proj_size: expected 0 or less than hidden_size={hidden_size}, got {proj_size}")
+        dt = np.dtype(dtype)
+        if dt not in FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected float32 or float64, got {dt}")
+        self.input_size, self.hidden_size = int(input_size), int(hidden_size)
+        self.num_layers, self.proj_size = int(num_layers), int(proj_size)
+        self.bias, self.batch_first, self.bidirectional = bool(bias), bool(batch_first), bool(bidirectional)
+        self.dtype = dt
+        self._init_random()
+
+    # -- configuration --
+
+    @property
+    def num_directions(self):
+        return 2 if self.bidirectional else 1
+
+    @property
+    def output_size(self):
+        """H_out: the size of h and of each direction's output."""
+        return self.proj_size or self.hidden_size
+
+    def config(self):
+        """Everything needed to rebuild this layer (the weight file's metadata)."""
+        return {"cell": self.kind, "module": "layer", "input_size": self.input_size, "hidden_size": self.hidden_size,
+                "num_layers": self.num_layers, "bias": self.bias, "batch_first": self.batch_first,
+                "bidirectional": self.bidirectional, "dtype": self.dtype.name, **self._extra_config()}
+
+    def _extra_config(self):
+        return {}
+
+    def _suffixes(self):
+        for k in range(self.num_layers):
+            for d in range(self.num_directions):
+                yield k, d, f"_l{k}" + ("_reverse" if d else "")
+
+    def expected_shapes(self):
+        """{name: shape} of every parameter, under PyTorch's state_dict names."""
+        G, H, P = self.gates * self.hidden_size, self.hidden_size, self.output_size
+        shapes = {}
+        for k, _, s in self._suffixes():
+            layer_in = self.input_size if k == 0 else self.num_directions * P
+            shapes["weight_ih" + s] = (G, layer_in)
+            shapes["weight_hh" + s] = (G, P)
+            if self.bias:
+                shapes["bias_ih" + s] = (G,)
+                shapes["bias_hh" + s] = (G,)
+            shapes.update(self._extra_shapes(s))
+        return shapes
+
+    def _extra_shapes(self, suffix):
+        return {}
+
+    def __repr__(self):
+        args = [str(self.input_size), str(self.hidden_size)]
+        defaults = {"num_layers": 1, "bias": True, "batch_first": False, "bidirectional": False}
+        cfg = self.config()
+        args += [f"{k}={cfg[k]}" for k in defaults if cfg[k] != defaults[k]]
+        args += [f"{k}={v!r}" for k, v in self._extra_config().items()]
+        return f"{type(self).__name__}({', '.join(args)}, dtype={self.dtype.name})"
+
+    # -- weights --
+
+    def _init_random(self):
+        # PyTorch's default initialisation, so a fresh layer behaves like a fresh torch layer.
+        rng = np.random.default_rng()
+        k = 1 / np.sqrt(self.hidden_size)
+        self._load({n: rng.uniform(-k, k, s).astype(self.dtype) for n, s in self.expected_shapes().items()})
+
+    def _load(self, weights):
+        recs = []
+        for _, _, s in self._suffixes():
+            w = {n[: -len(s)]: v for n, v in weights.items() if n.endswith(s)}
+            recs.append(self._make(w, s))
+        self._recs = tuple(recs)  # replaced whole: a concurrent call sees old or new, never a mix
+
+    def state_dict(self):
+        """Every parameter under PyTorch's names, as read-only NumPy arrays."""
+        out = {}
+        for rec, (_, _, s) in zip(self._recs, self._suffixes()):
+            out.update({n + s: v for n, v in rec.parameters().items()})
+        return out
+
+    def load_state_dict(self, state_dict):
+        """Loads PyTorch tensors or NumPy arrays under PyTorch's names (strict), converted to this
+        layer's dtype. Missing, unexpected and mis-shaped entries are all listed in one error."""
+        expected = self.expected_shapes()
+        given = {str(k): to_numpy(v, str(k)) for k, v in dict(state_dict).items()}
+        problems = [f"missing: {n} {expected[n]}" for n in expected if n not in given]
+        problems += [f"unexpected: {n}" for n in given if n not in expected]
+        problems += [f"mis-shaped: {n} expected {expected[n]}, got {given[n].shape}"
+                     for n in expected if n in given and given[n].shape != expected[n]]
+        if problems:
+            raise StateDictError(f"{type(self).__name__}.load_state_dict: " + "; ".join(problems))
+        self._load({n: np.asarray(v, dtype=self.dtype) for n, v in given.items()})
+
+    # -- the call --
+
+    def __call__(self, x, hx=None, lengths=None):
+        """output, h_n = layer(x, hx, lengths) (LSTMs: output, (h_n, c_n)), as torch.nn.
+
+        x: (T, B, I), (B, T, I) with batch_first, or unbatched (T, I). hx: h_0 (D*L, B, H_out)
+        (unbatched (D*L, H_out)), or (h_0, c_0) for the LSTMs; None means zeros. lengths: B
+        sequence lengths of a padded batch, as pack_padded_sequence(x, lengths,
+        enforce_sorted=False): outputs past a length are zero, h_n is taken at each sequence's last
+        step, and the output has max(lengths) steps, as pad_packed_sequence returns.
+        """
+        x = as_input(x, "x", self.dtype)
+        if x.ndim not in (2, 3) or x.shape[-1] != self.input_size:
+            lead = "(B, T, " if self.batch_first else "(T, B, "
+            raise shape_error("x", f"{lead}{self.input_size}) or (T, {self.input_size})", x.shape)
+        unbatched = x.ndim == 2
+        if unbatched:
+            if lengths is not None:
+                raise ValueError("lengths: only for a batched x, got an unbatched (T, I) input")
+            x = x[None] if self.batch_first else x[:, None]
+        T, B = (x.shape[1], x.shape[0]) if self.batch_first else x.shape[:2]
+        if T == 0:
+            raise ValueError("x: expected a sequence length larger than 0 (as torch.nn), got 0")
+        lengths, perm = self._lengths(lengths, T, B)
+        if lengths is not None and lengths[0] < T:
+            T = int(lengths[0])  # pad_packed_sequence's output length
+            x = np.ascontiguousarray(x[:, :T] if self.batch_first else x[:T])
+        states = self._initial_states(hx, B, unbatched)
+        out = self._run(x, states, lengths, perm, T, B)
+        if unbatched:
+            out = out[0] if self.batch_first else out[:, 0]
+            states = [s[:, 0] for s in states]
+        return out, (tuple(states) if self.has_cell_state else states[0])
+
+    def _lengths(self, lengths, T, B):
+        """(lengths sorted descending, perm) for the kernels, or (None, None) when every sequence
+        is full: the kernels then read x in place."""
+        if lengths is None:
+            return None, None
+        arr = to_numpy(lengths, "lengths")
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"lengths: expected integers, got dtype {arr.dtype}")
+        if arr.shape != (B,):
+            raise shape_error("lengths", (B,), arr.shape)
+        if B and (arr.min() < 1 or arr.max() > T):
+            raise ValueError(f"lengths: expected values in [1, {T}] (the time steps of x), "
+                             f"got min {arr.min()}, max {arr.max()}")
+        if B == 0 or arr.min() == T:
+            return None, None
+        perm = np.argsort(-arr.astype(np.int64), kind="stable")
+        return np.ascontiguousarray(arr[perm], dtype=np.int64), perm.astype(np.int64)
+
+    def _initial_states(self, hx, B, unbatched):
+        """Fresh (D*L, B, size) buffers holding h_0 (and c_0); the kernels update them in place."""
+        n = self.num_layers * self.num_directions
+        sizes = [("h_0", self.output_size)] + ([("c_0", self.hidden_size)] if self.has_cell_state else [])
+        if hx is None:
+            return [np.zeros((n, B, size), self.dtype) for _, size in sizes]
+        if self.has_cell_state:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise TypeError(f"hx: expected an (h_0, c_0) pair, got {type(hx).__name__}")
+            given = list(hx)
+        else:
+            given = [hx]
+        states = []
+        for (name, size), v in zip(sizes, given):
+            a = as_input(v, name, self.dtype)
+            want = (n, size) if unbatched else (n, B, size)
+            if a.shape != want:
+                raise shape_error(name, want, a.shape)
+            states.append(np.array(a.reshape(n, B, size), order="C", copy=True))
+        return states
+
+    def _run(self, x, states, lengths, perm, T, B):
+        D, P = self.num_directions, self.output_size
+        shape = (B, T, D * P) if self.batch_first else (T, B, D * P)
+        inp = x
+        for k in range(self.num_layers):
+            # Past a sequence's length nothing is written: those rows must start at zero.
+            out = np.zeros(shape, self.dtype) if lengths is not None else np.empty(shape, self.dtype)
+            for d in range(D):
+                i = k * D + d
+                bufs = [s[i] if perm is None else s[i][perm] for s in states]
+                self._recs[i].run(inp, bufs[0], bufs[1] if len(bufs) > 1 else None, out, d * P,
+                                  self.batch_first, d == 1, lengths, perm)
+                if perm is not None:
+                    for s, buf in zip(states, bufs):
+                        s[i][perm] = buf
+            inp = out
+        return inp
+
+
+class RNN(_Layer):
+    """torch.nn.RNN: h_t = tanh or relu(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)."""
+
+    kind, gates = "rnn", 1
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, bidirectional=False, dtype=np.float32):
+        if nonlinearity not in NONLINEARITIES:
+            raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dtype)
+
+    def _extra_config(self):
+        return {"nonlinearity": self.nonlinearity}
+
+    def _make(self, w, s):
+        return RNNRecurrence(**w, nonlinearity=self.nonlinearity, suffix=s)
+
+
+class GRU(_Layer):
+    """torch.nn.GRU (reset_after=True), or the reset-before GRU of Cho et al. 2014."""
+
+    kind, gates = "gru", 3
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 bidirectional=False, reset_after=True, dtype=np.float32):
+        self.reset_after = bool(reset_after)
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dtype)
+
+    def _extra_config(self):
+        return {"reset_after": self.reset_after}
+
+    def _make(self, w, s):
+        return GRURecurrence(**w, reset_after=self.reset_after, suffix=s)
+
+
+class LSTM(_Layer):
+    """torch.nn.LSTM, with proj_size (LSTMP): returns output, (h_n, c_n)."""
+
+    kind, gates, has_cell_state = "lstm", 4, True
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 bidirectional=False, proj_size=0, dtype=np.float32):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional,
+                         dtype, proj_size)
+
+    def _extra_config(self):
+        return {"proj_size": self.proj_size}
+
+    def _extra_shapes(self, s):
+        return {"weight_hr" + s: (self.proj_size, self.hidden_size)} if self.proj_size else {}
+
+    def _make(self, w, s):
+        return LSTMRecurrence(**w, suffix=s)
+
+
+class PeepholeLSTM(_Layer):
+    """LSTM with diagonal peepholes weight_ph_l{k} (3, H), rows p_i, p_f, p_o (SPEC.md); the
+    PyTorch twin to train it is fastcell.torch.PeepholeLSTM."""
+
+    kind, gates, has_cell_state = "peephole_lstm", 4, True
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 bidirectional=False, dtype=np.float32):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dtype)
+
+    def _extra_shapes(self, s):
+        return {"weight_ph" + s: (3, self.hidden_size)}
+
+    def _make(self, w, s):
+        return LSTMRecurrence(**w, suffix=s)
