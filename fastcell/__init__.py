@@ -7,7 +7,30 @@ from fastcell._version import __version__
 from fastcell.cells import GRUCell, LSTMCell, PeepholeLSTMCell, RNNCell
 from fastcell.layers import GRU, LSTM, RNN, PeepholeLSTM, StateDictError
 
+# Loaded on first use, so `import fastcell` stays light (cold start) and never pulls in torch.
+_LAZY = {
+    "save": "fastcell.weights_file",
+    "load": "fastcell.weights_file",
+    "FormatError": "fastcell.weights_file",
+    "from_torch": "fastcell.bridge",
+    "from_state_dict": "fastcell.bridge",
+}
+
 __all__ = [
     "__version__", "RNNCell", "GRUCell", "LSTMCell", "PeepholeLSTMCell",
-    "RNN", "GRU", "LSTM", "PeepholeLSTM", "StateDictError",
+    "RNN", "GRU", "LSTM", "PeepholeLSTM", "StateDictError", *_LAZY,
 ]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fastcell' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)
