@@ -6,6 +6,7 @@ Environment switches:
 """
 import os
 
+import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
@@ -27,13 +28,14 @@ directives = {
     "embedsignature": True,
 }
 
-KERNELS = ["rnn", "gru", "lstm"]
+KERNELS = ["kernel", "rnn", "gru", "lstm", "stream", "blas_floor"]
 
 extensions = [
     Extension(
         f"fastcell_c.{name}",
         [f"fastcell_c/{name}.pyx"],
-        include_dirs=["fastcell_c"],
+        include_dirs=["fastcell_c", np.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=compile_args,
     )
     for name in KERNELS

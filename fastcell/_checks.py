@@ -14,11 +14,11 @@ def to_numpy(value, name):
     ndarray, without importing torch."""
     if value is None:
         raise TypeError(f"{name}: expected an array, got None")
-    if hasattr(value, "detach") and hasattr(value, "cpu") and not isinstance(value, np.ndarray):
-        value = value.detach().cpu().numpy()
     try:
+        if hasattr(value, "detach") and hasattr(value, "cpu") and not isinstance(value, np.ndarray):
+            value = value.detach().cpu().numpy()
         arr = np.asarray(value)
-    except (ValueError, TypeError) as exc:  # ragged nested lists and the like
+    except (ValueError, TypeError, RuntimeError) as exc:  # ragged lists, bfloat16 tensors, ...
         raise TypeError(f"{name}: expected a real array, got {type(value).__name__} ({exc})") from None
     if arr.dtype.kind not in _REAL_KINDS:
         raise TypeError(f"{name}: expected real numbers, got an array of dtype {arr.dtype}")
@@ -26,7 +26,8 @@ def to_numpy(value, name):
 
 
 def as_weight(value, name, ndim):
-    """A weight: float32 or float64 as given (no silent conversion), C-contiguous, read-only copy."""
+    """A weight: float32 or float64 as given (no silent conversion), a C-contiguous private copy,
+    returned as a read-only view (a view of a read-only array cannot be made writeable again)."""
     arr = to_numpy(value, name)
     if arr.dtype not in FLOAT_DTYPES:
         raise TypeError(
@@ -37,13 +38,14 @@ def as_weight(value, name, ndim):
         raise ValueError(f"{name}: expected a {ndim}-D array, got shape {arr.shape}")
     arr = np.array(arr, order="C", copy=True)
     arr.flags.writeable = False
-    return arr
+    return arr[...]
 
 
 def as_input(value, name, dtype):
-    """An input in the model's dtype, C-contiguous (a copy only where needed)."""
+    """An input in the model's dtype, C-contiguous (a copy only where needed). A 0-d input stays
+    0-d (np.ascontiguousarray would make it (1,)), so shape checks report what came."""
     arr = to_numpy(value, name)
-    return np.ascontiguousarray(arr, dtype=dtype)
+    return np.asarray(arr, dtype=dtype, order="C")
 
 
 def shape_error(name, expected, got):
@@ -54,3 +56,20 @@ def check_same_dtype(dtype, **weights):
     for name, w in weights.items():
         if w is not None and w.dtype != dtype:
             raise TypeError(f"{name}: expected dtype {dtype} like weight_ih, got {w.dtype}")
+
+
+def as_flag(value, name):
+    """A bool option: True/False (or 0/1), never a truthy string."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name}: expected True or False, got {value!r}")
+
+
+class Frozen:
+    """Models are immutable once built: public attributes cannot be rebound (weights change only
+    through load_state_dict, which swaps the private kernels whole)."""
+
+    def __setattr__(self, name, value):
+        if not name.startswith("_") and getattr(self, "_frozen", False):
+            raise AttributeError(f"{type(self).__name__} is immutable: cannot set {name!r}")
+        object.__setattr__(self, name, value)

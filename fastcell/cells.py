@@ -3,15 +3,24 @@ whole sequence in one kernel call with ``cell.run(xs, state)``."""
 
 import numpy as np
 
-from fastcell._checks import as_input, shape_error
+from fastcell._checks import Frozen, as_input, shape_error
 from fastcell.recurrence import GRURecurrence, LSTMRecurrence, RNNRecurrence
+from fastcell_c.stream import Stepper
 
 
-class _Cell:
+class _Cell(Frozen):
     """Shared call logic; subclasses build ``self._rec``, the kernel-ready weights."""
 
     def __init__(self, rec):
         self._rec = rec
+        self._stepper = Stepper([rec.kernel])
+        self._frozen = True
+
+    def __getstate__(self):
+        return {"_rec": self._rec}
+
+    def __setstate__(self, state):
+        _Cell.__init__(self, state["_rec"])  # the compiled stepper is rebuilt, not pickled
 
     input_size = property(lambda self: self._rec.input_size)
     hidden_size = property(lambda self: self._rec.hidden_size)
@@ -34,9 +43,11 @@ class _Cell:
 
     def __getattr__(self, name):
         # weight_ih, bias_hh, ... read straight from the (read-only) weights.
-        params = self.__dict__.get("_rec")
-        if params is not None and name in params.parameters():
-            return params.parameters()[name]
+        rec = self.__dict__.get("_rec")
+        if rec is not None and name in rec.parameters():
+            return rec.parameters()[name]
+        if rec is not None and name in ("bias_ih", "bias_hh"):
+            return None  # bias=False, as in PyTorch
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __repr__(self):
@@ -78,8 +89,10 @@ class _Cell:
             return [self._state(state, name, rec.output_size, batch, unbatched)]
         if state is None:
             state = (None, None)
-        if not isinstance(state, (tuple, list)) or len(state) != 2:
+        elif not isinstance(state, (tuple, list)) or len(state) != 2:
             raise TypeError(f"{name}: expected an (h, c) pair, got {type(state).__name__}")
+        elif state[0] is None or state[1] is None:
+            raise TypeError(f"{name}: expected an (h, c) pair of arrays, got a None in it")
         return [self._state(state[0], f"{name}[0] (h)", rec.output_size, batch, unbatched),
                 self._state(state[1], f"{name}[1] (c)", rec.hidden_size, batch, unbatched)]
 
@@ -102,6 +115,16 @@ class _Cell:
         states = self._states(hx, "hx", x.shape[1], unbatched)
         self._rec.run(x, *self._h_c(states))
         return self._result(states, unbatched)
+
+    def new_state(self, batch=1):
+        """A StreamState for `batch` streams (zeros), to advance with step()."""
+        return self._stepper.new_state(batch)
+
+    def step(self, x, state, out=None):
+        """The streaming call: advances `state` (from new_state) in place by one step of x (B, I)
+        or (I,) and returns h (B, H) or (H,), written into `out` when given (then nothing is
+        allocated). The same numbers as cell(x, hx)."""
+        return self._stepper.step(x, state, out)
 
     def run(self, xs, state=None):
         """A whole sequence: xs (T, B, I) or (T, I). Returns (outputs (T, B, H_out), final state)."""

@@ -4,15 +4,16 @@ over layers and directions only, never over time."""
 
 import numpy as np
 
-from fastcell._checks import FLOAT_DTYPES, as_input, shape_error, to_numpy
+from fastcell._checks import FLOAT_DTYPES, Frozen, as_flag, as_input, shape_error, to_numpy
 from fastcell.recurrence import NONLINEARITIES, GRURecurrence, LSTMRecurrence, RNNRecurrence
+from fastcell_c.stream import Stepper
 
 
 class StateDictError(ValueError):
     """load_state_dict found missing, unexpected or mis-shaped entries (all listed)."""
 
 
-class _Layer:
+class _Layer(Frozen):
     """Shared by the four layer types. Subclasses set ``kind``, ``gates`` and ``_make``."""
 
     kind = ""
@@ -32,9 +33,11 @@ class _Layer:
             raise TypeError(f"dtype: expected float32 or float64, got {dt}")
         self.input_size, self.hidden_size = int(input_size), int(hidden_size)
         self.num_layers, self.proj_size = int(num_layers), int(proj_size)
-        self.bias, self.batch_first, self.bidirectional = bool(bias), bool(batch_first), bool(bidirectional)
+        self.bias, self.batch_first, self.bidirectional = (
+            as_flag(bias, "bias"), as_flag(batch_first, "batch_first"), as_flag(bidirectional, "bidirectional"))
         self.dtype = dt
         self._init_random()
+        self._frozen = True
 
     # -- configuration --
 
@@ -99,7 +102,38 @@ class _Layer:
         for _, _, s in self._suffixes():
             w = {n[: -len(s)]: v for n, v in weights.items() if n.endswith(s)}
             recs.append(self._make(w, s))
-        self._recs = tuple(recs)  # replaced whole: a concurrent call sees old or new, never a mix
+        # Replaced whole: a concurrent call sees the old weights or the new, never a mix.
+        self._recs, self._stepper = tuple(recs), self._make_stepper(recs)
+
+    def _make_stepper(self, recs):
+        return None if self.bidirectional else Stepper([r.kernel for r in recs])
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_stepper"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._stepper = self._make_stepper(self._recs)
+
+    # -- streaming --
+
+    def new_state(self, batch=1):
+        """A StreamState holding h (and c) of every layer for `batch` streams (zeros) and the
+        kernels' workspace, to advance with step(). Unidirectional layers only."""
+        if self._stepper is None:
+            raise ValueError(f"{type(self).__name__}: a bidirectional layer needs the whole "
+                             "sequence; call the layer on it instead of stepping")
+        return self._stepper.new_state(batch)
+
+    def step(self, x, state, out=None):
+        """The streaming call: advances `state` (from new_state) in place by one time step of
+        x (B, I) or (I,) through every layer, and returns the last layer's output (B, H_out) or
+        (H_out,), written into `out` when given (then nothing is allocated)."""
+        if self._stepper is None:
+            self.new_state()  # raises the bidirectional error
+        return self._stepper.step(x, state, out)
 
     def state_dict(self):
         """Every parameter under PyTorch's names, as read-only NumPy arrays."""
@@ -239,7 +273,7 @@ class GRU(_Layer):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  bidirectional=False, reset_after=True, dtype=np.float32):
-        self.reset_after = bool(reset_after)
+        self.reset_after = as_flag(reset_after, "reset_after")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dtype)
 
     def _extra_config(self):

@@ -2,23 +2,39 @@
 the call into fastcell_c. Cells and layers are built from these.
 
 Weights are kept twice: as given (PyTorch layout and names, for ``state_dict``) and in the form the
-kernel reads (folded biases). All arrays are read-only, so one object serves many threads.
+kernel reads: transposed, so that a one-row product is a contiguous AXPY (fastcell_c/gemv.h), with
+each gate block padded with zero columns to a multiple of the SIMD width, and biases folded where
+the cell allows. All arrays are read-only, so one object serves many threads.
 """
 
 import numpy as np
 
-from fastcell._checks import as_weight, check_same_dtype, shape_error
-from fastcell_c.gru import gru_sequence
-from fastcell_c.lstm import lstm_sequence
-from fastcell_c.rnn import rnn_sequence
+from fastcell._checks import as_flag, as_weight, check_same_dtype, shape_error
+from fastcell_c.gru import GRUKernel
+from fastcell_c.kernel import LANES
+from fastcell_c.lstm import LSTMKernel
+from fastcell_c.rnn import RNNKernel
 
 NONLINEARITIES = ("tanh", "relu")
 
 
-def _readonly(a):
-    a = np.ascontiguousarray(a)
-    a.flags.writeable = False
-    return a
+def padded(n):
+    return -(-n // LANES) * LANES
+
+
+def gate_columns(w, gates):
+    """(gates*H, K) in PyTorch layout -> (K, gates*padded(H)): transposed, each gate block padded."""
+    H = w.shape[0] // gates
+    Hp = padded(H)
+    out = np.zeros((w.shape[1], gates * Hp), w.dtype)
+    for g in range(gates):
+        out[:, g * Hp:g * Hp + H] = w[g * H:(g + 1) * H].T
+    return out
+
+
+def gate_vector(b, gates):
+    """(gates*H,) -> (gates*padded(H),), each gate block padded with zeros."""
+    return gate_columns(b[:, None], gates)[0]
 
 
 class Recurrence:
@@ -28,6 +44,7 @@ class Recurrence:
     has_cell_state = False
 
     def __init__(self, weight_ih, weight_hh, bias_ih, bias_hh, suffix="", hidden_out=None):
+        self._arguments = {"suffix": suffix}
         w_ih = as_weight(weight_ih, "weight_ih" + suffix, 2)
         rows, I = w_ih.shape
         if rows == 0 or rows % self.gates or I == 0:
@@ -53,12 +70,18 @@ class Recurrence:
                                         "bias_hh" + suffix: b_hh})
         self.input_size, self.hidden_size, self.output_size = I, H, hout
         self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh = w_ih, w_hh, b_ih, b_hh
+        self._arguments.update(weight_ih=w_ih, weight_hh=w_hh, bias_ih=b_ih, bias_hh=b_hh)
 
     def _folded_bias(self):
         """b_ih + b_hh (zeros without bias): what the kernels add to every gate row."""
         if self.bias_ih is None:
             return np.zeros(self.gates * self.hidden_size, self.dtype)
         return self.bias_ih + self.bias_hh
+
+    def run(self, x, h, c=None, out=None, out_col=0, batch_first=False, reverse=False,
+            lengths=None, perm=None):
+        """One GIL-free kernel call over a whole batch of sequences: see fastcell_c.kernel.Kernel.run."""
+        self.kernel.run(x, h, c, out, out_col, batch_first, reverse, lengths, perm)
 
     def parameters(self):
         """The weights under PyTorch's names (without layer suffix), as given."""
@@ -67,12 +90,13 @@ class Recurrence:
             p["bias_ih"], p["bias_hh"] = self.bias_ih, self.bias_hh
         return p
 
-    def __setstate__(self, state):
-        # Pickle does not keep the read-only flag; restore it.
-        self.__dict__.update(state)
-        for v in self.__dict__.values():
-            if isinstance(v, np.ndarray):
-                v.flags.writeable = False
+    def __reduce__(self):
+        # The compiled kernel holds raw pointers: pickle the weights and rebuild it on load.
+        return (_rebuild, (type(self), self._arguments))
+
+
+def _rebuild(cls, arguments):
+    return cls(**arguments)
 
 
 class RNNRecurrence(Recurrence):
@@ -84,12 +108,10 @@ class RNNRecurrence(Recurrence):
             raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
         super().__init__(weight_ih, weight_hh, bias_ih, bias_hh, suffix)
         self.nonlinearity = nonlinearity
-        self._bias = _readonly(self._folded_bias())
-
-    def run(self, x, h, c, out=None, out_col=0, batch_first=False, reverse=False, lengths=None,
-            perm=None):
-        rnn_sequence(x, self.weight_ih, self.weight_hh, self._bias, self.nonlinearity == "relu",
-                     h, out, out_col, batch_first, reverse, lengths, perm)
+        self._arguments["nonlinearity"] = nonlinearity
+        self.kernel = RNNKernel(gate_columns(self.weight_ih, 1), gate_columns(self.weight_hh, 1),
+                                gate_vector(self._folded_bias(), 1), self.hidden_size,
+                                nonlinearity == "relu")
 
 
 class GRURecurrence(Recurrence):
@@ -98,7 +120,8 @@ class GRURecurrence(Recurrence):
     def __init__(self, weight_ih, weight_hh, bias_ih=None, bias_hh=None, reset_after=True,
                  suffix=""):
         super().__init__(weight_ih, weight_hh, bias_ih, bias_hh, suffix)
-        self.reset_after = bool(reset_after)
+        self.reset_after = as_flag(reset_after, "reset_after")
+        self._arguments["reset_after"] = self.reset_after
         H = self.hidden_size
         bias = self._folded_bias()
         b_hn = np.zeros(H, self.dtype)
@@ -106,12 +129,8 @@ class GRURecurrence(Recurrence):
             # b_hn sits inside r * (W_hn h + b_hn): it cannot be folded into b_in.
             bias[2 * H:] = self.bias_ih[2 * H:]
             b_hn = self.bias_hh[2 * H:]
-        self._bias, self._bias_hn = _readonly(bias), _readonly(b_hn)
-
-    def run(self, x, h, c, out=None, out_col=0, batch_first=False, reverse=False, lengths=None,
-            perm=None):
-        gru_sequence(x, self.weight_ih, self.weight_hh, self._bias, self._bias_hn,
-                     self.reset_after, h, out, out_col, batch_first, reverse, lengths, perm)
+        self.kernel = GRUKernel(gate_columns(self.weight_ih, 3), gate_columns(self.weight_hh, 3),
+                                gate_vector(bias, 3), gate_vector(b_hn, 1), H, self.reset_after)
 
 
 class LSTMRecurrence(Recurrence):
@@ -135,8 +154,13 @@ class LSTMRecurrence(Recurrence):
             raise shape_error("weight_ph" + suffix, (3, H), w_ph.shape)
         check_same_dtype(self.dtype, **{"weight_hr" + suffix: w_hr, "weight_ph" + suffix: w_ph})
         self.weight_hr, self.weight_ph = w_hr, w_ph
+        self._arguments.update(weight_hr=w_hr, weight_ph=w_ph)
         self.proj_size = 0 if w_hr is None else w_hr.shape[0]
-        self._bias = _readonly(self._folded_bias())
+        self.kernel = LSTMKernel(
+            gate_columns(self.weight_ih, 4), gate_columns(self.weight_hh, 4),
+            gate_vector(self._folded_bias(), 4), H,
+            None if w_hr is None else gate_columns(w_hr, 1),
+            None if w_ph is None else gate_vector(w_ph.reshape(-1), 3).reshape(3, -1))
 
     def parameters(self):
         p = super().parameters()
@@ -145,8 +169,3 @@ class LSTMRecurrence(Recurrence):
         if self.weight_ph is not None:
             p["weight_ph"] = self.weight_ph
         return p
-
-    def run(self, x, h, c, out=None, out_col=0, batch_first=False, reverse=False, lengths=None,
-            perm=None):
-        lstm_sequence(x, self.weight_ih, self.weight_hh, self._bias, self.weight_hr,
-                      self.weight_ph, h, c, out, out_col, batch_first, reverse, lengths, perm)

@@ -36,3 +36,44 @@ cdef inline void matmul_wt(int m, int n, int k,
         else:
             dgemm(&trans, &notrans, &n, &m, &k, &one, <double*>w, &ldw, <double*>a, &lda,
                   &beta, c, &ldc)
+
+
+cdef extern from "gemv.h" nogil:
+    enum: FC_LANES
+    void fc_gemv_t_f(int k, int n, const float* x, const float* wt, int ldw, int beta, float* y)
+    void fc_gemv_t_d(int k, int n, const double* x, const double* wt, int ldw, int beta, double* y)
+
+
+cdef inline void matmul_t(int m, int n, int k,
+                          const floating* a, int lda,
+                          const floating* wt, int ldw,
+                          bint accumulate, floating* c, int ldc) noexcept nogil:
+    """c[m, n] (+)= a[m, k] @ wt[k, n], for weights stored transposed (row-major wt, k x n).
+
+    One row, the streaming and batch-1 case, goes to fastcell's own GEMV (gemv.h: n must be a
+    multiple of FC_LANES, which the kernels' padded gate blocks guarantee); more rows to BLAS GEMM.
+    """
+    cdef char notrans = b'N'
+    cdef floating one = 1
+    cdef floating beta = 1 if accumulate else 0
+    cdef Py_ssize_t i, j
+    if m <= 0 or n <= 0:
+        return
+    if k <= 0:
+        if not accumulate:
+            for i in range(m):
+                for j in range(n):
+                    c[i * ldc + j] = 0
+        return
+    if m == 1:
+        if floating is float:
+            fc_gemv_t_f(k, n, a, wt, ldw, accumulate, c)
+        else:
+            fc_gemv_t_d(k, n, a, wt, ldw, accumulate, c)
+    elif floating is float:
+        # c^T[n, m] = wt^T[n, k] @ a^T[k, m] in column-major terms: no transposes at all.
+        sgemm(&notrans, &notrans, &n, &m, &k, &one, <float*>wt, &ldw, <float*>a, &lda,
+              &beta, c, &ldc)
+    else:
+        dgemm(&notrans, &notrans, &n, &m, &k, &one, <double*>wt, &ldw, <double*>a, &lda,
+              &beta, c, &ldc)

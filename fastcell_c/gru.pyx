@@ -1,119 +1,101 @@
-# The GRU sequence kernel, in PyTorch's reset-after form and the original reset-before form.
+# The GRU kernel, in PyTorch's reset-after form and the original reset-before form.
 #
-# reset_after: n needs W_hn h apart from the input part, so the step's one GEMM/GEMV writes
+# reset_after: n needs W_hn h apart from the input part, so the step's one GEMV/GEMM writes
 #   h W_hh^T into its own buffer R (beta = 0) and the fused pass reads G and R.
-# reset_before: n needs W_hn (r * h), so a step is GEMM(r, z) into G (beta = 1), a pass that
-#   makes r * h, GEMM(n) into G (beta = 1), and a pass that updates h.
-from libc.stdint cimport int64_t
-from libc.stdlib cimport free, malloc
+# reset_before: n needs W_hn (r * h), so a step is a product for r, z into G (beta = 1), a pass
+#   that makes r * h, a product for n into G (beta = 1), and a pass that updates h.
 from cython cimport floating
 
-from fastcell_c._blas cimport matmul_wt
-from fastcell_c._steps cimport Walk, begin_step, make_walk, project_inputs, write_outputs
-from fastcell_c._workspace cimport check_output, check_shape, check_walk
+from fastcell_c._blas cimport matmul_t
+from fastcell_c._steps cimport Walk, begin_step, project_inputs, write_outputs
 from fastcell_c.activations cimport sigmoid, tanh
+from fastcell_c.kernel cimport Kernel
 
 
-cdef inline void reset_after_update(Py_ssize_t H, const floating* g, const floating* r_h,
-                                    const floating* b, const floating* b_hn,
+cdef inline void reset_after_update(Py_ssize_t H, Py_ssize_t Hp, const floating* g,
+                                    const floating* r_h, const floating* b, const floating* b_hn,
                                     floating* h) noexcept nogil:
-    # g: input parts of r, z, n; r_h: W_hh h of r, z, n; b: folded r, z biases and b_in.
+    # g: input parts of r, z, n; r_h: h W_hh^T of r, z, n; b: folded r, z biases and b_in.
     cdef Py_ssize_t k
     cdef floating r, z, n
     for k in range(H):
         r = sigmoid(g[k] + r_h[k] + b[k])
-        z = sigmoid(g[H + k] + r_h[H + k] + b[H + k])
-        n = tanh(g[2 * H + k] + b[2 * H + k] + r * (r_h[2 * H + k] + b_hn[k]))
+        z = sigmoid(g[Hp + k] + r_h[Hp + k] + b[Hp + k])
+        n = tanh(g[2 * Hp + k] + b[2 * Hp + k] + r * (r_h[2 * Hp + k] + b_hn[k]))
         h[k] = n + z * (h[k] - n)
 
 
-cdef inline void reset_before_gates(Py_ssize_t H, floating* g, const floating* b,
+cdef inline void reset_before_gates(Py_ssize_t H, Py_ssize_t Hp, floating* g, const floating* b,
                                     const floating* h, floating* rh) noexcept nogil:
     # Leaves z in g's z block and r * h in rh.
     cdef Py_ssize_t k
     for k in range(H):
         rh[k] = sigmoid(g[k] + b[k]) * h[k]
-        g[H + k] = sigmoid(g[H + k] + b[H + k])
+        g[Hp + k] = sigmoid(g[Hp + k] + b[Hp + k])
 
 
-cdef inline void reset_before_update(Py_ssize_t H, const floating* g, const floating* b,
-                                     floating* h) noexcept nogil:
+cdef inline void reset_before_update(Py_ssize_t H, Py_ssize_t Hp, const floating* g,
+                                     const floating* b, floating* h) noexcept nogil:
     cdef Py_ssize_t k
     cdef floating z, n
     for k in range(H):
-        z = g[H + k]
-        n = tanh(g[2 * H + k] + b[2 * H + k])
+        z = g[Hp + k]
+        n = tanh(g[2 * Hp + k] + b[2 * Hp + k])
         h[k] = n + z * (h[k] - n)
 
 
-cdef void gru_run(Walk* w, const floating* x, int I, int H, bint reset_after,
-                  const floating* w_ih, const floating* w_hh, const floating* bias,
-                  const floating* b_hn, floating* h, floating* out,
-                  floating* G, floating* xp, floating* R) noexcept nogil:
-    """R: (B, 3H) for reset_after, (B, H) holding r * h for reset_before."""
-    cdef int gates = 3 * H
+cdef void gru_walk(Walk* w, const floating* x, int I, int H, int Hp, bint reset_after,
+                   const floating* w_ih_t, const floating* w_hh_t, const floating* bias,
+                   const floating* b_hn, floating* h, floating* out, floating* work) noexcept nogil:
+    """work: G (T*B, 3Hp), then R (B, 3Hp) for reset_after or r * h (B, Hp) for reset_before,
+    then the packing space."""
+    cdef int width = 3 * Hp
     cdef Py_ssize_t s, j, ldg
     cdef floating* g
-    project_inputs(w, x, I, w_ih, gates, G, xp)
+    cdef floating* G = work
+    cdef floating* R = G + w.T * w.B * width
+    project_inputs(w, x, I, w_ih_t, width, G, R + w.B * width)
     for s in range(w.T):
         begin_step(w, s)
-        g = G + w.g_row * gates
-        ldg = w.g_ld * gates
+        g = G + w.g_row * width
+        ldg = w.g_ld * width
         if reset_after:
-            matmul_wt(<int>w.n, gates, H, h, H, w_hh, H, 0, R, gates)          # R = h W_hh^T
+            matmul_t(<int>w.n, width, H, h, H, w_hh_t, width, False, R, width)   # R = h W_hh^T
             for j in range(w.n):
-                reset_after_update(H, g + j * ldg, R + j * gates, bias, b_hn, h + j * H)
+                reset_after_update(H, Hp, g + j * ldg, R + j * width, bias, b_hn, h + j * H)
         else:
-            matmul_wt(<int>w.n, 2 * H, H, h, H, w_hh, H, 1, g, <int>ldg)      # G_rz += h W_hrz^T
+            matmul_t(<int>w.n, 2 * Hp, H, h, H, w_hh_t, width, True, g, <int>ldg)  # G_rz += h W_hrz^T
             for j in range(w.n):
-                reset_before_gates(H, g + j * ldg, bias, h + j * H, R + j * H)
-            matmul_wt(<int>w.n, H, H, R, H, w_hh + 2 * H * H, H, 1, g + 2 * H, <int>ldg)
-            for j in range(w.n):                                                # G_n += (r*h) W_hn^T
-                reset_before_update(H, g + j * ldg, bias, h + j * H)
+                reset_before_gates(H, Hp, g + j * ldg, bias, h + j * H, R + j * H)
+            matmul_t(<int>w.n, Hp, H, R, H, w_hh_t + 2 * Hp, width, True, g + 2 * Hp, <int>ldg)
+            for j in range(w.n):                                                     # G_n += (r*h) W_hn^T
+                reset_before_update(H, Hp, g + j * ldg, bias, h + j * H)
         write_outputs(w, s, h, H, out)
 
 
-def gru_sequence(const floating[:, :, ::1] x, const floating[:, ::1] weight_ih,
-                 const floating[:, ::1] weight_hh, const floating[::1] bias,
-                 const floating[::1] bias_hn, bint reset_after,
-                 floating[:, ::1] h, floating[:, :, ::1] out=None, Py_ssize_t out_col=0,
-                 bint batch_first=False, bint reverse=False,
-                 const int64_t[::1] lengths=None, const int64_t[::1] perm=None):
-    """Runs one GRU direction over x ((T, B, I), or (B, T, I) with batch_first).
+cdef class GRUKernel(Kernel):
+    cdef readonly bint reset_after
+    cdef const char* b_hn
 
-    bias (3H,): b_ih + b_hh, except that with reset_after its n block is b_in alone and b_hn
-    (H,) is passed as bias_hn (ignored for reset_before). h (B, H): initial state in processing
-    order, overwritten with the final one. out, out_col, lengths, perm: as lstm_sequence.
-    """
-    cdef Py_ssize_t T = x.shape[1] if batch_first else x.shape[0]
-    cdef Py_ssize_t B = x.shape[0] if batch_first else x.shape[1]
-    cdef Py_ssize_t I = x.shape[2]
-    cdef Py_ssize_t H = weight_ih.shape[0] // 3
-    check_walk(T, B, I, 3 * H, lengths, perm)
-    check_shape("weight_ih", weight_ih.shape[0], weight_ih.shape[1], 3 * H, I)
-    check_shape("weight_hh", weight_hh.shape[0], weight_hh.shape[1], 3 * H, H)
-    check_shape("bias", bias.shape[0], 1, 3 * H, 1)
-    check_shape("bias_hn", bias_hn.shape[0], 1, H, 1)
-    check_shape("h", h.shape[0], h.shape[1], B, H)
-    check_output(out, T, B, batch_first, out_col, H)
-    if T == 0 or B == 0:
-        return
-    cdef Walk w = make_walk(T, B, batch_first, 0 if out is None else out.shape[2],
-                            NULL if lengths is None else &lengths[0],
-                            NULL if perm is None else &perm[0], reverse)
-    cdef floating* G = <floating*>malloc(T * B * 3 * H * sizeof(floating))
-    cdef floating* R = <floating*>malloc(B * 3 * H * sizeof(floating))
-    cdef floating* xp = NULL
-    if lengths is not None:
-        xp = <floating*>malloc(T * B * I * sizeof(floating))
-    try:
-        if G == NULL or R == NULL or (lengths is not None and xp == NULL):
-            raise MemoryError(f"GRU workspace for T={T}, B={B}, H={H}")
-        with nogil:
-            gru_run(&w, &x[0, 0, 0], <int>I, <int>H, reset_after, &weight_ih[0, 0],
-                    &weight_hh[0, 0], &bias[0], &bias_hn[0], &h[0, 0],
-                    NULL if out is None else &out[0, 0, out_col], G, xp, R)
-    finally:
-        free(G)
-        free(R)
-        free(xp)
+    def __init__(self, weight_ih_t, weight_hh_t, bias, bias_hn, Py_ssize_t hidden_size,
+                 bint reset_after):
+        """bias: b_ih + b_hh, except that with reset_after its n block is b_in alone and b_hn
+        (padded,) comes separately (ignored for reset_before)."""
+        super().__init__(weight_ih_t, weight_hh_t, bias, hidden_size, 3)
+        self.reset_after = reset_after
+        self.b_hn = self._keep(bias_hn, "bias_hn", (self.padded,))
+
+    cdef Py_ssize_t workspace(self, Py_ssize_t T, Py_ssize_t B, bint packed):
+        return Kernel.workspace(self, T, B, packed) + B * self.width
+
+    cdef void run_walk(self, Walk* w, const char* x, char* h, char* c, char* out,
+                       char* work) noexcept nogil:
+        cdef int I = <int>self.input_size, H = <int>self.hidden_size, Hp = <int>self.padded
+        if self.is_double:
+            gru_walk(w, <const double*>x, I, H, Hp, self.reset_after, <const double*>self.w_ih_t,
+                     <const double*>self.w_hh_t, <const double*>self.bias,
+                     <const double*>self.b_hn, <double*>h, <double*>out, <double*>work)
+        else:
+            gru_walk(w, <const float*>x, I, H, Hp, self.reset_after, <const float*>self.w_ih_t,
+                     <const float*>self.w_hh_t, <const float*>self.bias,
+                     <const float*>self.b_hn, <float*>h, <float*>out, <float*>work)

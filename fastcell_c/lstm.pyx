@@ -1,129 +1,113 @@
-# The LSTM sequence kernel: nn.LSTM's cell, PyTorch's projection (LSTMP) and the diagonal
-# peephole LSTM of SPEC.md. Per step: one GEMM/GEMV adds h W_hh^T into the gate rows
-# (beta = 1), one fused pass computes the gates and updates c and h in place.
-from libc.stdint cimport int64_t
-from libc.stdlib cimport free, malloc
+# The LSTM kernel: nn.LSTM's cell, PyTorch's projection (LSTMP) and the diagonal peephole LSTM of
+# SPEC.md. Per step: one GEMV/GEMM adds h W_hh^T into the gate rows (beta = 1), one fused pass
+# computes the gates and updates c and h in place.
+from libc.string cimport memcpy
 from cython cimport floating
 
-from fastcell_c._blas cimport matmul_wt
-from fastcell_c._steps cimport Walk, begin_step, make_walk, project_inputs, write_outputs
-from fastcell_c._workspace cimport check_output, check_shape, check_walk
+from fastcell_c._blas cimport matmul_t
+from fastcell_c._steps cimport Walk, begin_step, project_inputs, write_outputs
 from fastcell_c.activations cimport sigmoid, tanh
+from fastcell_c.kernel cimport Kernel
 
 
-cdef inline void lstm_gates(Py_ssize_t H, floating* g, const floating* b, floating* c,
-                            floating* h) noexcept nogil:
-    # g: the pre-activations i, f, g, o (without bias) of one row.
+cdef inline void lstm_gates(Py_ssize_t H, Py_ssize_t Hp, const floating* g, const floating* b,
+                            floating* c, floating* h) noexcept nogil:
+    # g: the pre-activations i, f, g, o (without bias) of one row, blocks Hp apart.
     cdef Py_ssize_t k
     cdef floating i, f, z, o, cn
     for k in range(H):
         i = sigmoid(g[k] + b[k])
-        f = sigmoid(g[H + k] + b[H + k])
-        z = tanh(g[2 * H + k] + b[2 * H + k])
-        o = sigmoid(g[3 * H + k] + b[3 * H + k])
+        f = sigmoid(g[Hp + k] + b[Hp + k])
+        z = tanh(g[2 * Hp + k] + b[2 * Hp + k])
+        o = sigmoid(g[3 * Hp + k] + b[3 * Hp + k])
         cn = f * c[k] + i * z
         c[k] = cn
         h[k] = o * tanh(cn)
 
 
-cdef inline void peephole_gates(Py_ssize_t H, floating* g, const floating* b, const floating* p,
-                                floating* c, floating* h) noexcept nogil:
-    # p: rows p_i, p_f, p_o; the input and forget gates see c_{t-1}, the output gate c_t.
+cdef inline void peephole_gates(Py_ssize_t H, Py_ssize_t Hp, const floating* g, const floating* b,
+                                const floating* p, floating* c, floating* h) noexcept nogil:
+    # p: rows p_i, p_f, p_o, Hp apart; the input and forget gates see c_{t-1}, the output gate c_t.
     cdef Py_ssize_t k
     cdef floating i, f, z, o, cn
     for k in range(H):
         i = sigmoid(g[k] + b[k] + p[k] * c[k])
-        f = sigmoid(g[H + k] + b[H + k] + p[H + k] * c[k])
-        z = tanh(g[2 * H + k] + b[2 * H + k])
+        f = sigmoid(g[Hp + k] + b[Hp + k] + p[Hp + k] * c[k])
+        z = tanh(g[2 * Hp + k] + b[2 * Hp + k])
         cn = f * c[k] + i * z
-        o = sigmoid(g[3 * H + k] + b[3 * H + k] + p[2 * H + k] * cn)
+        o = sigmoid(g[3 * Hp + k] + b[3 * Hp + k] + p[2 * Hp + k] * cn)
         c[k] = cn
         h[k] = o * tanh(cn)
 
 
-cdef void lstm_run(Walk* w, const floating* x, int I, int H, int P,
-                   const floating* w_ih, const floating* w_hh, const floating* bias,
-                   const floating* w_hr, const floating* w_ph,
-                   floating* h, floating* c, floating* out,
-                   floating* G, floating* xp, floating* m) noexcept nogil:
-    """Runs the walk; h (B, H_out) and c (B, H) hold the initial state and receive the final one.
+cdef void lstm_walk(Walk* w, const floating* x, int I, int H, int Hp, int P, int Pp,
+                    const floating* w_ih_t, const floating* w_hh_t, const floating* bias,
+                    const floating* w_hr_t, const floating* w_ph,
+                    floating* h, floating* c, floating* out, floating* work) noexcept nogil:
+    """h (B, H_out) and c (B, H) hold the initial state and receive the final one.
 
-    With P > 0, the gates write o * tanh(c) into m (B, H) and h = m W_hr^T.
-    """
-    cdef int gates = 4 * H
+    work: G (T*B, 4Hp), then with P > 0 m = o * tanh(c) (B, H) and m W_hr^T (B, Pp), then the
+    packing space."""
+    cdef int width = 4 * Hp
     cdef int hout = P if P > 0 else H
     cdef Py_ssize_t s, j, ldg
     cdef floating* g
+    cdef floating* G = work
+    cdef floating* m = G + w.T * w.B * width
+    cdef floating* proj = m + w.B * H
     cdef floating* dst = m if P > 0 else h
-    project_inputs(w, x, I, w_ih, gates, G, xp)
+    project_inputs(w, x, I, w_ih_t, width, G, proj + w.B * Pp if P > 0 else m)
     for s in range(w.T):
         begin_step(w, s)
-        g = G + w.g_row * gates
-        ldg = w.g_ld * gates
-        matmul_wt(<int>w.n, gates, hout, h, hout, w_hh, hout, 1, g, <int>ldg)  # G_t += h W_hh^T
+        g = G + w.g_row * width
+        ldg = w.g_ld * width
+        matmul_t(<int>w.n, width, hout, h, hout, w_hh_t, width, True, g, <int>ldg)  # G_t += h W_hh^T
         if w_ph == NULL:
             for j in range(w.n):
-                lstm_gates(H, g + j * ldg, bias, c + j * H, dst + j * H)
+                lstm_gates(H, Hp, g + j * ldg, bias, c + j * H, dst + j * H)
         else:
             for j in range(w.n):
-                peephole_gates(H, g + j * ldg, bias, w_ph, c + j * H, dst + j * H)
+                peephole_gates(H, Hp, g + j * ldg, bias, w_ph, c + j * H, dst + j * H)
         if P > 0:
-            matmul_wt(<int>w.n, P, H, m, H, w_hr, H, 0, h, P)                  # h = m W_hr^T
+            matmul_t(<int>w.n, Pp, H, m, H, w_hr_t, Pp, False, proj, Pp)          # h = m W_hr^T
+            for j in range(w.n):
+                memcpy(h + j * P, proj + j * Pp, P * sizeof(floating))
         write_outputs(w, s, h, hout, out)
 
 
-def lstm_sequence(const floating[:, :, ::1] x, const floating[:, ::1] weight_ih,
-                  const floating[:, ::1] weight_hh, const floating[::1] bias,
-                  const floating[:, ::1] weight_hr, const floating[:, ::1] weight_ph,
-                  floating[:, ::1] h, floating[:, ::1] c,
-                  floating[:, :, ::1] out=None, Py_ssize_t out_col=0,
-                  bint batch_first=False, bint reverse=False,
-                  const int64_t[::1] lengths=None, const int64_t[::1] perm=None):
-    """Runs one LSTM direction over x ((T, B, I), or (B, T, I) with batch_first).
+cdef class LSTMKernel(Kernel):
+    cdef readonly Py_ssize_t proj_size, proj_padded
+    cdef const char* w_hr_t
+    cdef const char* w_ph
 
-    bias: b_ih + b_hh (4H,). weight_hr: (P, H) or None. weight_ph: (3, H) or None.
-    h (B, H_out) and c (B, H): initial state in processing order, overwritten with the final one.
-    out: None, or (T, B, W) (or (B, T, W)); H_out columns from out_col receive the outputs; rows past a
-    sequence's length are not written. lengths/perm: see _steps.pxd.
-    """
-    cdef Py_ssize_t T = x.shape[1] if batch_first else x.shape[0]
-    cdef Py_ssize_t B = x.shape[0] if batch_first else x.shape[1]
-    cdef Py_ssize_t I = x.shape[2]
-    cdef Py_ssize_t H = weight_ih.shape[0] // 4
-    cdef Py_ssize_t P = 0 if weight_hr is None else weight_hr.shape[0]
-    cdef Py_ssize_t hout = P if P > 0 else H
-    check_walk(T, B, I, 4 * H, lengths, perm)
-    check_shape("weight_ih", weight_ih.shape[0], weight_ih.shape[1], 4 * H, I)
-    check_shape("weight_hh", weight_hh.shape[0], weight_hh.shape[1], 4 * H, hout)
-    check_shape("bias", bias.shape[0], 1, 4 * H, 1)
-    if P > 0:
-        check_shape("weight_hr", weight_hr.shape[0], weight_hr.shape[1], P, H)
-    if weight_ph is not None:
-        check_shape("weight_ph", weight_ph.shape[0], weight_ph.shape[1], 3, H)
-    check_shape("h", h.shape[0], h.shape[1], B, hout)
-    check_shape("c", c.shape[0], c.shape[1], B, H)
-    check_output(out, T, B, batch_first, out_col, hout)
-    if T == 0 or B == 0:
-        return
-    cdef Walk w = make_walk(T, B, batch_first, 0 if out is None else out.shape[2],
-                            NULL if lengths is None else &lengths[0],
-                            NULL if perm is None else &perm[0], reverse)
-    cdef floating* G = <floating*>malloc(T * B * 4 * H * sizeof(floating))
-    cdef floating* xp = NULL
-    cdef floating* m = NULL
-    if lengths is not None:
-        xp = <floating*>malloc(T * B * I * sizeof(floating))
-    if P > 0:
-        m = <floating*>malloc(B * H * sizeof(floating))
-    try:
-        if G == NULL or (lengths is not None and xp == NULL) or (P > 0 and m == NULL):
-            raise MemoryError(f"LSTM workspace for T={T}, B={B}, H={H}")
-        with nogil:
-            lstm_run(&w, &x[0, 0, 0], <int>I, <int>H, <int>P, &weight_ih[0, 0], &weight_hh[0, 0],
-                     &bias[0], NULL if P == 0 else &weight_hr[0, 0],
-                     NULL if weight_ph is None else &weight_ph[0, 0],
-                     &h[0, 0], &c[0, 0], NULL if out is None else &out[0, 0, out_col], G, xp, m)
-    finally:
-        free(G)
-        free(xp)
-        free(m)
+    def __init__(self, weight_ih_t, weight_hh_t, bias, Py_ssize_t hidden_size,
+                 weight_hr_t=None, weight_ph=None):
+        """weight_hr_t: (H, P padded) W_hr transposed, or None. weight_ph: (3, padded) or None."""
+        super().__init__(weight_ih_t, weight_hh_t, bias, hidden_size, 4)
+        self.has_cell_state = True
+        self.w_hr_t = self.w_ph = NULL
+        if weight_hr_t is not None:
+            self.proj_size = self.output_size
+            self.proj_padded = weight_hr_t.shape[1]
+            self.w_hr_t = self._keep(weight_hr_t, "weight_hr_t", (self.hidden_size, self.proj_padded))
+        if weight_ph is not None:
+            self.w_ph = self._keep(weight_ph, "weight_ph", (3, self.padded))
+
+    cdef Py_ssize_t workspace(self, Py_ssize_t T, Py_ssize_t B, bint packed):
+        return Kernel.workspace(self, T, B, packed) + (
+            B * (self.hidden_size + self.proj_padded) if self.proj_size else 0)
+
+    cdef void run_walk(self, Walk* w, const char* x, char* h, char* c, char* out,
+                       char* work) noexcept nogil:
+        cdef int I = <int>self.input_size, H = <int>self.hidden_size, Hp = <int>self.padded
+        cdef int P = <int>self.proj_size, Pp = <int>self.proj_padded
+        if self.is_double:
+            lstm_walk(w, <const double*>x, I, H, Hp, P, Pp, <const double*>self.w_ih_t,
+                      <const double*>self.w_hh_t, <const double*>self.bias,
+                      <const double*>self.w_hr_t, <const double*>self.w_ph,
+                      <double*>h, <double*>c, <double*>out, <double*>work)
+        else:
+            lstm_walk(w, <const float*>x, I, H, Hp, P, Pp, <const float*>self.w_ih_t,
+                      <const float*>self.w_hh_t, <const float*>self.bias,
+                      <const float*>self.w_hr_t, <const float*>self.w_ph,
+                      <float*>h, <float*>c, <float*>out, <float*>work)

@@ -1,0 +1,32 @@
+# The base of every cell kernel: weights laid out once, pointers cached, and one entry point for a
+# walk over a batch of sequences that runs without the GIL.
+cimport numpy as cnp
+
+from fastcell_c._steps cimport Walk
+
+
+cdef inline bint is_array(object a, int typenum, int ndim) noexcept:
+    """a is a C-contiguous ndarray of that dtype number and rank."""
+    return (cnp.PyArray_Check(a) and cnp.PyArray_TYPE(<cnp.ndarray>a) == typenum
+            and cnp.PyArray_NDIM(<cnp.ndarray>a) == ndim
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a))
+
+
+cdef char* buffer_of(object a, str name, int typenum, tuple shape, bint writable) except NULL
+
+
+cdef class Kernel:
+    cdef readonly Py_ssize_t input_size, hidden_size, output_size
+    cdef readonly Py_ssize_t padded      # a gate block's width: hidden_size rounded up to FC_LANES
+    cdef readonly Py_ssize_t width       # a gate row's width: gates * padded
+    cdef readonly bint is_double, has_cell_state
+    cdef readonly object dtype
+    cdef list _arrays                    # keeps alive the memory the pointers point into
+    cdef const char* w_ih_t              # (I, width): W_ih transposed, gate blocks padded
+    cdef const char* w_hh_t              # (H_out, width)
+    cdef const char* bias                # (width,)
+
+    cdef const char* _keep(self, object a, str name, tuple shape) except NULL
+    cdef Py_ssize_t workspace(self, Py_ssize_t T, Py_ssize_t B, bint packed)
+    cdef void run_walk(self, Walk* w, const char* x, char* h, char* c, char* out,
+                       char* work) noexcept nogil

@@ -1,0 +1,119 @@
+# The base of every cell kernel (rnn.pyx, gru.pyx, lstm.pyx): checks of the buffers a call passes
+# in, the workspace, and the GIL-free call of the subclass's walk. A subclass lays out its extra
+# weights in __init__ and implements workspace() and run_walk().
+cimport numpy as cnp
+from libc.stdint cimport int64_t
+from libc.stdlib cimport free, malloc
+
+import numpy as np
+
+from fastcell_c._steps cimport Walk, make_walk
+
+cnp.import_array()
+
+LANES = 16  # FC_LANES in gemv.h: gate blocks are padded to a multiple of it
+
+
+cdef char* buffer_of(object a, str name, int typenum, tuple shape, bint writable) except NULL:
+    """The data pointer of a C-contiguous ndarray of the given dtype and shape, else ValueError."""
+    if not is_array(a, typenum, len(shape)) or tuple(a.shape) != shape:
+        got = f"{type(a).__name__}" if not isinstance(a, np.ndarray) else (
+            f"{a.dtype} array of shape {a.shape}{'' if a.flags.c_contiguous else ', not C-contiguous'}")
+        raise ValueError(f"{name}: expected a C-contiguous {np.dtype(np.float64 if typenum == cnp.NPY_DOUBLE else np.float32)} "
+                         f"array of shape {shape}, got {got}")
+    if writable and not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>a):
+        raise ValueError(f"{name}: expected a writable array")
+    return <char*>cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef class Kernel:
+    def __init__(self, weight_ih_t, weight_hh_t, bias, Py_ssize_t hidden_size, Py_ssize_t gates):
+        """weight_ih_t (I, gates*padded), weight_hh_t (H_out, gates*padded), bias (gates*padded,):
+        transposed, each gate block padded with zero columns (fastcell.recurrence lays them out)."""
+        self.dtype = weight_ih_t.dtype
+        if self.dtype not in (np.float32, np.float64):
+            raise TypeError(f"weight_ih_t: expected float32 or float64, got {self.dtype}")
+        self.is_double = self.dtype == np.float64
+        self.hidden_size = hidden_size
+        self.padded = -(-hidden_size // LANES) * LANES
+        self.width = gates * self.padded
+        self.input_size = weight_ih_t.shape[0]
+        self.output_size = weight_hh_t.shape[0]
+        self._arrays = []
+        self.w_ih_t = self._keep(weight_ih_t, "weight_ih_t", (self.input_size, self.width))
+        self.w_hh_t = self._keep(weight_hh_t, "weight_hh_t", (self.output_size, self.width))
+        self.bias = self._keep(bias, "bias", (self.width,))
+
+    cdef const char* _keep(self, object a, str name, tuple shape) except NULL:
+        cdef const char* p = buffer_of(a, name, cnp.NPY_DOUBLE if self.is_double else cnp.NPY_FLOAT,
+                                       shape, False)
+        self._arrays.append(a)
+        return p
+
+    cdef Py_ssize_t workspace(self, Py_ssize_t T, Py_ssize_t B, bint packed):
+        """Elements of scratch memory a walk over T steps of B rows needs."""
+        return T * B * self.width + (T * B * self.input_size if packed else 0)
+
+    cdef void run_walk(self, Walk* w, const char* x, char* h, char* c, char* out,
+                       char* work) noexcept nogil:
+        pass
+
+    def run(self, x, h, c=None, out=None, Py_ssize_t out_col=0, bint batch_first=False,
+            bint reverse=False, lengths=None, perm=None):
+        """Runs one direction over x ((T, B, I), or (B, T, I) with batch_first) in one GIL-free call.
+
+        h (B, H_out), c (B, H) (LSTM only): the initial state in processing order, overwritten
+        with the final one. out: None, or (T, B, W) ((B, T, W)) whose H_out columns from out_col
+        receive the outputs; rows past a sequence's length are left alone. lengths, perm: int64
+        (B,), see _steps.pxd; lengths non-increasing in [1, T].
+        """
+        cdef int typenum = cnp.NPY_DOUBLE if self.is_double else cnp.NPY_FLOAT
+        if not is_array(x, typenum, 3):
+            buffer_of(x, "x", typenum, (None, None, self.input_size), False)
+        cdef Py_ssize_t T = x.shape[1] if batch_first else x.shape[0]
+        cdef Py_ssize_t B = x.shape[0] if batch_first else x.shape[1]
+        cdef const char* xp = buffer_of(x, "x", typenum, (x.shape[0], x.shape[1], self.input_size), False)
+        cdef char* hp = buffer_of(h, "h", typenum, (B, self.output_size), True)
+        cdef char* cp = NULL
+        if self.has_cell_state:
+            cp = buffer_of(c, "c", typenum, (B, self.hidden_size), True)
+        cdef char* op = NULL
+        cdef Py_ssize_t width = 0
+        if out is not None:
+            if not is_array(out, typenum, 3) or tuple(out.shape[:2]) != tuple(x.shape[:2]):
+                buffer_of(out, "out", typenum, (x.shape[0], x.shape[1], None), True)
+            width = out.shape[2]
+            if out_col < 0 or out_col + self.output_size > width:
+                raise ValueError(f"out: {self.output_size} columns from {out_col} do not fit in {width}")
+            op = buffer_of(out, "out", typenum, tuple(out.shape), True) + \
+                out_col * (8 if self.is_double else 4)
+        cdef const int64_t* lp = NULL
+        cdef const int64_t* pp = NULL
+        cdef Py_ssize_t j
+        if T * B >= 2 ** 31 or self.width >= 2 ** 31:
+            raise ValueError(f"x: T*B = {T * B} rows is too many for BLAS's 32-bit sizes")
+        if lengths is not None:
+            if not (is_array(lengths, cnp.NPY_INT64, 1) and is_array(perm, cnp.NPY_INT64, 1)
+                    and lengths.shape[0] == B and perm.shape[0] == B):
+                raise ValueError(f"lengths, perm: expected C-contiguous int64 arrays of {B} entries")
+            lp = <const int64_t*>cnp.PyArray_DATA(<cnp.ndarray>lengths)
+            pp = <const int64_t*>cnp.PyArray_DATA(<cnp.ndarray>perm)
+            for j in range(B):
+                if lp[j] < 1 or lp[j] > T or (j > 0 and lp[j] > lp[j - 1]):
+                    raise ValueError(f"lengths: expected non-increasing values in [1, {T}]")
+                if pp[j] < 0 or pp[j] >= B:
+                    raise ValueError(f"perm: expected values in [0, {B})")
+        elif perm is not None:
+            raise ValueError("perm: only used with lengths")
+        if T == 0 or B == 0:
+            return
+        cdef Walk w = make_walk(T, B, batch_first, width, lp, pp, reverse)
+        cdef Py_ssize_t n = self.workspace(T, B, lp != NULL)
+        cdef char* work = <char*>malloc(n * (8 if self.is_double else 4))
+        if work == NULL:
+            raise MemoryError(f"workspace of {n} elements for T={T}, B={B}")
+        try:
+            with nogil:
+                self.run_walk(&w, xp, hp, cp, op, work)
+        finally:
+            free(work)

@@ -1,0 +1,167 @@
+# Streaming: a service keeps one StreamState per stream (h and c of every layer, plus the kernels'
+# workspace) and advances it one step per call. The hot path is a few pointer checks, one GIL-free
+# T = 1 walk per layer, and a copy of the output row: no allocation when `out` is given, no NumPy
+# call, nothing else in Python.
+cimport numpy as cnp
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+
+import numpy as np
+
+from fastcell_c._steps cimport Walk, make_walk
+from fastcell_c.kernel cimport Kernel, buffer_of, is_array
+
+cnp.import_array()
+
+
+cdef class StreamState:
+    """h (and c) of every layer for `batch` streams, and the scratch memory a step needs.
+
+    Made by `model.new_state(batch)`; `h` is (num_layers, batch, H_out), `c` (num_layers, batch, H)
+    for the LSTMs, else None: views you may read and write. A state serves one stream (or one
+    batch of streams) at a time: two threads must not step the same state at once.
+    """
+    cdef readonly object h, c
+    cdef readonly Py_ssize_t batch
+    cdef readonly Stepper owner
+    cdef char* work
+
+    def __cinit__(self, Stepper owner, Py_ssize_t batch):
+        if batch < 1:
+            raise ValueError(f"batch: expected an integer >= 1, got {batch}")
+        cdef Kernel k
+        cdef Py_ssize_t n = 0
+        for k in owner.kernels:
+            n = max(n, k.workspace(1, batch, False))
+        self.owner = owner
+        self.batch = batch
+        self.h = np.zeros((len(owner.kernels), batch, owner.output_size), owner.dtype)
+        self.c = np.zeros((len(owner.kernels), batch, owner.hidden_size), owner.dtype) \
+            if owner.has_cell_state else None
+        self.work = <char*>malloc(n * owner.dtype.itemsize)
+        if self.work == NULL:
+            raise MemoryError(f"stream workspace for batch={batch}")
+
+    def __dealloc__(self):
+        free(self.work)
+
+    def reset(self):
+        """Back to the zero state, in place."""
+        self.h[...] = 0
+        if self.c is not None:
+            self.c[...] = 0
+
+    def copy(self):
+        """An independent state with the same h (and c)."""
+        cdef StreamState s = StreamState(self.owner, self.batch)
+        s.h[...] = self.h
+        if self.c is not None:
+            s.c[...] = self.c
+        return s
+
+    __copy__ = copy
+
+    def __deepcopy__(self, memo):
+        return self.copy()
+
+    def __reduce__(self):
+        return (_restore_state, (self.owner, self.h, self.c))
+
+    def __repr__(self):
+        return f"StreamState(batch={self.batch}, layers={self.h.shape[0]}, dtype={self.h.dtype})"
+
+
+def _restore_state(Stepper owner, h, c):
+    cdef StreamState s = StreamState(owner, h.shape[1])
+    s.h[...] = h
+    if c is not None:
+        s.c[...] = c
+    return s
+
+
+cdef class Stepper:
+    """Advances StreamStates of a stack of unidirectional layers (or of one cell)."""
+    cdef readonly tuple kernels
+    cdef readonly object dtype
+    cdef readonly Py_ssize_t input_size, hidden_size, output_size
+    cdef readonly bint has_cell_state
+    cdef int typenum
+
+    def __init__(self, kernels):
+        self.kernels = tuple(kernels)
+        cdef Kernel first = self.kernels[0]
+        cdef Kernel last = self.kernels[len(self.kernels) - 1]
+        self.dtype = first.dtype
+        self.typenum = cnp.NPY_DOUBLE if first.is_double else cnp.NPY_FLOAT
+        self.input_size = first.input_size
+        self.hidden_size = first.hidden_size
+        self.output_size = last.output_size
+        self.has_cell_state = first.has_cell_state
+
+    def __reduce__(self):
+        return (Stepper, (self.kernels,))
+
+    def new_state(self, Py_ssize_t batch=1):
+        return StreamState(self, batch)
+
+    def step(self, x, StreamState state not None, out=None):
+        """y = step(x, state, out=None): one step of x (B, I) (or (I,) for one stream) from
+        `state`, which is updated in place. Returns the output row (B, H_out) (or (H_out,)): a new
+        array, or `out` filled in place, with no allocation at all."""
+        cdef Py_ssize_t B, I = self.input_size, i
+        cdef int nd
+        if state.owner is not self:
+            raise ValueError("state: expected a state made by this model's new_state()")
+        if not (is_array(x, self.typenum, 2) or is_array(x, self.typenum, 1)):
+            x = self._coerce(x)
+        # Shapes through the C API: a Python attribute lookup here would cost more than the math.
+        nd = cnp.PyArray_NDIM(<cnp.ndarray>x)
+        B = 1 if nd == 1 else cnp.PyArray_DIM(<cnp.ndarray>x, 0)
+        if cnp.PyArray_DIM(<cnp.ndarray>x, nd - 1) != I or B != state.batch:
+            want = f"({I},) or (1, {I})" if state.batch == 1 else f"({state.batch}, {I})"
+            raise ValueError(f"x: expected shape {want} for a state of batch {state.batch}, "
+                             f"got {tuple(x.shape)}")
+        cdef char* dst
+        cdef cnp.npy_intp dims[2]
+        dims[0] = B
+        dims[1] = self.output_size
+        if out is None:
+            out = cnp.PyArray_EMPTY(nd, dims + 2 - nd, self.typenum, 0)
+        elif not (is_array(out, self.typenum, nd) and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)
+                  and cnp.PyArray_DIM(<cnp.ndarray>out, nd - 1) == self.output_size
+                  and (nd == 1 or cnp.PyArray_DIM(<cnp.ndarray>out, 0) == B)):
+            buffer_of(out, "out", self.typenum, (B, self.output_size)[2 - nd:], True)
+        dst = <char*>cnp.PyArray_DATA(<cnp.ndarray>out)
+        cdef const char* src = <const char*>cnp.PyArray_DATA(<cnp.ndarray>x)
+        cdef char* h = <char*>cnp.PyArray_DATA(<cnp.ndarray>state.h)
+        cdef char* c = NULL if state.c is None else <char*>cnp.PyArray_DATA(<cnp.ndarray>state.c)
+        cdef Py_ssize_t itemsize = 8 if self.typenum == cnp.NPY_DOUBLE else 4
+        cdef Walk w = make_walk(1, B, False, 0, NULL, NULL, False)
+        cdef Kernel k
+        for i in range(len(self.kernels)):
+            k = <Kernel>self.kernels[i]
+            with nogil:
+                k.run_walk(&w, src, h, c, NULL, state.work)
+            src = h    # the next layer reads this layer's new h
+            h += B * k.output_size * itemsize
+            if c != NULL:
+                c += B * k.hidden_size * itemsize
+        memcpy(dst, src, B * self.output_size * itemsize)
+        return out
+
+    cdef object _coerce(self, x):
+        """Anything else array-like: converted (a copy), with the errors a caller can act on."""
+        if x is None:
+            raise TypeError("x: expected an array, got None")
+        if hasattr(x, "detach") and not isinstance(x, np.ndarray):
+            x = x.detach().cpu().numpy()
+        try:
+            a = np.asarray(x)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"x: expected a real array, got {type(x).__name__} ({exc})") from None
+        if a.dtype.kind not in "biuf":
+            raise TypeError(f"x: expected real numbers, got an array of dtype {a.dtype}")
+        if a.ndim not in (1, 2):
+            raise ValueError(f"x: expected shape (B, {self.input_size}) or ({self.input_size},), "
+                             f"got {a.shape}")
+        return np.ascontiguousarray(a, dtype=self.dtype)

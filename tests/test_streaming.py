@@ -1,0 +1,103 @@
+"""The streaming API: new_state / step on cells and unidirectional layers."""
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+
+import fastcell
+from conftest import TOL
+
+LAYERS = {"rnn": fastcell.RNN, "gru": fastcell.GRU, "lstm": fastcell.LSTM, "peephole_lstm": fastcell.PeepholeLSTM}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("num_layers", [1, 3])
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_steps_equal_the_sequence_call(kind, num_layers, batch, dtype, rng):
+    kw = {"proj_size": 3} if kind == "lstm" else {}
+    model = LAYERS[kind](5, 7, num_layers=num_layers, dtype=dtype, **kw)
+    x = rng.standard_normal((40, batch, 5)).astype(dtype)
+    want, final = model(x)
+    state = model.new_state(batch)
+    got = np.stack([model.step(x_t, state) for x_t in x])
+    assert np.max(np.abs(got - want)) <= TOL[dtype]
+    h_n = final[0] if isinstance(final, tuple) else final
+    assert np.max(np.abs(state.h - h_n)) <= TOL[dtype]
+    if kind.endswith("lstm"):
+        assert np.max(np.abs(state.c - final[1])) <= TOL[dtype]
+
+
+def test_step_writes_into_out_and_matches_cell_call(rng):
+    w = {"weight_ih": rng.standard_normal((9, 4)), "weight_hh": rng.standard_normal((9, 3)) * 0.3}
+    cell = fastcell.GRUCell(**w)
+    state, out = cell.new_state(2), np.empty((2, 3))
+    h = np.zeros((2, 3))
+    for _ in range(5):
+        x = rng.standard_normal((2, 4))
+        returned = cell.step(x, state, out)
+        h = cell(x, h)
+        assert returned is out
+        assert np.array_equal(out, h)  # B > 1: the same GEMM path, the same bits
+    # unbatched: one stream, (I,) in and (H,) out
+    s1 = cell.new_state()
+    y = cell.step(rng.standard_normal(4), s1)
+    assert y.shape == (3,)
+
+
+def test_state_reset_copy_and_independence(rng):
+    model = fastcell.LSTM(3, 4, num_layers=2)
+    s = model.new_state()
+    x = rng.standard_normal(3).astype(np.float32)
+    model.step(x, s)
+    snap = s.copy()
+    assert copy.copy(s) is not s and np.array_equal(copy.deepcopy(s).h, s.h)
+    model.step(x, s)
+    assert not np.array_equal(snap.h, s.h)
+    a = model.step(x, snap)
+    b = model.step(x, model.new_state())  # a fresh stream is independent of the others
+    assert not np.array_equal(a, b)
+    s.reset()
+    assert not s.h.any() and not s.c.any()
+    assert s.h.shape == (2, 1, 4) and s.c.shape == (2, 1, 4)
+
+
+def test_step_errors(rng):
+    model = fastcell.GRU(3, 4)
+    s = model.new_state(2)
+    with pytest.raises(ValueError, match=r"x: expected shape \(2, 3\)"):
+        model.step(np.zeros((3, 3), np.float32), s)
+    with pytest.raises(ValueError, match="x: expected shape"):
+        model.step(np.zeros((2, 5), np.float32), s)
+    with pytest.raises(ValueError, match="state: expected a state made by this model"):
+        model.step(np.zeros((2, 3), np.float32), fastcell.GRU(3, 4).new_state(2))
+    with pytest.raises(TypeError):
+        model.step(np.zeros((2, 3), np.float32), None)
+    with pytest.raises(ValueError, match="out: expected"):
+        model.step(np.zeros((2, 3), np.float32), s, out=np.empty((2, 5), np.float32))
+    with pytest.raises(ValueError, match="out: expected"):
+        model.step(np.zeros((2, 3), np.float32), s, out=np.empty((2, 4), np.float64))
+    with pytest.raises(TypeError, match="x: expected real numbers"):
+        model.step(np.array(["a", "b", "c"]), model.new_state())
+    with pytest.raises(ValueError, match="batch: expected an integer >= 1"):
+        model.new_state(0)
+    with pytest.raises(ValueError, match="bidirectional"):
+        fastcell.LSTM(3, 4, bidirectional=True).new_state()
+
+
+def test_step_converts_other_inputs(rng):
+    model = fastcell.RNN(3, 4, dtype=np.float64)
+    x = rng.standard_normal(3)
+    want = model.step(x, model.new_state())
+    for variant in (x.tolist(), np.asfortranarray(x[None])[0],
+                    x[::-1].copy()[::-1]):
+        assert np.array_equal(model.step(variant, model.new_state()), want)
+
+
+def test_models_with_states_survive_pickling(rng):
+    model = fastcell.LSTM(3, 4, num_layers=2)
+    clone = pickle.loads(pickle.dumps(model))
+    x = rng.standard_normal(3).astype(np.float32)
+    assert np.array_equal(model.step(x, model.new_state()), clone.step(x, clone.new_state()))
