@@ -3,9 +3,13 @@
 Never imports torch: the PyTorch bridge imports it lazily, only when called.
 """
 
+from fastcell import _blas_threads
+from fastcell._blas_threads import set_blas_threads
 from fastcell._version import __version__
 from fastcell.cells import GRUCell, LSTMCell, PeepholeLSTMCell, RNNCell
 from fastcell.layers import GRU, LSTM, RNN, PeepholeLSTM, StateDictError
+
+_blas_threads.install()
 
 # Loaded on first use, so `import fastcell` stays light (cold start) and never pulls in torch.
 _LAZY = {
@@ -18,7 +22,7 @@ _LAZY = {
 
 __all__ = [
     "__version__", "RNNCell", "GRUCell", "LSTMCell", "PeepholeLSTMCell",
-    "RNN", "GRU", "LSTM", "PeepholeLSTM", "StateDictError", *_LAZY,
+    "RNN", "GRU", "LSTM", "PeepholeLSTM", "StateDictError", "set_blas_threads", *_LAZY,
 ]
 
 

@@ -13,6 +13,8 @@ cdef inline bint is_array(object a, int typenum, int ndim) noexcept:
 
 
 cdef char* buffer_of(object a, str name, int typenum, tuple shape, bint writable) except NULL
+cdef int enter_blas() noexcept nogil
+cdef void leave_blas(int previous) noexcept nogil
 
 
 cdef class Kernel:

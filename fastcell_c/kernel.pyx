@@ -14,6 +14,47 @@ cnp.import_array()
 LANES = 16  # FC_LANES in gemv.h: gate blocks are padded to a multiple of it
 
 
+# BLAS threads. fastcell serves many streams on many threads, so its own BLAS calls run with
+# `_blas_threads` threads (1 by default), set thread-locally around each kernel call through
+# OpenBLAS's openblas_set_num_threads_local and restored after: the host's other BLAS use keeps
+# its own setting, and nothing oversubscribes the cores. Without that symbol (another BLAS) this
+# is a no-op and the BLAS's own setting applies.
+ctypedef int (*set_local_threads_t)(int) noexcept nogil
+cdef set_local_threads_t _set_local_threads = NULL
+cdef int _blas_threads = 1
+
+
+cdef int enter_blas() noexcept nogil:
+    """Sets this thread's BLAS thread count for a kernel call; returns the one to restore."""
+    if _set_local_threads == NULL:
+        return -1
+    return _set_local_threads(_blas_threads)
+
+
+cdef void leave_blas(int previous) noexcept nogil:
+    if previous > 0 and _set_local_threads != NULL:
+        _set_local_threads(previous)
+
+
+def install_blas_thread_control(size_t address):
+    """Called once by fastcell with the address of scipy's openblas_set_num_threads_local."""
+    global _set_local_threads
+    _set_local_threads = <set_local_threads_t>address
+
+
+def set_blas_threads(int n):
+    """The number of BLAS threads fastcell's own GEMM calls use (default 1); returns the old one."""
+    global _blas_threads
+    if n < 1:
+        raise ValueError(f"n: expected an integer >= 1, got {n}")
+    previous, _blas_threads = _blas_threads, n
+    return previous
+
+
+def blas_thread_control_installed():
+    return _set_local_threads != NULL
+
+
 cdef char* buffer_of(object a, str name, int typenum, tuple shape, bint writable) except NULL:
     """The data pointer of a C-contiguous ndarray of the given dtype and shape, else ValueError."""
     if not is_array(a, typenum, len(shape)) or tuple(a.shape) != shape:
@@ -112,8 +153,11 @@ cdef class Kernel:
         cdef char* work = <char*>malloc(n * (8 if self.is_double else 4))
         if work == NULL:
             raise MemoryError(f"workspace of {n} elements for T={T}, B={B}")
+        cdef int previous
         try:
             with nogil:
+                previous = enter_blas()
                 self.run_walk(&w, xp, hp, cp, op, work)
+                leave_blas(previous)
         finally:
             free(work)

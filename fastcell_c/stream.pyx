@@ -9,7 +9,7 @@ from libc.string cimport memcpy
 import numpy as np
 
 from fastcell_c._steps cimport Walk, make_walk
-from fastcell_c.kernel cimport Kernel, buffer_of, is_array
+from fastcell_c.kernel cimport Kernel, buffer_of, enter_blas, is_array, leave_blas
 
 cnp.import_array()
 
@@ -138,10 +138,14 @@ cdef class Stepper:
         cdef Py_ssize_t itemsize = 8 if self.typenum == cnp.NPY_DOUBLE else 4
         cdef Walk w = make_walk(1, B, False, 0, NULL, NULL, False)
         cdef Kernel k
+        cdef int previous
         for i in range(len(self.kernels)):
             k = <Kernel>self.kernels[i]
             with nogil:
+                # One stream never reaches BLAS (gemv.h); a batch of streams does.
+                previous = enter_blas() if B > 1 else -1
                 k.run_walk(&w, src, h, c, NULL, state.work)
+                leave_blas(previous)
             src = h    # the next layer reads this layer's new h
             h += B * k.output_size * itemsize
             if c != NULL:

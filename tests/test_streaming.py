@@ -101,3 +101,13 @@ def test_models_with_states_survive_pickling(rng):
     clone = pickle.loads(pickle.dumps(model))
     x = rng.standard_normal(3).astype(np.float32)
     assert np.array_equal(model.step(x, model.new_state()), clone.step(x, clone.new_state()))
+
+
+def test_blas_threads_are_fastcells_own_setting():
+    from fastcell_c import kernel
+
+    assert kernel.blas_thread_control_installed()  # scipy's OpenBLAS wheels export the hook
+    assert fastcell.set_blas_threads(2) == 1
+    assert fastcell.set_blas_threads(1) == 2
+    with pytest.raises(ValueError, match="n: expected an integer >= 1"):
+        fastcell.set_blas_threads(0)
