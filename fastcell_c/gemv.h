@@ -6,12 +6,14 @@
  *
  * One body (GCC vector extensions), instantiated per x86 level with that level's natural vector
  * width: x86-64-v4 (AVX-512, 16 floats), x86-64-v3 (AVX2 + FMA, 8), baseline (SSE2, 4); picked
- * at run time, so the default build stays portable. For one row this beats a BLAS GEMV call
+ * at run time (dispatch.h), so the default build stays portable. For one row this beats a BLAS GEMV call
  * several times at H <= 256: no interface overhead, and up to 8 independent accumulators hide the
  * FMA latency.
  */
 #ifndef FASTCELL_GEMV_H
 #define FASTCELL_GEMV_H
+
+#include "dispatch.h"
 
 #define FC_LANES 16   /* gate blocks are padded to a multiple of this many elements */
 
@@ -46,47 +48,27 @@ typedef double fc_vd2 __attribute__((vector_size(16), aligned(8)));
 FC_DEFINE_GEMV(fc_gemv_t_f_base, float, fc_vf4, 4, )
 FC_DEFINE_GEMV(fc_gemv_t_d_base, double, fc_vd2, 2, )
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#ifdef FC_DISPATCH
 typedef float fc_vf8 __attribute__((vector_size(32), aligned(4)));
 typedef float fc_vf16 __attribute__((vector_size(64), aligned(4)));
 typedef double fc_vd4 __attribute__((vector_size(32), aligned(8)));
 typedef double fc_vd8 __attribute__((vector_size(64), aligned(8)));
-FC_DEFINE_GEMV(fc_gemv_t_f_v3, float, fc_vf8, 8, __attribute__((target("arch=x86-64-v3"))))
-FC_DEFINE_GEMV(fc_gemv_t_f_v4, float, fc_vf16, 16, __attribute__((target("arch=x86-64-v4"))))
-FC_DEFINE_GEMV(fc_gemv_t_d_v3, double, fc_vd4, 4, __attribute__((target("arch=x86-64-v3"))))
-FC_DEFINE_GEMV(fc_gemv_t_d_v4, double, fc_vd8, 8, __attribute__((target("arch=x86-64-v4"))))
-
-/* 4: AVX-512, 3: AVX2 + FMA, 1: baseline. Read once: __builtin_cpu_supports is cheap but not free. */
-static int fc_x86_level(void)
-{
-    static int level = 0;
-    if (level == 0) {
-        __builtin_cpu_init();
-        level = __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 1;
-    }
-    return level;
-}
+FC_DEFINE_GEMV(fc_gemv_t_f_v3, float, fc_vf8, 8, FC_TARGET_V3)
+FC_DEFINE_GEMV(fc_gemv_t_f_v4, float, fc_vf16, 16, FC_TARGET_V4)
+FC_DEFINE_GEMV(fc_gemv_t_d_v3, double, fc_vd4, 4, FC_TARGET_V3)
+FC_DEFINE_GEMV(fc_gemv_t_d_v4, double, fc_vd8, 8, FC_TARGET_V4)
+#endif
 
 static inline void fc_gemv_t_f(int k, int n, const float *x, const float *wt, int ldw, int beta,
                                float *y)
 {
-    int level = fc_x86_level();
-    if (level == 4) fc_gemv_t_f_v4(k, n, x, wt, ldw, beta, y);
-    else if (level == 3) fc_gemv_t_f_v3(k, n, x, wt, ldw, beta, y);
-    else fc_gemv_t_f_base(k, n, x, wt, ldw, beta, y);
+    FC_CALL_BEST(fc_gemv_t_f, (k, n, x, wt, ldw, beta, y));
 }
 
 static inline void fc_gemv_t_d(int k, int n, const double *x, const double *wt, int ldw, int beta,
                                double *y)
 {
-    int level = fc_x86_level();
-    if (level == 4) fc_gemv_t_d_v4(k, n, x, wt, ldw, beta, y);
-    else if (level == 3) fc_gemv_t_d_v3(k, n, x, wt, ldw, beta, y);
-    else fc_gemv_t_d_base(k, n, x, wt, ldw, beta, y);
+    FC_CALL_BEST(fc_gemv_t_d, (k, n, x, wt, ldw, beta, y));
 }
-#else
-#define fc_gemv_t_f fc_gemv_t_f_base
-#define fc_gemv_t_d fc_gemv_t_d_base
-#endif
 
 #endif

@@ -8,40 +8,8 @@ from cython cimport floating
 
 from fastcell_c._blas cimport matmul_t
 from fastcell_c._steps cimport Walk, begin_step, project_inputs, write_outputs
-from fastcell_c.activations cimport sigmoid, tanh
+from fastcell_c.gates cimport gru_reset_after, gru_reset_before_gates, gru_reset_before_update
 from fastcell_c.kernel cimport Kernel
-
-
-cdef inline void reset_after_update(Py_ssize_t H, Py_ssize_t Hp, const floating* g,
-                                    const floating* r_h, const floating* b, const floating* b_hn,
-                                    floating* h) noexcept nogil:
-    # g: input parts of r, z, n; r_h: h W_hh^T of r, z, n; b: folded r, z biases and b_in.
-    cdef Py_ssize_t k
-    cdef floating r, z, n
-    for k in range(H):
-        r = sigmoid(g[k] + r_h[k] + b[k])
-        z = sigmoid(g[Hp + k] + r_h[Hp + k] + b[Hp + k])
-        n = tanh(g[2 * Hp + k] + b[2 * Hp + k] + r * (r_h[2 * Hp + k] + b_hn[k]))
-        h[k] = n + z * (h[k] - n)
-
-
-cdef inline void reset_before_gates(Py_ssize_t H, Py_ssize_t Hp, floating* g, const floating* b,
-                                    const floating* h, floating* rh) noexcept nogil:
-    # Leaves z in g's z block and r * h in rh.
-    cdef Py_ssize_t k
-    for k in range(H):
-        rh[k] = sigmoid(g[k] + b[k]) * h[k]
-        g[Hp + k] = sigmoid(g[Hp + k] + b[Hp + k])
-
-
-cdef inline void reset_before_update(Py_ssize_t H, Py_ssize_t Hp, const floating* g,
-                                     const floating* b, floating* h) noexcept nogil:
-    cdef Py_ssize_t k
-    cdef floating z, n
-    for k in range(H):
-        z = g[Hp + k]
-        n = tanh(g[2 * Hp + k] + b[2 * Hp + k])
-        h[k] = n + z * (h[k] - n)
 
 
 cdef void gru_walk(Walk* w, const floating* x, int I, int H, int Hp, bint reset_after,
@@ -62,14 +30,14 @@ cdef void gru_walk(Walk* w, const floating* x, int I, int H, int Hp, bint reset_
         if reset_after:
             matmul_t(<int>w.n, width, H, h, H, w_hh_t, width, False, R, width)   # R = h W_hh^T
             for j in range(w.n):
-                reset_after_update(H, Hp, g + j * ldg, R + j * width, bias, b_hn, h + j * H)
+                gru_reset_after(H, Hp, g + j * ldg, R + j * width, bias, b_hn, h + j * H)
         else:
             matmul_t(<int>w.n, 2 * Hp, H, h, H, w_hh_t, width, True, g, <int>ldg)  # G_rz += h W_hrz^T
             for j in range(w.n):
-                reset_before_gates(H, Hp, g + j * ldg, bias, h + j * H, R + j * H)
+                gru_reset_before_gates(H, Hp, g + j * ldg, bias, h + j * H, R + j * H)
             matmul_t(<int>w.n, Hp, H, R, H, w_hh_t + 2 * Hp, width, True, g + 2 * Hp, <int>ldg)
             for j in range(w.n):                                                     # G_n += (r*h) W_hn^T
-                reset_before_update(H, Hp, g + j * ldg, bias, h + j * H)
+                gru_reset_before_update(H, Hp, g + j * ldg, bias, h + j * H)
         write_outputs(w, s, h, H, out)
 
 

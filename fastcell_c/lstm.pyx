@@ -6,38 +6,8 @@ from cython cimport floating
 
 from fastcell_c._blas cimport matmul_t
 from fastcell_c._steps cimport Walk, begin_step, project_inputs, write_outputs
-from fastcell_c.activations cimport sigmoid, tanh
+from fastcell_c.gates cimport lstm_gates
 from fastcell_c.kernel cimport Kernel
-
-
-cdef inline void lstm_gates(Py_ssize_t H, Py_ssize_t Hp, const floating* g, const floating* b,
-                            floating* c, floating* h) noexcept nogil:
-    # g: the pre-activations i, f, g, o (without bias) of one row, blocks Hp apart.
-    cdef Py_ssize_t k
-    cdef floating i, f, z, o, cn
-    for k in range(H):
-        i = sigmoid(g[k] + b[k])
-        f = sigmoid(g[Hp + k] + b[Hp + k])
-        z = tanh(g[2 * Hp + k] + b[2 * Hp + k])
-        o = sigmoid(g[3 * Hp + k] + b[3 * Hp + k])
-        cn = f * c[k] + i * z
-        c[k] = cn
-        h[k] = o * tanh(cn)
-
-
-cdef inline void peephole_gates(Py_ssize_t H, Py_ssize_t Hp, const floating* g, const floating* b,
-                                const floating* p, floating* c, floating* h) noexcept nogil:
-    # p: rows p_i, p_f, p_o, Hp apart; the input and forget gates see c_{t-1}, the output gate c_t.
-    cdef Py_ssize_t k
-    cdef floating i, f, z, o, cn
-    for k in range(H):
-        i = sigmoid(g[k] + b[k] + p[k] * c[k])
-        f = sigmoid(g[Hp + k] + b[Hp + k] + p[Hp + k] * c[k])
-        z = tanh(g[2 * Hp + k] + b[2 * Hp + k])
-        cn = f * c[k] + i * z
-        o = sigmoid(g[3 * Hp + k] + b[3 * Hp + k] + p[2 * Hp + k] * cn)
-        c[k] = cn
-        h[k] = o * tanh(cn)
 
 
 cdef void lstm_walk(Walk* w, const floating* x, int I, int H, int Hp, int P, int Pp,
@@ -62,12 +32,8 @@ cdef void lstm_walk(Walk* w, const floating* x, int I, int H, int Hp, int P, int
         g = G + w.g_row * width
         ldg = w.g_ld * width
         matmul_t(<int>w.n, width, hout, h, hout, w_hh_t, width, True, g, <int>ldg)  # G_t += h W_hh^T
-        if w_ph == NULL:
-            for j in range(w.n):
-                lstm_gates(H, Hp, g + j * ldg, bias, c + j * H, dst + j * H)
-        else:
-            for j in range(w.n):
-                peephole_gates(H, Hp, g + j * ldg, bias, w_ph, c + j * H, dst + j * H)
+        for j in range(w.n):
+            lstm_gates(H, Hp, g + j * ldg, bias, w_ph, c + j * H, dst + j * H)
         if P > 0:
             matmul_t(<int>w.n, Pp, H, m, H, w_hr_t, Pp, False, proj, Pp)          # h = m W_hr^T
             for j in range(w.n):

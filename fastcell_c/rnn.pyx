@@ -4,24 +4,8 @@ from cython cimport floating
 
 from fastcell_c._blas cimport matmul_t
 from fastcell_c._steps cimport Walk, begin_step, project_inputs, write_outputs
-from fastcell_c.activations cimport tanh
+from fastcell_c.gates cimport rnn_update
 from fastcell_c.kernel cimport Kernel
-
-
-cdef inline void tanh_update(Py_ssize_t H, const floating* g, const floating* b,
-                             floating* h) noexcept nogil:
-    cdef Py_ssize_t k
-    for k in range(H):
-        h[k] = tanh(g[k] + b[k])
-
-
-cdef inline void relu_update(Py_ssize_t H, const floating* g, const floating* b,
-                             floating* h) noexcept nogil:
-    cdef Py_ssize_t k
-    cdef floating a
-    for k in range(H):
-        a = g[k] + b[k]
-        h[k] = 0 if a < 0 else a    # NaN passes through, as in torch.relu
 
 
 cdef void rnn_walk(Walk* w, const floating* x, int I, int H, int Hp, bint relu,
@@ -35,12 +19,8 @@ cdef void rnn_walk(Walk* w, const floating* x, int I, int H, int Hp, bint relu,
         g = G + w.g_row * Hp
         ldg = w.g_ld * Hp
         matmul_t(<int>w.n, Hp, H, h, H, w_hh_t, Hp, True, g, <int>ldg)    # G_t += h W_hh^T
-        if relu:
-            for j in range(w.n):
-                relu_update(H, g + j * ldg, bias, h + j * H)
-        else:
-            for j in range(w.n):
-                tanh_update(H, g + j * ldg, bias, h + j * H)
+        for j in range(w.n):
+            rnn_update(relu, H, g + j * ldg, bias, h + j * H)
         write_outputs(w, s, h, H, out)
 
 

@@ -1,0 +1,34 @@
+/* Run-time choice of x86 level for the hand-vectorized kernels (gemv.h, gates.h): each is
+ * compiled once per level and the CPU's best is called, so the default build stays portable. */
+#ifndef FASTCELL_DISPATCH_H
+#define FASTCELL_DISPATCH_H
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTCELL_NO_DISPATCH)
+#define FC_DISPATCH 1
+#define FC_TARGET_V3 __attribute__((target("arch=x86-64-v3")))   /* AVX2 + FMA */
+#define FC_TARGET_V4 __attribute__((target("arch=x86-64-v4")))   /* AVX-512 */
+
+/* 4: AVX-512, 3: AVX2 + FMA, 1: baseline. Read once: __builtin_cpu_supports is cheap, not free. */
+static int fc_x86_level(void)
+{
+    static int level = 0;
+    if (level == 0) {
+        __builtin_cpu_init();
+        level = __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 1;
+    }
+    return level;
+}
+
+/* Calls NAME_v4, NAME_v3 or NAME_base with ARGS. */
+#define FC_CALL_BEST(NAME, ARGS)                                                     \
+    do {                                                                             \
+        int fc_level_ = fc_x86_level();                                              \
+        if (fc_level_ == 4) NAME##_v4 ARGS;                                          \
+        else if (fc_level_ == 3) NAME##_v3 ARGS;                                     \
+        else NAME##_base ARGS;                                                       \
+    } while (0)
+#else
+#define FC_CALL_BEST(NAME, ARGS) NAME##_base ARGS
+#endif
+
+#endif
