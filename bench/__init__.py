@@ -1,0 +1,7 @@
+"""fastcell's benchmarks against PyTorch, ONNX Runtime and the bare BLAS floor (issue 4).
+
+    python -m pytest bench -q      # the pytest-benchmark suites, grouped per (cell, shape)
+    python -m bench.report         # one interleaved run -> bench/RESULTS.md, bench/results.png
+
+Bench-only requirements: bench/requirements.txt.
+"""

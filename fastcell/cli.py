@@ -1,0 +1,374 @@
+"""The ``fastcell`` command: info, run, export, demo.
+
+    fastcell info MODEL
+    fastcell run MODEL --input x.npy [--output y.npy] [--lengths l.npy] [--state-output s.npz]
+    fastcell export SRC DEST [--nonlinearity tanh|relu] [--reset-after | --reset-before]
+                             [--batch-first] [--prefix NAME.]
+    fastcell demo
+
+Errors print one line to stderr and exit with status 2. Only ``export`` imports torch, and it
+reads its checkpoint with ``torch.load(..., weights_only=True)``: nothing else is unpickled.
+"""
+
+import argparse
+import math
+import os
+import re
+import sys
+import time
+import warnings
+
+import numpy as np
+
+from fastcell.weights_file import FormatError, load, save
+
+# Progress is drawn for runs of at least this many multiply-adds (tens of milliseconds).
+_LONG_RUN = 10**8
+
+
+class CliError(Exception):
+    """An error the user can fix; printed as one line."""
+
+
+def main(argv=None):
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        rc = args.func(args)
+        return rc if isinstance(rc, int) else 0
+    except KeyboardInterrupt:
+        print("fastcell: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `fastcell run ... | head`
+        sys.stderr.close()
+        return 1
+    except (CliError, FormatError, ValueError, TypeError, MemoryError, OSError) as exc:
+        print(f"fastcell {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc):
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    if isinstance(exc, MemoryError):
+        return f"out of memory{': ' + str(exc) if str(exc) else ''}"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text
+
+
+def _parser():
+    p = argparse.ArgumentParser(
+        prog="fastcell",
+        description="Fast, exact CPU inference for recurrent networks trained in PyTorch.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    info = sub.add_parser("info", help="describe a fastcell weight file",
+                          description="Print a fastcell model's cell type, sizes, layers, "
+                                      "directions, parameter count, dtype and file size.")
+    info.add_argument("model", metavar="MODEL", help="a fastcell weight file (.safetensors)")
+    info.set_defaults(func=_info)
+
+    run = sub.add_parser("run", help="run a model on a NumPy array",
+                         description="Run a fastcell model on an .npy input and save or print "
+                                     "the output.")
+    run.add_argument("model", metavar="MODEL", help="a fastcell weight file")
+    run.add_argument("--input", "-i", required=True, metavar="X.npy",
+                     help="the input: (T, B, I), (B, T, I) for a batch_first layer, or (T, I)")
+    run.add_argument("--output", "-o", metavar="Y.npy", help="where to save the output")
+    run.add_argument("--lengths", metavar="L.npy",
+                     help="integer lengths (B,) of a padded batch (layers only)")
+    run.add_argument("--state-output", metavar="S.npz",
+                     help="where to save the final state (h_n, and c_n for the LSTMs)")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="draw a progress bar on stderr (default: on a terminal, for long runs)")
+    run.set_defaults(func=_run)
+
+    exp = sub.add_parser("export", help="convert a PyTorch checkpoint to a fastcell file",
+                         description="Read a PyTorch state_dict saved with torch.save (with "
+                                     "torch.load(weights_only=True): no code in it can run) and "
+                                     "write a fastcell weight file. Needs PyTorch.")
+    exp.add_argument("src", metavar="SRC", help="a PyTorch checkpoint holding a state_dict")
+    exp.add_argument("dest", metavar="DEST", help="the fastcell file to write (.safetensors)")
+    exp.add_argument("--nonlinearity", choices=("tanh", "relu"),
+                     help="a vanilla RNN's nonlinearity (names cannot tell; default tanh)")
+    ra = exp.add_mutually_exclusive_group()
+    ra.add_argument("--reset-after", dest="reset_after", action="store_true", default=None,
+                    help="a GRU in PyTorch's reset-after form (the default)")
+    ra.add_argument("--reset-before", dest="reset_after", action="store_false",
+                    help="a GRU in the reset-before form of Cho et al. 2014")
+    exp.add_argument("--batch-first", action="store_true", default=None,
+                     help="the layer takes (B, T, I) inputs")
+    exp.add_argument("--prefix", metavar="NAME.",
+                     help="take only the entries under this prefix (e.g. 'rnn.' for a model "
+                          "whose recurrent layer is self.rnn), and strip it")
+    exp.set_defaults(func=_export)
+
+    demo = sub.add_parser("demo", help="run the bundled demo models",
+                          description="Run four small trained models, one per cell type, on a "
+                                      "long-range memory task and print a table.")
+    demo.set_defaults(func=_demo)
+    return p
+
+
+# ---- info ----
+
+def _info(args):
+    model = load(args.model)
+    cfg = model.config()
+    n_params = sum(int(v.size) for v in model.state_dict().values())
+    rows = [("file", f"{args.model} ({_bytes(os.path.getsize(args.model))})"),
+            ("cell", _CELL_NAMES[cfg["cell"]]),
+            ("module", f"{cfg['module']} ({type(model).__name__})"),
+            ("input_size", cfg["input_size"]),
+            ("hidden_size", cfg["hidden_size"])]
+    if cfg["module"] == "layer":
+        if cfg["cell"] == "lstm":
+            rows.append(("proj_size", cfg["proj_size"] or "0 (none)"))
+        rows += [("num_layers", cfg["num_layers"]),
+                 ("directions", "2 (bidirectional)" if cfg["bidirectional"] else "1"),
+                 ("batch_first", cfg["batch_first"])]
+    if "nonlinearity" in cfg:
+        rows.append(("nonlinearity", cfg["nonlinearity"]))
+    if "reset_after" in cfg:
+        rows.append(("reset_after", f"{cfg['reset_after']} "
+                                    f"({'PyTorch form' if cfg['reset_after'] else 'Cho et al. 2014 form'})"))
+    rows += [("bias", cfg["bias"]), ("parameters", f"{n_params:,}"), ("dtype", cfg["dtype"])]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+_CELL_NAMES = {"rnn": "rnn (vanilla RNN)", "gru": "gru", "lstm": "lstm",
+               "peephole_lstm": "peephole_lstm (LSTM with peephole connections)"}
+
+
+def _bytes(n):
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}, {n:,} bytes"
+    return f"{n} bytes"
+
+
+# ---- run ----
+
+def _load_npy(path, option):
+    """An .npy array, memory-mapped (so a header claiming a huge shape is checked against the file
+    size instead of allocated), never unpickled."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError) as exc:
+        raise CliError(f"{option} {path}: cannot read as .npy ({_one_line(exc)})") from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive
+        arr.close()
+        raise CliError(f"{option} {path}: expected an .npy file (one array), got an .npz archive")
+    return arr
+
+
+def _run(args):
+    model = load(args.model)
+    x = _load_npy(args.input, "--input")
+    lengths = None if args.lengths is None else _load_npy(args.lengths, "--lengths")
+    cfg = model.config()
+    is_layer = cfg["module"] == "layer"
+    if lengths is not None and not is_layer:
+        raise CliError("--lengths: only for layers; this file holds a single cell")
+
+    # The time axis, for chunking; shapes are checked by the model itself.
+    time_axis = 1 if (is_layer and cfg["batch_first"] and x.ndim == 3) else 0
+    T = x.shape[time_axis] if x.ndim >= 1 else 0
+    n_params = sum(int(v.size) for v in model.state_dict().values())
+    work = n_params * max(1, math.prod(x.shape[:-1]) if x.ndim else 1)
+    progress = args.progress if args.progress is not None else (sys.stderr.isatty() and work >= _LONG_RUN)
+    # Chunks carry the state across their boundary: exact for a one-directional model on full
+    # sequences. A backward direction or per-sequence lengths need the whole sequence in one call.
+    # An input of the wrong shape goes in whole, so the model's error names its real shape.
+    chunkable = (not (is_layer and (cfg["bidirectional"] or lengths is not None))
+                 and x.ndim in (2, 3) and x.shape[-1] == cfg["input_size"])
+
+    start = time.perf_counter()
+    bar = _Progress(T, enabled=progress)
+    try:
+        if progress and chunkable and T > 1:
+            out, state = _run_chunks(model, x, time_axis, T, is_layer, bar)
+        else:
+            out, state = _call(model, x, None, lengths, is_layer)
+            bar.update(T)
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - start
+
+    states = state if isinstance(state, tuple) else (state,)
+    names = ("h_n", "c_n")[: len(states)]
+    desc = ", ".join(f"{n} {s.shape}" for n, s in zip(names, states))
+    print(f"{type(model).__name__} {cfg['cell']}: input {tuple(x.shape)} {x.dtype} -> output "
+          f"{out.shape} {out.dtype}; {desc}; {elapsed * 1e3:.1f} ms")
+    if args.output:
+        with open(args.output, "wb") as f:  # a file object: np.save would append ".npy"
+            np.save(f, out)
+        print(f"wrote {args.output}")
+    else:
+        flat = out.reshape(-1)
+        print(f"output first values: {np.array2string(flat[:6], precision=5, separator=', ')}")
+        print(f"output last values:  {np.array2string(flat[-6:], precision=5, separator=', ')}")
+    if args.state_output:
+        with open(args.state_output, "wb") as f:
+            np.savez(f, **dict(zip(names, states)))
+        print(f"wrote {args.state_output} ({', '.join(names)})")
+    return 0
+
+
+def _call(model, x, state, lengths, is_layer):
+    if is_layer:
+        return model(x, state, lengths=lengths)
+    return model.run(x, state)
+
+
+def _run_chunks(model, x, axis, T, is_layer, bar):
+    step = max(64, -(-T // 100))
+    outs, state = [], None
+    for a in range(0, T, step):
+        chunk = x[:, a:a + step] if axis == 1 else x[a:a + step]
+        out, state = _call(model, chunk, state, None, is_layer)
+        outs.append(out)
+        bar.update(min(T, a + step))
+    return np.concatenate(outs, axis=axis), state
+
+
+class _Progress:
+    """A one-line progress bar on stderr, redrawn at most ten times a second. Nothing is drawn
+    before the first chunk is done, so an input the model refuses leaves only the error line."""
+
+    def __init__(self, total, enabled):
+        self.total, self.enabled, self.drawn = total, enabled, False
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done):
+        now = time.perf_counter()
+        if self.enabled and (not self.drawn or now - self.last >= 0.1 or done >= self.total):
+            self.last, self.drawn = now, True
+            frac = done / self.total if self.total else 1.0
+            filled = int(30 * frac)
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {100 * frac:5.1f}% "
+                             f"{done}/{self.total} steps {now - self.start:.1f} s")
+            sys.stderr.flush()
+
+    def close(self):
+        if self.drawn:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+# ---- export ----
+
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def _export(args):
+    try:
+        import torch
+    except ImportError:
+        raise CliError("export needs PyTorch to read the checkpoint: pip install torch") from None
+    import pickle
+
+    try:
+        # weights_only=True: a restricted unpickler that builds tensors and plain containers
+        # only, so a checkpoint cannot run code. Never retried without it.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol notes are noise here
+            obj = torch.load(args.src, weights_only=True, map_location="cpu")
+    except OSError:
+        raise
+    except pickle.UnpicklingError as exc:
+        raise CliError(
+            f"{args.src}: refused by torch.load(weights_only=True), which builds only tensors and "
+            f"plain containers ({_why(str(exc))}); fastcell never unpickles anything else. If "
+            "it is a whole module saved with torch.save(model), save its weights instead with "
+            "torch.save(model.state_dict(), PATH) and export that file") from None
+    except Exception as exc:  # torch's zip reader raises RuntimeError and others on non-checkpoints
+        raise CliError(f"{args.src}: not a PyTorch checkpoint ({_one_line(exc)[:200]})") from None
+
+    sd = _state_dict(obj, args, torch)
+    try:
+        from fastcell.bridge import from_state_dict
+    except ImportError as exc:
+        raise CliError(f"the PyTorch bridge is not available ({exc})") from None
+    overrides = {k: v for k, v in (("nonlinearity", args.nonlinearity),
+                                   ("reset_after", args.reset_after),
+                                   ("batch_first", args.batch_first)) if v is not None}
+    model = from_state_dict(sd, **overrides)
+    save(model, args.dest)
+    n_params = sum(int(v.size) for v in model.state_dict().values())
+    print(f"wrote {args.dest}: {model!r}, {n_params:,} parameters")
+    return 0
+
+
+def _why(message):
+    """The informative part of torch's weights_only refusal: the object it would have built."""
+    m = re.search(r"GLOBAL ([\w.]+)", message)
+    if m:
+        return f"the file asks for the Python object {m.group(1)}"
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    reason = next((ln for ln in lines if "Unsupported" in ln), lines[0] if lines else "no reason given")
+    return reason.removeprefix("WeightsUnpickler error: ")[:200]
+
+
+def _state_dict(obj, args, torch):
+    """The name -> tensor mapping to export, from a state_dict, a checkpoint dict holding one under
+    a usual key, and --prefix."""
+    def is_sd(d):
+        return isinstance(d, dict) and d and all(isinstance(v, torch.Tensor) for v in d.values())
+
+    if isinstance(obj, dict) and not is_sd(obj):
+        nested = [k for k in _NESTED_KEYS if is_sd(obj.get(k))]
+        if nested:
+            print(f"fastcell export: using the state_dict under {nested[0]!r}", file=sys.stderr)
+            obj = obj[nested[0]]
+    if not is_sd(obj):
+        if isinstance(obj, dict):
+            other = [f"{k} ({type(v).__name__})" for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+            raise CliError(f"{args.src}: expected a state_dict (names to tensors), got a dict with "
+                           f"non-tensor entries: {', '.join(map(str, other[:5]))}"
+                           if obj else f"{args.src}: the checkpoint is an empty dict")
+        raise CliError(f"{args.src}: expected a state_dict (names to tensors), got "
+                       f"{type(obj).__name__}; save one with torch.save(model.state_dict(), PATH)")
+    sd = {str(k): v for k, v in obj.items()}
+    if args.prefix:
+        sd = {k[len(args.prefix):]: v for k, v in sd.items() if k.startswith(args.prefix)}
+        if not sd:
+            raise CliError(f"--prefix {args.prefix!r}: no entry starts with it; the entries are "
+                           f"{', '.join(list(obj)[:6])}{' ...' if len(obj) > 6 else ''}")
+        return sd
+    prefixes = sorted({k.rsplit(".", 1)[0] + "." for k in sd if "." in k})
+    if len(prefixes) == 1 and all("." in k for k in sd):
+        # One submodule, e.g. everything under "lstm." or DataParallel's "module.".
+        print(f"fastcell export: using the entries under {prefixes[0]!r}", file=sys.stderr)
+        return {k[len(prefixes[0]):]: v for k, v in sd.items()}
+    if prefixes:
+        recurrent = [p for p in prefixes if p + "weight_hh" in sd or p + "weight_hh_l0" in sd]
+        raise CliError(f"{args.src}: the checkpoint holds several modules "
+                       f"({', '.join(prefixes[:6])}{' ...' if len(prefixes) > 6 else ''}); choose "
+                       f"the recurrent one with --prefix, e.g. --prefix {(recurrent or prefixes)[0]}")
+    return sd
+
+
+# ---- demo ----
+
+def _demo(args):
+    import importlib
+
+    try:
+        demo = importlib.import_module("fastcell.demo")
+    except ModuleNotFoundError as exc:
+        if exc.name == "fastcell.demo":
+            raise CliError("the demo is not part of this installation") from None
+        raise
+    rc = demo.main()
+    return rc if isinstance(rc, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

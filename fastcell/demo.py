@@ -1,0 +1,307 @@
+"""``fastcell demo``: four small trained models, one per cell type, on a long-range memory task.
+
+The task (recalling a marked value after a lag, after Hochreiter & Schmidhuber 1997): a stream of
+random values in [-1, 1], one of them marked on a second input channel; after the last step the
+model must say the marked value. The lag is the number of steps from the marked value to the end;
+a recall counts as right within ±0.1 of the value (a model that always answers 0 scores 10%). At a
+short lag every cell learns it; at a long lag the vanilla RNN has lost the value (vanishing
+gradients: it cannot learn to keep it through the noise of the later inputs) while the gated
+cells keep it.
+
+The models were trained with PyTorch by ``examples/train_demo.py`` and are bundled in
+``fastcell/demo_models/``; the demo runs them with fastcell alone. With PyTorch installed it also
+times PyTorch on the same models and reports the largest difference between the two.
+"""
+
+import json
+import sys
+import time
+from importlib import resources
+
+import numpy as np
+
+MODEL_NAMES = ("rnn", "gru", "lstm", "peephole_lstm")
+TITLES = {"rnn": "RNN (tanh)", "gru": "GRU", "lstm": "LSTM", "peephole_lstm": "LSTM + peepholes"}
+
+# The task, shared by the training script and the demo.
+TASK = {
+    "name": "marked_value_recall",
+    "inputs": 2,          # channel 0: a value uniform in [-1, 1] per step; channel 1: the marker
+    "short_lag": 5,
+    "long_lag": 100,
+    "seq_len": 105,       # every test stream has long_lag + 5 steps, whatever the lag
+    "tolerance": 0.1,     # a recall is right within this of the marked value
+}
+TEST_SIZE, TEST_SEED = 500, 20240501  # the demo's test streams, per lag
+
+
+def make_task(n, lag_min, lag_max, seq_len, seed):
+    """``n`` streams of ``seq_len`` random values in [-1, 1] (input channel 0), each with one
+    value marked (channel 1 set to 1) ``lag`` steps before the last step, lag uniform in
+    [lag_min, lag_max].
+
+    Returns x (seq_len, n, 2) float32, time-major, and the marked values y (n,) float32.
+    """
+    if not 0 <= lag_min <= lag_max < seq_len:
+        raise ValueError(f"expected 0 <= lag_min <= lag_max < seq_len, got {lag_min}, {lag_max}, {seq_len}")
+    rng = np.random.default_rng(seed)
+    x = np.zeros((seq_len, n, 2), np.float32)
+    x[:, :, 0] = rng.uniform(-1, 1, (seq_len, n))
+    pos = seq_len - 1 - rng.integers(lag_min, lag_max + 1, size=n)
+    x[pos, np.arange(n), 1] = 1
+    return x, x[pos, np.arange(n), 0].copy()
+
+
+def test_set(lag, task=TASK):
+    """The demo's fixed test streams at one lag (never seen in training)."""
+    return make_task(TEST_SIZE, lag, lag, task["seq_len"], TEST_SEED + lag)
+
+
+# ---- the bundle: one place to change its format ----
+
+def save_demo_model(path, layer, readout, task):
+    """Writes a demo model: a one-layer fastcell layer, its linear readout (``{"weight": (K, H),
+    "bias": (K,)}`` arrays, or anything with those attributes, e.g. an nn.Linear) and the task
+    parameters (a JSON-able dict), as one .npz file readable without torch."""
+    arrays = {n: np.ascontiguousarray(v) for n, v in layer.state_dict().items()}
+    for name in ("weight", "bias"):
+        v = readout[name] if isinstance(readout, dict) else getattr(readout, name)
+        if hasattr(v, "detach"):
+            v = v.detach().cpu().numpy()
+        arrays["readout." + name] = np.ascontiguousarray(v, dtype=layer.dtype)
+    with open(path, "wb") as f:
+        np.savez(f, config=np.array(json.dumps(layer.config())), task=np.array(json.dumps(task)), **arrays)
+
+
+def load_demo_model(source):
+    """(layer, readout_weight, readout_bias, task) from a file written by save_demo_model;
+    ``source`` is a path or a binary file object."""
+    from fastcell.bridge import from_state_dict
+
+    with np.load(source, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    config, task = json.loads(str(arrays.pop("config"))), json.loads(str(arrays.pop("task")))
+    w, b = arrays.pop("readout.weight"), arrays.pop("readout.bias")
+    layer = from_state_dict(arrays, nonlinearity=config.get("nonlinearity"),
+                            reset_after=config.get("reset_after"), batch_first=config["batch_first"])
+    if layer.config() != config:
+        raise ValueError(f"demo model: the weights describe {layer.config()}, the file says {config}")
+    return layer, w, b, task
+
+
+def bundled_model(name):
+    """A bundled demo model by cell type name (see MODEL_NAMES), read as package data."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"expected one of {', '.join(MODEL_NAMES)}, got {name!r}")
+    with resources.files("fastcell").joinpath("demo_models").joinpath(f"{name}.npz").open("rb") as f:
+        return load_demo_model(f)
+
+
+# ---- measuring ----
+
+def final_hidden(state):
+    """The last layer's h_n from a layer's returned state (h_n, or (h_n, c_n) for the LSTMs)."""
+    h = state[0] if isinstance(state, tuple) else state
+    return h[-1]
+
+
+def recall(h, w, b):
+    """The model's answers: the linear readout of the last h, one value per stream."""
+    return (h @ w.T + b)[:, 0]
+
+
+def accuracy(layer, w, b, x, y, tolerance=TASK["tolerance"]):
+    """The share of streams x (T, B, 2) whose marked values y are recalled within ``tolerance``."""
+    _, state = layer(x)
+    return _hits(recall(final_hidden(state), w, b), y, tolerance)
+
+
+def _hits(pred, y, tolerance):
+    return float(np.mean(np.abs(pred - y) < tolerance))
+
+
+def parameter_count(layer, w, b):
+    return sum(v.size for v in layer.state_dict().values()) + w.size + b.size
+
+
+def _best_per_step(step, xs, repeats):
+    """Microseconds per call of step(x) over xs, best of `repeats` passes (the machine is shared)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for x in xs:
+            step(x)
+        best = min(best, (time.perf_counter() - t0) / len(xs))
+    return best * 1e6
+
+
+def fastcell_step_latency(layer, xs, repeats=5):
+    """Per-step latency of the streaming use: batch 1, one step at a time, state kept between calls.
+
+    Uses the layer's streaming state (``new_state``/``step``) where the layer has one, else its
+    cell, called step by step with the state threaded through."""
+    if hasattr(layer, "new_state"):
+        state = layer.new_state(1)
+        out = np.empty(layer.output_size, layer.dtype)
+        return _best_per_step(lambda x: layer.step(x, state, out), xs, repeats)
+    cell = _cell_of(layer)
+    holder = [None]
+
+    def step(x):
+        holder[0] = cell(x, holder[0])
+    return _best_per_step(step, xs, repeats)
+
+
+def _cell_of(layer):
+    """The fastcell cell with a one-layer, one-direction layer's weights."""
+    from fastcell.bridge import from_state_dict
+
+    cfg = layer.config()
+    weights = {n[: -len("_l0")]: v for n, v in layer.state_dict().items()}
+    return from_state_dict(weights, nonlinearity=cfg.get("nonlinearity"), reset_after=cfg.get("reset_after"))
+
+
+def _torch_twins(name, layer):
+    """PyTorch's layer and cell with the fastcell layer's weights."""
+    import torch
+
+    cfg = layer.config()
+    sd = {n: torch.from_numpy(np.array(v)) for n, v in layer.state_dict().items()}
+    I, H = cfg["input_size"], cfg["hidden_size"]
+    if name == "peephole_lstm":
+        from fastcell.torch import PeepholeLSTM, PeepholeLSTMCell
+        module, cell = PeepholeLSTM(I, H), PeepholeLSTMCell(I, H)
+    else:
+        kw = {"nonlinearity": cfg["nonlinearity"]} if name == "rnn" else {}
+        module = {"rnn": torch.nn.RNN, "gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[name](I, H, **kw)
+        cell = {"rnn": torch.nn.RNNCell, "gru": torch.nn.GRUCell, "lstm": torch.nn.LSTMCell}[name](I, H, **kw)
+    module.load_state_dict(sd)
+    cell.load_state_dict({n[: -len("_l0")]: v for n, v in sd.items()})
+    return module.eval(), cell.eval()
+
+
+def torch_compare(name, layer, inputs, outputs, xs, repeats=5):
+    """PyTorch on the same model: {"torch_us": its per-step latency in µs, "max_diff": the largest
+    |fastcell - PyTorch| over the outputs, "torch_f32_error": the largest |PyTorch float32 -
+    float64| over the same outputs, the rounding noise a float32 model carries anyway}.
+
+    ``outputs`` are fastcell's outputs (T, B, H) for ``inputs``; ``xs`` the single steps to time.
+    """
+    import torch
+
+    from fastcell.bridge import from_state_dict
+
+    module, cell = _torch_twins(name, layer)
+    cfg = layer.config()
+    exact = from_state_dict({n: v.astype(np.float64) for n, v in layer.state_dict().items()},
+                            nonlinearity=cfg.get("nonlinearity"), reset_after=cfg.get("reset_after"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # single-threaded on both sides, as a low-latency service runs
+    try:
+        with torch.inference_mode():
+            diff = noise = 0.0
+            for x, ours in zip(inputs, outputs):
+                theirs = module(torch.from_numpy(x))[0]
+                diff = max(diff, _max_diff(ours, theirs))
+                noise = max(noise, _max_diff(exact(x)[0], theirs))
+            txs = [torch.from_numpy(x).unsqueeze(0) for x in xs]
+            holder = [None]
+
+            def step(x):
+                holder[0] = cell(x, holder[0])
+            us = _best_per_step(step, txs, repeats)
+    finally:
+        torch.set_num_threads(threads)
+    return {"torch_us": us, "max_diff": diff, "torch_f32_error": noise}
+
+
+def _max_diff(a, b):
+    if isinstance(a, (tuple, list)):
+        return max(_max_diff(u, v) for u, v in zip(a, b))
+    b = b.numpy() if hasattr(b, "numpy") else b
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def _torch_available():
+    if "torch" in sys.modules:
+        return sys.modules["torch"] is not None
+    from importlib.util import find_spec
+    return find_spec("torch") is not None
+
+
+def run_demo(with_torch=None, steps=1000, repeats=5):
+    """Evaluates the four bundled models; returns one dict per model (what main() prints)."""
+    if with_torch is None:
+        with_torch = _torch_available()
+    rows = []
+    for name in MODEL_NAMES:
+        layer, w, b, task = bundled_model(name)
+        lags = (task["short_lag"], task["long_lag"])
+        sets = [test_set(lag, task) for lag in lags]
+        runs = [layer(x) for x, _ in sets]
+        acc = [_hits(recall(final_hidden(state), w, b), y, task["tolerance"])
+               for (_, y), (_, state) in zip(sets, runs)]
+        stream = list(make_task(1, lags[0], lags[0], steps, TEST_SEED)[0][:, 0])
+        row = {"name": name, "title": TITLES[name], "params": parameter_count(layer, w, b),
+               "hidden_size": layer.hidden_size, "short_lag": lags[0], "long_lag": lags[1],
+               "acc_short": acc[0], "acc_long": acc[1],
+               "fastcell_us": fastcell_step_latency(layer, stream, repeats)}
+        if with_torch:
+            row.update(torch_compare(name, layer, [x for x, _ in sets], [out for out, _ in runs],
+                                     stream, repeats))
+        rows.append(row)
+    return rows
+
+
+def format_table(rows):
+    first = rows[0]
+    with_torch = "torch_us" in first
+    head = ["cell", "params", f"acc lag {first['short_lag']}", f"acc lag {first['long_lag']}",
+            "fastcell us/step"]
+    if with_torch:
+        head += ["PyTorch us/step", "speed-up", "max |diff|", "PyTorch f32 error"]
+    lines = []
+    for r in rows:
+        cols = [r["title"], f"{r['params']:,}", f"{100 * r['acc_short']:.1f}%",
+                f"{100 * r['acc_long']:.1f}%", f"{r['fastcell_us']:.1f}"]
+        if with_torch:
+            cols += [f"{r['torch_us']:.1f}", f"{r['torch_us'] / r['fastcell_us']:.1f}x",
+                     f"{r['max_diff']:.1e}", f"{r['torch_f32_error']:.1e}"]
+        lines.append(cols)
+    widths = [max(len(c) for c in col) for col in zip(head, *lines)]
+    fmt = lambda cols: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                 for i, (c, w) in enumerate(zip(cols, widths)))
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
+
+
+def main(argv=None):
+    """Prints the demo table. Returns 0."""
+    t0 = time.perf_counter()
+    with_torch = _torch_available()
+    rows = run_demo(with_torch)
+    t = TASK
+    print("fastcell demo: recall a marked value after a lag (Hochreiter & Schmidhuber 1997).")
+    print(f"Streams of {t['seq_len']} random values in [-1, 1], one of them marked; after the last "
+          "step each model says the marked value.")
+    print(f"acc: share of {TEST_SIZE} test streams recalled within ±{t['tolerance']} (answering 0 "
+          f"every time scores {100 * t['tolerance']:.0f}%). Each model: one recurrent layer of "
+          f"hidden size {rows[0]['hidden_size']} and a linear readout.")
+    print()
+    print(format_table(rows))
+    print()
+    print("us/step: one step of one stream (batch 1), state kept between calls, single-threaded.")
+    if with_torch:
+        print("PyTorch: torch.nn.*Cell (fastcell.torch.PeepholeLSTMCell for the peephole LSTM), "
+              "torch.inference_mode.")
+        print("max |diff|: largest |fastcell - PyTorch| over the float32 outputs (every step of "
+              "every test stream).")
+        print("PyTorch f32 error: largest |PyTorch float32 - float64| over the same outputs: "
+              "float32's own rounding.")
+    else:
+        print("PyTorch is not installed: fastcell alone (install torch to compare).")
+    print(f"({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""The weight file: safetensors with fastcell's config in the metadata (DESIGN.md "The weight file").
+
+    8 bytes    N, the header length (unsigned little-endian)
+    N bytes    JSON: {"__metadata__": {"format": "fastcell", "version": "1", "config": "<json>"},
+                      "<name>": {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, ...}
+    the rest   the tensors' bytes (little-endian, C order), offsets relative to the data section
+
+Tensors carry PyTorch's state_dict names. ``load`` trusts nothing in the file: it parses the header
+itself (bounded length, strict JSON types, offsets inside the file, no overlap, no gap, sizes that
+match shapes), checks the config, then checks every name, shape and dtype against what the config
+implies, and only then reads bytes, each read sized by a checked entry. A bad file raises
+FormatError saying what is wrong. Loading imports neither torch, nor pickle, nor even the
+safetensors package (only ``save`` uses it, to write the format).
+"""
+
+import errno
+import json
+import math
+import os
+import stat
+import threading
+
+import numpy as np
+
+from fastcell.cells import GRUCell, LSTMCell, PeepholeLSTMCell, RNNCell, _Cell
+from fastcell.layers import GRU, LSTM, RNN, PeepholeLSTM, _Layer
+
+__all__ = ["save", "load", "FormatError", "read_config", "expected_shapes"]
+
+FORMAT = "fastcell"
+VERSION = "1"
+SUPPORTED_VERSIONS = ("1",)
+
+# A fastcell header is a few hundred bytes per layer and direction; 1 MiB holds over 700 layers.
+# The bound keeps json.loads of a hostile header small in time and memory (a 100 MB header of
+# "{}," would build tens of millions of Python objects).
+MAX_HEADER_BYTES = 1 << 20
+MAX_LAYERS = 512
+MAX_SIZE = 2**31 - 1  # BLAS dimensions are 32-bit ints
+MAX_NDIM = 8
+MAX_PROBLEMS_SHOWN = 12
+
+# The byte-sized dtypes safetensors names, with their item sizes, so a tensor of any of them gets
+# its size checked and then a precise "has dtype X, expected F32" (packed sub-byte types such as
+# F4 are not listed: "unknown dtype").
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+                "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
+                "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+_ST_DTYPE = {"float32": "F32", "float64": "F64"}
+_NP_DTYPE = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
+
+_LAYERS = {"rnn": RNN, "gru": GRU, "lstm": LSTM, "peephole_lstm": PeepholeLSTM}
+_CELLS = {"rnn": RNNCell, "gru": GRUCell, "lstm": LSTMCell, "peephole_lstm": PeepholeLSTMCell}
+_GATES = {"rnn": 1, "gru": 3, "lstm": 4, "peephole_lstm": 4}
+
+# The config keys of each (module, cell): name -> kind ("size", "size0", "layers", "bool",
+# "dtype", or a tuple of allowed strings).
+_COMMON = {"cell": tuple(_GATES), "module": ("layer", "cell"), "input_size": "size",
+           "hidden_size": "size", "bias": "bool", "dtype": tuple(_ST_DTYPE)}
+_LAYER_KEYS = {"num_layers": "layers", "batch_first": "bool", "bidirectional": "bool"}
+_CELL_EXTRA = {"rnn": {"nonlinearity": ("tanh", "relu")}, "gru": {"reset_after": "bool"},
+               "lstm": {}, "peephole_lstm": {}}
+_LAYER_EXTRA = {**_CELL_EXTRA, "lstm": {"proj_size": "size0"}}
+
+
+class FormatError(ValueError):
+    """A weight file that is not a valid fastcell file; the message says what is wrong."""
+
+
+# ---- writing ----
+
+def save(model, path):
+    """Write a fastcell model (a layer or a cell) to ``path`` as a fastcell safetensors file.
+
+    The file is written next to ``path`` and renamed over it, so a reader never sees half a file.
+    """
+    if not isinstance(model, (_Layer, _Cell)):
+        raise TypeError(
+            "save: expected a fastcell model (RNN, GRU, LSTM, PeepholeLSTM or one of their cells), "
+            f"got {type(model).__module__}.{type(model).__qualname__}"
+            + ("; convert a PyTorch module with fastcell.from_torch first"
+               if type(model).__module__.startswith("torch") else ""))
+    from safetensors.numpy import save as serialize
+
+    config = model.config()
+    _check_config(config)  # never write a file that load would refuse
+    # safetensors 0.8's numpy writer stores wrong bytes for non-contiguous arrays.
+    tensors = {name: np.ascontiguousarray(v) for name, v in model.state_dict().items()}
+    metadata = {"format": FORMAT, "version": VERSION, "config": json.dumps(config, sort_keys=True)}
+    blob = serialize(tensors, metadata=metadata)
+    # Written by open() (so a bad path is a plain OSError) to a temporary file that is renamed
+    # over path: a reader sees the old file or the new one, never half of one.
+    path = os.fspath(path)
+    tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise type(exc)(exc.errno, exc.strerror, path) from None  # name path, not tmp
+        raise
+
+
+# ---- reading ----
+
+def load(path):
+    """Read a fastcell weight file and rebuild its model (a layer or a cell).
+
+    Raises FormatError (a ValueError) naming the problem for any file that is not a valid fastcell
+    file, OSError when the file cannot be opened. Imports neither torch nor pickle.
+    """
+    path = os.fspath(path)
+    with _open_regular(path) as f:
+        config, entries, data_start = _read_header(f, path)
+        weights = _read_tensors(f, path, entries, data_start)
+    return _build(config, weights, path)
+
+
+def read_config(path):
+    """The config of a fastcell file, after the same checks as ``load`` but without reading the
+    tensors' bytes."""
+    path = os.fspath(path)
+    with _open_regular(path) as f:
+        return _read_header(f, path)[0]
+
+
+def expected_shapes(config):
+    """{name: shape} of every tensor a model with this config has, under PyTorch's names.
+
+    Pure arithmetic on the config (nothing is allocated), so it can be checked before any model
+    is built. Equals ``model.expected_shapes()`` for layers.
+    """
+    G = _GATES[config["cell"]] * config["hidden_size"]
+    H, I = config["hidden_size"], config["input_size"]
+    peephole = config["cell"] == "peephole_lstm"
+    if config["module"] == "cell":
+        shapes = {"weight_ih": (G, I), "weight_hh": (G, H)}
+        if config["bias"]:
+            shapes["bias_ih"] = shapes["bias_hh"] = (G,)
+        if peephole:
+            shapes["weight_ph"] = (3, H)
+        return shapes
+    P = config.get("proj_size", 0) or H
+    D = 2 if config["bidirectional"] else 1
+    shapes = {}
+    for k in range(config["num_layers"]):
+        for d in range(D):
+            s = f"_l{k}" + ("_reverse" if d else "")
+            shapes["weight_ih" + s] = (G, I if k == 0 else D * P)
+            shapes["weight_hh" + s] = (G, P)
+            if config["bias"]:
+                shapes["bias_ih" + s] = shapes["bias_hh" + s] = (G,)
+            if config.get("proj_size", 0):
+                shapes["weight_hr" + s] = (config["proj_size"], H)
+            if peephole:
+                shapes["weight_ph" + s] = (3, H)
+    return shapes
+
+
+class _open_regular:
+    """open(path, "rb") for a regular file. A missing file or a directory stays an OSError; a FIFO
+    or a device is refused (opened non-blocking, so a FIFO cannot stall the loader)."""
+
+    def __init__(self, path):
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+            if not stat.S_ISREG(mode):
+                raise FormatError(f"{path}: not a regular file")
+            self.f = os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def __enter__(self):
+        return self.f
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def _fail(path, message):
+    return FormatError(f"{path}: {message}")
+
+
+def _name(s, limit=60):
+    """A file-supplied string, quoted and cut short, for an error message."""
+    r = repr(s)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _read_header(f, path):
+    """(config, {name: (dtype, shape, begin, end)}, data_start), every field checked."""
+    size = os.fstat(f.fileno()).st_size
+    if size == 0:
+        raise _fail(path, "empty file (0 bytes), not a fastcell weight file")
+    head = f.read(8)
+    if len(head) < 8:
+        raise _fail(path, f"truncated: {len(head)} bytes, shorter than the 8-byte header length")
+    n = int.from_bytes(head, "little")
+    if n == 0:
+        raise _fail(path, "the header length is 0: not a safetensors file")
+    if n > MAX_HEADER_BYTES or n > size - 8:
+        if head[:4] == b"PK\x03\x04" or head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+            raise _fail(path, "this looks like a PyTorch checkpoint (zip or pickle), not a fastcell "
+                              "weight file; convert it with `fastcell export SRC DEST`")
+        if head[:6] == b"\x93NUMPY":
+            raise _fail(path, "this is a NumPy .npy file, not a fastcell weight file")
+        if n > MAX_HEADER_BYTES:
+            raise _fail(path, f"the header claims {n} bytes, more than the {MAX_HEADER_BYTES}-byte "
+                              "limit (a corrupt or non-safetensors file)")
+        raise _fail(path, f"truncated: the header claims {n} bytes but only {size - 8} follow "
+                          "the length field")
+    raw = f.read(n)
+    if len(raw) != n:
+        raise _fail(path, f"truncated: read {len(raw)} of the header's {n} bytes")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError as exc:
+        raise _fail(path, f"the header is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except (ValueError, RecursionError) as exc:
+        raise _fail(path, f"the header is not valid JSON ({_short(exc)})") from None
+    if not isinstance(header, dict):
+        raise _fail(path, f"the header is a JSON {type(header).__name__}, expected an object")
+
+    config = _read_metadata(header.pop("__metadata__", None), path)
+    data_size = size - 8 - n
+    entries = {name: _read_entry(name, e, data_size, path) for name, e in header.items()}
+    _check_layout(entries, data_size, path)
+    _check_against_config(entries, config, path)
+    return config, entries, 8 + n
+
+
+def _no_duplicates(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicate key {_name(k)}")
+        d[k] = v
+    return d
+
+
+def _short(exc, limit=200):
+    s = str(exc) or type(exc).__name__
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _read_metadata(meta, path):
+    if meta is None:
+        raise _fail(path, "no __metadata__ in the header: not a fastcell file (a plain safetensors "
+                          "file? fastcell files carry their config in the metadata)")
+    if not isinstance(meta, dict):
+        raise _fail(path, f"__metadata__ is a JSON {type(meta).__name__}, expected an object")
+    for k, v in meta.items():
+        if not isinstance(v, str):
+            raise _fail(path, f"__metadata__[{_name(k)}] is a JSON {type(v).__name__}, "
+                              "expected a string (safetensors metadata is text only)")
+    fmt = meta.get("format")
+    if fmt != FORMAT:
+        raise _fail(path, "not a fastcell file: __metadata__ has " +
+                    ("no 'format'" if fmt is None else f"format {_name(fmt)}") +
+                    f", expected {FORMAT!r}")
+    version = meta.get("version")
+    if version is None:
+        raise _fail(path, "__metadata__ has no 'version'")
+    if version not in SUPPORTED_VERSIONS:
+        raise _fail(path, f"unknown format version {_name(version)}; this fastcell reads version "
+                          f"{', '.join(SUPPORTED_VERSIONS)} (a newer fastcell wrote it?)")
+    if "config" not in meta:
+        raise _fail(path, "__metadata__ has no 'config'")
+    try:
+        config = json.loads(meta["config"], object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as exc:
+        raise _fail(path, f"the config is not valid JSON ({_short(exc)})") from None
+    try:
+        _check_config(config)
+    except ValueError as exc:
+        raise _fail(path, str(exc)) from None
+    return config
+
+
+def _check_config(config):
+    """ValueError naming every problem if config is not one fastcell can build."""
+    if not isinstance(config, dict):
+        raise ValueError(f"the config is a JSON {type(config).__name__}, expected an object")
+    problems = []
+    for key in ("cell", "module"):
+        if key not in config:
+            problems.append(f"config has no {key!r}")
+        elif config[key] not in _COMMON[key]:
+            problems.append(f"config {key!r} is {_name(config[key])}, expected one of {list(_COMMON[key])}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    layer = config["module"] == "layer"
+    spec = {**_COMMON, **(_LAYER_KEYS if layer else {}),
+            **(_LAYER_EXTRA if layer else _CELL_EXTRA)[config["cell"]]}
+    for key, kind in spec.items():
+        if key not in config:
+            problems.append(f"config has no {key!r} (needed for a {config['cell']} {config['module']})")
+            continue
+        v = config[key]
+        isint = isinstance(v, int) and not isinstance(v, bool)
+        if kind == "bool" and not isinstance(v, bool):
+            problems.append(f"config {key!r} is {_name(v)}, expected true or false")
+        elif kind in ("size", "size0", "layers"):
+            low, high = (0 if kind == "size0" else 1), (MAX_LAYERS if kind == "layers" else MAX_SIZE)
+            if not (isint and low <= v <= high):
+                problems.append(f"config {key!r} is {_name(v)}, expected an integer in [{low}, {high}]")
+        elif isinstance(kind, tuple) and v not in kind:
+            problems.append(f"config {key!r} is {_name(v)}, expected one of {list(kind)}")
+    problems += [f"config has an unexpected key {_name(k)} for a {config['cell']} {config['module']}"
+                 for k in config if k not in spec]
+    if not problems and config.get("proj_size", 0) >= config["hidden_size"]:
+        problems.append(f"config 'proj_size' is {config['proj_size']}, expected 0 or less than "
+                        f"hidden_size={config['hidden_size']}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _read_entry(name, e, data_size, path):
+    """(dtype, shape, begin, end) of one tensor entry, each field checked against the file."""
+    where = f"tensor {_name(name)}"
+    if not isinstance(e, dict):
+        raise _fail(path, f"{where}: entry is a JSON {type(e).__name__}, expected an object")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in e]
+    if missing:
+        raise _fail(path, f"{where}: entry has no {', '.join(missing)}")
+    extra = [k for k in e if k not in ("dtype", "shape", "data_offsets")]
+    if extra:
+        raise _fail(path, f"{where}: unexpected entry field {_name(extra[0])}")
+    dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _ST_ITEMSIZE:
+        raise _fail(path, f"{where}: unknown dtype {_name(dtype)}")
+    if (not isinstance(shape, list) or len(shape) > MAX_NDIM
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+        raise _fail(path, f"{where}: shape {_name(shape)} is not a list of at most {MAX_NDIM} "
+                          "non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        raise _fail(path, f"{where}: data_offsets {_name(offsets)} is not a [begin, end] pair of integers")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise _fail(path, f"{where}: data_offsets [{begin}, {end}] are not 0 <= begin <= end")
+    if end > data_size:
+        raise _fail(path, f"{where}: data_offsets [{begin}, {end}] run past the end of the data "
+                          f"({data_size} bytes; truncated file?)")
+    nbytes = math.prod(shape) * _ST_ITEMSIZE[dtype]
+    if end - begin != nbytes:
+        raise _fail(path, f"{where}: shape {tuple(shape)} of {dtype} needs {nbytes} bytes, "
+                          f"data_offsets [{begin}, {end}] hold {end - begin}")
+    return dtype, tuple(shape), begin, end
+
+
+def _check_layout(entries, data_size, path):
+    """The tensors tile the data section: no overlap, no gap, nothing after the last one."""
+    pos, prev = 0, None
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin < pos:
+            raise _fail(path, f"tensor {_name(name)} (bytes [{begin}, {end}]) overlaps tensor "
+                              f"{_name(prev)} (ending at {pos})")
+        if begin > pos:
+            raise _fail(path, f"a gap in the data: bytes [{pos}, {begin}] belong to no tensor")
+        pos, prev = end, name
+    if pos != data_size:
+        raise _fail(path, f"{data_size - pos} bytes after the last tensor belong to no tensor")
+
+
+def _check_against_config(entries, config, path):
+    """Every name, shape and dtype the config implies, and nothing else; all problems listed."""
+    expected = expected_shapes(config)
+    want_dtype = _ST_DTYPE[config["dtype"]]
+    problems = [f"missing {n} {expected[n]}" for n in expected if n not in entries]
+    problems += [f"unexpected {_name(n)}" for n in entries if n not in expected]
+    for n, shape in expected.items():
+        if n in entries:
+            dtype, got, _, _ = entries[n]
+            if got != shape:
+                problems.append(f"{n} has shape {got}, expected {shape}")
+            if dtype != want_dtype:
+                problems.append(f"{n} has dtype {dtype}, expected {want_dtype} (config dtype {config['dtype']})")
+    if problems:
+        shown = problems[:MAX_PROBLEMS_SHOWN]
+        more = len(problems) - len(shown)
+        desc = f"{config['cell']} {config['module']}"
+        raise _fail(path, f"the tensors disagree with the config ({desc}): " + "; ".join(shown)
+                    + (f"; and {more} more" if more else ""))
+
+
+def _read_tensors(f, path, entries, data_start):
+    """Read each checked entry into an array of exactly its checked size (so at most the file's
+    size is ever allocated)."""
+    weights = {}
+    for name, (dtype, shape, begin, end) in entries.items():
+        arr = np.empty(shape, _NP_DTYPE[dtype])
+        f.seek(data_start + begin)
+        got = f.readinto(memoryview(arr).cast("B")) if arr.nbytes else 0
+        if got != end - begin:
+            raise _fail(path, f"truncated while reading {name} (the file changed while loading?)")
+        weights[name] = arr.astype(arr.dtype.newbyteorder("="), copy=False)
+    return weights
+
+
+def _build(config, weights, path):
+    """The model the config describes, with these (already checked) weights."""
+    kind, dtype = config["cell"], np.dtype(config["dtype"])
+    try:
+        if config["module"] == "layer":
+            kwargs = {k: config[k] for k in ("input_size", "hidden_size", "num_layers", "bias",
+                                             "batch_first", "bidirectional")}
+            kwargs.update({k: config[k] for k in _LAYER_EXTRA[kind]})
+            model = _LAYERS[kind](**kwargs, dtype=dtype)
+            model.load_state_dict(weights)
+            return model
+        extra = {k: config[k] for k in _CELL_EXTRA[kind]}
+        return _CELLS[kind](**weights, **extra)
+    except (ValueError, TypeError) as exc:  # the checks above should make this unreachable
+        raise _fail(path, f"cannot build the {kind} {config['module']}: {exc}") from None

@@ -1,0 +1,182 @@
+"""The bundled demo: its models load and run without torch, and the table shows the point of the
+seed decks (the vanilla RNN loses the marked value at the long lag, the gated cells keep it)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastcell
+from fastcell import demo
+
+ROOT = Path(__file__).resolve().parent.parent
+TYPES = {"rnn": fastcell.RNN, "gru": fastcell.GRU, "lstm": fastcell.LSTM, "peephole_lstm": fastcell.PeepholeLSTM}
+
+
+def parse_table(text):
+    """{title: {column: value}} from the printed table."""
+    lines = text.splitlines()
+    head_i = next(i for i, line in enumerate(lines) if line.startswith("cell "))
+    head = re.split(r"\s{2,}", lines[head_i].strip())
+    rows = {}
+    for line in lines[head_i + 2:]:
+        if not line.strip():
+            break
+        cols = re.split(r"\s{2,}", line.strip())
+        assert len(cols) == len(head), line
+        rows[cols[0]] = dict(zip(head, cols))
+    return rows
+
+
+def pct(s):
+    return float(s.rstrip("%")) / 100
+
+
+def check_table(text):
+    rows = parse_table(text)
+    assert list(rows) == [demo.TITLES[n] for n in demo.MODEL_NAMES]
+    short, long_ = f"acc lag {demo.TASK['short_lag']}", f"acc lag {demo.TASK['long_lag']}"
+    rnn = rows[demo.TITLES["rnn"]]
+    for name in ("gru", "lstm", "peephole_lstm"):
+        gated = rows[demo.TITLES[name]]
+        assert pct(gated[long_]) > pct(rnn[long_]) + 0.5, name  # the point of the decks
+        assert pct(gated[long_]) >= 0.9 and pct(gated[short]) >= 0.9, name
+    for r in rows.values():
+        assert pct(r[short]) > 0.5  # every cell learns the short lag (chance is 10%)
+        assert float(r["fastcell us/step"]) > 0
+    assert pct(rnn[long_]) < 0.5  # and the vanilla RNN does not keep the value 100 steps
+    return rows
+
+
+# ---- the bundle ----
+
+@pytest.mark.parametrize("name", demo.MODEL_NAMES)
+def test_bundled_model_files(name):
+    res = resources.files("fastcell").joinpath("demo_models").joinpath(f"{name}.npz")
+    assert res.is_file()
+    assert len(res.read_bytes()) < 100 * 1024
+    layer, w, b, task = demo.bundled_model(name)
+    assert type(layer) is TYPES[name]
+    cfg = layer.config()
+    assert cfg["num_layers"] == 1 and not cfg["bidirectional"] and cfg["dtype"] == "float32"
+    assert cfg["input_size"] == demo.TASK["inputs"]
+    assert w.shape == (1, layer.hidden_size) and b.shape == (1,) and w.dtype == np.float32
+    for key, value in demo.TASK.items():
+        assert task[key] == value, key
+    assert task["training"]["steps"] >= task["training"]["best_step"]
+
+
+def test_unknown_bundled_model():
+    with pytest.raises(ValueError, match="expected one of rnn, gru, lstm, peephole_lstm"):
+        demo.bundled_model("transformer")
+
+
+def test_save_and_load_round_trip(tmp_path):
+    layer = fastcell.GRU(2, 8, reset_after=False, batch_first=True)
+    rng = np.random.default_rng(0)
+    readout = {"weight": rng.standard_normal((1, 8)), "bias": rng.standard_normal(1)}
+    task = dict(demo.TASK, note="x")
+    path = tmp_path / "m.npz"
+    demo.save_demo_model(path, layer, readout, task)
+    got, w, b, t = demo.load_demo_model(path)
+    assert got.config() == layer.config()
+    for n, v in layer.state_dict().items():
+        np.testing.assert_array_equal(got.state_dict()[n], v)
+    np.testing.assert_array_equal(w, readout["weight"].astype(np.float32))
+    np.testing.assert_array_equal(b, readout["bias"].astype(np.float32))
+    assert t == task
+    with np.load(path, allow_pickle=False) as data:  # plain arrays: no pickle needed
+        assert json.loads(str(data["config"]))["reset_after"] is False
+
+
+def test_load_refuses_a_config_that_does_not_match_the_weights(tmp_path):
+    layer = fastcell.LSTM(2, 4)
+    path = tmp_path / "m.npz"
+    demo.save_demo_model(path, layer, {"weight": np.zeros((1, 4)), "bias": np.zeros(1)}, {})
+    with np.load(path) as data:
+        arrays = dict(data)
+    cfg = json.loads(str(arrays["config"]))
+    cfg["hidden_size"] = 5
+    arrays["config"] = np.array(json.dumps(cfg))
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match="the weights describe"):
+        demo.load_demo_model(path)
+
+
+# ---- the task ----
+
+def test_make_task():
+    x, y = demo.make_task(50, 3, 7, 12, seed=1)
+    assert x.shape == (12, 50, 2) and x.dtype == np.float32 and y.shape == (50,)
+    marks = x[:, :, 1]
+    assert np.all(marks.sum(0) == 1)
+    pos = marks.argmax(0)
+    lags = 11 - pos
+    assert lags.min() >= 3 and lags.max() <= 7
+    np.testing.assert_array_equal(y, x[pos, np.arange(50), 0])
+    assert np.all(np.abs(x[:, :, 0]) <= 1)
+    x2, y2 = demo.make_task(50, 3, 7, 12, seed=1)
+    np.testing.assert_array_equal(x, x2)
+    with pytest.raises(ValueError):
+        demo.make_task(5, 3, 12, 12, seed=1)
+
+
+def test_test_sets_are_fixed_and_at_the_lag():
+    x, y = demo.test_set(demo.TASK["long_lag"])
+    assert x.shape == (demo.TASK["seq_len"], demo.TEST_SIZE, 2)
+    assert np.all(x[:, :, 1].argmax(0) == demo.TASK["seq_len"] - 1 - demo.TASK["long_lag"])
+    np.testing.assert_array_equal(x, demo.test_set(demo.TASK["long_lag"])[0])
+
+
+# ---- the demo ----
+
+def _run_without_torch(code):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    prelude = "import sys\nsys.modules['torch'] = None  # import torch now raises ImportError\n"
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True,
+                          env=env, cwd=str(ROOT), timeout=120)
+
+
+def test_bundled_models_load_and_run_without_torch():
+    code = """
+import numpy as np
+import fastcell.demo as d
+for name in d.MODEL_NAMES:
+    layer, w, b, task = d.bundled_model(name)
+    x, y = d.test_set(task["short_lag"], task)
+    print(name, type(layer).__name__, d.accuracy(layer, w, b, x, y))
+assert sys.modules['torch'] is None
+"""
+    out = _run_without_torch(code)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")
+    assert [line.split()[1] for line in lines if line] == ["RNN", "GRU", "LSTM", "PeepholeLSTM"]
+    assert all(float(line.split()[2]) > 0.5 for line in lines if line)
+
+
+def test_demo_main_without_torch():
+    out = _run_without_torch("import fastcell.demo as d\nsys.exit(d.main())")
+    assert out.returncode == 0, out.stderr
+    rows = check_table(out.stdout)
+    assert "PyTorch us/step" not in next(iter(rows.values()))
+    assert "PyTorch is not installed" in out.stdout
+
+
+def test_demo_main_with_torch(capsys):
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    assert demo.main() == 0
+    assert torch.get_num_threads() == threads  # the demo puts torch's threads back
+    text = capsys.readouterr().out
+    rows = check_table(text)
+    for r in rows.values():
+        assert float(r["PyTorch us/step"]) > 0
+        # float32 outputs over 105 steps: as close as PyTorch's float32 is to float64 (SPEC.md's
+        # 1e-5 is for default-initialised weights; a trained RNN amplifies rounding).
+        assert float(r["max |diff|"]) <= max(1e-5, 4 * float(r["PyTorch f32 error"]))
