@@ -22,7 +22,7 @@ COMPETITORS = ("fastcell", "pytorch", "onnxruntime", "floor")
 #   "stream": state = cell.new_state(batch); y = cell.step(x, state, out)   (issue 4's API)
 # Switching to the streaming API is this one line (or FASTCELL_BENCH_STEP_API=stream for one run,
 # or `python -m bench.report --step-api stream`).
-FASTCELL_STEP_API = os.environ.get("FASTCELL_BENCH_STEP_API", "call")
+FASTCELL_STEP_API = os.environ.get("FASTCELL_BENCH_STEP_API", "stream")
 
 # The floor of a step scenario repeats its GEMV this many times in one C call, so that it measures
 # the product alone, without the Python call around it.

@@ -28,7 +28,10 @@ class _Layer(Frozen):
                 raise ValueError(f"{name}: expected an integer >= {low}, got {v!r}")
         if proj_size and proj_size >= hidden_size:
             raise ValueError(f"proj_size: expected 0 or less than hidden_size={hidden_size}, got {proj_size}")
-        dt = np.dtype(dtype)
+        try:
+            dt = np.dtype(dtype)
+        except (TypeError, ValueError):
+            raise TypeError(f"dtype: expected float32 or float64, got {dtype!r}") from None
         if dt not in FLOAT_DTYPES:
             raise TypeError(f"dtype: expected float32 or float64, got {dt}")
         self.input_size, self.hidden_size = int(input_size), int(hidden_size)
@@ -146,7 +149,12 @@ class _Layer(Frozen):
         """Loads PyTorch tensors or NumPy arrays under PyTorch's names (strict), converted to this
         layer's dtype. Missing, unexpected and mis-shaped entries are all listed in one error."""
         expected = self.expected_shapes()
-        given = {str(k): to_numpy(v, str(k)) for k, v in dict(state_dict).items()}
+        try:
+            state_dict = dict(state_dict)
+        except (TypeError, ValueError):
+            raise TypeError(f"state_dict: expected a mapping of names to arrays, "
+                            f"got {type(state_dict).__name__}") from None
+        given = {str(k): to_numpy(v, str(k)) for k, v in state_dict.items()}
         problems = [f"missing: {n} {expected[n]}" for n in expected if n not in given]
         problems += [f"unexpected: {n}" for n in given if n not in expected]
         problems += [f"mis-shaped: {n} expected {expected[n]}, got {given[n].shape}"

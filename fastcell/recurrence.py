@@ -2,7 +2,7 @@
 the call into fastcell_c. Cells and layers are built from these.
 
 Weights are kept twice: as given (PyTorch layout and names, for ``state_dict``) and in the form the
-kernel reads: transposed, so that a one-row product is a contiguous AXPY (fastcell_c/gemv.h), with
+kernel reads: transposed, so that a one-row product is a contiguous AXPY (fastcell_c/matmul.h), with
 each gate block padded with zero columns to a multiple of the SIMD width, and biases folded where
 the cell allows. All arrays are read-only, so one object serves many threads.
 """

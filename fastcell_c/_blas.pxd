@@ -38,10 +38,20 @@ cdef inline void matmul_wt(int m, int n, int k,
                   &beta, c, &ldc)
 
 
-cdef extern from "gemv.h" nogil:
+cdef extern from "matmul.h" nogil:
     enum: FC_LANES
     void fc_gemv_t_f(int k, int n, const float* x, const float* wt, int ldw, int beta, float* y)
     void fc_gemv_t_d(int k, int n, const double* x, const double* wt, int ldw, int beta, double* y)
+    void fc_gemm_t_f(int m, int n, int k, const float* a, int lda, const float* wt, int ldw,
+                     int beta, float* c, int ldc)
+    void fc_gemm_t_d(int m, int n, int k, const double* a, int lda, const double* wt, int ldw,
+                     int beta, double* c, int ldc)
+
+
+# Up to this many rows (a batch of streams at one step), fastcell's own tiled GEMM beats a BLAS
+# call that packs the weights anew each time; beyond it (an input projection over T*B rows),
+# BLAS's packing pays off.
+DEF SMALL_M = 64
 
 
 cdef inline void matmul_t(int m, int n, int k,
@@ -50,8 +60,9 @@ cdef inline void matmul_t(int m, int n, int k,
                           bint accumulate, floating* c, int ldc) noexcept nogil:
     """c[m, n] (+)= a[m, k] @ wt[k, n], for weights stored transposed (row-major wt, k x n).
 
-    One row, the streaming and batch-1 case, goes to fastcell's own GEMV (gemv.h: n must be a
-    multiple of FC_LANES, which the kernels' padded gate blocks guarantee); more rows to BLAS GEMM.
+    Up to SMALL_M rows (a step of one stream or of a batch) go to fastcell's own GEMV/GEMM
+    (matmul.h: n must be a multiple of FC_LANES, which the kernels' padded gate blocks
+    guarantee); more rows to BLAS GEMM.
     """
     cdef char notrans = b'N'
     cdef floating one = 1
@@ -70,6 +81,11 @@ cdef inline void matmul_t(int m, int n, int k,
             fc_gemv_t_f(k, n, a, wt, ldw, accumulate, c)
         else:
             fc_gemv_t_d(k, n, a, wt, ldw, accumulate, c)
+    elif m <= SMALL_M:
+        if floating is float:
+            fc_gemm_t_f(m, n, k, a, lda, wt, ldw, accumulate, c, ldc)
+        else:
+            fc_gemm_t_d(m, n, k, a, lda, wt, ldw, accumulate, c, ldc)
     elif floating is float:
         # c^T[n, m] = wt^T[n, k] @ a^T[k, m] in column-major terms: no transposes at all.
         sgemm(&notrans, &notrans, &n, &m, &k, &one, <float*>wt, &ldw, <float*>a, &lda,

@@ -1,4 +1,4 @@
-/* Run-time choice of x86 level for the hand-vectorized kernels (gemv.h, gates.h): each is
+/* Run-time choice of x86 level for the hand-vectorized kernels (matmul.h, gates.h): each is
  * compiled once per level and the CPU's best is called, so the default build stays portable. */
 #ifndef FASTCELL_DISPATCH_H
 #define FASTCELL_DISPATCH_H

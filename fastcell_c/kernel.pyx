@@ -2,6 +2,7 @@
 # in, the workspace, and the GIL-free call of the subclass's walk. A subclass lays out its extra
 # weights in __init__ and implements workspace() and run_walk().
 cimport numpy as cnp
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 
@@ -11,7 +12,7 @@ from fastcell_c._steps cimport Walk, make_walk
 
 cnp.import_array()
 
-LANES = 16  # FC_LANES in gemv.h: gate blocks are padded to a multiple of it
+LANES = 16  # FC_LANES in matmul.h: gate blocks are padded to a multiple of it
 
 
 # BLAS threads. fastcell serves many streams on many threads, so its own BLAS calls run with
@@ -56,8 +57,10 @@ def blas_thread_control_installed():
 
 
 cdef char* buffer_of(object a, str name, int typenum, tuple shape, bint writable) except NULL:
-    """The data pointer of a C-contiguous ndarray of the given dtype and shape, else ValueError."""
-    if not is_array(a, typenum, len(shape)) or tuple(a.shape) != shape:
+    """The data pointer of a C-contiguous ndarray of the given dtype (native byte order) and
+    shape, else ValueError."""
+    if (not is_array(a, typenum, len(shape)) or not cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a)
+            or tuple(a.shape) != shape):
         got = f"{type(a).__name__}" if not isinstance(a, np.ndarray) else (
             f"{a.dtype} array of shape {a.shape}{'' if a.flags.c_contiguous else ', not C-contiguous'}")
         raise ValueError(f"{name}: expected a C-contiguous {np.dtype(np.float64 if typenum == cnp.NPY_DOUBLE else np.float32)} "
@@ -84,6 +87,11 @@ cdef class Kernel:
         self.w_ih_t = self._keep(weight_ih_t, "weight_ih_t", (self.input_size, self.width))
         self.w_hh_t = self._keep(weight_hh_t, "weight_hh_t", (self.output_size, self.width))
         self.bias = self._keep(bias, "bias", (self.width,))
+
+    def __reduce__(self):
+        # Cython's automatic pickling would store the weight pointers as NUL-terminated bytes and
+        # restore dangling pointers. Models pickle their weights and rebuild their kernels.
+        raise TypeError(f"cannot pickle {type(self).__name__}: pickle the model instead")
 
     cdef const char* _keep(self, object a, str name, tuple shape) except NULL:
         cdef const char* p = buffer_of(a, name, cnp.NPY_DOUBLE if self.is_double else cnp.NPY_FLOAT,
@@ -150,6 +158,8 @@ cdef class Kernel:
             return
         cdef Walk w = make_walk(T, B, batch_first, width, lp, pp, reverse)
         cdef Py_ssize_t n = self.workspace(T, B, lp != NULL)
+        if n > PY_SSIZE_T_MAX // 8:
+            raise MemoryError(f"workspace of {n} elements for T={T}, B={B}")
         cdef char* work = <char*>malloc(n * (8 if self.is_double else 4))
         if work == NULL:
             raise MemoryError(f"workspace of {n} elements for T={T}, B={B}")

@@ -4,7 +4,9 @@
 # call, nothing else in Python.
 cimport numpy as cnp
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy
+from libc.string cimport memmove
+
+import sys
 
 import numpy as np
 
@@ -26,17 +28,29 @@ cdef class StreamState:
     cdef readonly Stepper owner
     cdef char* work
 
-    def __cinit__(self, Stepper owner, Py_ssize_t batch):
+    def __cinit__(self, Stepper owner, batch):
+        if isinstance(batch, (bool, np.bool_)) or not isinstance(batch, (int, np.integer)):
+            raise TypeError(f"batch: expected an integer >= 1, got {batch!r}")
         if batch < 1:
             raise ValueError(f"batch: expected an integer >= 1, got {batch}")
         cdef Kernel k
         cdef Py_ssize_t n = 0
+        # Bytes one stream needs (h, c and the largest workspace): a batch whose total does not
+        # fit in Py_ssize_t cannot be allocated (checked before any size is computed).
+        for k in owner.kernels:
+            n = max(n, k.workspace(1, 1, False))
+        n += len(owner.kernels) * (owner.output_size + owner.hidden_size)
+        if batch > sys.maxsize // (n * owner.dtype.itemsize):
+            raise MemoryError(f"batch: {batch} streams need more memory than can be addressed")
+        n = 0
         for k in owner.kernels:
             n = max(n, k.workspace(1, batch, False))
         self.owner = owner
         self.batch = batch
-        self.h = np.zeros((len(owner.kernels), batch, owner.output_size), owner.dtype)
-        self.c = np.zeros((len(owner.kernels), batch, owner.hidden_size), owner.dtype) \
+        # Views: NumPy refuses to resize an array that does not own its data, so the buffers
+        # step() writes into keep their size for the state's lifetime.
+        self.h = np.zeros((len(owner.kernels), batch, owner.output_size), owner.dtype)[...]
+        self.c = np.zeros((len(owner.kernels), batch, owner.hidden_size), owner.dtype)[...] \
             if owner.has_cell_state else None
         self.work = <char*>malloc(n * owner.dtype.itemsize)
         if self.work == NULL:
@@ -65,18 +79,13 @@ cdef class StreamState:
         return self.copy()
 
     def __reduce__(self):
-        return (_restore_state, (self.owner, self.h, self.c))
+        # A state serves the model instance that made it (step() checks), and an unpickled model is
+        # another instance; the kernels behind `owner` hold raw pointers and do not pickle.
+        raise TypeError("StreamState cannot be pickled: pickle the model and the arrays state.h "
+                        "(and state.c), then copy them into the unpickled model's new_state()")
 
     def __repr__(self):
         return f"StreamState(batch={self.batch}, layers={self.h.shape[0]}, dtype={self.h.dtype})"
-
-
-def _restore_state(Stepper owner, h, c):
-    cdef StreamState s = StreamState(owner, h.shape[1])
-    s.h[...] = h
-    if c is not None:
-        s.c[...] = c
-    return s
 
 
 cdef class Stepper:
@@ -101,7 +110,7 @@ cdef class Stepper:
     def __reduce__(self):
         return (Stepper, (self.kernels,))
 
-    def new_state(self, Py_ssize_t batch=1):
+    def new_state(self, batch=1):
         return StreamState(self, batch)
 
     def step(self, x, StreamState state not None, out=None):
@@ -112,8 +121,9 @@ cdef class Stepper:
         cdef int nd
         if state.owner is not self:
             raise ValueError("state: expected a state made by this model's new_state()")
-        if not (is_array(x, self.typenum, 2) or is_array(x, self.typenum, 1)):
-            x = self._coerce(x)
+        if not ((is_array(x, self.typenum, 2) or is_array(x, self.typenum, 1))
+                and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>x)):
+            x = self._coerce(x)  # also a byte-swapped array: the kernels read native numbers
         # Shapes through the C API: a Python attribute lookup here would cost more than the math.
         nd = cnp.PyArray_NDIM(<cnp.ndarray>x)
         B = 1 if nd == 1 else cnp.PyArray_DIM(<cnp.ndarray>x, 0)
@@ -128,6 +138,7 @@ cdef class Stepper:
         if out is None:
             out = cnp.PyArray_EMPTY(nd, dims + 2 - nd, self.typenum, 0)
         elif not (is_array(out, self.typenum, nd) and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)
+                  and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>out)
                   and cnp.PyArray_DIM(<cnp.ndarray>out, nd - 1) == self.output_size
                   and (nd == 1 or cnp.PyArray_DIM(<cnp.ndarray>out, 0) == B)):
             buffer_of(out, "out", self.typenum, (B, self.output_size)[2 - nd:], True)
@@ -142,7 +153,7 @@ cdef class Stepper:
         for i in range(len(self.kernels)):
             k = <Kernel>self.kernels[i]
             with nogil:
-                # One stream never reaches BLAS (gemv.h); a batch of streams does.
+                # A step of up to SMALL_M streams never reaches BLAS (matmul.h); a larger batch does.
                 previous = enter_blas() if B > 1 else -1
                 k.run_walk(&w, src, h, c, NULL, state.work)
                 leave_blas(previous)
@@ -150,7 +161,7 @@ cdef class Stepper:
             h += B * k.output_size * itemsize
             if c != NULL:
                 c += B * k.hidden_size * itemsize
-        memcpy(dst, src, B * self.output_size * itemsize)
+        memmove(dst, src, B * self.output_size * itemsize)  # out may overlap state.h
         return out
 
     cdef object _coerce(self, x):

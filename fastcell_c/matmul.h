@@ -1,0 +1,146 @@
+/* The recurrent products of one step, over weights stored transposed (row j of wt holds input j's
+ * weight for every output), so the inner loop is a contiguous AXPY into register accumulators and
+ * needs no horizontal sums:
+ *   fc_gemv_t: y[0:n] = (beta ? y : 0) + x[0:k] @ wt[0:k, 0:n]                  (one row)
+ *   fc_gemm_t: c[0:m, 0:n] = (beta ? c : 0) + a[0:m, 0:k] @ wt[0:k, 0:n]        (a few rows)
+ * n must be a multiple of FC_LANES (the kernels pad every gate block to it). Each output sums its
+ * k terms in order j = 0..k-1 whatever the vector width or the number of rows, so every build,
+ * every CPU and every batch size gives the same bits.
+ *
+ * Why not BLAS: a BLAS GEMV call costs more than the whole product at H = 64, and a BLAS GEMM
+ * packs the weight matrix again on every call, which at B = 16 costs more than the arithmetic;
+ * these weights are laid out once, at load. BLAS still does the input projection of a sequence,
+ * where many rows amortize its packing.
+ *
+ * One body (GCC vector extensions), instantiated per x86 level with that level's natural vector
+ * width: x86-64-v4 (AVX-512, 16 floats), x86-64-v3 (AVX2 + FMA, 8), baseline (SSE2, 4); picked
+ * at run time (dispatch.h), so the default build stays portable. For one row this beats a BLAS GEMV call
+ * several times at H <= 256: no interface overhead, and up to 8 independent accumulators hide the
+ * FMA latency.
+ */
+#ifndef FASTCELL_MATMUL_H
+#define FASTCELL_MATMUL_H
+
+#include "dispatch.h"
+
+#define FC_LANES 16   /* gate blocks are padded to a multiple of this many elements */
+
+/* NB accumulators of W lanes over outputs [o, o + NB*W): one pass over the k rows of that panel;
+ * NB = 8, then 4, 2, 1 for what is left, so a small n still makes one pass per panel. */
+#define FC_PANEL(T, V, W, NB)                                                        \
+    for (; o + NB * W <= n; o += NB * W) {                                           \
+        V a[NB];                                                                     \
+        V *out = (V *)(y + o);                                                       \
+        for (int b = 0; b < NB; b++) a[b] = beta ? out[b] : (V){0};                  \
+        const T *w = wt + o;                                                         \
+        for (int j = 0; j < k; j++, w += ldw) {                                      \
+            T s = x[j];                                                              \
+            for (int b = 0; b < NB; b++) a[b] += s * *(const V *)(w + b * W);        \
+        }                                                                            \
+        for (int b = 0; b < NB; b++) out[b] = a[b];                                  \
+    }
+
+/* The GEMM tile: MB rows x NB vectors of accumulators over inputs [j0, j1); each weight vector
+ * loaded once per j serves MB rows. NB is 4 where 32 vector registers hold the 4x4 tile
+ * (AVX-512), else 2. The accumulators start from c (or 0 for the first chunk without beta) and
+ * go back to c, so splitting k into chunks does not change the order of the additions. */
+#define FC_TILE(T, V, W, MB, NB)                                                     \
+    {                                                                                \
+        V acc[MB][NB];                                                               \
+        for (int r = 0; r < MB; r++) {                                               \
+            V *out = (V *)(c + (long)(i + r) * ldc + o);                             \
+            for (int b = 0; b < NB; b++) acc[r][b] = (beta || j0) ? out[b] : (V){0}; \
+        }                                                                            \
+        const T *w = wt + (long)j0 * ldw + o;                                        \
+        const T *ai = a + (long)i * lda;                                             \
+        for (int j = j0; j < j1; j++, w += ldw) {                                    \
+            V wv[NB];                                                                \
+            for (int b = 0; b < NB; b++) wv[b] = *(const V *)(w + b * W);            \
+            for (int r = 0; r < MB; r++) {                                           \
+                T s = ai[(long)r * lda + j];                                         \
+                for (int b = 0; b < NB; b++) acc[r][b] += s * wv[b];                 \
+            }                                                                        \
+        }                                                                            \
+        for (int r = 0; r < MB; r++) {                                               \
+            V *out = (V *)(c + (long)(i + r) * ldc + o);                             \
+            for (int b = 0; b < NB; b++) out[b] = acc[r][b];                         \
+        }                                                                            \
+    }
+
+/* A panel of NB vectors of outputs, in chunks of FC_KC inputs: the chunk of weights (FC_KC rows
+ * of the panel, 32 KB for 64 floats) stays in L1 while every row block uses it. */
+#define FC_KC 128
+#define FC_PANEL_ROWS(T, V, W, NB)                                                   \
+    for (int j0 = 0; j0 < k; j0 += FC_KC) {                                          \
+        int j1 = j0 + FC_KC < k ? j0 + FC_KC : k, i;                                 \
+        for (i = 0; i + 4 <= m; i += 4) FC_TILE(T, V, W, 4, NB)                      \
+        for (; i < m; i++) FC_TILE(T, V, W, 1, NB)                                   \
+    }
+
+#define FC_DEFINE_GEMM(NAME, T, V, W, NB, ATTR)                                      \
+    ATTR static void NAME(int m, int n, int k, const T *a, int lda, const T *wt, int ldw,   \
+                          int beta, T *c, int ldc)                                   \
+    {                                                                                \
+        int o = 0;                                                                   \
+        for (; o + NB * W <= n; o += NB * W) FC_PANEL_ROWS(T, V, W, NB)              \
+        for (; o + W <= n; o += W) FC_PANEL_ROWS(T, V, W, 1)                         \
+    }
+
+#define FC_DEFINE_GEMV(NAME, T, V, W, ATTR)                                          \
+    ATTR static void NAME(int k, int n, const T *x, const T *wt, int ldw, int beta, T *y) \
+    {                                                                                \
+        int o = 0;                                                                   \
+        FC_PANEL(T, V, W, 8)                                                         \
+        FC_PANEL(T, V, W, 4)                                                         \
+        FC_PANEL(T, V, W, 2)                                                         \
+        FC_PANEL(T, V, W, 1)                                                         \
+    }
+
+/* aligned(sizeof(T)): the loads and stores may be unaligned. */
+typedef float fc_vf4 __attribute__((vector_size(16), aligned(4)));
+typedef double fc_vd2 __attribute__((vector_size(16), aligned(8)));
+FC_DEFINE_GEMV(fc_gemv_t_f_base, float, fc_vf4, 4, )
+FC_DEFINE_GEMV(fc_gemv_t_d_base, double, fc_vd2, 2, )
+FC_DEFINE_GEMM(fc_gemm_t_f_base, float, fc_vf4, 4, 2, )
+FC_DEFINE_GEMM(fc_gemm_t_d_base, double, fc_vd2, 2, 2, )
+
+#ifdef FC_DISPATCH
+typedef float fc_vf8 __attribute__((vector_size(32), aligned(4)));
+typedef float fc_vf16 __attribute__((vector_size(64), aligned(4)));
+typedef double fc_vd4 __attribute__((vector_size(32), aligned(8)));
+typedef double fc_vd8 __attribute__((vector_size(64), aligned(8)));
+FC_DEFINE_GEMV(fc_gemv_t_f_v3, float, fc_vf8, 8, FC_TARGET_V3)
+FC_DEFINE_GEMV(fc_gemv_t_f_v4, float, fc_vf16, 16, FC_TARGET_V4)
+FC_DEFINE_GEMV(fc_gemv_t_d_v3, double, fc_vd4, 4, FC_TARGET_V3)
+FC_DEFINE_GEMV(fc_gemv_t_d_v4, double, fc_vd8, 8, FC_TARGET_V4)
+FC_DEFINE_GEMM(fc_gemm_t_f_v3, float, fc_vf8, 8, 2, FC_TARGET_V3)
+FC_DEFINE_GEMM(fc_gemm_t_f_v4, float, fc_vf16, 16, 4, FC_TARGET_V4)
+FC_DEFINE_GEMM(fc_gemm_t_d_v3, double, fc_vd4, 4, 2, FC_TARGET_V3)
+FC_DEFINE_GEMM(fc_gemm_t_d_v4, double, fc_vd8, 8, 4, FC_TARGET_V4)
+#endif
+
+static inline void fc_gemv_t_f(int k, int n, const float *x, const float *wt, int ldw, int beta,
+                               float *y)
+{
+    FC_CALL_BEST(fc_gemv_t_f, (k, n, x, wt, ldw, beta, y));
+}
+
+static inline void fc_gemv_t_d(int k, int n, const double *x, const double *wt, int ldw, int beta,
+                               double *y)
+{
+    FC_CALL_BEST(fc_gemv_t_d, (k, n, x, wt, ldw, beta, y));
+}
+
+static inline void fc_gemm_t_f(int m, int n, int k, const float *a, int lda, const float *wt,
+                               int ldw, int beta, float *c, int ldc)
+{
+    FC_CALL_BEST(fc_gemm_t_f, (m, n, k, a, lda, wt, ldw, beta, c, ldc));
+}
+
+static inline void fc_gemm_t_d(int m, int n, int k, const double *a, int lda, const double *wt,
+                               int ldw, int beta, double *c, int ldc)
+{
+    FC_CALL_BEST(fc_gemm_t_d, (m, n, k, a, lda, wt, ldw, beta, c, ldc));
+}
+
+#endif
