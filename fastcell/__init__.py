@@ -3,11 +3,15 @@
 Never imports torch: the PyTorch bridge imports it lazily, only when called.
 """
 
-from fastcell import _blas_threads
-from fastcell._blas_threads import set_blas_threads
-from fastcell._version import __version__
-from fastcell.cells import GRUCell, LSTMCell, PeepholeLSTMCell, RNNCell
-from fastcell.layers import GRU, LSTM, RNN, PeepholeLSTM, StateDictError
+from fastcell import _scipy_blas
+
+_scipy_blas.preload()  # before the kernels import it: see _scipy_blas.py
+
+from fastcell import _blas_threads  # noqa: E402
+from fastcell._blas_threads import set_blas_threads  # noqa: E402
+from fastcell._version import __version__  # noqa: E402
+from fastcell.cells import GRUCell, LSTMCell, PeepholeLSTMCell, RNNCell  # noqa: E402
+from fastcell.layers import GRU, LSTM, RNN, PeepholeLSTM, StateDictError  # noqa: E402
 
 _blas_threads.install()
 
