@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 import bench.scenarios
+import bench.threads
 from bench.models import KINDS, LABELS, PARITY_TOL, check_parity, optional_import
 from bench.scenarios import SCENARIOS, runners_for, single_threaded
 
@@ -298,7 +299,7 @@ def fmt_ratio(x):
     return "n/a" if x is None else f"{x:.2f}×"
 
 
-def targets(rows, cold):
+def targets(rows, cold, threads=()):
     """Issue 4's targets, each with the measured value and whether it is met."""
     out = []
 
@@ -324,6 +325,8 @@ def targets(rows, cold):
             add(f"{name}: ≥ 0.95× the faster rival", fmt_ratio(best), None if best is None else best >= 0.95)
         if row["B"] == 1 and row["H"] >= 256 and row["mode"] == "sequence":
             add(f"{name}: step ≤ 1.2× the GEMV floor", fmt_ratio(fl), None if fl is None else fl <= 1.2)
+    for name, _, _, ratio in threads:
+        add(f"{name}: 2 threads ≥ 1.7× the throughput of 1", f"{ratio:.2f}×", ratio >= 1.7)
     if "fastcell" in cold and "pytorch" in cold:
         c = cold["fastcell"]["total"] / cold["pytorch"]["total"]
         add("cold start: fastcell ≤ 25% of PyTorch", f"{100 * c:.0f}%", c <= 0.25)
@@ -337,7 +340,7 @@ MODE_TITLES = {
 }
 
 
-def write_markdown(path, rows, cold, machine, parity, args, elapsed):
+def write_markdown(path, rows, cold, machine, parity, args, elapsed, threads=()):
     L = []
     L.append("# fastcell benchmark results\n")
     L.append(f"Written by `python -m bench.report{' --quick' if args.quick else ''}` on "
@@ -409,7 +412,15 @@ def write_markdown(path, rows, cold, machine, parity, args, elapsed):
             L.append(f"\nfastcell/PyTorch: **{f['total'] / p['total']:.2f}** (import + build + first "
                      f"call), {f['wall'] / p['wall']:.2f} (process wall), "
                      f"{f['rss_mb'] / p['rss_mb']:.2f} (peak RSS).\n")
-    tg = targets(rows, cold)
+    if threads:
+        L.append("## Threads\n")
+        L.append("Independent streams, one StreamState per thread, one shared model "
+                 "(`python -m bench.threads`); the kernels run without the GIL.\n")
+        L.append("| scenario | 1 thread | 2 threads | 2 threads / 1 thread |")
+        L.append("|---|--:|--:|--:|")
+        L.extend(f"| {n} | {a:,.0f} calls/s | {b:,.0f} calls/s | {r:.2f}× |" for n, a, b, r in threads)
+        L.append("")
+    tg = targets(rows, cold, threads)
     if tg:
         L.append("## Issue 4 targets\n")
         L.append("| target | measured | |")
@@ -506,10 +517,13 @@ def main(argv=None):
         log(f"parity: competitors within {PARITY_TOL:g} of fastcell "
             f"(worst {max(parity.values(), default=0):.1e})")
         rows = run_benchmarks(settings, log)
+        threads = bench.threads.scaling(rounds=3 if args.quick else 5)
+        for name, a, b, r in threads:
+            log(f"threads {name}: 2 threads / 1 thread = {r:.2f}")
     cold = {} if args.no_cold_start else cold_start(settings["cold_runs"], log)
     machine = machine_info()
     elapsed = time.perf_counter() - t0
-    write_markdown(out / "RESULTS.md", rows, cold, machine, parity, args, elapsed)
+    write_markdown(out / "RESULTS.md", rows, cold, machine, parity, args, elapsed, threads)
     log(f"wrote {out / 'RESULTS.md'}")
     if optional_import("matplotlib") is None:
         log("matplotlib not installed (pip install -r bench/requirements.txt): no chart")

@@ -119,9 +119,8 @@ def export(kind, state, summary, out_dir):
     # Everything but the wall time, so that a rerun writes the same content.
     run = {k: v for k, v in summary.items() if k != "seconds"}
     task = dict(TASK, training={"hidden_size": HIDDEN, "batch": BATCH, "lr": LR, "seed": SEEDS[kind], **run})
-    path = os.path.join(out_dir, f"{kind}.npz")
-    save_demo_model(path, layer, model.readout, task)
-    return path
+    # The layer as a fastcell weight file (KIND.safetensors), the readout and task beside it.
+    return save_demo_model(os.path.join(out_dir, f"{kind}.safetensors"), layer, model.readout, task)
 
 
 def main(argv=None):
@@ -146,9 +145,9 @@ def main(argv=None):
     print()
     for kind in kinds:
         state, summary = results[kind]
-        path = export(kind, state, summary, args.out)
-        print(f"{kind:>13}: {json.dumps(summary)} -> {os.path.normpath(path)} "
-              f"({os.path.getsize(path) / 1024:.0f} KB)")
+        paths = export(kind, state, summary, args.out)
+        print(f"{kind:>13}: {json.dumps(summary)} -> " + ", ".join(
+            f"{os.path.normpath(p)} ({os.path.getsize(p) / 1024:.0f} KB)" for p in paths))
     print(f"total {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -9,11 +9,14 @@ gradients: it cannot learn to keep it through the noise of the later inputs) whi
 cells keep it.
 
 The models were trained with PyTorch by ``examples/train_demo.py`` and are bundled in
-``fastcell/demo_models/``; the demo runs them with fastcell alone. With PyTorch installed it also
-times PyTorch on the same models and reports the largest difference between the two.
+``fastcell/demo_models/``: each recurrent layer is an ordinary fastcell weight file
+(NAME.safetensors, written by fastcell.save), its linear readout and the task parameters plain
+arrays beside it (NAME.readout.npz). The demo runs them with fastcell alone. With PyTorch
+installed it also times PyTorch on the same models and reports the largest difference between the
+two.
 """
 
-import json
+import os
 import sys
 import time
 from importlib import resources
@@ -58,43 +61,119 @@ def test_set(lag, task=TASK):
 
 
 # ---- the bundle: one place to change its format ----
+#
+# A demo model is two files side by side:
+#   NAME.safetensors   the recurrent layer, an ordinary fastcell weight file (fastcell.save): it
+#                      opens with fastcell.load, `fastcell info` and `fastcell run`
+#   NAME.readout.npz   plain arrays only (np.load(..., allow_pickle=False)): readout.weight (K, H)
+#                      and readout.bias (K,) of the linear readout of the last h, and the task
+#                      parameters, one 0-d number or string per "task.KEY" ("task.training.KEY"
+#                      for the nested training summary)
+
+WEIGHTS_SUFFIX, READOUT_SUFFIX = ".safetensors", ".readout.npz"
+
+
+def readout_path(path):
+    """The readout file that goes with the demo model's weight file ``path`` (NAME.safetensors ->
+    NAME.readout.npz)."""
+    path = os.fspath(path)
+    if not path.endswith(WEIGHTS_SUFFIX):
+        raise ValueError(f"a demo model's weight file ends in {WEIGHTS_SUFFIX}, got {path!r}")
+    return path[: -len(WEIGHTS_SUFFIX)] + READOUT_SUFFIX
+
 
 def save_demo_model(path, layer, readout, task):
-    """Writes a demo model: a one-layer fastcell layer, its linear readout (``{"weight": (K, H),
-    "bias": (K,)}`` arrays, or anything with those attributes, e.g. an nn.Linear) and the task
-    parameters (a JSON-able dict), as one .npz file readable without torch."""
-    arrays = {n: np.ascontiguousarray(v) for n, v in layer.state_dict().items()}
+    """Writes a demo model: the fastcell layer to ``path`` (NAME.safetensors, with fastcell.save),
+    its linear readout (``{"weight": (K, H), "bias": (K,)}`` arrays, or anything with those
+    attributes, e.g. an nn.Linear) and the task parameters (a dict of numbers, strings, booleans
+    and dicts of those) to NAME.readout.npz beside it. Returns the two paths."""
+    from fastcell.weights_file import save
+
+    arrays = {}
     for name in ("weight", "bias"):
         v = readout[name] if isinstance(readout, dict) else getattr(readout, name)
         if hasattr(v, "detach"):
             v = v.detach().cpu().numpy()
         arrays["readout." + name] = np.ascontiguousarray(v, dtype=layer.dtype)
-    with open(path, "wb") as f:
-        np.savez(f, config=np.array(json.dumps(layer.config())), task=np.array(json.dumps(task)), **arrays)
+    _check_readout(layer, arrays["readout.weight"], arrays["readout.bias"])
+    arrays.update(_flatten_task(task, "task"))
+    extra = readout_path(path)
+    save(layer, path)
+    with open(extra, "wb") as f:
+        np.savez(f, **arrays)
+    return os.fspath(path), extra
 
 
-def load_demo_model(source):
-    """(layer, readout_weight, readout_bias, task) from a file written by save_demo_model;
-    ``source`` is a path or a binary file object."""
-    from fastcell.bridge import from_state_dict
+def load_demo_model(path, readout=None):
+    """(layer, readout_weight, readout_bias, task) from the files save_demo_model wrote; ``path``
+    is the NAME.safetensors file, read with fastcell.load, ``readout`` its NAME.readout.npz
+    (by default the one beside it), read with np.load(allow_pickle=False)."""
+    from fastcell.weights_file import load
 
-    with np.load(source, allow_pickle=False) as data:
+    extra = os.fspath(readout) if readout is not None else readout_path(path)
+    layer = load(path)
+    with np.load(extra, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
-    config, task = json.loads(str(arrays.pop("config"))), json.loads(str(arrays.pop("task")))
+    readout_keys = ("readout.weight", "readout.bias")
+    problems = [f"missing {k}" for k in readout_keys if k not in arrays]
+    problems += [f"unexpected {k!r}" for k in arrays if k not in readout_keys and not k.startswith("task.")]
+    if problems:
+        raise ValueError(f"{extra}: " + "; ".join(problems))
     w, b = arrays.pop("readout.weight"), arrays.pop("readout.bias")
-    layer = from_state_dict(arrays, nonlinearity=config.get("nonlinearity"),
-                            reset_after=config.get("reset_after"), batch_first=config["batch_first"])
-    if layer.config() != config:
-        raise ValueError(f"demo model: the weights describe {layer.config()}, the file says {config}")
+    try:
+        _check_readout(layer, w, b)
+    except ValueError as exc:
+        raise ValueError(f"{extra}: {exc}") from None
+    task = {}
+    for key, v in arrays.items():
+        if v.ndim != 0 or v.dtype.kind not in "biufU":
+            raise ValueError(f"{extra}: {key} is a {v.dtype} array of shape {v.shape}, expected "
+                             "a single number or string")
+        *parents, leaf = key.split(".")[1:]
+        node = task
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{extra}: {key} under a task parameter that is not a group")
+        node[leaf] = v.item()
     return layer, w, b, task
+
+
+def _check_readout(layer, w, b):
+    """ValueError unless w (K, H_out) and b (K,) read out the layer's h in its dtype."""
+    H = layer.output_size
+    if w.ndim != 2 or w.shape[1] != H or b.shape != (w.shape[0],):
+        raise ValueError(f"the readout has weight {w.shape} and bias {b.shape}, expected (K, {H}) "
+                         "and (K,) for the layer's hidden size")
+    if w.dtype != layer.dtype or b.dtype != layer.dtype:
+        raise ValueError(f"the readout is {w.dtype}/{b.dtype}, the layer {layer.dtype}")
+
+
+def _flatten_task(task, prefix):
+    """{"PREFIX.KEY": 0-d array} for a dict of numbers, strings, booleans and dicts of those."""
+    out = {}
+    for key, v in task.items():
+        if not isinstance(key, str) or not key or "." in key:
+            raise ValueError(f"task keys are non-empty strings without '.', got {key!r}")
+        name = f"{prefix}.{key}"
+        if isinstance(v, dict):
+            out.update(_flatten_task(v, name))
+        elif isinstance(v, (bool, int, float, str)):
+            out[name] = np.array(v)
+        else:
+            raise TypeError(f"task[{key!r}]: expected a number, string, boolean or dict, got "
+                            f"{type(v).__name__}")
+    return out
 
 
 def bundled_model(name):
     """A bundled demo model by cell type name (see MODEL_NAMES), read as package data."""
     if name not in MODEL_NAMES:
         raise ValueError(f"expected one of {', '.join(MODEL_NAMES)}, got {name!r}")
-    with resources.files("fastcell").joinpath("demo_models").joinpath(f"{name}.npz").open("rb") as f:
-        return load_demo_model(f)
+    models = resources.files("fastcell").joinpath("demo_models")
+    with resources.as_file(models.joinpath(name + WEIGHTS_SUFFIX)) as weights, \
+            resources.as_file(models.joinpath(name + READOUT_SUFFIX)) as extra:
+        return load_demo_model(weights, extra)
 
 
 # ---- measuring ----

@@ -1,7 +1,6 @@
 """The bundled demo: its models load and run without torch, and the table shows the point of the
 seed decks (the vanilla RNN loses the marked value at the long lag, the gated cells keep it)."""
 
-import json
 import os
 import re
 import subprocess
@@ -56,11 +55,15 @@ def check_table(text):
 
 # ---- the bundle ----
 
+MODELS_DIR = ROOT / "fastcell" / "demo_models"
+
+
 @pytest.mark.parametrize("name", demo.MODEL_NAMES)
 def test_bundled_model_files(name):
-    res = resources.files("fastcell").joinpath("demo_models").joinpath(f"{name}.npz")
-    assert res.is_file()
-    assert len(res.read_bytes()) < 100 * 1024
+    models = resources.files("fastcell").joinpath("demo_models")
+    weights, extra = models.joinpath(f"{name}.safetensors"), models.joinpath(f"{name}.readout.npz")
+    assert weights.is_file() and extra.is_file()
+    assert len(weights.read_bytes()) < 100 * 1024 and len(extra.read_bytes()) < 16 * 1024
     layer, w, b, task = demo.bundled_model(name)
     assert type(layer) is TYPES[name]
     cfg = layer.config()
@@ -72,6 +75,41 @@ def test_bundled_model_files(name):
     assert task["training"]["steps"] >= task["training"]["best_step"]
 
 
+@pytest.mark.parametrize("name", demo.MODEL_NAMES)
+def test_bundled_weights_are_ordinary_fastcell_files(name, tmp_path):
+    """NAME.safetensors is exactly the recurrent layer, as fastcell.save writes it; the readout
+    and the task are plain arrays beside it."""
+    from safetensors import safe_open
+
+    path = MODELS_DIR / f"{name}.safetensors"
+    layer = fastcell.load(path)
+    got, w, b, task = demo.bundled_model(name)
+    assert type(layer) is TYPES[name] and layer.config() == got.config()
+    # the exact layer, nothing else: what fastcell.save writes for it (metadata and tensors)
+    resaved = tmp_path / "resaved.safetensors"
+    fastcell.save(got, resaved)
+    with safe_open(str(path), "np") as f, safe_open(str(resaved), "np") as g:
+        assert f.metadata() == g.metadata() and f.metadata()["format"] == "fastcell"
+        assert sorted(f.keys()) == sorted(g.keys()) == sorted(layer.expected_shapes())
+        for k in f.keys():
+            a, c = f.get_tensor(k), g.get_tensor(k)
+            assert a.dtype == c.dtype == np.float32 and a.tobytes() == c.tobytes()
+    assert path.stat().st_size == resaved.stat().st_size
+    with np.load(MODELS_DIR / f"{name}.readout.npz", allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    assert {"readout.weight", "readout.bias"} <= set(arrays)
+    assert all(k.startswith(("readout.", "task.")) for k in arrays)
+    assert all(v.ndim == 0 and v.dtype.kind in "biufU" for k, v in arrays.items() if k.startswith("task."))
+    np.testing.assert_array_equal(arrays["readout.weight"], w)
+    assert arrays["task.name"].item() == task["name"] == demo.TASK["name"]
+
+
+def test_bundle_holds_only_the_new_layout():
+    names = sorted(p.name for p in MODELS_DIR.iterdir() if not p.name.startswith("."))
+    assert names == sorted([f"{n}.safetensors" for n in demo.MODEL_NAMES] +
+                           [f"{n}.readout.npz" for n in demo.MODEL_NAMES])
+
+
 def test_unknown_bundled_model():
     with pytest.raises(ValueError, match="expected one of rnn, gru, lstm, peephole_lstm"):
         demo.bundled_model("transformer")
@@ -81,31 +119,44 @@ def test_save_and_load_round_trip(tmp_path):
     layer = fastcell.GRU(2, 8, reset_after=False, batch_first=True)
     rng = np.random.default_rng(0)
     readout = {"weight": rng.standard_normal((1, 8)), "bias": rng.standard_normal(1)}
-    task = dict(demo.TASK, note="x")
-    path = tmp_path / "m.npz"
-    demo.save_demo_model(path, layer, readout, task)
+    task = dict(demo.TASK, note="x", flag=True, training={"steps": 3, "lr": 0.5})
+    path = tmp_path / "m.safetensors"
+    paths = demo.save_demo_model(path, layer, readout, task)
+    assert paths == (str(path), str(tmp_path / "m.readout.npz"))
     got, w, b, t = demo.load_demo_model(path)
     assert got.config() == layer.config()
     for n, v in layer.state_dict().items():
         np.testing.assert_array_equal(got.state_dict()[n], v)
     np.testing.assert_array_equal(w, readout["weight"].astype(np.float32))
     np.testing.assert_array_equal(b, readout["bias"].astype(np.float32))
-    assert t == task
-    with np.load(path, allow_pickle=False) as data:  # plain arrays: no pickle needed
-        assert json.loads(str(data["config"]))["reset_after"] is False
+    assert t == task and type(t["flag"]) is bool and type(t["training"]["steps"]) is int
+    # the weight file is an ordinary fastcell file holding the layer alone
+    assert fastcell.load(path).config()["reset_after"] is False
+    with np.load(paths[1], allow_pickle=False) as data:  # plain arrays: no pickle needed
+        assert data["task.training.lr"].item() == 0.5 and data["task.note"].item() == "x"
 
 
-def test_load_refuses_a_config_that_does_not_match_the_weights(tmp_path):
+def test_save_refuses_what_plain_arrays_cannot_hold(tmp_path):
     layer = fastcell.LSTM(2, 4)
-    path = tmp_path / "m.npz"
-    demo.save_demo_model(path, layer, {"weight": np.zeros((1, 4)), "bias": np.zeros(1)}, {})
-    with np.load(path) as data:
-        arrays = dict(data)
-    cfg = json.loads(str(arrays["config"]))
-    cfg["hidden_size"] = 5
-    arrays["config"] = np.array(json.dumps(cfg))
-    np.savez(path, **arrays)
-    with pytest.raises(ValueError, match="the weights describe"):
+    readout = {"weight": np.zeros((1, 4)), "bias": np.zeros(1)}
+    with pytest.raises(TypeError, match="expected a number, string, boolean or dict"):
+        demo.save_demo_model(tmp_path / "m.safetensors", layer, readout, {"lags": [5, 100]})
+    with pytest.raises(ValueError, match="ends in .safetensors"):
+        demo.save_demo_model(tmp_path / "m.npz", layer, readout, {})
+    with pytest.raises(ValueError, match="expected \\(K, 4\\)"):
+        demo.save_demo_model(tmp_path / "m.safetensors", layer,
+                             {"weight": np.zeros((1, 5)), "bias": np.zeros(1)}, {})
+    assert not list(tmp_path.iterdir())
+
+
+def test_load_refuses_a_readout_that_does_not_fit_the_layer(tmp_path):
+    path = tmp_path / "m.safetensors"
+    demo.save_demo_model(path, fastcell.LSTM(2, 4), {"weight": np.zeros((1, 4)), "bias": np.zeros(1)}, {})
+    fastcell.save(fastcell.LSTM(2, 5), path)  # the weights replaced by a layer of another size
+    with pytest.raises(ValueError, match="expected \\(K, 5\\)"):
+        demo.load_demo_model(path)
+    np.savez(tmp_path / "m.readout.npz", **{"readout.weight": np.zeros((1, 5), np.float32)})
+    with pytest.raises(ValueError, match="missing readout.bias"):
         demo.load_demo_model(path)
 
 
@@ -160,12 +211,41 @@ assert sys.modules['torch'] is None
     assert all(float(line.split()[2]) > 0.5 for line in lines if line)
 
 
+def test_bundled_weight_files_load_with_fastcell_load_without_torch():
+    code = """
+import fastcell
+for name in ("rnn", "gru", "lstm", "peephole_lstm"):
+    layer = fastcell.load(f"fastcell/demo_models/{name}.safetensors")
+    print(name, type(layer).__name__, layer.hidden_size)
+assert sys.modules['torch'] is None
+"""
+    out = _run_without_torch(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["rnn", "RNN", "64", "gru", "GRU", "64", "lstm", "LSTM", "64",
+                                  "peephole_lstm", "PeepholeLSTM", "64"]
+
+
+def test_fastcell_info_on_a_bundled_model():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-m", "fastcell", "info", "fastcell/demo_models/lstm.safetensors"],
+                         capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=120)
+    assert out.returncode == 0, out.stderr
+    info = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in out.stdout.splitlines())
+    layer = fastcell.load(ROOT / "fastcell" / "demo_models" / "lstm.safetensors")
+    assert info["cell"] == "lstm" and info["module"] == "layer (LSTM)"
+    assert info["input_size"] == "2" and info["hidden_size"] == "64" and info["num_layers"] == "1"
+    assert info["parameters"] == f"{sum(v.size for v in layer.state_dict().values()):,}"
+    assert info["dtype"] == "float32"
+
+
 def test_demo_main_without_torch():
     out = _run_without_torch("import fastcell.demo as d\nsys.exit(d.main())")
     assert out.returncode == 0, out.stderr
     rows = check_table(out.stdout)
     assert "PyTorch us/step" not in next(iter(rows.values()))
     assert "PyTorch is not installed" in out.stdout
+    seconds = float(re.search(r"^\(([0-9.]+) s\)$", out.stdout, re.M).group(1))
+    assert seconds < 30
 
 
 def test_demo_main_with_torch(capsys):
