@@ -16,6 +16,20 @@ VARIANTS = {
 }
 
 
+def make_cell(variant, weights):
+    """The fastcell cell for a VARIANTS name, from weights under PyTorch's cell names."""
+    import fastcell
+
+    kwargs = VARIANTS[variant][1]
+    if variant.startswith("rnn"):
+        return fastcell.RNNCell(**weights, **kwargs)
+    if variant.startswith("gru"):
+        return fastcell.GRUCell(**weights, **kwargs)
+    if variant == "lstm":
+        return fastcell.LSTMCell(**weights)
+    return fastcell.PeepholeLSTMCell(**weights)
+
+
 def torch_or_skip():
     return pytest.importorskip("torch")
 

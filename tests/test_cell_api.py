@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import fastcell
-from conftest import VARIANTS, init_weights
+from conftest import VARIANTS, init_weights, make_cell
 
 H, I = 5, 3
 DTYPES = [np.float32, np.float64]
@@ -27,17 +27,6 @@ def weights(variant, dtype=np.float64, bias=True, seed=0, hidden=H, inputs=I):
     rng = np.random.default_rng(seed)
     return init_weights(rng, VARIANTS[variant][0], inputs, hidden, dtype,
                         peephole=variant == "peephole_lstm", bias=bias)
-
-
-def make_cell(variant, w):
-    kwargs = VARIANTS[variant][1]
-    if variant.startswith("rnn"):
-        return fastcell.RNNCell(**w, **kwargs)
-    if variant.startswith("gru"):
-        return fastcell.GRUCell(**w, **kwargs)
-    if variant == "lstm":
-        return fastcell.LSTMCell(**w)
-    return fastcell.PeepholeLSTMCell(**w)
 
 
 def cell_of(variant, dtype=np.float64, **kw):

@@ -6,20 +6,9 @@ import pytest
 import fastcell
 from fastcell import reference as ref
 from fastcell.recurrence import LSTMRecurrence
-from conftest import TOL, VARIANTS, init_weights, torch_or_skip
+from conftest import TOL, VARIANTS, init_weights, make_cell, torch_or_skip
 
 DTYPES = [np.float32, np.float64]
-
-
-def make_cell(variant, weights):
-    gates, kwargs = VARIANTS[variant]
-    if variant.startswith("rnn"):
-        return fastcell.RNNCell(**weights, **kwargs)
-    if variant.startswith("gru"):
-        return fastcell.GRUCell(**weights, **kwargs)
-    if variant == "lstm":
-        return fastcell.LSTMCell(**weights)
-    return fastcell.PeepholeLSTMCell(**weights)
 
 
 def reference_step(variant, x, state, w):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import fastcell
 from fastcell import reference as ref
-from conftest import TOL, VARIANTS, init_weights
+from conftest import TOL, VARIANTS, init_weights, make_cell
 
 SETTINGS = settings(
     max_examples=75,
@@ -22,17 +22,6 @@ SETTINGS = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-
-
-def make_cell(variant, w):
-    kwargs = VARIANTS[variant][1]
-    if variant.startswith("rnn"):
-        return fastcell.RNNCell(**w, **kwargs)
-    if variant.startswith("gru"):
-        return fastcell.GRUCell(**w, **kwargs)
-    if variant == "lstm":
-        return fastcell.LSTMCell(**w)
-    return fastcell.PeepholeLSTMCell(**w)
 
 
 def reference_run(variant, w, xs, state):

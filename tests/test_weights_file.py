@@ -22,6 +22,7 @@ import fastcell
 from fastcell import weights_file as wf
 from fastcell.weights_file import FormatError, load, save
 from conftest import VARIANTS, init_weights
+from conftest import make_cell as cell_from_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [np.float32, np.float64]
@@ -45,14 +46,7 @@ def make_layer(variant, dtype=np.float32, num_layers=1, bidirectional=False, pro
 def make_cell(variant, dtype=np.float32, bias=True, seed=0, input_size=3, hidden_size=4):
     w = init_weights(np.random.default_rng(seed), VARIANTS[variant][0], input_size, hidden_size,
                      dtype, peephole=variant == "peephole_lstm", bias=bias)
-    kwargs = VARIANTS[variant][1]
-    if variant.startswith("rnn"):
-        return fastcell.RNNCell(**w, **kwargs)
-    if variant.startswith("gru"):
-        return fastcell.GRUCell(**w, **kwargs)
-    if variant == "lstm":
-        return fastcell.LSTMCell(**w)
-    return fastcell.PeepholeLSTMCell(**w)
+    return cell_from_weights(variant, w)
 
 
 def assert_same_model(a, b):
