@@ -14,7 +14,7 @@ CHECKS = os.environ.get("FASTCELL_CYTHON_CHECKS") == "1"
 NATIVE = os.environ.get("FASTCELL_NATIVE") == "1"
 
 # -O3 for the gate loops. -fno-trapping-math lets GCC if-convert the selects in activations.h
-# (results are unchanged); never -ffast-math (it sets flush-to-zero for the whole host process).
+# (results are unchanged); never the fast-math flag (it sets flush-to-zero for the whole host process).
 compile_args = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
 if NATIVE:
     compile_args.append("-march=native")

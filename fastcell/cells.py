@@ -44,10 +44,12 @@ class _Cell(Frozen):
     def __getattr__(self, name):
         # weight_ih, bias_hh, ... read straight from the (read-only) weights.
         rec = self.__dict__.get("_rec")
-        if rec is not None and name in rec.parameters():
-            return rec.parameters()[name]
-        if rec is not None and name in ("bias_ih", "bias_hh"):
-            return None  # bias=False, as in PyTorch
+        if rec is not None:
+            params = rec.parameters()
+            if name in params:
+                return params[name]
+            if name in ("bias_ih", "bias_hh"):
+                return None  # bias=False, as in PyTorch
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __repr__(self):

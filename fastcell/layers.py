@@ -122,21 +122,22 @@ class _Layer(Frozen):
 
     # -- streaming --
 
-    def new_state(self, batch=1):
-        """A StreamState holding h (and c) of every layer for `batch` streams (zeros) and the
-        kernels' workspace, to advance with step(). Unidirectional layers only."""
+    def _require_stepper(self):
         if self._stepper is None:
             raise ValueError(f"{type(self).__name__}: a bidirectional layer needs the whole "
                              "sequence; call the layer on it instead of stepping")
-        return self._stepper.new_state(batch)
+        return self._stepper
+
+    def new_state(self, batch=1):
+        """A StreamState holding h (and c) of every layer for `batch` streams (zeros) and the
+        kernels' workspace, to advance with step(). Unidirectional layers only."""
+        return self._require_stepper().new_state(batch)
 
     def step(self, x, state, out=None):
         """The streaming call: advances `state` (from new_state) in place by one time step of
         x (B, I) or (I,) through every layer, and returns the last layer's output (B, H_out) or
         (H_out,), written into `out` when given (then nothing is allocated)."""
-        if self._stepper is None:
-            self.new_state()  # raises the bidirectional error
-        return self._stepper.step(x, state, out)
+        return self._require_stepper().step(x, state, out)
 
     def state_dict(self):
         """Every parameter under PyTorch's names, as read-only NumPy arrays."""

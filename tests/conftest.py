@@ -30,6 +30,21 @@ def make_cell(variant, weights):
     return fastcell.PeepholeLSTMCell(**weights)
 
 
+def max_abs(a):
+    if isinstance(a, tuple):
+        return max(max_abs(u) for u in a)
+    return float(np.max(np.abs(a), initial=0))
+
+
+def max_diff(a, b):
+    """Largest |a - b| over arrays or tuples of arrays (h, c), in float64."""
+    if isinstance(a, tuple):
+        assert isinstance(b, tuple) and len(a) == len(b)
+        return max(max_diff(u, v) for u, v in zip(a, b))
+    return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)),
+                        initial=0))
+
+
 def torch_or_skip():
     return pytest.importorskip("torch")
 

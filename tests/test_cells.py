@@ -6,7 +6,7 @@ import pytest
 import fastcell
 from fastcell import reference as ref
 from fastcell.recurrence import LSTMRecurrence
-from conftest import TOL, VARIANTS, init_weights, make_cell, torch_or_skip
+from conftest import TOL, VARIANTS, init_weights, make_cell, max_abs, max_diff, torch_or_skip
 
 DTYPES = [np.float32, np.float64]
 
@@ -31,18 +31,6 @@ def close(got, want, dtype):
     (a relu RNN can integrate to magnitude 50, where one float32 ulp is 4e-6)."""
     scale = max(1.0, max_abs(want))
     return max_diff(got, want) <= TOL[dtype] * scale
-
-
-def max_abs(a):
-    if isinstance(a, tuple):
-        return max(max_abs(u) for u in a)
-    return float(np.max(np.abs(a), initial=0))
-
-
-def max_diff(a, b):
-    if isinstance(a, tuple):
-        return max(max_diff(u, v) for u, v in zip(a, b))
-    return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)), initial=0))
 
 
 # ---- against PyTorch ----

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import fastcell
 from fastcell import reference as ref
-from conftest import TOL, VARIANTS, init_weights, make_cell
+from conftest import TOL, VARIANTS, init_weights, make_cell, max_abs, max_diff
 
 SETTINGS = settings(
     max_examples=75,
@@ -42,21 +42,6 @@ def reference_run(variant, w, xs, state):
         H = w["weight_hh"].shape[1]
         return np.zeros((0, xs.shape[1], H)), state
     return ref.run(cell, xs, state, **w64)
-
-
-def max_abs(a):
-    if isinstance(a, tuple):
-        return max(max_abs(u) for u in a)
-    return float(np.max(np.abs(a), initial=0))
-
-
-def max_diff(a, b):
-    if isinstance(a, tuple):
-        assert isinstance(b, tuple) and len(a) == len(b)
-        return max(max_diff(u, v) for u, v in zip(a, b))
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.max(np.abs(a - b), initial=0))
 
 
 def assert_close(got, want, dtype, what):
