@@ -22,11 +22,22 @@ def padded(n):
     return -(-n // LANES) * LANES
 
 
+def aligned_zeros(shape, dtype, align=64):
+    """Zeros whose data starts on an `align`-byte boundary (NumPy only promises 16): a vector load
+    that straddles two cache lines costs two, which halves the kernels' bandwidth from L2."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape))
+    raw = np.zeros(n * dtype.itemsize + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start:start + n * dtype.itemsize].view(dtype).reshape(shape)
+
+
 def gate_columns(w, gates):
-    """(gates*H, K) in PyTorch layout -> (K, gates*padded(H)): transposed, each gate block padded."""
+    """(gates*H, K) in PyTorch layout -> (K, gates*padded(H)): transposed, each gate block padded,
+    64-byte aligned (every row too: its width is a multiple of LANES elements)."""
     H = w.shape[0] // gates
     Hp = padded(H)
-    out = np.zeros((w.shape[1], gates * Hp), w.dtype)
+    out = aligned_zeros((w.shape[1], gates * Hp), w.dtype)
     for g in range(gates):
         out[:, g * Hp:g * Hp + H] = w[g * H:(g + 1) * H].T
     return out

@@ -40,8 +40,10 @@ cdef inline void matmul_wt(int m, int n, int k,
 
 cdef extern from "matmul.h" nogil:
     enum: FC_LANES
-    void fc_gemv_t_f(int k, int n, const float* x, const float* wt, int ldw, int beta, float* y)
-    void fc_gemv_t_d(int k, int n, const double* x, const double* wt, int ldw, int beta, double* y)
+    void fc_gemv_t_f(int k, int n, const float* x, const float* wt, int ldw, int beta, float* y,
+                     int backward)
+    void fc_gemv_t_d(int k, int n, const double* x, const double* wt, int ldw, int beta,
+                     double* y, int backward)
     void fc_gemm_t_f(int m, int n, int k, const float* a, int lda, const float* wt, int ldw,
                      int beta, float* c, int ldc)
     void fc_gemm_t_d(int m, int n, int k, const double* a, int lda, const double* wt, int ldw,
@@ -57,8 +59,11 @@ DEF SMALL_M = 64
 cdef inline void matmul_t(int m, int n, int k,
                           const floating* a, int lda,
                           const floating* wt, int ldw,
-                          bint accumulate, floating* c, int ldc) noexcept nogil:
+                          bint accumulate, floating* c, int ldc, bint backward) noexcept nogil:
     """c[m, n] (+)= a[m, k] @ wt[k, n], for weights stored transposed (row-major wt, k x n).
+
+    backward: one row's product walks its column panels in reverse order (same bits); a sequence
+    alternates it from step to step to reuse the cache (matmul.h).
 
     Up to SMALL_M rows (a step of one stream or of a batch) go to fastcell's own GEMV/GEMM
     (matmul.h: n must be a multiple of FC_LANES, which the kernels' padded gate blocks
@@ -78,9 +83,9 @@ cdef inline void matmul_t(int m, int n, int k,
         return
     if m == 1:
         if floating is float:
-            fc_gemv_t_f(k, n, a, wt, ldw, accumulate, c)
+            fc_gemv_t_f(k, n, a, wt, ldw, accumulate, c, backward)
         else:
-            fc_gemv_t_d(k, n, a, wt, ldw, accumulate, c)
+            fc_gemv_t_d(k, n, a, wt, ldw, accumulate, c, backward)
     elif m <= SMALL_M:
         if floating is float:
             fc_gemm_t_f(m, n, k, a, lda, wt, ldw, accumulate, c, ldc)

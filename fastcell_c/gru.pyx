@@ -28,14 +28,15 @@ cdef void gru_walk(Walk* w, const floating* x, int I, int H, int Hp, bint reset_
         g = G + w.g_row * width
         ldg = w.g_ld * width
         if reset_after:
-            matmul_t(<int>w.n, width, H, h, H, w_hh_t, width, False, R, width)   # R = h W_hh^T
+            matmul_t(<int>w.n, width, H, h, H, w_hh_t, width, False, R, width, s & 1)   # R = h W_hh^T
             for j in range(w.n):
                 gru_reset_after(H, Hp, g + j * ldg, R + j * width, bias, b_hn, h + j * H)
         else:
-            matmul_t(<int>w.n, 2 * Hp, H, h, H, w_hh_t, width, True, g, <int>ldg)  # G_rz += h W_hrz^T
+            matmul_t(<int>w.n, 2 * Hp, H, h, H, w_hh_t, width, True, g, <int>ldg, s & 1)  # G_rz += h W_hrz^T
             for j in range(w.n):
                 gru_reset_before_gates(H, Hp, g + j * ldg, bias, h + j * H, R + j * H)
-            matmul_t(<int>w.n, Hp, H, R, H, w_hh_t + 2 * Hp, width, True, g + 2 * Hp, <int>ldg)
+            matmul_t(<int>w.n, Hp, H, R, H, w_hh_t + 2 * Hp, width, True, g + 2 * Hp, <int>ldg,
+                     s & 1)
             for j in range(w.n):                                                     # G_n += (r*h) W_hn^T
                 gru_reset_before_update(H, Hp, g + j * ldg, bias, h + j * H)
         write_outputs(w, s, h, H, out)

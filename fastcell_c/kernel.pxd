@@ -5,6 +5,21 @@ cimport numpy as cnp
 from fastcell_c._steps cimport Walk
 
 
+cdef extern from "stdlib.h" nogil:
+    int posix_memalign(void** memptr, size_t alignment, size_t size)
+
+
+cdef inline char* alloc_aligned(size_t nbytes) noexcept nogil:
+    """Scratch memory on a 64-byte (cache line, AVX-512 vector) boundary, freed with free(); NULL
+    when out of memory. A vector load that straddles two cache lines costs two: the gate rows
+    (whose width is a multiple of 64 bytes) must start on a line for the kernels to run at
+    full bandwidth."""
+    cdef void* p = NULL
+    if posix_memalign(&p, 64, nbytes if nbytes > 0 else 1) != 0:
+        return NULL
+    return <char*>p
+
+
 cdef inline bint is_array(object a, int typenum, int ndim) noexcept:
     """a is a C-contiguous ndarray of that dtype number and rank."""
     return (cnp.PyArray_Check(a) and cnp.PyArray_TYPE(<cnp.ndarray>a) == typenum

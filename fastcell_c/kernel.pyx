@@ -4,7 +4,7 @@
 cimport numpy as cnp
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport int64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free
 
 import numpy as np
 
@@ -160,7 +160,7 @@ cdef class Kernel:
         cdef Py_ssize_t n = self.workspace(T, B, lp != NULL)
         if n > PY_SSIZE_T_MAX // 8:
             raise MemoryError(f"workspace of {n} elements for T={T}, B={B}")
-        cdef char* work = <char*>malloc(n * (8 if self.is_double else 4))
+        cdef char* work = alloc_aligned(n * (8 if self.is_double else 4))
         if work == NULL:
             raise MemoryError(f"workspace of {n} elements for T={T}, B={B}")
         cdef int previous

@@ -31,11 +31,11 @@ cdef void lstm_walk(Walk* w, const floating* x, int I, int H, int Hp, int P, int
         begin_step(w, s)
         g = G + w.g_row * width
         ldg = w.g_ld * width
-        matmul_t(<int>w.n, width, hout, h, hout, w_hh_t, width, True, g, <int>ldg)  # G_t += h W_hh^T
+        matmul_t(<int>w.n, width, hout, h, hout, w_hh_t, width, True, g, <int>ldg, s & 1)  # G_t += h W_hh^T
         for j in range(w.n):
             lstm_gates(H, Hp, g + j * ldg, bias, w_ph, c + j * H, dst + j * H)
         if P > 0:
-            matmul_t(<int>w.n, Pp, H, m, H, w_hr_t, Pp, False, proj, Pp)          # h = m W_hr^T
+            matmul_t(<int>w.n, Pp, H, m, H, w_hr_t, Pp, False, proj, Pp, s & 1)          # h = m W_hr^T
             for j in range(w.n):
                 memcpy(h + j * P, proj + j * Pp, P * sizeof(floating))
         write_outputs(w, s, h, hout, out)

@@ -2,6 +2,7 @@
  * weight for every output), so the inner loop is a contiguous AXPY into register accumulators and
  * needs no horizontal sums:
  *   fc_gemv_t: y[0:n] = (beta ? y : 0) + x[0:k] @ wt[0:k, 0:n]                  (one row)
+ *              (its panels in either order: see FC_DEFINE_GEMV)
  *   fc_gemm_t: c[0:m, 0:n] = (beta ? c : 0) + a[0:m, 0:k] @ wt[0:k, 0:n]        (a few rows)
  * n must be a multiple of FC_LANES (the kernels pad every gate block to it). Each output sums its
  * k terms in order j = 0..k-1 whatever the vector width or the number of rows, so every build,
@@ -25,10 +26,9 @@
 
 #define FC_LANES 16   /* gate blocks are padded to a multiple of this many elements */
 
-/* NB accumulators of W lanes over outputs [o, o + NB*W): one pass over the k rows of that panel;
- * NB = 8, then 4, 2, 1 for what is left, so a small n still makes one pass per panel. */
+/* One panel: NB accumulators of W lanes over outputs [o, o + NB*W), one pass over its k rows. */
 #define FC_PANEL(T, V, W, NB)                                                        \
-    for (; o + NB * W <= n; o += NB * W) {                                           \
+    {                                                                                \
         V a[NB];                                                                     \
         V *out = (V *)(y + o);                                                       \
         for (int b = 0; b < NB; b++) a[b] = beta ? out[b] : (V){0};                  \
@@ -38,6 +38,15 @@
             for (int b = 0; b < NB; b++) a[b] += s * *(const V *)(w + b * W);        \
         }                                                                            \
         for (int b = 0; b < NB; b++) out[b] = a[b];                                  \
+    }
+
+/* What is left after the 8-vector panels (fewer than 8 vectors): 4, 2, 1 at most once each. */
+#define FC_PANEL_TAIL(T, V, W)                                                       \
+    {                                                                                \
+        o = full;                                                                    \
+        if (o + 4 * W <= n) { FC_PANEL(T, V, W, 4) o += 4 * W; }                     \
+        if (o + 2 * W <= n) { FC_PANEL(T, V, W, 2) o += 2 * W; }                     \
+        if (o + W <= n) FC_PANEL(T, V, W, 1)                                         \
     }
 
 /* The GEMM tile: MB rows x NB vectors of accumulators over inputs [j0, j1); each weight vector
@@ -86,14 +95,22 @@
         for (; o + W <= n; o += W) FC_PANEL_ROWS(T, V, W, 1)                         \
     }
 
+/* backward: the panels in the opposite order (the bits do not change: each output is one
+ * panel's own sum). A sequence alternates the direction from step to step, so that a step starts
+ * on the panels the previous one ended with, which are still in cache: when the weights do not
+ * fit in L2, about half of L2 is reused instead of none (LRU keeps nothing of a cyclic sweep
+ * larger than itself). */
 #define FC_DEFINE_GEMV(NAME, T, V, W, ATTR)                                          \
-    ATTR static void NAME(int k, int n, const T *x, const T *wt, int ldw, int beta, T *y) \
+    ATTR static void NAME(int k, int n, const T *x, const T *wt, int ldw, int beta, T *y, \
+                          int backward)                                              \
     {                                                                                \
-        int o = 0;                                                                   \
-        FC_PANEL(T, V, W, 8)                                                         \
-        FC_PANEL(T, V, W, 4)                                                         \
-        FC_PANEL(T, V, W, 2)                                                         \
-        FC_PANEL(T, V, W, 1)                                                         \
+        int full = n - n % (8 * W), o;                                               \
+        if (backward) FC_PANEL_TAIL(T, V, W)                                         \
+        for (int p = 0; p < full; p += 8 * W) {                                      \
+            o = backward ? full - 8 * W - p : p;                                     \
+            FC_PANEL(T, V, W, 8)                                                     \
+        }                                                                            \
+        if (!backward) FC_PANEL_TAIL(T, V, W)                                        \
     }
 
 /* aligned(sizeof(T)): the loads and stores may be unaligned. */
@@ -120,15 +137,15 @@ FC_DEFINE_GEMM(fc_gemm_t_d_v4, double, fc_vd8, 8, 4, FC_TARGET_V4)
 #endif
 
 static inline void fc_gemv_t_f(int k, int n, const float *x, const float *wt, int ldw, int beta,
-                               float *y)
+                               float *y, int backward)
 {
-    FC_CALL_BEST(fc_gemv_t_f, (k, n, x, wt, ldw, beta, y));
+    FC_CALL_BEST(fc_gemv_t_f, (k, n, x, wt, ldw, beta, y, backward));
 }
 
 static inline void fc_gemv_t_d(int k, int n, const double *x, const double *wt, int ldw, int beta,
-                               double *y)
+                               double *y, int backward)
 {
-    FC_CALL_BEST(fc_gemv_t_d, (k, n, x, wt, ldw, beta, y));
+    FC_CALL_BEST(fc_gemv_t_d, (k, n, x, wt, ldw, beta, y, backward));
 }
 
 static inline void fc_gemm_t_f(int m, int n, int k, const float *a, int lda, const float *wt,

@@ -18,7 +18,7 @@ cdef void rnn_walk(Walk* w, const floating* x, int I, int H, int Hp, bint relu,
         begin_step(w, s)
         g = G + w.g_row * Hp
         ldg = w.g_ld * Hp
-        matmul_t(<int>w.n, Hp, H, h, H, w_hh_t, Hp, True, g, <int>ldg)    # G_t += h W_hh^T
+        matmul_t(<int>w.n, Hp, H, h, H, w_hh_t, Hp, True, g, <int>ldg, s & 1)    # G_t += h W_hh^T
         for j in range(w.n):
             rnn_update(relu, H, g + j * ldg, bias, h + j * H)
         write_outputs(w, s, h, H, out)

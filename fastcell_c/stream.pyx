@@ -3,7 +3,7 @@
 # T = 1 walk per layer, and a copy of the output row: no allocation when `out` is given, no NumPy
 # call, nothing else in Python.
 cimport numpy as cnp
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free
 from libc.string cimport memmove
 
 import sys
@@ -11,7 +11,8 @@ import sys
 import numpy as np
 
 from fastcell_c._steps cimport Walk, make_walk
-from fastcell_c.kernel cimport Kernel, buffer_of, enter_blas, is_array, leave_blas
+from fastcell_c.kernel cimport (Kernel, alloc_aligned, buffer_of, enter_blas, is_array,
+                                leave_blas)
 
 cnp.import_array()
 
@@ -52,7 +53,7 @@ cdef class StreamState:
         self.h = np.zeros((len(owner.kernels), batch, owner.output_size), owner.dtype)[...]
         self.c = np.zeros((len(owner.kernels), batch, owner.hidden_size), owner.dtype)[...] \
             if owner.has_cell_state else None
-        self.work = <char*>malloc(n * owner.dtype.itemsize)
+        self.work = alloc_aligned(n * owner.dtype.itemsize)
         if self.work == NULL:
             raise MemoryError(f"stream workspace for batch={batch}")
 
