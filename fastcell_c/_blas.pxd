@@ -40,14 +40,21 @@ cdef inline void matmul_wt(int m, int n, int k,
 
 cdef extern from "matmul.h" nogil:
     enum: FC_LANES
-    void fc_gemv_t_f(int k, int n, const float* x, const float* wt, int ldw, int beta, float* y,
-                     int backward)
-    void fc_gemv_t_d(int k, int n, const double* x, const double* wt, int ldw, int beta,
-                     double* y, int backward)
+    void fc_gemv_t_f(int k, int n, const float* x, const float* wt, int ldw, int beta, float* y)
+    void fc_gemv_t_d(int k, int n, const double* x, const double* wt, int ldw, int beta, double* y)
     void fc_gemm_t_f(int m, int n, int k, const float* a, int lda, const float* wt, int ldw,
                      int beta, float* c, int ldc)
     void fc_gemm_t_d(int m, int n, int k, const double* a, int lda, const double* wt, int ldw,
                      int beta, double* c, int ldc)
+    void fc_pack_t_f(int k, int n, const float* wt, int ldw, float* wp)
+    void fc_pack_t_d(int k, int n, const double* wt, int ldw, double* wp)
+    void fc_gemv_p_f(int k, int n, const float* x, const float* wp, int beta, float* y, int backward)
+    void fc_gemv_p_d(int k, int n, const double* x, const double* wp, int beta, double* y,
+                     int backward)
+    void fc_gemm_p_f(int m, int n, int k, const float* a, int lda, const float* wp, int beta,
+                     float* c, int ldc)
+    void fc_gemm_p_d(int m, int n, int k, const double* a, int lda, const double* wp, int beta,
+                     double* c, int ldc)
 
 
 # Up to this many rows (a batch of streams at one step), fastcell's own tiled GEMM beats a BLAS
@@ -59,11 +66,8 @@ DEF SMALL_M = 64
 cdef inline void matmul_t(int m, int n, int k,
                           const floating* a, int lda,
                           const floating* wt, int ldw,
-                          bint accumulate, floating* c, int ldc, bint backward) noexcept nogil:
+                          bint accumulate, floating* c, int ldc) noexcept nogil:
     """c[m, n] (+)= a[m, k] @ wt[k, n], for weights stored transposed (row-major wt, k x n).
-
-    backward: one row's product walks its column panels in reverse order (same bits); a sequence
-    alternates it from step to step to reuse the cache (matmul.h).
 
     Up to SMALL_M rows (a step of one stream or of a batch) go to fastcell's own GEMV/GEMM
     (matmul.h: n must be a multiple of FC_LANES, which the kernels' padded gate blocks
@@ -83,9 +87,9 @@ cdef inline void matmul_t(int m, int n, int k,
         return
     if m == 1:
         if floating is float:
-            fc_gemv_t_f(k, n, a, wt, ldw, accumulate, c, backward)
+            fc_gemv_t_f(k, n, a, wt, ldw, accumulate, c)
         else:
-            fc_gemv_t_d(k, n, a, wt, ldw, accumulate, c, backward)
+            fc_gemv_t_d(k, n, a, wt, ldw, accumulate, c)
     elif m <= SMALL_M:
         if floating is float:
             fc_gemm_t_f(m, n, k, a, lda, wt, ldw, accumulate, c, ldc)
@@ -98,3 +102,21 @@ cdef inline void matmul_t(int m, int n, int k,
     else:
         dgemm(&notrans, &notrans, &n, &m, &k, &one, <double*>wt, &ldw, <double*>a, &lda,
               &beta, c, &ldc)
+
+
+cdef inline void matmul_p(int m, int n, int k, const floating* a, int lda, const floating* wp,
+                          bint accumulate, floating* c, int ldc, bint backward) noexcept nogil:
+    """c[m, n] (+)= a[m, k] @ w[k, n] for a recurrent matrix packed by pack_t (matmul.h), any m
+    (k >= 1). backward: one row's product takes its panels in reverse order (same bits); a
+    sequence alternates it from step to step to reuse the cache."""
+    if m <= 0 or n <= 0:
+        return
+    if m == 1:
+        if floating is float:
+            fc_gemv_p_f(k, n, a, wp, accumulate, c, backward)
+        else:
+            fc_gemv_p_d(k, n, a, wp, accumulate, c, backward)
+    elif floating is float:
+        fc_gemm_p_f(m, n, k, a, lda, wp, accumulate, c, ldc)
+    else:
+        fc_gemm_p_d(m, n, k, a, lda, wp, accumulate, c, ldc)

@@ -67,7 +67,7 @@ cdef inline void project_inputs(Walk* w, const floating* x, int I, const floatin
     w_ih_t is W_ih stored transposed, (I, gates) with gates the padded gate-row width."""
     cdef Py_ssize_t s, j, n = w.B, r = 0
     if w.lengths == NULL:
-        matmul_t(<int>(w.T * w.B), gates, I, x, I, w_ih_t, gates, False, G, gates, False)
+        matmul_t(<int>(w.T * w.B), gates, I, x, I, w_ih_t, gates, False, G, gates)
         return
     for s in range(w.T):
         while n > 0 and w.lengths[n - 1] <= s:
@@ -76,7 +76,7 @@ cdef inline void project_inputs(Walk* w, const floating* x, int I, const floatin
             memcpy(xp + r * I, x + (time_of(w, s, j) * w.x_ts + batch_of(w, j) * w.x_bs) * I,
                    I * sizeof(floating))
             r += 1
-    matmul_t(<int>r, gates, I, xp, I, w_ih_t, gates, False, G, gates, False)
+    matmul_t(<int>r, gates, I, xp, I, w_ih_t, gates, False, G, gates)
 
 
 cdef inline void begin_step(Walk* w, Py_ssize_t s) noexcept nogil:

@@ -6,14 +6,14 @@
 #   that makes r * h, a product for n into G (beta = 1), and a pass that updates h.
 from cython cimport floating
 
-from fastcell_c._blas cimport matmul_t
+from fastcell_c._blas cimport matmul_p
 from fastcell_c._steps cimport Walk, begin_step, project_inputs, write_outputs
 from fastcell_c.gates cimport gru_reset_after, gru_reset_before_gates, gru_reset_before_update
 from fastcell_c.kernel cimport Kernel
 
 
 cdef void gru_walk(Walk* w, const floating* x, int I, int H, int Hp, bint reset_after,
-                   const floating* w_ih_t, const floating* w_hh_t, const floating* bias,
+                   const floating* w_ih_t, const floating* w_hh_p, const floating* bias,
                    const floating* b_hn, floating* h, floating* out, floating* work) noexcept nogil:
     """work: G (T*B, 3Hp), then R (B, 3Hp) for reset_after or r * h (B, Hp) for reset_before,
     then the packing space."""
@@ -28,14 +28,14 @@ cdef void gru_walk(Walk* w, const floating* x, int I, int H, int Hp, bint reset_
         g = G + w.g_row * width
         ldg = w.g_ld * width
         if reset_after:
-            matmul_t(<int>w.n, width, H, h, H, w_hh_t, width, False, R, width, s & 1)   # R = h W_hh^T
+            matmul_p(<int>w.n, width, H, h, H, w_hh_p, False, R, width, s & 1)   # R = h W_hh^T
             for j in range(w.n):
                 gru_reset_after(H, Hp, g + j * ldg, R + j * width, bias, b_hn, h + j * H)
         else:
-            matmul_t(<int>w.n, 2 * Hp, H, h, H, w_hh_t, width, True, g, <int>ldg, s & 1)  # G_rz += h W_hrz^T
+            matmul_p(<int>w.n, 2 * Hp, H, h, H, w_hh_p, True, g, <int>ldg, s & 1)  # G_rz += h W_hrz^T
             for j in range(w.n):
                 gru_reset_before_gates(H, Hp, g + j * ldg, bias, h + j * H, R + j * H)
-            matmul_t(<int>w.n, Hp, H, R, H, w_hh_t + 2 * Hp, width, True, g + 2 * Hp, <int>ldg,
+            matmul_p(<int>w.n, Hp, H, R, H, w_hh_p + 2 * H * Hp, True, g + 2 * Hp, <int>ldg,
                      s & 1)
             for j in range(w.n):                                                     # G_n += (r*h) W_hn^T
                 gru_reset_before_update(H, Hp, g + j * ldg, bias, h + j * H)
@@ -50,7 +50,8 @@ cdef class GRUKernel(Kernel):
                  bint reset_after):
         """bias: b_ih + b_hh, except that with reset_after its n block is b_in alone and b_hn
         (padded,) comes separately (ignored for reset_before)."""
-        super().__init__(weight_ih_t, weight_hh_t, bias, hidden_size, 3)
+        # Reset-before multiplies W_hh's r,z columns and its n columns apart: packed apart.
+        super().__init__(weight_ih_t, weight_hh_t, bias, hidden_size, 3, 0 if reset_after else 2)
         self.reset_after = reset_after
         self.b_hn = self._keep(bias_hn, "bias_hn", (self.padded,))
 
@@ -62,9 +63,9 @@ cdef class GRUKernel(Kernel):
         cdef int I = <int>self.input_size, H = <int>self.hidden_size, Hp = <int>self.padded
         if self.is_double:
             gru_walk(w, <const double*>x, I, H, Hp, self.reset_after, <const double*>self.w_ih_t,
-                     <const double*>self.w_hh_t, <const double*>self.bias,
+                     <const double*>self.w_hh_p, <const double*>self.bias,
                      <const double*>self.b_hn, <double*>h, <double*>out, <double*>work)
         else:
             gru_walk(w, <const float*>x, I, H, Hp, self.reset_after, <const float*>self.w_ih_t,
-                     <const float*>self.w_hh_t, <const float*>self.bias,
+                     <const float*>self.w_hh_p, <const float*>self.bias,
                      <const float*>self.b_hn, <float*>h, <float*>out, <float*>work)

@@ -40,10 +40,13 @@ cdef class Kernel:
     cdef readonly object dtype
     cdef list _arrays                    # keeps alive the memory the pointers point into
     cdef const char* w_ih_t              # (I, width): W_ih transposed, gate blocks padded
-    cdef const char* w_hh_t              # (H_out, width)
+    cdef const char* w_hh_p              # (H_out, width) packed for the recurrent product (matmul.h)
+    cdef char* _owned[2]                 # packed copies, freed with the kernel
     cdef const char* bias                # (width,)
 
     cdef const char* _keep(self, object a, str name, tuple shape) except NULL
+    cdef const char* _pack(self, int slot, const char* wt, Py_ssize_t k, Py_ssize_t n,
+                           Py_ssize_t split) except NULL
     cdef Py_ssize_t workspace(self, Py_ssize_t T, Py_ssize_t B, bint packed)
     cdef void run_walk(self, Walk* w, const char* x, char* h, char* c, char* out,
                        char* work) noexcept nogil

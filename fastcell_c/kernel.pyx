@@ -8,6 +8,7 @@ from libc.stdlib cimport free
 
 import numpy as np
 
+from fastcell_c._blas cimport fc_pack_t_d, fc_pack_t_f
 from fastcell_c._steps cimport Walk, make_walk
 
 cnp.import_array()
@@ -71,9 +72,12 @@ cdef char* buffer_of(object a, str name, int typenum, tuple shape, bint writable
 
 
 cdef class Kernel:
-    def __init__(self, weight_ih_t, weight_hh_t, bias, Py_ssize_t hidden_size, Py_ssize_t gates):
+    def __init__(self, weight_ih_t, weight_hh_t, bias, Py_ssize_t hidden_size, Py_ssize_t gates,
+                 Py_ssize_t hh_split=0):
         """weight_ih_t (I, gates*padded), weight_hh_t (H_out, gates*padded), bias (gates*padded,):
-        transposed, each gate block padded with zero columns (fastcell.recurrence lays them out)."""
+        transposed, each gate block padded with zero columns (fastcell.recurrence lays them out).
+        W_hh is kept only packed (matmul.h); hh_split > 0: its first hh_split gate blocks and
+        the rest are packed apart, for a cell that multiplies them separately."""
         self.dtype = weight_ih_t.dtype
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"weight_ih_t: expected float32 or float64, got {self.dtype}")
@@ -85,8 +89,15 @@ cdef class Kernel:
         self.output_size = weight_hh_t.shape[0]
         self._arrays = []
         self.w_ih_t = self._keep(weight_ih_t, "weight_ih_t", (self.input_size, self.width))
-        self.w_hh_t = self._keep(weight_hh_t, "weight_hh_t", (self.output_size, self.width))
         self.bias = self._keep(bias, "bias", (self.width,))
+        self.w_hh_p = self._pack(
+            0, buffer_of(weight_hh_t, "weight_hh_t", cnp.NPY_DOUBLE if self.is_double else cnp.NPY_FLOAT,
+                         (self.output_size, self.width), False),
+            self.output_size, self.width, hh_split * self.padded if hh_split else self.width)
+
+    def __dealloc__(self):
+        free(self._owned[0])
+        free(self._owned[1])
 
     def __reduce__(self):
         # Cython's automatic pickling would store the weight pointers as NUL-terminated bytes and
@@ -98,6 +109,27 @@ cdef class Kernel:
                                        shape, False)
         self._arrays.append(a)
         return p
+
+    cdef const char* _pack(self, int slot, const char* wt, Py_ssize_t k, Py_ssize_t n,
+                           Py_ssize_t split) except NULL:
+        """A packed copy (matmul.h) of wt (k, n), owned by the kernel in `slot` (0: W_hh, 1:
+        W_hr; a repack replaces it): columns [0, split) and [split, n) as two packed matrices one
+        after the other (split = n: one), so that a product over either part finds its panels."""
+        cdef Py_ssize_t itemsize = 8 if self.is_double else 4
+        cdef char* wp = alloc_aligned(k * n * itemsize)
+        if wp == NULL:
+            raise MemoryError(f"packed weights of {k} x {n}")
+        free(self._owned[slot])
+        self._owned[slot] = wp
+        if self.is_double:
+            fc_pack_t_d(<int>k, <int>split, <const double*>wt, <int>n, <double*>wp)
+            fc_pack_t_d(<int>k, <int>(n - split), <const double*>wt + split, <int>n,
+                        <double*>wp + k * split)
+        else:
+            fc_pack_t_f(<int>k, <int>split, <const float*>wt, <int>n, <float*>wp)
+            fc_pack_t_f(<int>k, <int>(n - split), <const float*>wt + split, <int>n,
+                        <float*>wp + k * split)
+        return wp
 
     cdef Py_ssize_t workspace(self, Py_ssize_t T, Py_ssize_t B, bint packed):
         """Elements of scratch memory a walk over T steps of B rows needs."""

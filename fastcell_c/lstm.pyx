@@ -1,18 +1,19 @@
 # The LSTM kernel: nn.LSTM's cell, PyTorch's projection (LSTMP) and the diagonal peephole LSTM of
 # SPEC.md. Per step: one GEMV/GEMM adds h W_hh^T into the gate rows (beta = 1), one fused pass
 # computes the gates and updates c and h in place.
+cimport numpy as cnp
 from libc.string cimport memcpy
 from cython cimport floating
 
-from fastcell_c._blas cimport matmul_t
+from fastcell_c._blas cimport matmul_p
 from fastcell_c._steps cimport Walk, begin_step, project_inputs, write_outputs
 from fastcell_c.gates cimport lstm_gates
-from fastcell_c.kernel cimport Kernel
+from fastcell_c.kernel cimport Kernel, buffer_of
 
 
 cdef void lstm_walk(Walk* w, const floating* x, int I, int H, int Hp, int P, int Pp,
-                    const floating* w_ih_t, const floating* w_hh_t, const floating* bias,
-                    const floating* w_hr_t, const floating* w_ph,
+                    const floating* w_ih_t, const floating* w_hh_p, const floating* bias,
+                    const floating* w_hr_p, const floating* w_ph,
                     floating* h, floating* c, floating* out, floating* work) noexcept nogil:
     """h (B, H_out) and c (B, H) hold the initial state and receive the final one.
 
@@ -31,11 +32,11 @@ cdef void lstm_walk(Walk* w, const floating* x, int I, int H, int Hp, int P, int
         begin_step(w, s)
         g = G + w.g_row * width
         ldg = w.g_ld * width
-        matmul_t(<int>w.n, width, hout, h, hout, w_hh_t, width, True, g, <int>ldg, s & 1)  # G_t += h W_hh^T
+        matmul_p(<int>w.n, width, hout, h, hout, w_hh_p, True, g, <int>ldg, s & 1)  # G_t += h W_hh^T
         for j in range(w.n):
             lstm_gates(H, Hp, g + j * ldg, bias, w_ph, c + j * H, dst + j * H)
         if P > 0:
-            matmul_t(<int>w.n, Pp, H, m, H, w_hr_t, Pp, False, proj, Pp, s & 1)          # h = m W_hr^T
+            matmul_p(<int>w.n, Pp, H, m, H, w_hr_p, False, proj, Pp, s & 1)          # h = m W_hr^T
             for j in range(w.n):
                 memcpy(h + j * P, proj + j * Pp, P * sizeof(floating))
         write_outputs(w, s, h, hout, out)
@@ -43,7 +44,7 @@ cdef void lstm_walk(Walk* w, const floating* x, int I, int H, int Hp, int P, int
 
 cdef class LSTMKernel(Kernel):
     cdef readonly Py_ssize_t proj_size, proj_padded
-    cdef const char* w_hr_t
+    cdef const char* w_hr_p
     cdef const char* w_ph
 
     def __init__(self, weight_ih_t, weight_hh_t, bias, Py_ssize_t hidden_size,
@@ -51,11 +52,14 @@ cdef class LSTMKernel(Kernel):
         """weight_hr_t: (H, P padded) W_hr transposed, or None. weight_ph: (3, padded) or None."""
         super().__init__(weight_ih_t, weight_hh_t, bias, hidden_size, 4)
         self.has_cell_state = True
-        self.w_hr_t = self.w_ph = NULL
+        self.w_hr_p = self.w_ph = NULL
         if weight_hr_t is not None:
             self.proj_size = self.output_size
             self.proj_padded = weight_hr_t.shape[1]
-            self.w_hr_t = self._keep(weight_hr_t, "weight_hr_t", (self.hidden_size, self.proj_padded))
+            self.w_hr_p = self._pack(1, buffer_of(weight_hr_t, "weight_hr_t", cnp.NPY_DOUBLE
+                                                  if self.is_double else cnp.NPY_FLOAT,
+                                                  (self.hidden_size, self.proj_padded), False),
+                                     self.hidden_size, self.proj_padded, self.proj_padded)
         if weight_ph is not None:
             self.w_ph = self._keep(weight_ph, "weight_ph", (3, self.padded))
 
@@ -69,11 +73,11 @@ cdef class LSTMKernel(Kernel):
         cdef int P = <int>self.proj_size, Pp = <int>self.proj_padded
         if self.is_double:
             lstm_walk(w, <const double*>x, I, H, Hp, P, Pp, <const double*>self.w_ih_t,
-                      <const double*>self.w_hh_t, <const double*>self.bias,
-                      <const double*>self.w_hr_t, <const double*>self.w_ph,
+                      <const double*>self.w_hh_p, <const double*>self.bias,
+                      <const double*>self.w_hr_p, <const double*>self.w_ph,
                       <double*>h, <double*>c, <double*>out, <double*>work)
         else:
             lstm_walk(w, <const float*>x, I, H, Hp, P, Pp, <const float*>self.w_ih_t,
-                      <const float*>self.w_hh_t, <const float*>self.bias,
-                      <const float*>self.w_hr_t, <const float*>self.w_ph,
+                      <const float*>self.w_hh_p, <const float*>self.bias,
+                      <const float*>self.w_hr_p, <const float*>self.w_ph,
                       <float*>h, <float*>c, <float*>out, <float*>work)

@@ -2,8 +2,9 @@
  * weight for every output), so the inner loop is a contiguous AXPY into register accumulators and
  * needs no horizontal sums:
  *   fc_gemv_t: y[0:n] = (beta ? y : 0) + x[0:k] @ wt[0:k, 0:n]                  (one row)
- *              (its panels in either order: see FC_DEFINE_GEMV)
  *   fc_gemm_t: c[0:m, 0:n] = (beta ? c : 0) + a[0:m, 0:k] @ wt[0:k, 0:n]        (a few rows)
+ * and the same two over packed weights (fc_gemv_p, fc_gemm_p: see "Packed weights" below), which
+ * the recurrent products use.
  * n must be a multiple of FC_LANES (the kernels pad every gate block to it). Each output sums its
  * k terms in order j = 0..k-1 whatever the vector width or the number of rows, so every build,
  * every CPU and every batch size gives the same bits.
@@ -22,13 +23,16 @@
 #ifndef FASTCELL_MATMUL_H
 #define FASTCELL_MATMUL_H
 
+#include <string.h>
+
 #include "dispatch.h"
 
 #define FC_LANES 16   /* gate blocks are padded to a multiple of this many elements */
 
-/* One panel: NB accumulators of W lanes over outputs [o, o + NB*W), one pass over its k rows. */
+/* NB accumulators of W lanes over outputs [o, o + NB*W): one pass over the k rows of that panel;
+ * NB = 8, then 4, 2, 1 for what is left, so a small n still makes one pass per panel. */
 #define FC_PANEL(T, V, W, NB)                                                        \
-    {                                                                                \
+    for (; o + NB * W <= n; o += NB * W) {                                           \
         V a[NB];                                                                     \
         V *out = (V *)(y + o);                                                       \
         for (int b = 0; b < NB; b++) a[b] = beta ? out[b] : (V){0};                  \
@@ -38,15 +42,6 @@
             for (int b = 0; b < NB; b++) a[b] += s * *(const V *)(w + b * W);        \
         }                                                                            \
         for (int b = 0; b < NB; b++) out[b] = a[b];                                  \
-    }
-
-/* What is left after the 8-vector panels (fewer than 8 vectors): 4, 2, 1 at most once each. */
-#define FC_PANEL_TAIL(T, V, W)                                                       \
-    {                                                                                \
-        o = full;                                                                    \
-        if (o + 4 * W <= n) { FC_PANEL(T, V, W, 4) o += 4 * W; }                     \
-        if (o + 2 * W <= n) { FC_PANEL(T, V, W, 2) o += 2 * W; }                     \
-        if (o + W <= n) FC_PANEL(T, V, W, 1)                                         \
     }
 
 /* The GEMM tile: MB rows x NB vectors of accumulators over inputs [j0, j1); each weight vector
@@ -95,22 +90,83 @@
         for (; o + W <= n; o += W) FC_PANEL_ROWS(T, V, W, 1)                         \
     }
 
-/* backward: the panels in the opposite order (the bits do not change: each output is one
- * panel's own sum). A sequence alternates the direction from step to step, so that a step starts
- * on the panels the previous one ended with, which are still in cache: when the weights do not
- * fit in L2, about half of L2 is reused instead of none (LRU keeps nothing of a cyclic sweep
- * larger than itself). */
 #define FC_DEFINE_GEMV(NAME, T, V, W, ATTR)                                          \
-    ATTR static void NAME(int k, int n, const T *x, const T *wt, int ldw, int beta, T *y, \
-                          int backward)                                              \
+    ATTR static void NAME(int k, int n, const T *x, const T *wt, int ldw, int beta, T *y) \
     {                                                                                \
-        int full = n - n % (8 * W), o;                                               \
-        if (backward) FC_PANEL_TAIL(T, V, W)                                         \
-        for (int p = 0; p < full; p += 8 * W) {                                      \
-            o = backward ? full - 8 * W - p : p;                                     \
-            FC_PANEL(T, V, W, 8)                                                     \
+        int o = 0;                                                                   \
+        FC_PANEL(T, V, W, 8)                                                         \
+        FC_PANEL(T, V, W, 4)                                                         \
+        FC_PANEL(T, V, W, 2)                                                         \
+        FC_PANEL(T, V, W, 1)                                                         \
+    }
+
+/* ---- Packed weights: the recurrent matrices ----
+ * A recurrent matrix (k x n, transposed as above) is packed once, at load, into column panels of
+ * FC_PANEL_BYTES: the panel of columns [o, o + pw) (o a multiple of PW = FC_PANEL_BYTES / sizeof(T),
+ * pw = min(PW, n - o)) holds its k rows of pw elements one after another, at wp + o * k.
+ * Why: in the plain layout a row stride of 4 or 8 KB (a gate row at H = 256 or 512) maps a GEMM's
+ * k-chunk of a panel onto a few L1 sets, which thrash (m = 16, H = 512: 61 -> 99 GFLOP/s packed);
+ * and a packed panel is one sequential stream that the hardware prefetchers follow.
+ *
+ * fc_gemv_p's `backward` takes the panels in the opposite order (the bits do not change: each
+ * output is one panel's own sum). A sequence alternates it from step to step, so that a step
+ * starts on the panels the previous one ended with, which are still in cache: when W_hh does not
+ * fit in L2 about half of L2 is reused instead of none (LRU keeps nothing of a cyclic sweep larger
+ * than itself; 4 MB GEMV 174 -> 130 us). */
+#define FC_PANEL_BYTES 256
+
+#define FC_DEFINE_PACK(NAME, T)                                                      \
+    static void NAME(int k, int n, const T *wt, int ldw, T *wp)                      \
+    {                                                                                \
+        const int PW = FC_PANEL_BYTES / (int)sizeof(T);                              \
+        for (int o = 0; o < n; o += PW) {                                            \
+            int pw = n - o < PW ? n - o : PW;                                        \
+            for (int j = 0; j < k; j++)                                              \
+                memcpy(wp + (long)o * k + (long)j * pw, wt + (long)j * ldw + o, pw * sizeof(T)); \
         }                                                                            \
-        if (!backward) FC_PANEL_TAIL(T, V, W)                                        \
+    }
+
+/* Two full panels of 4 vectors each at once where a panel is 4 vectors wide (AVX-512), so that
+ * 8 accumulators hide the FMA latency as in fc_gemv_t; else one panel at a time through it. */
+#define FC_DEFINE_GEMV_P(NAME, GEMV, T, V, W, ATTR)                                  \
+    ATTR static void NAME(int k, int n, const T *x, const T *wp, int beta, T *y, int backward) \
+    {                                                                                \
+        const int PW = FC_PANEL_BYTES / (int)sizeof(T);                              \
+        const int g = PW == 4 * W ? 2 : 1;          /* panels per pass */            \
+        int np = (n + PW - 1) / PW, ng = (np + g - 1) / g;                           \
+        for (int i = 0; i < ng; i++) {                                               \
+            int p = (backward ? ng - 1 - i : i) * g, o = p * PW;                     \
+            if (g == 2 && n - o >= 2 * PW) {                                         \
+                V a[8];                                                              \
+                V *out = (V *)(y + o);                                               \
+                for (int b = 0; b < 8; b++) a[b] = beta ? out[b] : (V){0};           \
+                const T *w0 = wp + (long)o * k, *w1 = w0 + (long)PW * k;             \
+                for (int j = 0; j < k; j++, w0 += PW, w1 += PW) {                    \
+                    T s = x[j];                                                      \
+                    for (int b = 0; b < 4; b++) a[b] += s * *(const V *)(w0 + b * W);     \
+                    for (int b = 0; b < 4; b++) a[4 + b] += s * *(const V *)(w1 + b * W); \
+                }                                                                    \
+                for (int b = 0; b < 8; b++) out[b] = a[b];                           \
+                continue;                                                            \
+            }                                                                        \
+            for (int q = p; q < p + g && q < np; q++) {                              \
+                int oq = q * PW, pw = n - oq < PW ? n - oq : PW;                     \
+                GEMV(k, pw, x, wp + (long)oq * k, pw, beta, y + oq);                 \
+            }                                                                        \
+        }                                                                            \
+    }
+
+/* Panel by panel through fc_gemm_t: a k-chunk of a panel is FC_KC * FC_PANEL_BYTES = 32 KB of
+ * consecutive lines, which L1 holds while every row block uses it. */
+#define FC_DEFINE_GEMM_P(NAME, GEMM, T, ATTR)                                        \
+    ATTR static void NAME(int m, int n, int k, const T *a, int lda, const T *wp, int beta, \
+                          T *c, int ldc)                                             \
+    {                                                                                \
+        const int PW = FC_PANEL_BYTES / (int)sizeof(T);                              \
+        for (int o = 0; o < n; o += PW) {                                            \
+            int pw = n - o < PW ? n - o : PW;                                        \
+            GEMM(m, pw, k, a, lda, wp + (long)o * k, pw, beta, c + o, ldc);          \
+        }                                                                            \
     }
 
 /* aligned(sizeof(T)): the loads and stores may be unaligned. */
@@ -120,6 +176,12 @@ FC_DEFINE_GEMV(fc_gemv_t_f_base, float, fc_vf4, 4, )
 FC_DEFINE_GEMV(fc_gemv_t_d_base, double, fc_vd2, 2, )
 FC_DEFINE_GEMM(fc_gemm_t_f_base, float, fc_vf4, 4, 2, )
 FC_DEFINE_GEMM(fc_gemm_t_d_base, double, fc_vd2, 2, 2, )
+FC_DEFINE_PACK(fc_pack_t_f, float)
+FC_DEFINE_PACK(fc_pack_t_d, double)
+FC_DEFINE_GEMV_P(fc_gemv_p_f_base, fc_gemv_t_f_base, float, fc_vf4, 4, )
+FC_DEFINE_GEMV_P(fc_gemv_p_d_base, fc_gemv_t_d_base, double, fc_vd2, 2, )
+FC_DEFINE_GEMM_P(fc_gemm_p_f_base, fc_gemm_t_f_base, float, )
+FC_DEFINE_GEMM_P(fc_gemm_p_d_base, fc_gemm_t_d_base, double, )
 
 #ifdef FC_DISPATCH
 typedef float fc_vf8 __attribute__((vector_size(32), aligned(4)));
@@ -134,18 +196,26 @@ FC_DEFINE_GEMM(fc_gemm_t_f_v3, float, fc_vf8, 8, 2, FC_TARGET_V3)
 FC_DEFINE_GEMM(fc_gemm_t_f_v4, float, fc_vf16, 16, 4, FC_TARGET_V4)
 FC_DEFINE_GEMM(fc_gemm_t_d_v3, double, fc_vd4, 4, 2, FC_TARGET_V3)
 FC_DEFINE_GEMM(fc_gemm_t_d_v4, double, fc_vd8, 8, 4, FC_TARGET_V4)
+FC_DEFINE_GEMV_P(fc_gemv_p_f_v3, fc_gemv_t_f_v3, float, fc_vf8, 8, FC_TARGET_V3)
+FC_DEFINE_GEMV_P(fc_gemv_p_f_v4, fc_gemv_t_f_v4, float, fc_vf16, 16, FC_TARGET_V4)
+FC_DEFINE_GEMV_P(fc_gemv_p_d_v3, fc_gemv_t_d_v3, double, fc_vd4, 4, FC_TARGET_V3)
+FC_DEFINE_GEMV_P(fc_gemv_p_d_v4, fc_gemv_t_d_v4, double, fc_vd8, 8, FC_TARGET_V4)
+FC_DEFINE_GEMM_P(fc_gemm_p_f_v3, fc_gemm_t_f_v3, float, FC_TARGET_V3)
+FC_DEFINE_GEMM_P(fc_gemm_p_f_v4, fc_gemm_t_f_v4, float, FC_TARGET_V4)
+FC_DEFINE_GEMM_P(fc_gemm_p_d_v3, fc_gemm_t_d_v3, double, FC_TARGET_V3)
+FC_DEFINE_GEMM_P(fc_gemm_p_d_v4, fc_gemm_t_d_v4, double, FC_TARGET_V4)
 #endif
 
 static inline void fc_gemv_t_f(int k, int n, const float *x, const float *wt, int ldw, int beta,
-                               float *y, int backward)
+                               float *y)
 {
-    FC_CALL_BEST(fc_gemv_t_f, (k, n, x, wt, ldw, beta, y, backward));
+    FC_CALL_BEST(fc_gemv_t_f, (k, n, x, wt, ldw, beta, y));
 }
 
 static inline void fc_gemv_t_d(int k, int n, const double *x, const double *wt, int ldw, int beta,
-                               double *y, int backward)
+                               double *y)
 {
-    FC_CALL_BEST(fc_gemv_t_d, (k, n, x, wt, ldw, beta, y, backward));
+    FC_CALL_BEST(fc_gemv_t_d, (k, n, x, wt, ldw, beta, y));
 }
 
 static inline void fc_gemm_t_f(int m, int n, int k, const float *a, int lda, const float *wt,
@@ -158,6 +228,30 @@ static inline void fc_gemm_t_d(int m, int n, int k, const double *a, int lda, co
                                int ldw, int beta, double *c, int ldc)
 {
     FC_CALL_BEST(fc_gemm_t_d, (m, n, k, a, lda, wt, ldw, beta, c, ldc));
+}
+
+static inline void fc_gemv_p_f(int k, int n, const float *x, const float *wp, int beta, float *y,
+                               int backward)
+{
+    FC_CALL_BEST(fc_gemv_p_f, (k, n, x, wp, beta, y, backward));
+}
+
+static inline void fc_gemv_p_d(int k, int n, const double *x, const double *wp, int beta,
+                               double *y, int backward)
+{
+    FC_CALL_BEST(fc_gemv_p_d, (k, n, x, wp, beta, y, backward));
+}
+
+static inline void fc_gemm_p_f(int m, int n, int k, const float *a, int lda, const float *wp,
+                               int beta, float *c, int ldc)
+{
+    FC_CALL_BEST(fc_gemm_p_f, (m, n, k, a, lda, wp, beta, c, ldc));
+}
+
+static inline void fc_gemm_p_d(int m, int n, int k, const double *a, int lda, const double *wp,
+                               int beta, double *c, int ldc)
+{
+    FC_CALL_BEST(fc_gemm_p_d, (m, n, k, a, lda, wp, beta, c, ldc));
 }
 
 #endif

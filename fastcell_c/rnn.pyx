@@ -2,14 +2,14 @@
 # pre-activation rows (beta = 1), one fused pass applies bias and nonlinearity.
 from cython cimport floating
 
-from fastcell_c._blas cimport matmul_t
+from fastcell_c._blas cimport matmul_p
 from fastcell_c._steps cimport Walk, begin_step, project_inputs, write_outputs
 from fastcell_c.gates cimport rnn_update
 from fastcell_c.kernel cimport Kernel
 
 
 cdef void rnn_walk(Walk* w, const floating* x, int I, int H, int Hp, bint relu,
-                   const floating* w_ih_t, const floating* w_hh_t, const floating* bias,
+                   const floating* w_ih_t, const floating* w_hh_p, const floating* bias,
                    floating* h, floating* out, floating* G) noexcept nogil:
     cdef Py_ssize_t s, j, ldg
     cdef floating* g
@@ -18,7 +18,7 @@ cdef void rnn_walk(Walk* w, const floating* x, int I, int H, int Hp, bint relu,
         begin_step(w, s)
         g = G + w.g_row * Hp
         ldg = w.g_ld * Hp
-        matmul_t(<int>w.n, Hp, H, h, H, w_hh_t, Hp, True, g, <int>ldg, s & 1)    # G_t += h W_hh^T
+        matmul_p(<int>w.n, Hp, H, h, H, w_hh_p, True, g, <int>ldg, s & 1)    # G_t += h W_hh^T
         for j in range(w.n):
             rnn_update(relu, H, g + j * ldg, bias, h + j * H)
         write_outputs(w, s, h, H, out)
@@ -36,9 +36,9 @@ cdef class RNNKernel(Kernel):
         cdef int I = <int>self.input_size, H = <int>self.hidden_size, Hp = <int>self.padded
         if self.is_double:
             rnn_walk(w, <const double*>x, I, H, Hp, self.relu, <const double*>self.w_ih_t,
-                     <const double*>self.w_hh_t, <const double*>self.bias, <double*>h,
+                     <const double*>self.w_hh_p, <const double*>self.bias, <double*>h,
                      <double*>out, <double*>work)
         else:
             rnn_walk(w, <const float*>x, I, H, Hp, self.relu, <const float*>self.w_ih_t,
-                     <const float*>self.w_hh_t, <const float*>self.bias, <float*>h,
+                     <const float*>self.w_hh_p, <const float*>self.bias, <float*>h,
                      <float*>out, <float*>work)
