@@ -40,12 +40,6 @@ cdef inline void matmul_wt(int m, int n, int k,
 
 cdef extern from "matmul.h" nogil:
     enum: FC_LANES
-    void fc_gemv_t_f(int k, int n, const float* x, const float* wt, int ldw, int beta, float* y)
-    void fc_gemv_t_d(int k, int n, const double* x, const double* wt, int ldw, int beta, double* y)
-    void fc_gemm_t_f(int m, int n, int k, const float* a, int lda, const float* wt, int ldw,
-                     int beta, float* c, int ldc)
-    void fc_gemm_t_d(int m, int n, int k, const double* a, int lda, const double* wt, int ldw,
-                     int beta, double* c, int ldc)
     void fc_pack_t_f(int k, int n, const float* wt, int ldw, float* wp)
     void fc_pack_t_d(int k, int n, const double* wt, int ldw, double* wp)
     void fc_gemv_p_f(int k, int n, const float* x, const float* wp, int beta, float* y, int backward)
@@ -57,22 +51,19 @@ cdef extern from "matmul.h" nogil:
                      double* c, int ldc)
 
 
-# Up to this many rows (a batch of streams at one step), fastcell's own tiled GEMM beats a BLAS
-# call that packs the weights anew each time; beyond it (an input projection over T*B rows),
-# BLAS's packing pays off.
-DEF SMALL_M = 64
+# Up to this many rows (a step of one stream or of a batch of streams), fastcell's own GEMV/GEMM
+# on packed weights (matmul_p) beats a BLAS call, which packs the weights anew each time; beyond
+# it (an input projection over T*B rows), BLAS's packing pays off.
+cdef enum:
+    SMALL_M = 64
 
 
 cdef inline void matmul_t(int m, int n, int k,
                           const floating* a, int lda,
                           const floating* wt, int ldw,
                           bint accumulate, floating* c, int ldc) noexcept nogil:
-    """c[m, n] (+)= a[m, k] @ wt[k, n], for weights stored transposed (row-major wt, k x n).
-
-    Up to SMALL_M rows (a step of one stream or of a batch) go to fastcell's own GEMV/GEMM
-    (matmul.h: n must be a multiple of FC_LANES, which the kernels' padded gate blocks
-    guarantee); more rows to BLAS GEMM.
-    """
+    """c[m, n] (+)= a[m, k] @ wt[k, n] by BLAS GEMM, for weights stored transposed (row-major
+    wt, k x n): c^T[n, m] = wt^T[n, k] @ a^T[k, m] in column-major terms, no transposes at all."""
     cdef char notrans = b'N'
     cdef floating one = 1
     cdef floating beta = 1 if accumulate else 0
@@ -85,18 +76,7 @@ cdef inline void matmul_t(int m, int n, int k,
                 for j in range(n):
                     c[i * ldc + j] = 0
         return
-    if m == 1:
-        if floating is float:
-            fc_gemv_t_f(k, n, a, wt, ldw, accumulate, c)
-        else:
-            fc_gemv_t_d(k, n, a, wt, ldw, accumulate, c)
-    elif m <= SMALL_M:
-        if floating is float:
-            fc_gemm_t_f(m, n, k, a, lda, wt, ldw, accumulate, c, ldc)
-        else:
-            fc_gemm_t_d(m, n, k, a, lda, wt, ldw, accumulate, c, ldc)
-    elif floating is float:
-        # c^T[n, m] = wt^T[n, k] @ a^T[k, m] in column-major terms: no transposes at all.
+    if floating is float:
         sgemm(&notrans, &notrans, &n, &m, &k, &one, <float*>wt, &ldw, <float*>a, &lda,
               &beta, c, &ldc)
     else:

@@ -11,7 +11,7 @@ from libc.stdint cimport int64_t
 from libc.string cimport memcpy
 from cython cimport floating
 
-from fastcell_c._blas cimport matmul_t
+from fastcell_c._blas cimport SMALL_M, matmul_p, matmul_t
 
 
 cdef struct Walk:
@@ -60,23 +60,30 @@ cdef inline Py_ssize_t batch_of(const Walk* w, Py_ssize_t j) noexcept nogil:
     return j if w.perm == NULL else w.perm[j]
 
 
-cdef inline void project_inputs(Walk* w, const floating* x, int I, const floating* w_ih_t, int gates,
-                                floating* G, floating* xp) noexcept nogil:
-    """G = x @ w_ih_t for every row the walk will read: one GEMM (xp: packing space, lengths only).
+cdef inline void project_inputs(Walk* w, const floating* x, int I, const floating* w_ih_t,
+                                const floating* w_ih_p, int gates, floating* G,
+                                floating* xp) noexcept nogil:
+    """G = x @ W_ih^T for every row the walk will read: one GEMM (xp: packing space, lengths only).
 
-    w_ih_t is W_ih stored transposed, (I, gates) with gates the padded gate-row width."""
+    w_ih_t is W_ih stored transposed, (I, gates) with gates the padded gate-row width, for BLAS
+    (many rows: its packing pays off); w_ih_p the same packed, for a step of a few rows."""
     cdef Py_ssize_t s, j, n = w.B, r = 0
+    cdef const floating* src = x
     if w.lengths == NULL:
-        matmul_t(<int>(w.T * w.B), gates, I, x, I, w_ih_t, gates, False, G, gates)
-        return
-    for s in range(w.T):
-        while n > 0 and w.lengths[n - 1] <= s:
-            n -= 1
-        for j in range(n):
-            memcpy(xp + r * I, x + (time_of(w, s, j) * w.x_ts + batch_of(w, j) * w.x_bs) * I,
-                   I * sizeof(floating))
-            r += 1
-    matmul_t(<int>r, gates, I, xp, I, w_ih_t, gates, False, G, gates)
+        r = w.T * w.B
+    else:
+        for s in range(w.T):
+            while n > 0 and w.lengths[n - 1] <= s:
+                n -= 1
+            for j in range(n):
+                memcpy(xp + r * I, x + (time_of(w, s, j) * w.x_ts + batch_of(w, j) * w.x_bs) * I,
+                       I * sizeof(floating))
+                r += 1
+        src = xp
+    if r <= SMALL_M:
+        matmul_p(<int>r, gates, I, src, I, w_ih_p, False, G, gates, False)
+    else:
+        matmul_t(<int>r, gates, I, src, I, w_ih_t, gates, False, G, gates)
 
 
 cdef inline void begin_step(Walk* w, Py_ssize_t s) noexcept nogil:

@@ -13,7 +13,8 @@ from fastcell_c.kernel cimport Kernel
 
 
 cdef void gru_walk(Walk* w, const floating* x, int I, int H, int Hp, bint reset_after,
-                   const floating* w_ih_t, const floating* w_hh_p, const floating* bias,
+                   const floating* w_ih_t, const floating* w_ih_p,
+                   const floating* w_hh_p, const floating* bias,
                    const floating* b_hn, floating* h, floating* out, floating* work) noexcept nogil:
     """work: G (T*B, 3Hp), then R (B, 3Hp) for reset_after or r * h (B, Hp) for reset_before,
     then the packing space."""
@@ -22,7 +23,7 @@ cdef void gru_walk(Walk* w, const floating* x, int I, int H, int Hp, bint reset_
     cdef floating* g
     cdef floating* G = work
     cdef floating* R = G + w.T * w.B * width
-    project_inputs(w, x, I, w_ih_t, width, G, R + w.B * width)
+    project_inputs(w, x, I, w_ih_t, w_ih_p, width, G, R + w.B * width)
     for s in range(w.T):
         begin_step(w, s)
         g = G + w.g_row * width
@@ -63,9 +64,11 @@ cdef class GRUKernel(Kernel):
         cdef int I = <int>self.input_size, H = <int>self.hidden_size, Hp = <int>self.padded
         if self.is_double:
             gru_walk(w, <const double*>x, I, H, Hp, self.reset_after, <const double*>self.w_ih_t,
+                     <const double*>self.w_ih_p,
                      <const double*>self.w_hh_p, <const double*>self.bias,
                      <const double*>self.b_hn, <double*>h, <double*>out, <double*>work)
         else:
             gru_walk(w, <const float*>x, I, H, Hp, self.reset_after, <const float*>self.w_ih_t,
+                     <const float*>self.w_ih_p,
                      <const float*>self.w_hh_p, <const float*>self.bias,
                      <const float*>self.b_hn, <float*>h, <float*>out, <float*>work)

@@ -39,9 +39,10 @@ cdef class Kernel:
     cdef readonly bint is_double, has_cell_state
     cdef readonly object dtype
     cdef list _arrays                    # keeps alive the memory the pointers point into
-    cdef const char* w_ih_t              # (I, width): W_ih transposed, gate blocks padded
+    cdef const char* w_ih_t              # (I, width): W_ih transposed, gate blocks padded (BLAS)
+    cdef const char* w_ih_p              # the same packed (matmul.h), for a step of a few rows
     cdef const char* w_hh_p              # (H_out, width) packed for the recurrent product (matmul.h)
-    cdef char* _owned[2]                 # packed copies, freed with the kernel
+    cdef char* _owned[3]                 # packed copies, freed with the kernel
     cdef const char* bias                # (width,)
 
     cdef const char* _keep(self, object a, str name, tuple shape) except NULL

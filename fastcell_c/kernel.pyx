@@ -89,6 +89,7 @@ cdef class Kernel:
         self.output_size = weight_hh_t.shape[0]
         self._arrays = []
         self.w_ih_t = self._keep(weight_ih_t, "weight_ih_t", (self.input_size, self.width))
+        self.w_ih_p = self._pack(2, self.w_ih_t, self.input_size, self.width, self.width)
         self.bias = self._keep(bias, "bias", (self.width,))
         self.w_hh_p = self._pack(
             0, buffer_of(weight_hh_t, "weight_hh_t", cnp.NPY_DOUBLE if self.is_double else cnp.NPY_FLOAT,
@@ -96,8 +97,9 @@ cdef class Kernel:
             self.output_size, self.width, hh_split * self.padded if hh_split else self.width)
 
     def __dealloc__(self):
-        free(self._owned[0])
-        free(self._owned[1])
+        cdef int slot
+        for slot in range(3):
+            free(self._owned[slot])
 
     def __reduce__(self):
         # Cython's automatic pickling would store the weight pointers as NUL-terminated bytes and
@@ -113,8 +115,9 @@ cdef class Kernel:
     cdef const char* _pack(self, int slot, const char* wt, Py_ssize_t k, Py_ssize_t n,
                            Py_ssize_t split) except NULL:
         """A packed copy (matmul.h) of wt (k, n), owned by the kernel in `slot` (0: W_hh, 1:
-        W_hr; a repack replaces it): columns [0, split) and [split, n) as two packed matrices one
-        after the other (split = n: one), so that a product over either part finds its panels."""
+        W_hr, 2: W_ih; a repack replaces it): columns [0, split) and [split, n) as two packed
+        matrices one after the other (split = n: one), so that a product over either part finds
+        its own panels."""
         cdef Py_ssize_t itemsize = 8 if self.is_double else 4
         cdef char* wp = alloc_aligned(k * n * itemsize)
         if wp == NULL:

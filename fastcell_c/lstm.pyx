@@ -12,7 +12,8 @@ from fastcell_c.kernel cimport Kernel, buffer_of
 
 
 cdef void lstm_walk(Walk* w, const floating* x, int I, int H, int Hp, int P, int Pp,
-                    const floating* w_ih_t, const floating* w_hh_p, const floating* bias,
+                    const floating* w_ih_t, const floating* w_ih_p,
+                   const floating* w_hh_p, const floating* bias,
                     const floating* w_hr_p, const floating* w_ph,
                     floating* h, floating* c, floating* out, floating* work) noexcept nogil:
     """h (B, H_out) and c (B, H) hold the initial state and receive the final one.
@@ -27,7 +28,7 @@ cdef void lstm_walk(Walk* w, const floating* x, int I, int H, int Hp, int P, int
     cdef floating* m = G + w.T * w.B * width
     cdef floating* proj = m + w.B * H
     cdef floating* dst = m if P > 0 else h
-    project_inputs(w, x, I, w_ih_t, width, G, proj + w.B * Pp if P > 0 else m)
+    project_inputs(w, x, I, w_ih_t, w_ih_p, width, G, proj + w.B * Pp if P > 0 else m)
     for s in range(w.T):
         begin_step(w, s)
         g = G + w.g_row * width
@@ -73,11 +74,13 @@ cdef class LSTMKernel(Kernel):
         cdef int P = <int>self.proj_size, Pp = <int>self.proj_padded
         if self.is_double:
             lstm_walk(w, <const double*>x, I, H, Hp, P, Pp, <const double*>self.w_ih_t,
+                     <const double*>self.w_ih_p,
                       <const double*>self.w_hh_p, <const double*>self.bias,
                       <const double*>self.w_hr_p, <const double*>self.w_ph,
                       <double*>h, <double*>c, <double*>out, <double*>work)
         else:
             lstm_walk(w, <const float*>x, I, H, Hp, P, Pp, <const float*>self.w_ih_t,
+                     <const float*>self.w_ih_p,
                       <const float*>self.w_hh_p, <const float*>self.bias,
                       <const float*>self.w_hr_p, <const float*>self.w_ph,
                       <float*>h, <float*>c, <float*>out, <float*>work)

@@ -9,11 +9,12 @@ from fastcell_c.kernel cimport Kernel
 
 
 cdef void rnn_walk(Walk* w, const floating* x, int I, int H, int Hp, bint relu,
-                   const floating* w_ih_t, const floating* w_hh_p, const floating* bias,
+                   const floating* w_ih_t, const floating* w_ih_p,
+                   const floating* w_hh_p, const floating* bias,
                    floating* h, floating* out, floating* G) noexcept nogil:
     cdef Py_ssize_t s, j, ldg
     cdef floating* g
-    project_inputs(w, x, I, w_ih_t, Hp, G, G + w.T * w.B * Hp)
+    project_inputs(w, x, I, w_ih_t, w_ih_p, Hp, G, G + w.T * w.B * Hp)
     for s in range(w.T):
         begin_step(w, s)
         g = G + w.g_row * Hp
@@ -36,9 +37,11 @@ cdef class RNNKernel(Kernel):
         cdef int I = <int>self.input_size, H = <int>self.hidden_size, Hp = <int>self.padded
         if self.is_double:
             rnn_walk(w, <const double*>x, I, H, Hp, self.relu, <const double*>self.w_ih_t,
+                     <const double*>self.w_ih_p,
                      <const double*>self.w_hh_p, <const double*>self.bias, <double*>h,
                      <double*>out, <double*>work)
         else:
             rnn_walk(w, <const float*>x, I, H, Hp, self.relu, <const float*>self.w_ih_t,
+                     <const float*>self.w_ih_p,
                      <const float*>self.w_hh_p, <const float*>self.bias, <float*>h,
                      <float*>out, <float*>work)
