@@ -51,11 +51,13 @@ cdef extern from "matmul.h" nogil:
                      double* c, int ldc)
 
 
-# Up to this many rows (a step of one stream or of a batch of streams), fastcell's own GEMV/GEMM
-# on packed weights (matmul_p) beats a BLAS call, which packs the weights anew each time; beyond
-# it (an input projection over T*B rows), BLAS's packing pays off.
+# Up to this many rows (a step, a batch of streams, the input projection of a sequence), fastcell's
+# own GEMV/GEMM on packed weights (matmul_p) beats BLAS, which packs the weights anew on every call
+# (at T = 100, B = 1, H = 256 its packing took a third of the projection's time); beyond it (e.g.
+# T*B = 3200 rows at H = 512) BLAS's larger register tiles pay for the packing. Measured with
+# bench/ (python -m bench.report): 800 rows even, 3200 rows BLAS 1.2x faster.
 cdef enum:
-    SMALL_M = 64
+    SMALL_M = 1024
 
 
 cdef inline void matmul_t(int m, int n, int k,

@@ -11,8 +11,8 @@
  *
  * Why not BLAS: a BLAS GEMV call costs more than the whole product at H = 64, and a BLAS GEMM
  * packs the weight matrix again on every call, which at B = 16 costs more than the arithmetic;
- * these weights are laid out once, at load. BLAS still does the input projection of a sequence,
- * where many rows amortize its packing.
+ * these weights are laid out once, at load. BLAS still does input projections of more than
+ * SMALL_M rows (_blas.pxd), where that many rows amortize its packing.
  *
  * One body (GCC vector extensions), instantiated per x86 level with that level's natural vector
  * width: x86-64-v4 (AVX-512, 16 floats), x86-64-v3 (AVX2 + FMA, 8), baseline (SSE2, 4); picked

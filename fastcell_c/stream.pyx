@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 
+from fastcell_c._blas cimport SMALL_M
 from fastcell_c._steps cimport Walk, make_walk
 from fastcell_c.kernel cimport (Kernel, alloc_aligned, buffer_of, enter_blas, is_array,
                                 leave_blas)
@@ -155,7 +156,7 @@ cdef class Stepper:
             k = <Kernel>self.kernels[i]
             with nogil:
                 # A step of up to SMALL_M streams never reaches BLAS (matmul.h); a larger batch does.
-                previous = enter_blas() if B > 1 else -1
+                previous = enter_blas() if B > SMALL_M else -1
                 k.run_walk(&w, src, h, c, NULL, state.work)
                 leave_blas(previous)
             src = h    # the next layer reads this layer's new h
