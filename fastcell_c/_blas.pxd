@@ -40,15 +40,16 @@ cdef inline void matmul_wt(int m, int n, int k,
 
 cdef extern from "matmul.h" nogil:
     enum: FC_LANES
-    void fc_pack_t_f(int k, int n, const float* wt, int ldw, float* wp)
-    void fc_pack_t_d(int k, int n, const double* wt, int ldw, double* wp)
-    void fc_gemv_p_f(int k, int n, const float* x, const float* wp, int beta, float* y, int backward)
-    void fc_gemv_p_d(int k, int n, const double* x, const double* wp, int beta, double* y,
-                     int backward)
-    void fc_gemm_p_f(int m, int n, int k, const float* a, int lda, const float* wp, int beta,
-                     float* c, int ldc)
-    void fc_gemm_p_d(int m, int n, int k, const double* a, int lda, const double* wp, int beta,
-                     double* c, int ldc)
+    void fc_pack_t_f(int k, int n, const float* wt, int ldw, float* wp, int ks, int j0)
+    void fc_pack_t_d(int k, int n, const double* wt, int ldw, double* wp, int ks, int j0)
+    void fc_gemv_p_f(int k, int n, const float* x, const float* wp, int ks, int j0, int beta,
+                     float* y, int backward)
+    void fc_gemv_p_d(int k, int n, const double* x, const double* wp, int ks, int j0, int beta,
+                     double* y, int backward)
+    void fc_gemm_p_f(int m, int n, int k, const float* a, int lda, const float* wp, int ks, int j0,
+                     int beta, float* c, int ldc)
+    void fc_gemm_p_d(int m, int n, int k, const double* a, int lda, const double* wp, int ks,
+                     int j0, int beta, double* c, int ldc)
 
 
 # Up to this many rows (a step, a batch of streams, the input projection of a sequence), fastcell's
@@ -87,18 +88,19 @@ cdef inline void matmul_t(int m, int n, int k,
 
 
 cdef inline void matmul_p(int m, int n, int k, const floating* a, int lda, const floating* wp,
-                          bint accumulate, floating* c, int ldc, bint backward) noexcept nogil:
-    """c[m, n] (+)= a[m, k] @ w[k, n] for a recurrent matrix packed by pack_t (matmul.h), any m
+                          int ks, int j0, bint accumulate, floating* c, int ldc,
+                          bint backward) noexcept nogil:
+    """c[m, n] (+)= a[m, k] @ w[j0:j0 + k, 0:n] for weights packed with ks rows (matmul.h), any m
     (k >= 1). backward: one row's product takes its panels in reverse order (same bits); a
     sequence alternates it from step to step to reuse the cache."""
     if m <= 0 or n <= 0:
         return
     if m == 1:
         if floating is float:
-            fc_gemv_p_f(k, n, a, wp, accumulate, c, backward)
+            fc_gemv_p_f(k, n, a, wp, ks, j0, accumulate, c, backward)
         else:
-            fc_gemv_p_d(k, n, a, wp, accumulate, c, backward)
+            fc_gemv_p_d(k, n, a, wp, ks, j0, accumulate, c, backward)
     elif floating is float:
-        fc_gemm_p_f(m, n, k, a, lda, wp, accumulate, c, ldc)
+        fc_gemm_p_f(m, n, k, a, lda, wp, ks, j0, accumulate, c, ldc)
     else:
-        fc_gemm_p_d(m, n, k, a, lda, wp, accumulate, c, ldc)
+        fc_gemm_p_d(m, n, k, a, lda, wp, ks, j0, accumulate, c, ldc)

@@ -25,6 +25,7 @@ cdef struct Walk:
     Py_ssize_t g_row           # first G row of the current step
     Py_ssize_t g_ld            # G row stride of the current step, in rows
     Py_ssize_t off             # packed offset of the current step
+    bint flip                  # step s takes its panels backward when (s + flip) is odd
 
 
 cdef inline Walk make_walk(Py_ssize_t T, Py_ssize_t B, bint batch_first, Py_ssize_t out_width,
@@ -46,6 +47,7 @@ cdef inline Walk make_walk(Py_ssize_t T, Py_ssize_t B, bint batch_first, Py_ssiz
     w.g_row = 0
     w.g_ld = 1
     w.off = 0
+    w.flip = False
     return w
 
 
@@ -61,12 +63,13 @@ cdef inline Py_ssize_t batch_of(const Walk* w, Py_ssize_t j) noexcept nogil:
 
 
 cdef inline void project_inputs(Walk* w, const floating* x, int I, const floating* w_ih_t,
-                                const floating* w_ih_p, int gates, floating* G,
+                                const floating* w_p, int ks, int split, int gates, floating* G,
                                 floating* xp) noexcept nogil:
     """G = x @ W_ih^T for every row the walk will read: one GEMM (xp: packing space, lengths only).
 
     w_ih_t is W_ih stored transposed, (I, gates) with gates the padded gate-row width, for BLAS
-    (many rows: its packing pays off); w_ih_p the same packed, for a step of a few rows."""
+    (many rows: its packing pays off); w_p the kernel's packed weights (ks rows, W_ih's first;
+    columns split apart at `split`), for up to SMALL_M rows."""
     cdef Py_ssize_t s, j, n = w.B, r = 0
     cdef const floating* src = x
     if w.lengths == NULL:
@@ -80,10 +83,35 @@ cdef inline void project_inputs(Walk* w, const floating* x, int I, const floatin
                        I * sizeof(floating))
                 r += 1
         src = xp
-    if r <= SMALL_M:
-        matmul_p(<int>r, gates, I, src, I, w_ih_p, False, G, gates, False)
-    else:
+    if r > SMALL_M:
         matmul_t(<int>r, gates, I, src, I, w_ih_t, gates, False, G, gates)
+        return
+    matmul_p(<int>r, split, I, src, I, w_p, ks, 0, False, G, gates, False)
+    if split < gates:
+        matmul_p(<int>r, gates - split, I, src, I, w_p + ks * split, ks, 0, False, G + split,
+                 gates, False)
+
+
+cdef inline bint backward(const Walk* w, Py_ssize_t s) noexcept nogil:
+    """Whether step s's products take their panels backward: alternate steps alternate, so each
+    starts on the weights the previous one left in cache (matmul.h)."""
+    return (s + w.flip) & 1
+
+
+cdef inline bint fused_step(const Walk* w, const floating* x, int I, const floating* h, int hout,
+                            const floating* w_p, int ks, int width, floating* G,
+                            floating* xh) noexcept nogil:
+    """A single step (T = 1, no lengths, up to SMALL_M rows): G = [x h] @ [W_ih; W_hh]^T in one
+    pass over the stacked packed weights (xh: B * ks scratch), the same bits as the projection
+    followed by the recurrent product. Returns False, having done nothing, for anything else."""
+    cdef Py_ssize_t j
+    if w.T != 1 or w.lengths != NULL or w.B > SMALL_M:
+        return False
+    for j in range(w.B):       # with T = 1, row j of x is at j * I in either layout
+        memcpy(xh + j * ks, x + j * I, I * sizeof(floating))
+        memcpy(xh + j * ks + I, h + j * hout, hout * sizeof(floating))
+    matmul_p(<int>w.B, width, ks, xh, ks, w_p, ks, 0, False, G, width, backward(w, 0))
+    return True
 
 
 cdef inline void begin_step(Walk* w, Py_ssize_t s) noexcept nogil:

@@ -7,38 +7,38 @@
 from cython cimport floating
 
 from fastcell_c._blas cimport matmul_p
-from fastcell_c._steps cimport Walk, begin_step, project_inputs, write_outputs
+from fastcell_c._steps cimport Walk, backward, begin_step, project_inputs, write_outputs
 from fastcell_c.gates cimport gru_reset_after, gru_reset_before_gates, gru_reset_before_update
 from fastcell_c.kernel cimport Kernel
 
 
 cdef void gru_walk(Walk* w, const floating* x, int I, int H, int Hp, bint reset_after,
-                   const floating* w_ih_t, const floating* w_ih_p,
-                   const floating* w_hh_p, const floating* bias,
+                   const floating* w_ih_t, const floating* w_p, int ks, const floating* bias,
                    const floating* b_hn, floating* h, floating* out, floating* work) noexcept nogil:
     """work: G (T*B, 3Hp), then R (B, 3Hp) for reset_after or r * h (B, Hp) for reset_before,
-    then the packing space."""
+    then the packing space. w_p: reset_before packs the n columns apart (at ks * 2Hp)."""
     cdef int width = 3 * Hp
     cdef Py_ssize_t s, j, ldg
     cdef floating* g
     cdef floating* G = work
     cdef floating* R = G + w.T * w.B * width
-    project_inputs(w, x, I, w_ih_t, w_ih_p, width, G, R + w.B * width)
+    project_inputs(w, x, I, w_ih_t, w_p, ks, width if reset_after else 2 * Hp, width, G,
+                   R + w.B * width)
     for s in range(w.T):
         begin_step(w, s)
         g = G + w.g_row * width
         ldg = w.g_ld * width
-        if reset_after:
-            matmul_p(<int>w.n, width, H, h, H, w_hh_p, False, R, width, s & 1)   # R = h W_hh^T
+        if reset_after:                                                      # R = h W_hh^T
+            matmul_p(<int>w.n, width, H, h, H, w_p, ks, I, False, R, width, backward(w, s))
             for j in range(w.n):
                 gru_reset_after(H, Hp, g + j * ldg, R + j * width, bias, b_hn, h + j * H)
-        else:
-            matmul_p(<int>w.n, 2 * Hp, H, h, H, w_hh_p, True, g, <int>ldg, s & 1)  # G_rz += h W_hrz^T
+        else:                                                                # G_rz += h W_hrz^T
+            matmul_p(<int>w.n, 2 * Hp, H, h, H, w_p, ks, I, True, g, <int>ldg, backward(w, s))
             for j in range(w.n):
                 gru_reset_before_gates(H, Hp, g + j * ldg, bias, h + j * H, R + j * H)
-            matmul_p(<int>w.n, Hp, H, R, H, w_hh_p + 2 * H * Hp, True, g + 2 * Hp, <int>ldg,
-                     s & 1)
-            for j in range(w.n):                                                     # G_n += (r*h) W_hn^T
+            matmul_p(<int>w.n, Hp, H, R, H, w_p + ks * 2 * Hp, ks, I, True, g + 2 * Hp,
+                     <int>ldg, backward(w, s))                               # G_n += (r*h) W_hn^T
+            for j in range(w.n):
                 gru_reset_before_update(H, Hp, g + j * ldg, bias, h + j * H)
         write_outputs(w, s, h, H, out)
 
@@ -64,11 +64,9 @@ cdef class GRUKernel(Kernel):
         cdef int I = <int>self.input_size, H = <int>self.hidden_size, Hp = <int>self.padded
         if self.is_double:
             gru_walk(w, <const double*>x, I, H, Hp, self.reset_after, <const double*>self.w_ih_t,
-                     <const double*>self.w_ih_p,
-                     <const double*>self.w_hh_p, <const double*>self.bias,
+                     <const double*>self.w_p, <int>self.ks, <const double*>self.bias,
                      <const double*>self.b_hn, <double*>h, <double*>out, <double*>work)
         else:
             gru_walk(w, <const float*>x, I, H, Hp, self.reset_after, <const float*>self.w_ih_t,
-                     <const float*>self.w_ih_p,
-                     <const float*>self.w_hh_p, <const float*>self.bias,
+                     <const float*>self.w_p, <int>self.ks, <const float*>self.bias,
                      <const float*>self.b_hn, <float*>h, <float*>out, <float*>work)

@@ -40,14 +40,15 @@ cdef class Kernel:
     cdef readonly object dtype
     cdef list _arrays                    # keeps alive the memory the pointers point into
     cdef const char* w_ih_t              # (I, width): W_ih transposed, gate blocks padded (BLAS)
-    cdef const char* w_ih_p              # the same packed (matmul.h), for a step of a few rows
-    cdef const char* w_hh_p              # (H_out, width) packed for the recurrent product (matmul.h)
-    cdef char* _owned[3]                 # packed copies, freed with the kernel
+    cdef const char* w_p                 # W_ih^T over W_hh^T, packed (matmul.h): ks rows
+    cdef readonly Py_ssize_t ks          # input_size + output_size
+    cdef readonly Py_ssize_t split       # columns [0, split) and [split, width) packed apart
+    cdef char* _owned[2]                 # packed copies, freed with the kernel
     cdef const char* bias                # (width,)
 
     cdef const char* _keep(self, object a, str name, tuple shape) except NULL
-    cdef const char* _pack(self, int slot, const char* wt, Py_ssize_t k, Py_ssize_t n,
-                           Py_ssize_t split) except NULL
+    cdef const char* _pack(self, int slot, const char* top, Py_ssize_t k_top, const char* bottom,
+                           Py_ssize_t k_bottom, Py_ssize_t n, Py_ssize_t split) except NULL
     cdef Py_ssize_t workspace(self, Py_ssize_t T, Py_ssize_t B, bint packed)
     cdef void run_walk(self, Walk* w, const char* x, char* h, char* c, char* out,
                        char* work) noexcept nogil

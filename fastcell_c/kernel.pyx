@@ -73,32 +73,34 @@ cdef char* buffer_of(object a, str name, int typenum, tuple shape, bint writable
 
 cdef class Kernel:
     def __init__(self, weight_ih_t, weight_hh_t, bias, Py_ssize_t hidden_size, Py_ssize_t gates,
-                 Py_ssize_t hh_split=0):
+                 Py_ssize_t split_gates=0):
         """weight_ih_t (I, gates*padded), weight_hh_t (H_out, gates*padded), bias (gates*padded,):
         transposed, each gate block padded with zero columns (fastcell.recurrence lays them out).
-        W_hh is kept only packed (matmul.h); hh_split > 0: its first hh_split gate blocks and
-        the rest are packed apart, for a cell that multiplies them separately."""
+        Both are packed stacked (matmul.h); split_gates > 0: the first split_gates gate blocks
+        and the rest are packed apart, for a cell that multiplies them separately."""
         self.dtype = weight_ih_t.dtype
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"weight_ih_t: expected float32 or float64, got {self.dtype}")
         self.is_double = self.dtype == np.float64
+        cdef int typenum = cnp.NPY_DOUBLE if self.is_double else cnp.NPY_FLOAT
         self.hidden_size = hidden_size
         self.padded = -(-hidden_size // LANES) * LANES
         self.width = gates * self.padded
+        self.split = split_gates * self.padded if split_gates else self.width
         self.input_size = weight_ih_t.shape[0]
         self.output_size = weight_hh_t.shape[0]
+        self.ks = self.input_size + self.output_size
         self._arrays = []
         self.w_ih_t = self._keep(weight_ih_t, "weight_ih_t", (self.input_size, self.width))
-        self.w_ih_p = self._pack(2, self.w_ih_t, self.input_size, self.width, self.width)
         self.bias = self._keep(bias, "bias", (self.width,))
-        self.w_hh_p = self._pack(
-            0, buffer_of(weight_hh_t, "weight_hh_t", cnp.NPY_DOUBLE if self.is_double else cnp.NPY_FLOAT,
-                         (self.output_size, self.width), False),
-            self.output_size, self.width, hh_split * self.padded if hh_split else self.width)
+        self.w_p = self._pack(0, self.w_ih_t, self.input_size,
+                              buffer_of(weight_hh_t, "weight_hh_t", typenum,
+                                        (self.output_size, self.width), False),
+                              self.output_size, self.width, self.split)
 
     def __dealloc__(self):
         cdef int slot
-        for slot in range(3):
+        for slot in range(2):
             free(self._owned[slot])
 
     def __reduce__(self):
@@ -112,31 +114,38 @@ cdef class Kernel:
         self._arrays.append(a)
         return p
 
-    cdef const char* _pack(self, int slot, const char* wt, Py_ssize_t k, Py_ssize_t n,
-                           Py_ssize_t split) except NULL:
-        """A packed copy (matmul.h) of wt (k, n), owned by the kernel in `slot` (0: W_hh, 1:
-        W_hr, 2: W_ih; a repack replaces it): columns [0, split) and [split, n) as two packed
-        matrices one after the other (split = n: one), so that a product over either part finds
-        its own panels."""
-        cdef Py_ssize_t itemsize = 8 if self.is_double else 4
-        cdef char* wp = alloc_aligned(k * n * itemsize)
+    cdef const char* _pack(self, int slot, const char* top, Py_ssize_t k_top, const char* bottom,
+                           Py_ssize_t k_bottom, Py_ssize_t n, Py_ssize_t split) except NULL:
+        """A packed copy (matmul.h) of top (k_top, n) stacked over bottom (k_bottom, n; NULL
+        for none), owned by the kernel in `slot` (0: W_ih over W_hh, 1: W_hr; a repack replaces
+        it). Columns [0, split) and [split, n) are two packed matrices one after the other
+        (split = n: one), so that a product over either part finds its own panels."""
+        cdef Py_ssize_t itemsize = 8 if self.is_double else 4, ks = k_top + k_bottom
+        cdef char* wp = alloc_aligned(ks * n * itemsize)
         if wp == NULL:
-            raise MemoryError(f"packed weights of {k} x {n}")
+            raise MemoryError(f"packed weights of {ks} x {n}")
         free(self._owned[slot])
         self._owned[slot] = wp
-        if self.is_double:
-            fc_pack_t_d(<int>k, <int>split, <const double*>wt, <int>n, <double*>wp)
-            fc_pack_t_d(<int>k, <int>(n - split), <const double*>wt + split, <int>n,
-                        <double*>wp + k * split)
-        else:
-            fc_pack_t_f(<int>k, <int>split, <const float*>wt, <int>n, <float*>wp)
-            fc_pack_t_f(<int>k, <int>(n - split), <const float*>wt + split, <int>n,
-                        <float*>wp + k * split)
+        cdef Py_ssize_t c0, c1
+        for c0, c1 in ((0, split), (split, n)):
+            if self.is_double:
+                fc_pack_t_d(<int>k_top, <int>(c1 - c0), <const double*>top + c0, <int>n,
+                            <double*>wp + ks * c0, <int>ks, 0)
+                if bottom != NULL:
+                    fc_pack_t_d(<int>k_bottom, <int>(c1 - c0), <const double*>bottom + c0,
+                                <int>n, <double*>wp + ks * c0, <int>ks, <int>k_top)
+            else:
+                fc_pack_t_f(<int>k_top, <int>(c1 - c0), <const float*>top + c0, <int>n,
+                            <float*>wp + ks * c0, <int>ks, 0)
+                if bottom != NULL:
+                    fc_pack_t_f(<int>k_bottom, <int>(c1 - c0), <const float*>bottom + c0,
+                                <int>n, <float*>wp + ks * c0, <int>ks, <int>k_top)
         return wp
 
     cdef Py_ssize_t workspace(self, Py_ssize_t T, Py_ssize_t B, bint packed):
-        """Elements of scratch memory a walk over T steps of B rows needs."""
-        return T * B * self.width + (T * B * self.input_size if packed else 0)
+        """Elements of scratch memory a walk over T steps of B rows needs: G, then (after a
+        subclass's own buffers) the packing space of lengths or a fused step's [x h] rows."""
+        return T * B * self.width + max(T * B * self.input_size if packed else 0, B * self.ks)
 
     cdef void run_walk(self, Walk* w, const char* x, char* h, char* c, char* out,
                        char* work) noexcept nogil:

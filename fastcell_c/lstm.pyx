@@ -1,19 +1,20 @@
 # The LSTM kernel: nn.LSTM's cell, PyTorch's projection (LSTMP) and the diagonal peephole LSTM of
 # SPEC.md. Per step: one GEMV/GEMM adds h W_hh^T into the gate rows (beta = 1), one fused pass
-# computes the gates and updates c and h in place.
+# computes the gates and updates c and h in place. A single step (streaming) does x W_ih^T +
+# h W_hh^T in one product instead (fused_step).
 cimport numpy as cnp
 from libc.string cimport memcpy
 from cython cimport floating
 
 from fastcell_c._blas cimport matmul_p
-from fastcell_c._steps cimport Walk, begin_step, project_inputs, write_outputs
+from fastcell_c._steps cimport (Walk, backward, begin_step, fused_step, project_inputs,
+                                write_outputs)
 from fastcell_c.gates cimport lstm_gates
 from fastcell_c.kernel cimport Kernel, buffer_of
 
 
 cdef void lstm_walk(Walk* w, const floating* x, int I, int H, int Hp, int P, int Pp,
-                    const floating* w_ih_t, const floating* w_ih_p,
-                   const floating* w_hh_p, const floating* bias,
+                    const floating* w_ih_t, const floating* w_p, int ks, const floating* bias,
                     const floating* w_hr_p, const floating* w_ph,
                     floating* h, floating* c, floating* out, floating* work) noexcept nogil:
     """h (B, H_out) and c (B, H) hold the initial state and receive the final one.
@@ -28,16 +29,20 @@ cdef void lstm_walk(Walk* w, const floating* x, int I, int H, int Hp, int P, int
     cdef floating* m = G + w.T * w.B * width
     cdef floating* proj = m + w.B * H
     cdef floating* dst = m if P > 0 else h
-    project_inputs(w, x, I, w_ih_t, w_ih_p, width, G, proj + w.B * Pp if P > 0 else m)
+    cdef floating* xp = proj + w.B * Pp if P > 0 else m
+    cdef bint fused = fused_step(w, x, I, h, hout, w_p, ks, width, G, xp)
+    if not fused:
+        project_inputs(w, x, I, w_ih_t, w_p, ks, width, width, G, xp)
     for s in range(w.T):
         begin_step(w, s)
         g = G + w.g_row * width
         ldg = w.g_ld * width
-        matmul_p(<int>w.n, width, hout, h, hout, w_hh_p, True, g, <int>ldg, s & 1)  # G_t += h W_hh^T
+        if not fused:                                                        # G_t += h W_hh^T
+            matmul_p(<int>w.n, width, hout, h, hout, w_p, ks, I, True, g, <int>ldg, backward(w, s))
         for j in range(w.n):
             lstm_gates(H, Hp, g + j * ldg, bias, w_ph, c + j * H, dst + j * H)
-        if P > 0:
-            matmul_p(<int>w.n, Pp, H, m, H, w_hr_p, False, proj, Pp, s & 1)          # h = m W_hr^T
+        if P > 0:                                                            # h = m W_hr^T
+            matmul_p(<int>w.n, Pp, H, m, H, w_hr_p, H, 0, False, proj, Pp, backward(w, s))
             for j in range(w.n):
                 memcpy(h + j * P, proj + j * Pp, P * sizeof(floating))
         write_outputs(w, s, h, hout, out)
@@ -60,7 +65,7 @@ cdef class LSTMKernel(Kernel):
             self.w_hr_p = self._pack(1, buffer_of(weight_hr_t, "weight_hr_t", cnp.NPY_DOUBLE
                                                   if self.is_double else cnp.NPY_FLOAT,
                                                   (self.hidden_size, self.proj_padded), False),
-                                     self.hidden_size, self.proj_padded, self.proj_padded)
+                                     self.hidden_size, NULL, 0, self.proj_padded, self.proj_padded)
         if weight_ph is not None:
             self.w_ph = self._keep(weight_ph, "weight_ph", (3, self.padded))
 
@@ -74,13 +79,11 @@ cdef class LSTMKernel(Kernel):
         cdef int P = <int>self.proj_size, Pp = <int>self.proj_padded
         if self.is_double:
             lstm_walk(w, <const double*>x, I, H, Hp, P, Pp, <const double*>self.w_ih_t,
-                     <const double*>self.w_ih_p,
-                      <const double*>self.w_hh_p, <const double*>self.bias,
+                      <const double*>self.w_p, <int>self.ks, <const double*>self.bias,
                       <const double*>self.w_hr_p, <const double*>self.w_ph,
                       <double*>h, <double*>c, <double*>out, <double*>work)
         else:
             lstm_walk(w, <const float*>x, I, H, Hp, P, Pp, <const float*>self.w_ih_t,
-                     <const float*>self.w_ih_p,
-                      <const float*>self.w_hh_p, <const float*>self.bias,
+                      <const float*>self.w_p, <int>self.ks, <const float*>self.bias,
                       <const float*>self.w_hr_p, <const float*>self.w_ph,
                       <float*>h, <float*>c, <float*>out, <float*>work)

@@ -4,7 +4,7 @@
  *   fc_gemv_t: y[0:n] = (beta ? y : 0) + x[0:k] @ wt[0:k, 0:n]                  (one row)
  *   fc_gemm_t: c[0:m, 0:n] = (beta ? c : 0) + a[0:m, 0:k] @ wt[0:k, 0:n]        (a few rows)
  * and the same two over packed weights (fc_gemv_p, fc_gemm_p: see "Packed weights" below), which
- * the recurrent products use.
+ * the kernels use.
  * n must be a multiple of FC_LANES (the kernels pad every gate block to it). Each output sums its
  * k terms in order j = 0..k-1 whatever the vector width or the number of rows, so every build,
  * every CPU and every batch size gives the same bits.
@@ -100,39 +100,47 @@
         FC_PANEL(T, V, W, 1)                                                         \
     }
 
-/* ---- Packed weights: the recurrent matrices ----
- * A recurrent matrix (k x n, transposed as above) is packed once, at load, into column panels of
- * FC_PANEL_BYTES: the panel of columns [o, o + pw) (o a multiple of PW = FC_PANEL_BYTES / sizeof(T),
- * pw = min(PW, n - o)) holds its k rows of pw elements one after another, at wp + o * k.
+/* ---- Packed weights ----
+ * The kernels' weights are packed once, at load, into column panels of FC_PANEL_BYTES: the panel
+ * of columns [o, o + pw) (o a multiple of PW = FC_PANEL_BYTES / sizeof(T), pw = min(PW, n - o))
+ * holds its ks rows of pw elements one after another, at wp + o * ks. A cell stacks W_ih^T and
+ * W_hh^T in one packing (ks = I + H): a product over rows [j0, j0 + k) reads W_ih alone (the input
+ * projection), W_hh alone (a step of a sequence) or both, with x and h side by side (a streaming
+ * step: one pass instead of two).
  * Why: in the plain layout a row stride of 4 or 8 KB (a gate row at H = 256 or 512) maps a GEMM's
  * k-chunk of a panel onto a few L1 sets, which thrash (m = 16, H = 512: 61 -> 99 GFLOP/s packed);
  * and a packed panel is one sequential stream that the hardware prefetchers follow.
  *
  * fc_gemv_p's `backward` takes the panels in the opposite order (the bits do not change: each
  * output is one panel's own sum). A sequence alternates it from step to step, so that a step
- * starts on the panels the previous one ended with, which are still in cache: when W_hh does not
- * fit in L2 about half of L2 is reused instead of none (LRU keeps nothing of a cyclic sweep larger
- * than itself; 4 MB GEMV 174 -> 130 us). */
+ * starts on the panels the previous one ended with, which are still in cache: L1 keeps about a
+ * third of a 64 KB W_hh (0.53 -> 0.39 us) and L2 half of a 4 MB one (161 -> 104 us), where a
+ * cyclic sweep larger than the cache would find nothing in it (LRU). */
 #define FC_PANEL_BYTES 256
 
 #define FC_DEFINE_PACK(NAME, T)                                                      \
-    static void NAME(int k, int n, const T *wt, int ldw, T *wp)                      \
+    static void NAME(int k, int n, const T *wt, int ldw, T *wp, int ks, int j0)      \
     {                                                                                \
         const int PW = FC_PANEL_BYTES / (int)sizeof(T);                              \
         for (int o = 0; o < n; o += PW) {                                            \
             int pw = n - o < PW ? n - o : PW;                                        \
             for (int j = 0; j < k; j++)                                              \
-                memcpy(wp + (long)o * k + (long)j * pw, wt + (long)j * ldw + o, pw * sizeof(T)); \
+                memcpy(wp + (long)o * ks + (long)(j0 + j) * pw, wt + (long)j * ldw + o,   \
+                       pw * sizeof(T));                                              \
         }                                                                            \
     }
 
-/* Two full panels of 4 vectors each at once where a panel is 4 vectors wide (AVX-512), so that
- * 8 accumulators hide the FMA latency as in fc_gemv_t; else one panel at a time through it. */
+/* Where a panel is 4 vectors (AVX-512), two panels at once, so that 8 accumulators hide the FMA
+ * latency as in fc_gemv_t; but one at a time when only one panel of the product fits in L1
+ * (16 KB < k * FC_PANEL_BYTES <= 32 KB), so that the alternating order reuses it. Elsewhere one
+ * panel at a time through fc_gemv_t, whose 8-vector blocks fill a panel. */
 #define FC_DEFINE_GEMV_P(NAME, GEMV, T, V, W, ATTR)                                  \
-    ATTR static void NAME(int k, int n, const T *x, const T *wp, int beta, T *y, int backward) \
+    ATTR static void NAME(int k, int n, const T *x, const T *wp, int ks, int j0, int beta, T *y, \
+                          int backward)                                              \
     {                                                                                \
         const int PW = FC_PANEL_BYTES / (int)sizeof(T);                              \
-        const int g = PW == 4 * W ? 2 : 1;          /* panels per pass */            \
+        long bytes = (long)k * FC_PANEL_BYTES;                                       \
+        int g = PW == 4 * W && !(bytes > 16384 && bytes <= 32768) ? 2 : 1;           \
         int np = (n + PW - 1) / PW, ng = (np + g - 1) / g;                           \
         for (int i = 0; i < ng; i++) {                                               \
             int p = (backward ? ng - 1 - i : i) * g, o = p * PW;                     \
@@ -140,7 +148,8 @@
                 V a[8];                                                              \
                 V *out = (V *)(y + o);                                               \
                 for (int b = 0; b < 8; b++) a[b] = beta ? out[b] : (V){0};           \
-                const T *w0 = wp + (long)o * k, *w1 = w0 + (long)PW * k;             \
+                const T *w0 = wp + (long)o * ks + (long)j0 * PW;                     \
+                const T *w1 = w0 + (long)PW * ks;                                    \
                 for (int j = 0; j < k; j++, w0 += PW, w1 += PW) {                    \
                     T s = x[j];                                                      \
                     for (int b = 0; b < 4; b++) a[b] += s * *(const V *)(w0 + b * W);     \
@@ -151,7 +160,7 @@
             }                                                                        \
             for (int q = p; q < p + g && q < np; q++) {                              \
                 int oq = q * PW, pw = n - oq < PW ? n - oq : PW;                     \
-                GEMV(k, pw, x, wp + (long)oq * k, pw, beta, y + oq);                 \
+                GEMV(k, pw, x, wp + (long)oq * ks + (long)j0 * pw, pw, beta, y + oq);     \
             }                                                                        \
         }                                                                            \
     }
@@ -159,13 +168,13 @@
 /* Panel by panel through fc_gemm_t: a k-chunk of a panel is FC_KC * FC_PANEL_BYTES = 32 KB of
  * consecutive lines, which L1 holds while every row block uses it. */
 #define FC_DEFINE_GEMM_P(NAME, GEMM, T, ATTR)                                        \
-    ATTR static void NAME(int m, int n, int k, const T *a, int lda, const T *wp, int beta, \
-                          T *c, int ldc)                                             \
+    ATTR static void NAME(int m, int n, int k, const T *a, int lda, const T *wp, int ks, int j0, \
+                          int beta, T *c, int ldc)                                   \
     {                                                                                \
         const int PW = FC_PANEL_BYTES / (int)sizeof(T);                              \
         for (int o = 0; o < n; o += PW) {                                            \
             int pw = n - o < PW ? n - o : PW;                                        \
-            GEMM(m, pw, k, a, lda, wp + (long)o * k, pw, beta, c + o, ldc);          \
+            GEMM(m, pw, k, a, lda, wp + (long)o * ks + (long)j0 * pw, pw, beta, c + o, ldc); \
         }                                                                            \
     }
 
@@ -230,28 +239,28 @@ static inline void fc_gemm_t_d(int m, int n, int k, const double *a, int lda, co
     FC_CALL_BEST(fc_gemm_t_d, (m, n, k, a, lda, wt, ldw, beta, c, ldc));
 }
 
-static inline void fc_gemv_p_f(int k, int n, const float *x, const float *wp, int beta, float *y,
-                               int backward)
+static inline void fc_gemv_p_f(int k, int n, const float *x, const float *wp, int ks, int j0,
+                               int beta, float *y, int backward)
 {
-    FC_CALL_BEST(fc_gemv_p_f, (k, n, x, wp, beta, y, backward));
+    FC_CALL_BEST(fc_gemv_p_f, (k, n, x, wp, ks, j0, beta, y, backward));
 }
 
-static inline void fc_gemv_p_d(int k, int n, const double *x, const double *wp, int beta,
-                               double *y, int backward)
+static inline void fc_gemv_p_d(int k, int n, const double *x, const double *wp, int ks, int j0,
+                               int beta, double *y, int backward)
 {
-    FC_CALL_BEST(fc_gemv_p_d, (k, n, x, wp, beta, y, backward));
+    FC_CALL_BEST(fc_gemv_p_d, (k, n, x, wp, ks, j0, beta, y, backward));
 }
 
 static inline void fc_gemm_p_f(int m, int n, int k, const float *a, int lda, const float *wp,
-                               int beta, float *c, int ldc)
+                               int ks, int j0, int beta, float *c, int ldc)
 {
-    FC_CALL_BEST(fc_gemm_p_f, (m, n, k, a, lda, wp, beta, c, ldc));
+    FC_CALL_BEST(fc_gemm_p_f, (m, n, k, a, lda, wp, ks, j0, beta, c, ldc));
 }
 
 static inline void fc_gemm_p_d(int m, int n, int k, const double *a, int lda, const double *wp,
-                               int beta, double *c, int ldc)
+                               int ks, int j0, int beta, double *c, int ldc)
 {
-    FC_CALL_BEST(fc_gemm_p_d, (m, n, k, a, lda, wp, beta, c, ldc));
+    FC_CALL_BEST(fc_gemm_p_d, (m, n, k, a, lda, wp, ks, j0, beta, c, ldc));
 }
 
 #endif

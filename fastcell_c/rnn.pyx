@@ -1,25 +1,30 @@
 # The vanilla RNN kernel (nn.RNN, tanh or relu). Per step: one GEMV/GEMM adds h W_hh^T into the
-# pre-activation rows (beta = 1), one fused pass applies bias and nonlinearity.
+# pre-activation rows (beta = 1), one fused pass applies bias and nonlinearity. A single step
+# (streaming) does x W_ih^T + h W_hh^T in one product instead (fused_step).
 from cython cimport floating
 
 from fastcell_c._blas cimport matmul_p
-from fastcell_c._steps cimport Walk, begin_step, project_inputs, write_outputs
+from fastcell_c._steps cimport (Walk, backward, begin_step, fused_step, project_inputs,
+                                write_outputs)
 from fastcell_c.gates cimport rnn_update
 from fastcell_c.kernel cimport Kernel
 
 
 cdef void rnn_walk(Walk* w, const floating* x, int I, int H, int Hp, bint relu,
-                   const floating* w_ih_t, const floating* w_ih_p,
-                   const floating* w_hh_p, const floating* bias,
+                   const floating* w_ih_t, const floating* w_p, int ks, const floating* bias,
                    floating* h, floating* out, floating* G) noexcept nogil:
     cdef Py_ssize_t s, j, ldg
     cdef floating* g
-    project_inputs(w, x, I, w_ih_t, w_ih_p, Hp, G, G + w.T * w.B * Hp)
+    cdef floating* xp = G + w.T * w.B * Hp
+    cdef bint fused = fused_step(w, x, I, h, H, w_p, ks, Hp, G, xp)
+    if not fused:
+        project_inputs(w, x, I, w_ih_t, w_p, ks, Hp, Hp, G, xp)
     for s in range(w.T):
         begin_step(w, s)
         g = G + w.g_row * Hp
         ldg = w.g_ld * Hp
-        matmul_p(<int>w.n, Hp, H, h, H, w_hh_p, True, g, <int>ldg, s & 1)    # G_t += h W_hh^T
+        if not fused:                                                        # G_t += h W_hh^T
+            matmul_p(<int>w.n, Hp, H, h, H, w_p, ks, I, True, g, <int>ldg, backward(w, s))
         for j in range(w.n):
             rnn_update(relu, H, g + j * ldg, bias, h + j * H)
         write_outputs(w, s, h, H, out)
@@ -37,11 +42,9 @@ cdef class RNNKernel(Kernel):
         cdef int I = <int>self.input_size, H = <int>self.hidden_size, Hp = <int>self.padded
         if self.is_double:
             rnn_walk(w, <const double*>x, I, H, Hp, self.relu, <const double*>self.w_ih_t,
-                     <const double*>self.w_ih_p,
-                     <const double*>self.w_hh_p, <const double*>self.bias, <double*>h,
+                     <const double*>self.w_p, <int>self.ks, <const double*>self.bias, <double*>h,
                      <double*>out, <double*>work)
         else:
             rnn_walk(w, <const float*>x, I, H, Hp, self.relu, <const float*>self.w_ih_t,
-                     <const float*>self.w_ih_p,
-                     <const float*>self.w_hh_p, <const float*>self.bias, <float*>h,
+                     <const float*>self.w_p, <int>self.ks, <const float*>self.bias, <float*>h,
                      <float*>out, <float*>work)

@@ -29,6 +29,7 @@ cdef class StreamState:
     cdef readonly Py_ssize_t batch
     cdef readonly Stepper owner
     cdef char* work
+    cdef bint parity     # alternates the panel order of successive steps (cache reuse, same bits)
 
     def __cinit__(self, Stepper owner, batch):
         if isinstance(batch, (bool, np.bool_)) or not isinstance(batch, (int, np.integer)):
@@ -150,6 +151,8 @@ cdef class Stepper:
         cdef char* c = NULL if state.c is None else <char*>cnp.PyArray_DATA(<cnp.ndarray>state.c)
         cdef Py_ssize_t itemsize = 8 if self.typenum == cnp.NPY_DOUBLE else 4
         cdef Walk w = make_walk(1, B, False, 0, NULL, NULL, False)
+        w.flip = state.parity
+        state.parity = not state.parity
         cdef Kernel k
         cdef int previous
         for i in range(len(self.kernels)):
