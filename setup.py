@@ -5,6 +5,7 @@ Environment switches:
   FASTCELL_NATIVE=1         -march=native (a build for this machine only; the default is portable)
 """
 import os
+from pathlib import Path
 
 import numpy as np
 from Cython.Build import cythonize
@@ -29,6 +30,7 @@ directives = {
 }
 
 KERNELS = ["kernel", "rnn", "gru", "lstm", "stream", "blas_floor"]
+HEADERS = sorted(str(p) for p in Path("fastcell_c").glob("*.h"))
 
 extensions = [
     Extension(
@@ -37,6 +39,7 @@ extensions = [
         include_dirs=["fastcell_c", np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=compile_args,
+        depends=HEADERS,  # the C headers: an edit to one rebuilds every kernel
     )
     for name in KERNELS
 ]

@@ -53,6 +53,16 @@ def set_blas_threads(int n):
     return previous
 
 
+cdef extern from "dispatch.h" nogil:
+    int fc_x86_level()
+
+
+def simd_level():
+    """The SIMD level the kernels run at: 4 (AVX-512), 3 (AVX2 + FMA) or 1 (baseline), the CPU's
+    best unless FASTCELL_ISA (base, v3 or v4) caps it."""
+    return {4: "v4", 3: "v3"}.get(fc_x86_level(), "base")
+
+
 def blas_thread_control_installed():
     return _set_local_threads != NULL
 

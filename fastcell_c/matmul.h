@@ -6,8 +6,9 @@
  * and the same two over packed weights (fc_gemv_p, fc_gemm_p: see "Packed weights" below), which
  * the kernels use.
  * n must be a multiple of FC_LANES (the kernels pad every gate block to it). Each output sums its
- * k terms in order j = 0..k-1 whatever the vector width or the number of rows, so every build,
- * every CPU and every batch size gives the same bits.
+ * k terms in order j = 0..k-1 whatever the vector width, the number of rows or the panel order,
+ * so these never change the bits: the FMA levels (AVX2, AVX-512) agree exactly; the baseline level
+ * (no FMA: each product rounded on its own) differs in the last bits.
  *
  * Why not BLAS: a BLAS GEMV call costs more than the whole product at H = 64, and a BLAS GEMM
  * packs the weight matrix again on every call, which at B = 16 costs more than the arithmetic;

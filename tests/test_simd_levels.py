@@ -1,0 +1,83 @@
+"""Every SIMD level the kernels are compiled for (dispatch.h), run on this machine through
+FASTCELL_ISA, against the CPU's best: AVX2 + FMA and AVX-512 give the same bits (the same sums in
+the same order, each step fused-multiply-added); the baseline level, for CPUs without FMA, rounds
+every product on its own, so it may differ in the last bits, and only there."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastcell_c.kernel import simd_level
+
+ROOT = Path(__file__).resolve().parents[1]
+LEVELS = {"base": 1, "v3": 3, "v4": 4}
+
+# Runs in a fresh process (the level is read once per process): every cell kind, both dtypes,
+# sizes off the vector width, a sequence, a batch, a fused streaming step and a packed-length run.
+SCRIPT = r"""
+import sys
+import numpy as np
+import fastcell
+from fastcell_c.kernel import simd_level
+
+out = {"level": np.array(simd_level())}
+rng = np.random.default_rng(7)
+for dtype in (np.float32, np.float64):
+    for name, make in (("rnn", lambda: fastcell.RNN(19, 17, num_layers=2)),
+                       ("gru", lambda: fastcell.GRU(19, 17)),
+                       ("lstm", lambda: fastcell.LSTM(19, 33, proj_size=5)),
+                       ("peephole", lambda: fastcell.PeepholeLSTM(19, 17))):
+        m = make()
+        m.load_state_dict({k: rng.uniform(-0.4, 0.4, v.shape).astype(dtype)
+                           for k, v in m.state_dict().items()})
+        key = f"{name}-{np.dtype(dtype).name}"
+        x = rng.standard_normal((70, 3, 19)).astype(dtype)
+        out[key + "-seq"] = m(x)[0]
+        out[key + "-lengths"] = m(x, lengths=[70, 9, 41])[0]
+        state = m.new_state(batch=3)
+        for t in range(5):
+            out[key + f"-step{t}"] = m.step(x[t], state).copy()
+np.savez(sys.argv[1], **out)
+"""
+
+
+def run_at(level, path):
+    env = dict(os.environ, FASTCELL_ISA=level, PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, "-c", SCRIPT, str(path)], env=env, check=True, timeout=120)
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    best = LEVELS[simd_level()]
+    tmp = tmp_path_factory.mktemp("levels")
+    return {lv: run_at(lv, tmp / f"{lv}.npz") for lv, n in LEVELS.items() if n <= best}
+
+
+def test_each_level_runs_as_asked(results):
+    for level, r in results.items():
+        assert str(r["level"]) == level
+
+
+def test_fma_levels_give_the_same_bits(results):
+    if "v3" not in results or "v4" not in results:
+        pytest.skip("this CPU has no AVX-512: only one FMA level to run")
+    v3, v4 = results["v3"], results["v4"]
+    for key in v4:
+        if key != "level":
+            np.testing.assert_array_equal(v3[key], v4[key], err_msg=key)
+
+
+def test_baseline_differs_only_in_rounding(results):
+    best = results[max(results, key=LEVELS.get)]
+    for key, a in results["base"].items():
+        if key == "level":
+            continue
+        tol = 1e-5 if a.dtype == np.float32 else 1e-12
+        b = best[key]
+        assert np.max(np.abs(a.astype(np.float64) - b)) <= tol * max(1.0, np.max(np.abs(b))), key
