@@ -29,7 +29,8 @@ class _Layer(Frozen):
         if proj_size and proj_size >= hidden_size:
             raise ValueError(f"proj_size: expected 0 or less than hidden_size={hidden_size}, got {proj_size}")
         try:
-            dt = np.dtype(dtype)
+            # None is PyTorch's default dtype, float32 (NumPy's np.dtype(None) is float64).
+            dt = np.dtype(np.float32 if dtype is None else dtype)
         except (TypeError, ValueError):
             raise TypeError(f"dtype: expected float32 or float64, got {dtype!r}") from None
         if dt not in FLOAT_DTYPES:
@@ -94,7 +95,19 @@ class _Layer(Frozen):
 
     # -- weights --
 
+    @classmethod
+    def _from_weights(cls, weights, **config):
+        """A layer built straight with these weights (fastcell.load): no random init first."""
+        layer = cls.__new__(cls)
+        layer._initial_weights = weights
+        layer.__init__(**config)
+        return layer
+
     def _init_random(self):
+        initial = self.__dict__.pop("_initial_weights", None)
+        if initial is not None:
+            self.load_state_dict(initial)
+            return
         # PyTorch's default initialisation, so a fresh layer behaves like a fresh torch layer.
         rng = np.random.default_rng()
         k = 1 / np.sqrt(self.hidden_size)

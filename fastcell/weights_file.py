@@ -415,9 +415,7 @@ def _build(config, weights, path):
             kwargs = {k: config[k] for k in ("input_size", "hidden_size", "num_layers", "bias",
                                              "batch_first", "bidirectional")}
             kwargs.update({k: config[k] for k in _LAYER_EXTRA[kind]})
-            model = _LAYERS[kind](**kwargs, dtype=dtype)
-            model.load_state_dict(weights)
-            return model
+            return _LAYERS[kind]._from_weights(weights, **kwargs, dtype=dtype)
         extra = {k: config[k] for k in _CELL_EXTRA[kind]}
         return _CELLS[kind](**weights, **extra)
     except (ValueError, TypeError) as exc:  # the checks above should make this unreachable

@@ -64,8 +64,8 @@ static inline double fc_tanh_d(double x)
     double s, q;
     fc_reduce_d(-2.0 * ax, &s, &q);
     double m = s * q + (s - 1.0);                    /* expm1(-2|x|) in (-1, 0] */
-    double t = -m / (2.0 + m);
-    return x < 0 ? -t : t;
+    double t = (0.0 - m) / (2.0 + m);                /* |tanh x|: +0, not -0, at x = +-0 */
+    return __builtin_copysign(t, x);                 /* tanh(-0) = -0, as in PyTorch */
 }
 
 /* ---- float ---- */
@@ -111,8 +111,8 @@ static inline float fc_tanh_f(float x)
     float s, q;
     fc_reduce_f(-2.0f * ax, &s, &q);
     float m = s * q + (s - 1.0f);
-    float t = -m / (2.0f + m);
-    return x < 0 ? -t : t;
+    float t = (0.0f - m) / (2.0f + m);
+    return __builtin_copysignf(t, x);
 }
 
 #endif

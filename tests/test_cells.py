@@ -196,6 +196,25 @@ def _ref_outputs(variant, xs, w):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
 @pytest.mark.parametrize("variant", list(VARIANTS))
+def test_signed_zeros_match_torch(variant, dtype, rng):
+    """Zero weights and signed zero inputs: every output zero has PyTorch's sign (tanh(+-0) is
+    +-0)."""
+    H, I, T, B = 17, 5, 3, 4
+    w = {k: np.zeros_like(v) for k, v in init_weights(rng, VARIANTS[variant][0], I, H, dtype,
+                                                      peephole=variant == "peephole_lstm").items()}
+    xs = np.zeros((T, B, I), dtype)
+    xs[:, 1::2] = -0.0
+    zeros = np.zeros((B, H), dtype)
+    zeros[::2] = -0.0                                  # rows 0, 2 start from -0, rows 1, 3 from +0
+    state = (zeros, zeros.copy()) if "lstm" in variant else zeros
+    want_y, _ = torch_sequence(variant, w, xs, state)
+    y, _ = make_cell(variant, w).run(xs, state)
+    np.testing.assert_array_equal(y, want_y)
+    np.testing.assert_array_equal(np.signbit(y), np.signbit(want_y))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_saturating_and_special_inputs_match_torch(variant, dtype, rng):
     """Large pre-activations exercise the activations' range reduction and saturation; +-inf and
     NaN propagate as in PyTorch."""

@@ -153,6 +153,12 @@ def test_constructor_errors():
         fastcell.GRU(3, 4, dtype=np.int32)
 
 
+@pytest.mark.parametrize("dtype, want", [(None, np.float32), ("float64", np.float64),
+                                         (np.float32, np.float32)])
+def test_dtype_none_is_float32_as_in_torch(dtype, want):
+    assert fastcell.LSTM(3, 4, dtype=dtype).dtype == want
+
+
 def test_call_errors(rng):
     fm = fastcell.LSTM(3, 4, num_layers=2)
     with pytest.raises(ValueError, match="x: expected shape"):
