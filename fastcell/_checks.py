@@ -44,6 +44,8 @@ def as_weight(value, name, ndim):
 def as_input(value, name, dtype):
     """An input in the model's dtype, C-contiguous (a copy only where needed). A 0-d input stays
     0-d (np.ascontiguousarray would make it (1,)), so shape checks report what came."""
+    if type(value) is np.ndarray and value.dtype == dtype and value.flags.c_contiguous:
+        return value  # the common case, on every call: nothing to convert or check
     arr = to_numpy(value, name)
     return np.asarray(arr, dtype=dtype, order="C")
 

@@ -59,7 +59,7 @@ class _Cell(Frozen):
 
     def _inputs(self, value, name, step):
         """x as (T, B, I) plus whether it came unbatched; a step is T = 1."""
-        x = as_input(value, name, self.dtype)
+        x = as_input(value, name, self._rec.dtype)
         batched_ndim = 2 if step else 3
         if x.ndim not in (batched_ndim - 1, batched_ndim) or x.shape[-1] != self.input_size:
             raise shape_error(name, self._input_shapes(step), x.shape)
@@ -76,13 +76,14 @@ class _Cell(Frozen):
 
     def _state(self, value, name, size, batch, unbatched):
         """A fresh (B, size) buffer holding the given state (zeros for None)."""
+        dtype = self._rec.dtype
         if value is None:
-            return np.zeros((batch, size), self.dtype)
-        s = as_input(value, name, self.dtype)
+            return np.zeros((batch, size), dtype)
+        s = as_input(value, name, dtype)
         want = (size,) if unbatched else (batch, size)
         if s.shape != want:
             raise shape_error(name, want, s.shape)
-        return np.array(s.reshape(batch, size), order="C", copy=True)
+        return s.reshape(batch, size).copy()   # as_input made it C-contiguous: so is the copy
 
     def _states(self, state, name, batch, unbatched):
         """[h] or [h, c] buffers for the kernel."""
@@ -95,8 +96,8 @@ class _Cell(Frozen):
             raise TypeError(f"{name}: expected an (h, c) pair, got {type(state).__name__}")
         elif state[0] is None or state[1] is None:
             raise TypeError(f"{name}: expected an (h, c) pair of arrays, got a None in it")
-        return [self._state(state[0], f"{name}[0] (h)", rec.output_size, batch, unbatched),
-                self._state(state[1], f"{name}[1] (c)", rec.hidden_size, batch, unbatched)]
+        return [self._state(state[0], name + "[0] (h)", rec.output_size, batch, unbatched),
+                self._state(state[1], name + "[1] (c)", rec.hidden_size, batch, unbatched)]
 
     @staticmethod
     def _h_c(states):
@@ -133,8 +134,9 @@ class _Cell(Frozen):
         x, unbatched = self._inputs(xs, "xs", step=False)
         T, B = x.shape[:2]
         states = self._states(state, "state", B, unbatched)
-        out = np.empty((T, B, self._rec.output_size), self.dtype)
-        self._rec.run(x, *self._h_c(states), out=out)
+        rec = self._rec
+        out = np.empty((T, B, rec.output_size), rec.dtype)
+        rec.run(x, *self._h_c(states), out=out)
         return (out[:, 0] if unbatched else out), self._result(states, unbatched)
 
 

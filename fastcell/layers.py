@@ -247,7 +247,7 @@ class _Layer(Frozen):
             want = (n, size) if unbatched else (n, B, size)
             if a.shape != want:
                 raise shape_error(name, want, a.shape)
-            states.append(np.array(a.reshape(n, B, size), order="C", copy=True))
+            states.append(a.reshape(n, B, size).copy())   # C-contiguous: as_input made it so
         return states
 
     def _run(self, x, states, lengths, perm, T, B):

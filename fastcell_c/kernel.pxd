@@ -27,6 +27,19 @@ cdef inline bint is_array(object a, int typenum, int ndim) noexcept:
             and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a))
 
 
+cdef inline bint has_dims(object a, int typenum, int ndim, Py_ssize_t d0, Py_ssize_t d1,
+                          Py_ssize_t d2, bint writable) noexcept:
+    """a is a native-order C-contiguous ndarray of that dtype number, rank and dims (< 0: any
+    size), writable if asked: the fast check, with no Python object made."""
+    if not (is_array(a, typenum, ndim) and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a)):
+        return False
+    if writable and not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>a):
+        return False
+    cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(<cnp.ndarray>a)
+    return ((d0 < 0 or dims[0] == d0) and (ndim < 2 or d1 < 0 or dims[1] == d1)
+            and (ndim < 3 or d2 < 0 or dims[2] == d2))
+
+
 cdef char* buffer_of(object a, str name, int typenum, tuple shape, bint writable) except NULL
 cdef int enter_blas() noexcept nogil
 cdef void leave_blas(int previous) noexcept nogil

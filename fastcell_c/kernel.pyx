@@ -8,7 +8,7 @@ from libc.stdlib cimport free
 
 import numpy as np
 
-from fastcell_c._blas cimport fc_pack_t_d, fc_pack_t_f
+from fastcell_c._blas cimport SMALL_M, fc_pack_t_d, fc_pack_t_f
 from fastcell_c._steps cimport Walk, make_walk
 
 cnp.import_array()
@@ -170,26 +170,32 @@ cdef class Kernel:
         receive the outputs; rows past a sequence's length are left alone. lengths, perm: int64
         (B,), see _steps.pxd; lengths non-increasing in [1, T].
         """
+        # Each check is a few C comparisons when the array is right (has_dims); buffer_of then
+        # only runs to name what is wrong.
         cdef int typenum = cnp.NPY_DOUBLE if self.is_double else cnp.NPY_FLOAT
-        if not is_array(x, typenum, 3):
+        if not has_dims(x, typenum, 3, -1, -1, self.input_size, False):
             buffer_of(x, "x", typenum, (None, None, self.input_size), False)
-        cdef Py_ssize_t T = x.shape[1] if batch_first else x.shape[0]
-        cdef Py_ssize_t B = x.shape[0] if batch_first else x.shape[1]
-        cdef const char* xp = buffer_of(x, "x", typenum, (x.shape[0], x.shape[1], self.input_size), False)
-        cdef char* hp = buffer_of(h, "h", typenum, (B, self.output_size), True)
+        cdef Py_ssize_t d0 = cnp.PyArray_DIM(<cnp.ndarray>x, 0), d1 = cnp.PyArray_DIM(<cnp.ndarray>x, 1)
+        cdef Py_ssize_t T = d1 if batch_first else d0
+        cdef Py_ssize_t B = d0 if batch_first else d1
+        cdef const char* xp = <const char*>cnp.PyArray_DATA(<cnp.ndarray>x)
+        if not has_dims(h, typenum, 2, B, self.output_size, 0, True):
+            buffer_of(h, "h", typenum, (B, self.output_size), True)
+        cdef char* hp = <char*>cnp.PyArray_DATA(<cnp.ndarray>h)
         cdef char* cp = NULL
         if self.has_cell_state:
-            cp = buffer_of(c, "c", typenum, (B, self.hidden_size), True)
+            if not has_dims(c, typenum, 2, B, self.hidden_size, 0, True):
+                buffer_of(c, "c", typenum, (B, self.hidden_size), True)
+            cp = <char*>cnp.PyArray_DATA(<cnp.ndarray>c)
         cdef char* op = NULL
         cdef Py_ssize_t width = 0
         if out is not None:
-            if not is_array(out, typenum, 3) or tuple(out.shape[:2]) != tuple(x.shape[:2]):
-                buffer_of(out, "out", typenum, (x.shape[0], x.shape[1], None), True)
-            width = out.shape[2]
+            if not has_dims(out, typenum, 3, d0, d1, -1, True):
+                buffer_of(out, "out", typenum, (d0, d1, None), True)
+            width = cnp.PyArray_DIM(<cnp.ndarray>out, 2)
             if out_col < 0 or out_col + self.output_size > width:
                 raise ValueError(f"out: {self.output_size} columns from {out_col} do not fit in {width}")
-            op = buffer_of(out, "out", typenum, tuple(out.shape), True) + \
-                out_col * (8 if self.is_double else 4)
+            op = <char*>cnp.PyArray_DATA(<cnp.ndarray>out) + out_col * (8 if self.is_double else 4)
         cdef const int64_t* lp = NULL
         cdef const int64_t* pp = NULL
         cdef Py_ssize_t j
@@ -218,9 +224,10 @@ cdef class Kernel:
         if work == NULL:
             raise MemoryError(f"workspace of {n} elements for T={T}, B={B}")
         cdef int previous
+        cdef bint blas = T * B > SMALL_M          # only then is BLAS called (the projection)
         try:
             with nogil:
-                previous = enter_blas()
+                previous = enter_blas() if blas else -1
                 self.run_walk(&w, xp, hp, cp, op, work)
                 leave_blas(previous)
         finally:
