@@ -14,6 +14,10 @@ class _Cell(Frozen):
     def __init__(self, rec):
         self._rec = rec
         self._stepper = Stepper([rec.kernel])
+        # The streaming call goes straight to the compiled stepper: the method below, a Python
+        # frame around the same call, would add 85 ns to a 1-2 us step. (A cell's stepper never
+        # changes: cells have no load_state_dict.)
+        self.step = self._stepper.step
         self._frozen = True
 
     def __getstate__(self):
@@ -126,7 +130,8 @@ class _Cell(Frozen):
     def step(self, x, state, out=None):
         """The streaming call: advances `state` (from new_state) in place by one step of x (B, I)
         or (I,) and returns h (B, H) or (H,), written into `out` when given (then nothing is
-        allocated). The same numbers as cell(x, hx)."""
+        allocated). The same numbers as cell(x, hx). (Each cell binds this name to its compiled
+        stepper's step, which does exactly this.)"""
         return self._stepper.step(x, state, out)
 
     def run(self, xs, state=None):
