@@ -766,6 +766,22 @@ def test_import_does_not_import_torch():
     assert Path(r.stdout.strip()).resolve() == Path(fastcell.__file__).resolve()
 
 
+def test_scipy_linalg_imported_later_is_whole():
+    """fastcell loads scipy's cython_blas without the scipy.linalg package (cold start); a later
+    `import scipy.linalg` still has it as an attribute, and works."""
+    root = Path(fastcell.__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    code = ("import sys, numpy as np, fastcell\n"
+            "assert 'scipy.linalg' not in sys.modules, 'scipy.linalg imported by fastcell'\n"
+            "fastcell.LSTM(3, 4)(np.zeros((2, 1, 3), np.float32))\n"
+            "import scipy.linalg\n"
+            "assert scipy.linalg.cython_blas is sys.modules['scipy.linalg.cython_blas']\n"
+            "assert np.allclose(scipy.linalg.inv(np.eye(3) * 2), np.eye(3) / 2)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
 def test_version():
     assert isinstance(fastcell.__version__, str)
     assert re.fullmatch(r"\d+\.\d+(\.\d+)?([.-]?\w+)*", fastcell.__version__)
