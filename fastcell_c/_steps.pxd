@@ -137,3 +137,28 @@ cdef inline void write_outputs(const Walk* w, Py_ssize_t s, const floating* h, P
     for j in range(w.n):
         memcpy(out + time_of(w, s, j) * w.o_ts + batch_of(w, j) * w.o_bs, h + j * width,
                width * sizeof(floating))
+
+
+cdef inline bint input_products(Walk* w, const floating* x, int I, const floating* h, int hout,
+                                const floating* w_ih_t, const floating* w_p, int ks, int width,
+                                floating* G, floating* xp) noexcept nogil:
+    """Before the time loop of a cell whose gates take x W_ih^T + h W_hh^T in one row: a single
+    step does its whole product now (fused_step: returns True), anything else projects its
+    inputs (project_inputs: returns False, step_product adds h W_hh^T at each step)."""
+    if fused_step(w, x, I, h, hout, w_p, ks, width, G, xp):
+        return True
+    project_inputs(w, x, I, w_ih_t, w_p, ks, width, width, G, xp)
+    return False
+
+
+cdef inline floating* step_product(Walk* w, Py_ssize_t s, bint fused, floating* G, int width,
+                                   const floating* h, int hout, const floating* w_p, int ks, int I,
+                                   Py_ssize_t* ldg) noexcept nogil:
+    """Begins step s: returns its first gate row (rows *ldg apart), holding x_t W_ih^T + h W_hh^T
+    (the recurrent product added here, unless input_products fused it)."""
+    begin_step(w, s)
+    cdef floating* g = G + w.g_row * width
+    ldg[0] = w.g_ld * width
+    if not fused:
+        matmul_p(<int>w.n, width, hout, h, hout, w_p, ks, I, True, g, <int>ldg[0], backward(w, s))
+    return g

@@ -7,8 +7,7 @@ from libc.string cimport memcpy
 from cython cimport floating
 
 from fastcell_c._blas cimport matmul_p
-from fastcell_c._steps cimport (Walk, backward, begin_step, fused_step, project_inputs,
-                                write_outputs)
+from fastcell_c._steps cimport Walk, backward, input_products, step_product, write_outputs
 from fastcell_c.gates cimport lstm_gates
 from fastcell_c.kernel cimport Kernel, buffer_of
 
@@ -30,15 +29,9 @@ cdef void lstm_walk(Walk* w, const floating* x, int I, int H, int Hp, int P, int
     cdef floating* proj = m + w.B * H
     cdef floating* dst = m if P > 0 else h
     cdef floating* xp = proj + w.B * Pp if P > 0 else m
-    cdef bint fused = fused_step(w, x, I, h, hout, w_p, ks, width, G, xp)
-    if not fused:
-        project_inputs(w, x, I, w_ih_t, w_p, ks, width, width, G, xp)
+    cdef bint fused = input_products(w, x, I, h, hout, w_ih_t, w_p, ks, width, G, xp)
     for s in range(w.T):
-        begin_step(w, s)
-        g = G + w.g_row * width
-        ldg = w.g_ld * width
-        if not fused:                                                        # G_t += h W_hh^T
-            matmul_p(<int>w.n, width, hout, h, hout, w_p, ks, I, True, g, <int>ldg, backward(w, s))
+        g = step_product(w, s, fused, G, width, h, hout, w_p, ks, I, &ldg)
         for j in range(w.n):
             lstm_gates(H, Hp, g + j * ldg, bias, w_ph, c + j * H, dst + j * H)
         if P > 0:                                                            # h = m W_hr^T

@@ -3,9 +3,7 @@
 # (streaming) does x W_ih^T + h W_hh^T in one product instead (fused_step).
 from cython cimport floating
 
-from fastcell_c._blas cimport matmul_p
-from fastcell_c._steps cimport (Walk, backward, begin_step, fused_step, project_inputs,
-                                write_outputs)
+from fastcell_c._steps cimport Walk, input_products, step_product, write_outputs
 from fastcell_c.gates cimport rnn_update
 from fastcell_c.kernel cimport Kernel
 
@@ -16,15 +14,9 @@ cdef void rnn_walk(Walk* w, const floating* x, int I, int H, int Hp, bint relu,
     cdef Py_ssize_t s, j, ldg
     cdef floating* g
     cdef floating* xp = G + w.T * w.B * Hp
-    cdef bint fused = fused_step(w, x, I, h, H, w_p, ks, Hp, G, xp)
-    if not fused:
-        project_inputs(w, x, I, w_ih_t, w_p, ks, Hp, Hp, G, xp)
+    cdef bint fused = input_products(w, x, I, h, H, w_ih_t, w_p, ks, Hp, G, xp)
     for s in range(w.T):
-        begin_step(w, s)
-        g = G + w.g_row * Hp
-        ldg = w.g_ld * Hp
-        if not fused:                                                        # G_t += h W_hh^T
-            matmul_p(<int>w.n, Hp, H, h, H, w_p, ks, I, True, g, <int>ldg, backward(w, s))
+        g = step_product(w, s, fused, G, Hp, h, H, w_p, ks, I, &ldg)
         for j in range(w.n):
             rnn_update(relu, H, g + j * ldg, bias, h + j * H)
         write_outputs(w, s, h, H, out)
