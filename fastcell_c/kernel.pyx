@@ -3,6 +3,7 @@
 # weights in __init__ and implements workspace() and run_walk().
 cimport numpy as cnp
 from cpython.pyport cimport PY_SSIZE_T_MAX
+from libc.limits cimport INT_MAX
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free
 
@@ -199,7 +200,7 @@ cdef class Kernel:
         cdef const int64_t* lp = NULL
         cdef const int64_t* pp = NULL
         cdef Py_ssize_t j
-        if T * B >= 2 ** 31 or self.width >= 2 ** 31:
+        if T * B > INT_MAX or self.width > INT_MAX:
             raise ValueError(f"x: T*B = {T * B} rows is too many for BLAS's 32-bit sizes")
         if lengths is not None:
             if not (is_array(lengths, cnp.NPY_INT64, 1) and is_array(perm, cnp.NPY_INT64, 1)
