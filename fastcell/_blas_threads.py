@@ -1,6 +1,7 @@
 """Finds scipy's OpenBLAS and gives fastcell_c its thread-local thread control (see
-fastcell_c/kernel.pyx): fastcell's own BLAS calls then run single-threaded by default, whatever the
-process's OpenBLAS setting, and the host's other BLAS calls are left alone."""
+fastcell_c/kernel.pyx): the BLAS calls fastcell makes when given threads (set_blas_threads) use
+exactly that many, whatever the process's OpenBLAS setting, and the host's other BLAS calls are
+left alone."""
 
 import ctypes
 import glob
@@ -31,7 +32,9 @@ def install():
 
 
 def set_blas_threads(n):
-    """Threads for fastcell's own BLAS (GEMM) calls: 1 by default, since a service runs many
-    streams on many threads. Set thread-locally around each call, so other BLAS use in the process
-    keeps its own setting (needs OpenBLAS >= 0.3.27, as scipy's wheels ship). Returns the old value."""
+    """Threads for fastcell's input projections: 1 by default, since a service runs many streams on
+    many threads, and then fastcell calls no BLAS at all (its own single-threaded GEMM is as
+    fast). With n > 1, projections of more than 1024 rows (T * B) go to BLAS with n threads, set
+    thread-locally around each call, so other BLAS use in the process keeps its own setting
+    (needs OpenBLAS >= 0.3.27, as scipy's wheels ship). Returns the old value."""
     return kernel.set_blas_threads(int(n))

@@ -52,11 +52,11 @@ cdef extern from "matmul.h" nogil:
                      int j0, int beta, double* c, int ldc)
 
 
-# Up to this many rows (a step, a batch of streams, the input projection of a sequence), fastcell's
-# own GEMV/GEMM on packed weights (matmul_p) beats BLAS, which packs the weights anew on every call
-# (at T = 100, B = 1, H = 256 its packing took a third of the projection's time); beyond it (e.g.
-# T*B = 3200 rows at H = 512) BLAS's larger register tiles pay for the packing. Measured with
-# bench/ (python -m bench.report): 800 rows even, 3200 rows BLAS 1.2x faster.
+# fastcell's own GEMV/GEMM on packed weights (matmul_p) does every product: single-threaded it is as
+# fast as OpenBLAS's SGEMM even for a projection of 3200 rows, and BLAS would pack the weights anew
+# on every call (a third of a projection's time at T = 100, B = 1, H = 256). BLAS is called only
+# for what its threads can speed up: an input projection of more than SMALL_M rows when the user
+# gave fastcell more than one BLAS thread (kernel.pyx: set_blas_threads, blas_pays).
 cdef enum:
     SMALL_M = 1024
 

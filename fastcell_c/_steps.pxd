@@ -11,7 +11,7 @@ from libc.stdint cimport int64_t
 from libc.string cimport memcpy
 from cython cimport floating
 
-from fastcell_c._blas cimport SMALL_M, matmul_p, matmul_t
+from fastcell_c._blas cimport matmul_p, matmul_t
 
 
 cdef struct Walk:
@@ -26,6 +26,7 @@ cdef struct Walk:
     Py_ssize_t g_ld            # G row stride of the current step, in rows
     Py_ssize_t off             # packed offset of the current step
     bint flip                  # step s takes its panels backward when (s + flip) is odd
+    bint use_blas              # the input projection goes to (multi-threaded) BLAS
 
 
 cdef inline Walk make_walk(Py_ssize_t T, Py_ssize_t B, bint batch_first, Py_ssize_t out_width,
@@ -48,6 +49,7 @@ cdef inline Walk make_walk(Py_ssize_t T, Py_ssize_t B, bint batch_first, Py_ssiz
     w.g_ld = 1
     w.off = 0
     w.flip = False
+    w.use_blas = False
     return w
 
 
@@ -67,9 +69,9 @@ cdef inline void project_inputs(Walk* w, const floating* x, int I, const floatin
                                 floating* xp) noexcept nogil:
     """G = x @ W_ih^T for every row the walk will read: one GEMM (xp: packing space, lengths only).
 
-    w_ih_t is W_ih stored transposed, (I, gates) with gates the padded gate-row width, for BLAS
-    (many rows: its packing pays off); w_p the kernel's packed weights (ks rows, W_ih's first;
-    columns split apart at `split`), for up to SMALL_M rows."""
+    w_p: the kernel's packed weights (ks rows, W_ih's first; columns split apart at `split`), for
+    fastcell's own GEMM. w_ih_t: W_ih stored transposed, (I, gates) with gates the padded
+    gate-row width, for BLAS when the walk may use its threads (w.use_blas)."""
     cdef Py_ssize_t s, j, n = w.B, r = 0
     cdef const floating* src = x
     if w.lengths == NULL:
@@ -83,7 +85,7 @@ cdef inline void project_inputs(Walk* w, const floating* x, int I, const floatin
                        I * sizeof(floating))
                 r += 1
         src = xp
-    if r > SMALL_M:
+    if w.use_blas:
         matmul_t(<int>r, gates, I, src, I, w_ih_t, gates, False, G, gates)
         return
     matmul_p(<int>r, split, I, src, I, w_p, ks, 0, False, G, gates, False)
@@ -101,11 +103,11 @@ cdef inline bint backward(const Walk* w, Py_ssize_t s) noexcept nogil:
 cdef inline bint fused_step(const Walk* w, const floating* x, int I, const floating* h, int hout,
                             const floating* w_p, int ks, int width, floating* G,
                             floating* xh) noexcept nogil:
-    """A single step (T = 1, no lengths, up to SMALL_M rows): G = [x h] @ [W_ih; W_hh]^T in one
+    """A single step (T = 1, no lengths, no BLAS projection): G = [x h] @ [W_ih; W_hh]^T in one
     pass over the stacked packed weights (xh: B * ks scratch), the same bits as the projection
     followed by the recurrent product. Returns False, having done nothing, for anything else."""
     cdef Py_ssize_t j
-    if w.T != 1 or w.lengths != NULL or w.B > SMALL_M:
+    if w.T != 1 or w.lengths != NULL or w.use_blas:
         return False
     for j in range(w.B):       # with T = 1, row j of x is at j * I in either layout
         memcpy(xh + j * ks, x + j * I, I * sizeof(floating))

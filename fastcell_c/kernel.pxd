@@ -41,6 +41,7 @@ cdef inline bint has_dims(object a, int typenum, int ndim, Py_ssize_t d0, Py_ssi
 
 
 cdef char* buffer_of(object a, str name, int typenum, tuple shape, bint writable) except NULL
+cdef bint blas_pays(Py_ssize_t rows) noexcept nogil
 cdef int enter_blas() noexcept nogil
 cdef void leave_blas(int previous) noexcept nogil
 

@@ -17,11 +17,12 @@ cnp.import_array()
 LANES = 16  # FC_LANES in matmul.h: gate blocks are padded to a multiple of it
 
 
-# BLAS threads. fastcell serves many streams on many threads, so its own BLAS calls run with
-# `_blas_threads` threads (1 by default), set thread-locally around each kernel call through
-# OpenBLAS's openblas_set_num_threads_local and restored after: the host's other BLAS use keeps
-# its own setting, and nothing oversubscribes the cores. Without that symbol (another BLAS) this
-# is a no-op and the BLAS's own setting applies.
+# BLAS threads. fastcell serves many streams on many threads, so by default (`_blas_threads` = 1)
+# its kernels call no BLAS at all (blas_pays). Given more threads (set_blas_threads, for a batch
+# job that owns the machine), large input projections go to BLAS with that many threads, set
+# thread-locally around the kernel call through OpenBLAS's openblas_set_num_threads_local and
+# restored after: the host's other BLAS use keeps its own setting. Without that symbol (another
+# BLAS) this is a no-op and the BLAS's own setting applies.
 ctypedef int (*set_local_threads_t)(int) noexcept nogil
 cdef set_local_threads_t _set_local_threads = NULL
 cdef int _blas_threads = 1
@@ -39,6 +40,12 @@ cdef void leave_blas(int previous) noexcept nogil:
         _set_local_threads(previous)
 
 
+cdef bint blas_pays(Py_ssize_t rows) noexcept nogil:
+    """Whether a projection of this many rows goes to BLAS: only with more than one BLAS thread
+    (set_blas_threads), since single-threaded fastcell's own GEMM is as fast (_blas.pxd)."""
+    return _blas_threads > 1 and rows > SMALL_M
+
+
 def install_blas_thread_control(size_t address):
     """Called once by fastcell with the address of scipy's openblas_set_num_threads_local."""
     global _set_local_threads
@@ -46,7 +53,8 @@ def install_blas_thread_control(size_t address):
 
 
 def set_blas_threads(int n):
-    """The number of BLAS threads fastcell's own GEMM calls use (default 1); returns the old one."""
+    """The number of BLAS threads fastcell's BLAS calls use (default 1: then it makes none, see
+    blas_pays); returns the old one."""
     global _blas_threads
     if n < 1:
         raise ValueError(f"n: expected an integer >= 1, got {n}")
@@ -225,10 +233,10 @@ cdef class Kernel:
         if work == NULL:
             raise MemoryError(f"workspace of {n} elements for T={T}, B={B}")
         cdef int previous
-        cdef bint blas = T * B > SMALL_M          # only then is BLAS called (the projection)
+        w.use_blas = blas_pays(T * B)
         try:
             with nogil:
-                previous = enter_blas() if blas else -1
+                previous = enter_blas() if w.use_blas else -1
                 self.run_walk(&w, xp, hp, cp, op, work)
                 leave_blas(previous)
         finally:

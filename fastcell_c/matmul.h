@@ -12,8 +12,8 @@
  *
  * Why not BLAS: a BLAS GEMV call costs more than the whole product at H = 64, and a BLAS GEMM
  * packs the weight matrix again on every call, which at B = 16 costs more than the arithmetic;
- * these weights are laid out once, at load. BLAS still does input projections of more than
- * SMALL_M rows (_blas.pxd), where that many rows amortize its packing.
+ * these weights are laid out once, at load. With row blocks (FC_MC) the GEMM keeps up with
+ * OpenBLAS even on projections of thousands of rows; BLAS is left only its threads (_blas.pxd).
  *
  * One body (GCC vector extensions), instantiated per x86 level with that level's natural vector
  * width: x86-64-v4 (AVX-512, 16 floats), x86-64-v3 (AVX2 + FMA, 8), baseline (SSE2, 4); picked
@@ -166,16 +166,24 @@
         }                                                                            \
     }
 
-/* Panel by panel through fc_gemm_t: a k-chunk of a panel is FC_KC * FC_PANEL_BYTES = 32 KB of
- * consecutive lines, which L1 holds while every row block uses it. */
+/* Blocks of FC_MC rows, each panel by panel through fc_gemm_t: a k-chunk of a panel is
+ * FC_KC * FC_PANEL_BYTES = 32 KB of consecutive lines, which L1 holds while every row tile of the
+ * block uses it, and the block's rows of a (FC_MC * k values) stay in L2 across the panels.
+ * Without the row blocks, a projection of 3200 rows re-read all of a from L3 for every panel
+ * (1.46x slower); with them it runs as fast as OpenBLAS's SGEMM. */
+#define FC_MC 96
 #define FC_DEFINE_GEMM_P(NAME, GEMM, T, ATTR)                                        \
     ATTR static void NAME(int m, int n, int k, const T *a, int lda, const T *wp, int ks, int j0, \
                           int beta, T *c, int ldc)                                   \
     {                                                                                \
         const int PW = FC_PANEL_BYTES / (int)sizeof(T);                              \
-        for (int o = 0; o < n; o += PW) {                                            \
-            int pw = n - o < PW ? n - o : PW;                                        \
-            GEMM(m, pw, k, a, lda, wp + (long)o * ks + (long)j0 * pw, pw, beta, c + o, ldc); \
+        for (int i0 = 0; i0 < m; i0 += FC_MC) {                                      \
+            int mb = m - i0 < FC_MC ? m - i0 : FC_MC;                                \
+            for (int o = 0; o < n; o += PW) {                                        \
+                int pw = n - o < PW ? n - o : PW;                                    \
+                GEMM(mb, pw, k, a + (long)i0 * lda, lda, wp + (long)o * ks + (long)j0 * pw, pw, \
+                     beta, c + (long)i0 * ldc + o, ldc);                             \
+            }                                                                        \
         }                                                                            \
     }
 

@@ -10,10 +10,9 @@ import sys
 
 import numpy as np
 
-from fastcell_c._blas cimport SMALL_M
 from fastcell_c._steps cimport Walk, make_walk
-from fastcell_c.kernel cimport (Kernel, alloc_aligned, buffer_of, enter_blas, is_array,
-                                leave_blas)
+from fastcell_c.kernel cimport (Kernel, alloc_aligned, blas_pays, buffer_of, enter_blas,
+                                is_array, leave_blas)
 
 cnp.import_array()
 
@@ -152,14 +151,14 @@ cdef class Stepper:
         cdef Py_ssize_t itemsize = 8 if self.typenum == cnp.NPY_DOUBLE else 4
         cdef Walk w = make_walk(1, B, False, 0, NULL, NULL, False)
         w.flip = state.parity
+        w.use_blas = blas_pays(B)
         state.parity = not state.parity
         cdef Kernel k
         cdef int previous
         for i in range(len(self.kernels)):
             k = <Kernel>self.kernels[i]
             with nogil:
-                # A step of up to SMALL_M streams never reaches BLAS (matmul.h); a larger batch does.
-                previous = enter_blas() if B > SMALL_M else -1
+                previous = enter_blas() if w.use_blas else -1
                 k.run_walk(&w, src, h, c, NULL, state.work)
                 leave_blas(previous)
             src = h    # the next layer reads this layer's new h
