@@ -74,32 +74,21 @@ def _load_torch(module, weights, suffix=""):
     return module.requires_grad_(False).eval()
 
 
-def build_torch_step(kind, w):
-    """nn.RNNCell/GRUCell/LSTMCell (or the torch-ops peephole cell), None without torch."""
+def build_torch(kind, w, step):
+    """PyTorch's module for one step (nn.RNNCell/GRUCell/LSTMCell) or a sequence (nn.RNN/GRU/LSTM,
+    one layer), or the torch-ops peephole ones; None without torch."""
     torch = optional_import("torch")
     if torch is None:
         return None
     H, I = w["weight_hh"].shape[1], w["weight_ih"].shape[1]
     if kind == "peephole":
-        from bench.torch_peephole import PeepholeLSTMCell
-        return _load_torch(PeepholeLSTMCell(I, H), w)
-    module = {"rnn": lambda: torch.nn.RNNCell(I, H, nonlinearity="tanh"),
-              "gru": lambda: torch.nn.GRUCell(I, H), "lstm": lambda: torch.nn.LSTMCell(I, H)}[kind]()
-    return _load_torch(module, w)
-
-
-def build_torch_sequence(kind, w):
-    """nn.RNN/GRU/LSTM with one layer (or the torch-ops peephole loop), None without torch."""
-    torch = optional_import("torch")
-    if torch is None:
-        return None
-    H, I = w["weight_hh"].shape[1], w["weight_ih"].shape[1]
-    if kind == "peephole":
-        from bench.torch_peephole import PeepholeLSTM
-        return _load_torch(PeepholeLSTM(I, H), w)
-    module = {"rnn": lambda: torch.nn.RNN(I, H, nonlinearity="tanh"),
-              "gru": lambda: torch.nn.GRU(I, H), "lstm": lambda: torch.nn.LSTM(I, H)}[kind]()
-    return _load_torch(module, w, suffix="_l0")
+        from bench import torch_peephole
+        cls = torch_peephole.PeepholeLSTMCell if step else torch_peephole.PeepholeLSTM
+        return _load_torch(cls(I, H), w)
+    names = {"rnn": "RNN", "gru": "GRU", "lstm": "LSTM"}
+    cls = getattr(torch.nn, names[kind] + ("Cell" if step else ""))
+    kwargs = {"nonlinearity": "tanh"} if kind == "rnn" else {}
+    return _load_torch(cls(I, H, **kwargs), w, suffix="" if step else "_l0")
 
 
 def build_onnx_model(kind, w):
@@ -178,11 +167,11 @@ class Models:
 
     @functools.cached_property
     def torch_step(self):
-        return build_torch_step(self.kind, self.weights)
+        return build_torch(self.kind, self.weights, step=True)
 
     @functools.cached_property
     def torch_sequence(self):
-        return build_torch_sequence(self.kind, self.weights)
+        return build_torch(self.kind, self.weights, step=False)
 
     @functools.cached_property
     def ort_session(self):
