@@ -13,17 +13,18 @@ from fastcell_c.kernel cimport Kernel
 
 
 cdef void gru_walk(Walk* w, const floating* x, int I, int H, int Hp, bint reset_after,
-                   const floating* w_ih_t, const floating* w_p, int ks, const floating* bias,
-                   const floating* b_hn, floating* h, floating* out, floating* work) noexcept nogil:
+                   const floating* w_ih_t, const floating* w_p, int ks, int split,
+                   const floating* bias, const floating* b_hn, floating* h, floating* out,
+                   floating* work) noexcept nogil:
     """work: G (T*B, 3Hp), then R (B, 3Hp) for reset_after or r * h (B, Hp) for reset_before,
-    then the packing space. w_p: reset_before packs the n columns apart (at ks * 2Hp)."""
+    then the packing space. split: where w_p's columns are packed apart (the kernel's split: the
+    r,z columns [0, 2Hp) and the n columns for reset_before, none for reset_after)."""
     cdef int width = 3 * Hp
     cdef Py_ssize_t s, j, ldg
     cdef floating* g
     cdef floating* G = work
     cdef floating* R = G + w.T * w.B * width
-    project_inputs(w, x, I, w_ih_t, w_p, ks, width if reset_after else 2 * Hp, width, G,
-                   R + w.B * width)
+    project_inputs(w, x, I, w_ih_t, w_p, ks, split, width, G, R + w.B * width)
     for s in range(w.T):
         begin_step(w, s)
         g = G + w.g_row * width
@@ -33,10 +34,10 @@ cdef void gru_walk(Walk* w, const floating* x, int I, int H, int Hp, bint reset_
             for j in range(w.n):
                 gru_reset_after(H, Hp, g + j * ldg, R + j * width, bias, b_hn, h + j * H)
         else:                                                                # G_rz += h W_hrz^T
-            matmul_p(<int>w.n, 2 * Hp, H, h, H, w_p, ks, I, True, g, <int>ldg, backward(w, s))
+            matmul_p(<int>w.n, split, H, h, H, w_p, ks, I, True, g, <int>ldg, backward(w, s))
             for j in range(w.n):
                 gru_reset_before_gates(H, Hp, g + j * ldg, bias, h + j * H, R + j * H)
-            matmul_p(<int>w.n, Hp, H, R, H, w_p + ks * 2 * Hp, ks, I, True, g + 2 * Hp,
+            matmul_p(<int>w.n, width - split, H, R, H, w_p + ks * split, ks, I, True, g + split,
                      <int>ldg, backward(w, s))                               # G_n += (r*h) W_hn^T
             for j in range(w.n):
                 gru_reset_before_update(H, Hp, g + j * ldg, bias, h + j * H)
@@ -64,9 +65,11 @@ cdef class GRUKernel(Kernel):
         cdef int I = <int>self.input_size, H = <int>self.hidden_size, Hp = <int>self.padded
         if self.is_double:
             gru_walk(w, <const double*>x, I, H, Hp, self.reset_after, <const double*>self.w_ih_t,
-                     <const double*>self.w_p, <int>self.ks, <const double*>self.bias,
+                     <const double*>self.w_p, <int>self.ks, <int>self.split,
+                     <const double*>self.bias,
                      <const double*>self.b_hn, <double*>h, <double*>out, <double*>work)
         else:
             gru_walk(w, <const float*>x, I, H, Hp, self.reset_after, <const float*>self.w_ih_t,
-                     <const float*>self.w_p, <int>self.ks, <const float*>self.bias,
+                     <const float*>self.w_p, <int>self.ks, <int>self.split,
+                     <const float*>self.bias,
                      <const float*>self.b_hn, <float*>h, <float*>out, <float*>work)

@@ -209,7 +209,7 @@ cdef class Kernel:
         cdef const int64_t* pp = NULL
         cdef Py_ssize_t j
         if T * B > INT_MAX or self.width > INT_MAX:
-            raise ValueError(f"x: T*B = {T * B} rows is too many for BLAS's 32-bit sizes")
+            raise ValueError(f"x: T*B = {T * B} rows is too many for the kernels' 32-bit sizes")
         if lengths is not None:
             if not (is_array(lengths, cnp.NPY_INT64, 1) and is_array(perm, cnp.NPY_INT64, 1)
                     and lengths.shape[0] == B and perm.shape[0] == B):

@@ -3,8 +3,8 @@
  * needs no horizontal sums:
  *   fc_gemv_t: y[0:n] = (beta ? y : 0) + x[0:k] @ wt[0:k, 0:n]                  (one row)
  *   fc_gemm_t: c[0:m, 0:n] = (beta ? c : 0) + a[0:m, 0:k] @ wt[0:k, 0:n]        (a few rows)
- * and the same two over packed weights (fc_gemv_p, fc_gemm_p: see "Packed weights" below), which
- * the kernels use.
+ * per x86 level; the kernels call them through the products over packed weights (fc_gemv_p,
+ * fc_gemm_p: see "Packed weights" below), which run them on one panel at a time.
  * n must be a multiple of FC_LANES (the kernels pad every gate block to it). Each output sums its
  * k terms in order j = 0..k-1 whatever the vector width, the number of rows or the panel order,
  * so these never change the bits: the FMA levels (AVX2, AVX-512) agree exactly; the baseline level
@@ -223,30 +223,6 @@ FC_DEFINE_GEMM_P(fc_gemm_p_f_v4, fc_gemm_t_f_v4, float, FC_TARGET_V4)
 FC_DEFINE_GEMM_P(fc_gemm_p_d_v3, fc_gemm_t_d_v3, double, FC_TARGET_V3)
 FC_DEFINE_GEMM_P(fc_gemm_p_d_v4, fc_gemm_t_d_v4, double, FC_TARGET_V4)
 #endif
-
-static inline void fc_gemv_t_f(int k, int n, const float *x, const float *wt, int ldw, int beta,
-                               float *y)
-{
-    FC_CALL_BEST(fc_gemv_t_f, (k, n, x, wt, ldw, beta, y));
-}
-
-static inline void fc_gemv_t_d(int k, int n, const double *x, const double *wt, int ldw, int beta,
-                               double *y)
-{
-    FC_CALL_BEST(fc_gemv_t_d, (k, n, x, wt, ldw, beta, y));
-}
-
-static inline void fc_gemm_t_f(int m, int n, int k, const float *a, int lda, const float *wt,
-                               int ldw, int beta, float *c, int ldc)
-{
-    FC_CALL_BEST(fc_gemm_t_f, (m, n, k, a, lda, wt, ldw, beta, c, ldc));
-}
-
-static inline void fc_gemm_t_d(int m, int n, int k, const double *a, int lda, const double *wt,
-                               int ldw, int beta, double *c, int ldc)
-{
-    FC_CALL_BEST(fc_gemm_t_d, (m, n, k, a, lda, wt, ldw, beta, c, ldc));
-}
 
 static inline void fc_gemv_p_f(int k, int n, const float *x, const float *wp, int ks, int j0,
                                int beta, float *y, int backward)

@@ -12,7 +12,7 @@ import numpy as np
 
 from fastcell_c._steps cimport Walk, make_walk
 from fastcell_c.kernel cimport (Kernel, alloc_aligned, blas_pays, buffer_of, enter_blas,
-                                is_array, leave_blas)
+                                has_dims, is_array, leave_blas)
 
 cnp.import_array()
 
@@ -139,10 +139,7 @@ cdef class Stepper:
         dims[1] = self.output_size
         if out is None:
             out = cnp.PyArray_EMPTY(nd, dims + 2 - nd, self.typenum, 0)
-        elif not (is_array(out, self.typenum, nd) and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)
-                  and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>out)
-                  and cnp.PyArray_DIM(<cnp.ndarray>out, nd - 1) == self.output_size
-                  and (nd == 1 or cnp.PyArray_DIM(<cnp.ndarray>out, 0) == B)):
+        elif not has_dims(out, self.typenum, nd, dims[2 - nd], dims[1], -1, True):
             buffer_of(out, "out", self.typenum, (B, self.output_size)[2 - nd:], True)
         dst = <char*>cnp.PyArray_DATA(<cnp.ndarray>out)
         cdef const char* src = <const char*>cnp.PyArray_DATA(<cnp.ndarray>x)
