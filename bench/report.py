@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+import bench.machine
 import bench.scenarios
 import bench.threads
 from bench.models import KINDS, LABELS, PARITY_TOL, check_parity, optional_import
@@ -245,21 +246,10 @@ def machine_info():
     from threadpoolctl import threadpool_info
 
     import fastcell
+    from fastcell_c.kernel import simd_level
 
-    cpu, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                cpu = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-            if cpu != "unknown" and flags:
-                break
-    except OSError:
-        pass
-    simd = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-                        "avx512_bf16", "amx_tile") if f in flags]
+    cpu = bench.machine.read_cpuinfo()
+    simd = bench.machine.simd_flags(cpu) + [f"fastcell kernels: {simd_level()}"]
     versions = {"python": platform.python_version(), "fastcell": fastcell.__version__,
                 "numpy": np.__version__, "scipy": scipy.__version__}
     for name in ("torch", "onnxruntime", "onnx", "threadpoolctl"):
@@ -281,7 +271,7 @@ def machine_info():
         load = "%.2f %.2f %.2f" % os.getloadavg()
     except OSError:
         load = "?"
-    return {"cpu": cpu, "simd": simd, "cores": os.cpu_count(), "usable_cores": affinity,
+    return {"cpu": bench.machine.describe(cpu), "simd": simd, "cores": os.cpu_count(), "usable_cores": affinity,
             "versions": versions, "blas": blas, "os": platform.platform(), "load": load}
 
 

@@ -23,8 +23,7 @@ CELL_TYPES = {"rnn": fastcell.RNNCell, "gru": fastcell.GRUCell, "lstm": fastcell
 def max_diff(a, b):
     if isinstance(a, (tuple, list)):
         return max(max_diff(u, v) for u, v in zip(a, b))
-    if hasattr(b, "detach"):
-        b = b.detach().numpy()
+    a, b = (v.detach().numpy() if hasattr(v, "detach") else v for v in (a, b))
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0))
 
 
@@ -491,8 +490,11 @@ def test_peephole_cell_matches_layer_step():
         s = (h0, c0)
         for t in range(5):
             s = cell(x[t], s)
-            assert torch.equal(s[0], out[t])
-    assert torch.equal(s[0], h[0]) and torch.equal(s[1], c[0])
+            # Both sides are PyTorch's matmuls, (T*B, I) against (B, I): PyTorch does not promise
+            # the same bits for the two (its kernels block the sums differently on different
+            # CPUs), so float32's tolerance, 1e-5.
+            assert max_diff(s[0], out[t]) <= TOL[np.float32]
+    assert max_diff(s[0], h[0]) <= TOL[np.float32] and max_diff(s[1], c[0]) <= TOL[np.float32]
     hu, cu = cell(x[0, 0])  # unbatched
     assert hu.shape == cu.shape == (4,)
 
@@ -554,13 +556,14 @@ def test_peephole_packed_sequence_round_trip():
         padded, out_lengths = pad_packed_sequence(out)
         assert torch.equal(out_lengths, lens)
         assert padded.shape == (6, 4, 8) and h.shape == (2, 4, 4)
-        # each sequence alone gives the same numbers
+        # each sequence alone gives the same numbers, within float32's tolerance (PyTorch
+        # computes both, with matmuls of other shapes: no promise of the same bits)
         for b in range(4):
             n = int(lens[b])
             alone, (hb, cb) = m(x[:n, b])
-            assert torch.allclose(padded[:n, b], alone, atol=1e-6)
+            assert max_diff(padded[:n, b], alone) <= TOL[np.float32]
             assert torch.all(padded[n:, b] == 0)
-            assert torch.allclose(h[:, b], hb, atol=1e-6) and torch.allclose(c[:, b], cb, atol=1e-6)
+            assert max_diff(h[:, b], hb) <= TOL[np.float32] and max_diff(c[:, b], cb) <= TOL[np.float32]
 
 
 # ---- parity: fastcell.PeepholeLSTM against fastcell.torch.PeepholeLSTM ----
