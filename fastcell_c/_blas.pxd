@@ -1,6 +1,7 @@
 # One thin row-major wrapper over scipy.linalg.cython_blas, fused over float and double.
 # Row-major callers are served by swapping operands (C^T = W A^T in column-major), never by copying.
 from cython cimport floating
+from libc.stdint cimport int8_t, int32_t
 from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
 
 
@@ -40,16 +41,34 @@ cdef inline void matmul_wt(int m, int n, int k,
 
 cdef extern from "matmul.h" nogil:
     enum: FC_LANES
+    enum: FC_FMT_F32, FC_FMT_F64, FC_FMT_BF16, FC_FMT_I8
+    ctypedef struct fc_i8_mat:
+        int nseg
+        int rows[2]
+        int k4[2]
+        int bits[2]
+        int n
+        const int8_t* wp
+        const float* scale[2]
+        const int32_t* colsum[2]
+    ctypedef struct fc_mat:
+        int fmt
+        int ks
+        const void* wp
+        fc_i8_mat i8
     void fc_pack_t_f(int k, int n, const float* wt, int ldw, float* wp, int ks, int j0)
     void fc_pack_t_d(int k, int n, const double* wt, int ldw, double* wp, int ks, int j0)
-    void fc_gemv_p_f(int k, int n, const float* x, const float* wp, int ks, int j0, int beta,
-                     float* y, int backward)
-    void fc_gemv_p_d(int k, int n, const double* x, const double* wp, int ks, int j0, int beta,
-                     double* y, int backward)
-    void fc_gemm_p_f(int m, int n, int k, const float* a, int lda, const float* wp, int ks, int j0,
-                     int beta, float* c, int ldc)
-    void fc_gemm_p_d(int m, int n, int k, const double* a, int lda, const double* wp, int ks,
-                     int j0, int beta, double* c, int ldc)
+    void fc_pack_t_h(int k, int n, const unsigned short* wt, int ldw, unsigned short* wp, int ks,
+                     int j0)
+    void fc_i8_pack(int rows, int n, const int8_t* wt, int ldw, int8_t* wp, int K4, int r0)
+    long fc_i8_work_bytes(const fc_i8_mat* w, long m)
+    int fc_i8_k4(const fc_i8_mat* w)
+    enum: FC_I8_MC
+    enum: FC_I8_MAX_ROWS
+    void fc_matmul_f(int m, int n, int k, const float* a, int lda, const fc_mat* w, int j0,
+                     int beta, float* c, int ldc, int backward, void* work)
+    void fc_matmul_d(int m, int n, int k, const double* a, int lda, const fc_mat* w, int j0,
+                     int beta, double* c, int ldc, int backward, void* work)
 
 
 # fastcell's own GEMV/GEMM on packed weights (matmul_p) does every product: single-threaded it is as
@@ -87,20 +106,14 @@ cdef inline void matmul_t(int m, int n, int k,
               &beta, c, &ldc)
 
 
-cdef inline void matmul_p(int m, int n, int k, const floating* a, int lda, const floating* wp,
-                          int ks, int j0, bint accumulate, floating* c, int ldc,
-                          bint backward) noexcept nogil:
-    """c[m, n] (+)= a[m, k] @ w[j0:j0 + k, 0:n] for weights packed with ks rows (matmul.h), any m
-    (k >= 1). backward: one row's product takes its panels in reverse order (same bits); a
-    sequence alternates it from step to step to reuse the cache."""
-    if m <= 0 or n <= 0:
-        return
-    if m == 1:
-        if floating is float:
-            fc_gemv_p_f(k, n, a, wp, ks, j0, accumulate, c, backward)
-        else:
-            fc_gemv_p_d(k, n, a, wp, ks, j0, accumulate, c, backward)
-    elif floating is float:
-        fc_gemm_p_f(m, n, k, a, lda, wp, ks, j0, accumulate, c, ldc)
+cdef inline void matmul_p(int m, int n, int k, const floating* a, int lda, const fc_mat* w,
+                          int j0, bint accumulate, floating* c, int ldc, bint backward,
+                          void* work) noexcept nogil:
+    """c[m, n] (+)= a[m, k] @ W[j0:j0 + k, 0:n] for a packed matrix in any weight format
+    (matmul.h), any m (k >= 1). backward: one row's product takes its panels in reverse order
+    (same bits); a sequence alternates it from step to step to reuse the cache. work: the int8
+    format's scratch (Kernel.qwork_of)."""
+    if floating is float:
+        fc_matmul_f(m, n, k, a, lda, w, j0, accumulate, c, ldc, backward, work)
     else:
-        fc_gemm_p_d(m, n, k, a, lda, wp, ks, j0, accumulate, c, ldc)
+        fc_matmul_d(m, n, k, a, lda, w, j0, accumulate, c, ldc, backward, work)

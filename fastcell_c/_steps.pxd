@@ -11,7 +11,7 @@ from libc.stdint cimport int64_t
 from libc.string cimport memcpy
 from cython cimport floating
 
-from fastcell_c._blas cimport matmul_p, matmul_t
+from fastcell_c._blas cimport fc_mat, matmul_p, matmul_t
 
 
 cdef struct Walk:
@@ -27,6 +27,7 @@ cdef struct Walk:
     Py_ssize_t off             # packed offset of the current step
     bint flip                  # step s takes its panels backward when (s + flip) is odd
     bint use_blas              # the input projection goes to (multi-threaded) BLAS
+    void* qwork                # the int8 products' scratch (Kernel.qwork_of)
 
 
 cdef inline Walk make_walk(Py_ssize_t T, Py_ssize_t B, bint batch_first, Py_ssize_t out_width,
@@ -50,6 +51,7 @@ cdef inline Walk make_walk(Py_ssize_t T, Py_ssize_t B, bint batch_first, Py_ssiz
     w.off = 0
     w.flip = False
     w.use_blas = False
+    w.qwork = NULL
     return w
 
 
@@ -65,13 +67,14 @@ cdef inline Py_ssize_t batch_of(const Walk* w, Py_ssize_t j) noexcept nogil:
 
 
 cdef inline void project_inputs(Walk* w, const floating* x, int I, const floating* w_ih_t,
-                                const floating* w_p, int ks, int split, int gates, floating* G,
+                                const fc_mat* wm, int split, int gates, floating* G,
                                 floating* xp) noexcept nogil:
     """G = x @ W_ih^T for every row the walk will read: one GEMM (xp: packing space, lengths only).
 
-    w_p: the kernel's packed weights (ks rows, W_ih's first; columns split apart at `split`), for
-    fastcell's own GEMM. w_ih_t: W_ih stored transposed, (I, gates) with gates the padded
-    gate-row width, for BLAS when the walk may use its threads (w.use_blas)."""
+    wm: the kernel's packed matrices (W_ih's rows first), wm[1] the columns from `split` on when
+    the kernel packs them apart, for fastcell's own products. w_ih_t: W_ih stored transposed,
+    (I, gates) with gates the padded gate-row width, for BLAS when the walk may use its threads
+    (w.use_blas; float formats only)."""
     cdef Py_ssize_t s, j, n = w.B, r = 0
     cdef const floating* src = x
     if w.lengths == NULL:
@@ -88,10 +91,10 @@ cdef inline void project_inputs(Walk* w, const floating* x, int I, const floatin
     if w.use_blas:
         matmul_t(<int>r, gates, I, src, I, w_ih_t, gates, False, G, gates)
         return
-    matmul_p(<int>r, split, I, src, I, w_p, ks, 0, False, G, gates, False)
+    matmul_p(<int>r, split, I, src, I, &wm[0], 0, False, G, gates, False, w.qwork)
     if split < gates:
-        matmul_p(<int>r, gates - split, I, src, I, w_p + ks * split, ks, 0, False, G + split,
-                 gates, False)
+        matmul_p(<int>r, gates - split, I, src, I, &wm[1], 0, False, G + split, gates, False,
+                 w.qwork)
 
 
 cdef inline bint backward(const Walk* w, Py_ssize_t s) noexcept nogil:
@@ -101,18 +104,19 @@ cdef inline bint backward(const Walk* w, Py_ssize_t s) noexcept nogil:
 
 
 cdef inline bint fused_step(const Walk* w, const floating* x, int I, const floating* h, int hout,
-                            const floating* w_p, int ks, int width, floating* G,
-                            floating* xh) noexcept nogil:
+                            const fc_mat* wm, int width, floating* G, floating* xh) noexcept nogil:
     """A single step (T = 1, no lengths, no BLAS projection): G = [x h] @ [W_ih; W_hh]^T in one
-    pass over the stacked packed weights (xh: B * ks scratch), the same bits as the projection
-    followed by the recurrent product. Returns False, having done nothing, for anything else."""
+    pass over the stacked packed weights (xh: B * (I + hout) scratch), the same bits as the
+    projection followed by the recurrent product. Returns False, having done nothing, for
+    anything else."""
     cdef Py_ssize_t j
+    cdef int ks = I + hout
     if w.T != 1 or w.lengths != NULL or w.use_blas:
         return False
     for j in range(w.B):       # with T = 1, row j of x is at j * I in either layout
         memcpy(xh + j * ks, x + j * I, I * sizeof(floating))
         memcpy(xh + j * ks + I, h + j * hout, hout * sizeof(floating))
-    matmul_p(<int>w.B, width, ks, xh, ks, w_p, ks, 0, False, G, width, backward(w, 0))
+    matmul_p(<int>w.B, width, ks, xh, ks, wm, 0, False, G, width, backward(w, 0), w.qwork)
     return True
 
 
@@ -142,19 +146,19 @@ cdef inline void write_outputs(const Walk* w, Py_ssize_t s, const floating* h, P
 
 
 cdef inline bint input_products(Walk* w, const floating* x, int I, const floating* h, int hout,
-                                const floating* w_ih_t, const floating* w_p, int ks, int width,
+                                const floating* w_ih_t, const fc_mat* wm, int width,
                                 floating* G, floating* xp) noexcept nogil:
     """Before the time loop of a cell whose gates take x W_ih^T + h W_hh^T in one row: a single
     step does its whole product now (fused_step: returns True), anything else projects its
     inputs (project_inputs: returns False, step_product adds h W_hh^T at each step)."""
-    if fused_step(w, x, I, h, hout, w_p, ks, width, G, xp):
+    if fused_step(w, x, I, h, hout, wm, width, G, xp):
         return True
-    project_inputs(w, x, I, w_ih_t, w_p, ks, width, width, G, xp)
+    project_inputs(w, x, I, w_ih_t, wm, width, width, G, xp)
     return False
 
 
 cdef inline floating* step_product(Walk* w, Py_ssize_t s, bint fused, floating* G, int width,
-                                   const floating* h, int hout, const floating* w_p, int ks, int I,
+                                   const floating* h, int hout, const fc_mat* wm, int I,
                                    Py_ssize_t* ldg) noexcept nogil:
     """Begins step s: returns its first gate row (rows *ldg apart), holding x_t W_ih^T + h W_hh^T
     (the recurrent product added here, unless input_products fused it)."""
@@ -162,5 +166,6 @@ cdef inline floating* step_product(Walk* w, Py_ssize_t s, bint fused, floating* 
     cdef floating* g = G + w.g_row * width
     ldg[0] = w.g_ld * width
     if not fused:
-        matmul_p(<int>w.n, width, hout, h, hout, w_p, ks, I, True, g, <int>ldg[0], backward(w, s))
+        matmul_p(<int>w.n, width, hout, h, hout, wm, I, True, g, <int>ldg[0], backward(w, s),
+                 w.qwork)
     return g

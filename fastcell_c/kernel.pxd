@@ -1,7 +1,9 @@
 # The base of every cell kernel: weights laid out once, pointers cached, and one entry point for a
 # walk over a batch of sequences that runs without the GIL.
 cimport numpy as cnp
+from libc.stdint cimport int8_t
 
+from fastcell_c._blas cimport fc_mat
 from fastcell_c._steps cimport Walk
 
 
@@ -51,18 +53,27 @@ cdef class Kernel:
     cdef readonly Py_ssize_t padded      # a gate block's width: hidden_size rounded up to FC_LANES
     cdef readonly Py_ssize_t width       # a gate row's width: gates * padded
     cdef readonly bint is_double, has_cell_state
-    cdef readonly object dtype
+    cdef readonly object dtype           # what the kernel computes in: float32 or float64
+    cdef readonly str weight_format      # float32, float64, bf16 or int8
     cdef list _arrays                    # keeps alive the memory the pointers point into
-    cdef const char* w_ih_t              # (I, width): W_ih transposed, gate blocks padded (BLAS)
-    cdef const char* w_p                 # W_ih^T over W_hh^T, packed (matmul.h): ks rows
+    cdef const char* w_ih_t              # (I, width): W_ih transposed, gate blocks padded (BLAS;
+                                         # float formats only, else NULL)
+    cdef fc_mat mats[2]                  # W_ih^T over W_hh^T, packed (matmul.h): the columns
+                                         # [0, split) and [split, width)
     cdef readonly Py_ssize_t ks          # input_size + output_size
     cdef readonly Py_ssize_t split       # columns [0, split) and [split, width) packed apart
+    cdef readonly Py_ssize_t packed_bytes  # bytes of every packed matrix
+    cdef Py_ssize_t q_elems              # the int8 products' scratch, in elements of dtype
     cdef char* _owned[2]                 # packed copies, freed with the kernel
     cdef const char* bias                # (width,)
 
     cdef const char* _keep(self, object a, str name, tuple shape) except NULL
-    cdef const char* _pack(self, int slot, const char* top, Py_ssize_t k_top, const char* bottom,
-                           Py_ssize_t k_bottom, Py_ssize_t n, Py_ssize_t split) except NULL
+    cdef int _pack(self, fc_mat* mats, int slot, list segments, Py_ssize_t n,
+                   Py_ssize_t split) except -1
+    cdef void _int8_part(self, fc_mat* m, list segments, list rows, Py_ssize_t c0, Py_ssize_t c1,
+                         const int8_t* wp) except *
     cdef Py_ssize_t workspace(self, Py_ssize_t T, Py_ssize_t B, bint packed)
+    cdef Py_ssize_t work_elems(self, Py_ssize_t T, Py_ssize_t B, bint packed)
+    cdef void* qwork_of(self, char* work, Py_ssize_t T, Py_ssize_t B, bint packed)
     cdef void run_walk(self, Walk* w, const char* x, char* h, char* c, char* out,
                        char* work) noexcept nogil

@@ -4,17 +4,26 @@
 cimport numpy as cnp
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.limits cimport INT_MAX
-from libc.stdint cimport int64_t
+from libc.stdint cimport int8_t, int32_t, int64_t
 from libc.stdlib cimport free
+from libc.string cimport memset
 
 import numpy as np
 
-from fastcell_c._blas cimport SMALL_M, fc_pack_t_d, fc_pack_t_f
+from fastcell_c._blas cimport (FC_FMT_BF16, FC_FMT_F32, FC_FMT_F64, FC_FMT_I8, FC_I8_MAX_ROWS,
+                               FC_I8_MC, SMALL_M, fc_i8_k4, fc_i8_pack, fc_i8_work_bytes, fc_mat,
+                               fc_pack_t_d, fc_pack_t_f, fc_pack_t_h)
 from fastcell_c._steps cimport Walk, make_walk
 
 cnp.import_array()
 
 LANES = 16  # FC_LANES in matmul.h: gate blocks are padded to a multiple of it
+
+# Weight formats: what the packed matrices hold, the dtype the given (transposed, padded) weight
+# arrays have, and the dtype the kernel computes in. bf16 arrives as its 16-bit patterns.
+FORMATS = {"float32": (FC_FMT_F32, np.float32, np.float32), "float64": (FC_FMT_F64, np.float64, np.float64),
+           "bf16": (FC_FMT_BF16, np.uint16, np.float32), "int8": (FC_FMT_I8, np.int8, np.float32)}
+INT8_MAX_ROWS = FC_I8_MAX_ROWS
 
 
 # BLAS threads. fastcell serves many streams on many threads, so by default (`_blas_threads` = 1)
@@ -92,16 +101,23 @@ cdef char* buffer_of(object a, str name, int typenum, tuple shape, bint writable
 
 cdef class Kernel:
     def __init__(self, weight_ih_t, weight_hh_t, bias, Py_ssize_t hidden_size, Py_ssize_t gates,
-                 Py_ssize_t split_gates=0):
+                 Py_ssize_t split_gates=0, str weight_format="float32", scale_ih=None,
+                 scale_hh=None, int input_bits=16):
         """weight_ih_t (I, gates*padded), weight_hh_t (H_out, gates*padded), bias (gates*padded,):
-        transposed, each gate block padded with zero columns (fastcell.recurrence lays them out).
-        Both are packed stacked (matmul.h); split_gates > 0: the first split_gates gate blocks
-        and the rest are packed apart, for a cell that multiplies them separately."""
-        self.dtype = weight_ih_t.dtype
-        if self.dtype not in (np.float32, np.float64):
-            raise TypeError(f"weight_ih_t: expected float32 or float64, got {self.dtype}")
+        transposed, each gate block padded with zero columns (fastcell.recurrence lays them out),
+        in the dtype of weight_format (FORMATS); int8 adds the per-column weight scales
+        scale_ih, scale_hh (gates*padded,) float32 and quantizes x to input_bits (8 or 16) and h
+        to 8 bits per row (matmul_int8.h). Both are packed stacked (matmul.h); split_gates > 0:
+        the first split_gates gate blocks and the rest are packed apart, for a cell that
+        multiplies them separately. The bias is in the compute dtype."""
+        if weight_format not in FORMATS:
+            raise ValueError(f"weight_format: expected one of {', '.join(FORMATS)}, got {weight_format!r}")
+        self.weight_format = weight_format
+        fmt, wdtype, cdtype = FORMATS[weight_format]
+        if weight_ih_t.dtype != wdtype:
+            raise TypeError(f"weight_ih_t: expected {np.dtype(wdtype)} for {weight_format}, got {weight_ih_t.dtype}")
+        self.dtype = np.dtype(cdtype)
         self.is_double = self.dtype == np.float64
-        cdef int typenum = cnp.NPY_DOUBLE if self.is_double else cnp.NPY_FLOAT
         self.hidden_size = hidden_size
         self.padded = -(-hidden_size // LANES) * LANES
         self.width = gates * self.padded
@@ -110,12 +126,12 @@ cdef class Kernel:
         self.output_size = weight_hh_t.shape[0]
         self.ks = self.input_size + self.output_size
         self._arrays = []
-        self.w_ih_t = self._keep(weight_ih_t, "weight_ih_t", (self.input_size, self.width))
         self.bias = self._keep(bias, "bias", (self.width,))
-        self.w_p = self._pack(0, self.w_ih_t, self.input_size,
-                              buffer_of(weight_hh_t, "weight_hh_t", typenum,
-                                        (self.output_size, self.width), False),
-                              self.output_size, self.width, self.split)
+        self.w_ih_t = NULL
+        if fmt in (FC_FMT_F32, FC_FMT_F64):
+            self.w_ih_t = self._keep(weight_ih_t, "weight_ih_t", (self.input_size, self.width))
+        self._pack(self.mats, 0, [(weight_ih_t, scale_ih, input_bits), (weight_hh_t, scale_hh, 8)],
+                   self.width, self.split)
 
     def __dealloc__(self):
         cdef int slot
@@ -133,38 +149,109 @@ cdef class Kernel:
         self._arrays.append(a)
         return p
 
-    cdef const char* _pack(self, int slot, const char* top, Py_ssize_t k_top, const char* bottom,
-                           Py_ssize_t k_bottom, Py_ssize_t n, Py_ssize_t split) except NULL:
-        """A packed copy (matmul.h) of top (k_top, n) stacked over bottom (k_bottom, n; NULL
-        for none), owned by the kernel in `slot` (0: W_ih over W_hh, 1: W_hr; a repack replaces
-        it). Columns [0, split) and [split, n) are two packed matrices one after the other
-        (split = n: one), so that a product over either part finds its own panels."""
-        cdef Py_ssize_t itemsize = 8 if self.is_double else 4, ks = k_top + k_bottom
-        cdef char* wp = alloc_aligned(ks * n * itemsize)
+    cdef int _pack(self, fc_mat* mats, int slot, list segments, Py_ssize_t n,
+                   Py_ssize_t split) except -1:
+        """Packs the segments [(W^T (k_s, n) in the weight format, int8 scales (n,) or None,
+        int8 activation bits), ...] stacked, into matrices mats[0] (columns [0, split)) and,
+        when split < n, mats[1] (columns [split, n)), owned by the kernel in `slot` (0: W_ih over
+        W_hh, 1: W_hr). Each part is its own packed matrix, so a product over either part finds
+        its own panels (matmul.h, matmul_int8.h)."""
+        fmt, wdtype, _ = FORMATS[self.weight_format]
+        cdef int typenum = {np.float32: cnp.NPY_FLOAT, np.float64: cnp.NPY_DOUBLE,
+                            np.uint16: cnp.NPY_USHORT, np.int8: cnp.NPY_BYTE}[wdtype]
+        cdef Py_ssize_t itemsize = np.dtype(wdtype).itemsize, ks = 0, K4 = 0, j0, k4
+        cdef list ptrs = [], rows = []
+        cdef const char* wt
+        for a, scale, bits in segments:
+            k = a.shape[0]
+            wt = buffer_of(a, "weights", typenum, (k, n), False)
+            ptrs.append(<size_t>wt)
+            rows.append(k)
+            ks += k
+            K4 += -(-k // 4) * 4
+            if fmt == FC_FMT_I8 and k > FC_I8_MAX_ROWS:
+                raise ValueError(f"weights: int8 products take at most {FC_I8_MAX_ROWS} inputs per "
+                                 f"weight matrix (an int32 sum must not overflow), got {k}")
+        cdef Py_ssize_t nbytes = (K4 if fmt == FC_FMT_I8 else ks) * n * itemsize
+        cdef char* wp = alloc_aligned(nbytes)
         if wp == NULL:
             raise MemoryError(f"packed weights of {ks} x {n}")
+        memset(wp, 0, nbytes)          # int8: the rows padding each segment to 4 stay zero
         free(self._owned[slot])
         self._owned[slot] = wp
-        cdef Py_ssize_t c0, c1
+        self.packed_bytes = nbytes if slot == 0 else self.packed_bytes + nbytes
+        cdef Py_ssize_t c0, c1, part = 0, si
+        cdef int nseg = len(segments)
         for c0, c1 in ((0, split), (split, n)):
-            if self.is_double:
-                fc_pack_t_d(<int>k_top, <int>(c1 - c0), <const double*>top + c0, <int>n,
-                            <double*>wp + ks * c0, <int>ks, 0)
-                if bottom != NULL:
-                    fc_pack_t_d(<int>k_bottom, <int>(c1 - c0), <const double*>bottom + c0,
-                                <int>n, <double*>wp + ks * c0, <int>ks, <int>k_top)
-            else:
-                fc_pack_t_f(<int>k_top, <int>(c1 - c0), <const float*>top + c0, <int>n,
-                            <float*>wp + ks * c0, <int>ks, 0)
-                if bottom != NULL:
-                    fc_pack_t_f(<int>k_bottom, <int>(c1 - c0), <const float*>bottom + c0,
-                                <int>n, <float*>wp + ks * c0, <int>ks, <int>k_top)
-        return wp
+            if c1 <= c0:
+                continue
+            mats[part].fmt = fmt
+            mats[part].ks = <int>ks
+            j0 = 0
+            for si in range(nseg):
+                wt = <const char*><size_t>ptrs[si]
+                k = rows[si]
+                if fmt == FC_FMT_F64:
+                    fc_pack_t_d(<int>k, <int>(c1 - c0), <const double*>wt + c0, <int>n,
+                                <double*>wp + ks * c0, <int>ks, <int>j0)
+                elif fmt == FC_FMT_F32:
+                    fc_pack_t_f(<int>k, <int>(c1 - c0), <const float*>wt + c0, <int>n,
+                                <float*>wp + ks * c0, <int>ks, <int>j0)
+                elif fmt == FC_FMT_BF16:
+                    fc_pack_t_h(<int>k, <int>(c1 - c0), <const unsigned short*>wt + c0, <int>n,
+                                <unsigned short*>wp + ks * c0, <int>ks, <int>j0)
+                else:
+                    fc_i8_pack(<int>k, <int>(c1 - c0), <const int8_t*>wt + c0, <int>n,
+                               <int8_t*>wp + K4 * c0, <int>K4, <int>j0)
+                j0 += -(-k // 4) * 4 if fmt == FC_FMT_I8 else k
+            mats[part].wp = wp + (K4 if fmt == FC_FMT_I8 else ks) * c0 * itemsize
+            if fmt == FC_FMT_I8:
+                self._int8_part(&mats[part], segments, rows, c0, c1, <const int8_t*>(wp + K4 * c0))
+            part += 1
+        return 0
+
+    cdef void _int8_part(self, fc_mat* m, list segments, list rows, Py_ssize_t c0, Py_ssize_t c1,
+                         const int8_t* wp) except *:
+        """The int8 fields of one part: segment sizes, activation bits, and pointers to its
+        columns' scales and column sums (kept alive by the kernel)."""
+        cdef int si
+        m.i8.nseg = len(segments)
+        m.i8.n = <int>(c1 - c0)
+        m.i8.wp = wp
+        for si in range(m.i8.nseg):
+            a, scale, bits = segments[si]
+            if bits not in (8, 16):
+                raise ValueError(f"input_bits: expected 8 or 16, got {bits}")
+            if scale is None:
+                raise ValueError("int8 weights need their per-column scales")
+            sc = np.ascontiguousarray(scale[c0:c1], dtype=np.float32)
+            cs = np.ascontiguousarray(a[:, c0:c1].astype(np.int32).sum(axis=0), dtype=np.int32)
+            self._arrays += [sc, cs]
+            m.i8.rows[si] = rows[si]
+            m.i8.k4[si] = -(-rows[si] // 4) * 4
+            m.i8.bits[si] = bits
+            m.i8.scale[si] = <const float*>cnp.PyArray_DATA(<cnp.ndarray>sc)
+            m.i8.colsum[si] = <const int32_t*>cnp.PyArray_DATA(<cnp.ndarray>cs)
+        cdef long q = fc_i8_work_bytes(&m.i8, FC_I8_MC)
+        cdef Py_ssize_t elems = (q + 64) // 4 + 1
+        self.q_elems = max(self.q_elems, elems)
 
     cdef Py_ssize_t workspace(self, Py_ssize_t T, Py_ssize_t B, bint packed):
         """Elements of scratch memory a walk over T steps of B rows needs: G, then (after a
         subclass's own buffers) the packing space of lengths or a fused step's [x h] rows."""
         return T * B * self.width + max(T * B * self.input_size if packed else 0, B * self.ks)
+
+    cdef Py_ssize_t work_elems(self, Py_ssize_t T, Py_ssize_t B, bint packed):
+        """All the scratch a walk needs: workspace() and, after it, the int8 products' own."""
+        return self.workspace(T, B, packed) + self.q_elems
+
+    cdef void* qwork_of(self, char* work, Py_ssize_t T, Py_ssize_t B, bint packed):
+        """Where the int8 products' scratch starts in a work_elems(T, B, packed) buffer: after
+        workspace(), on a cache line."""
+        if self.q_elems == 0:
+            return NULL
+        cdef size_t p = <size_t>(work + self.workspace(T, B, packed) * (8 if self.is_double else 4))
+        return <void*>((p + 63) & ~(<size_t>63))
 
     cdef void run_walk(self, Walk* w, const char* x, char* h, char* c, char* out,
                        char* work) noexcept nogil:
@@ -226,14 +313,15 @@ cdef class Kernel:
         if T == 0 or B == 0:
             return
         cdef Walk w = make_walk(T, B, batch_first, width, lp, pp, reverse)
-        cdef Py_ssize_t n = self.workspace(T, B, lp != NULL)
+        cdef Py_ssize_t n = self.work_elems(T, B, lp != NULL)
         if n > PY_SSIZE_T_MAX // 8:
             raise MemoryError(f"workspace of {n} elements for T={T}, B={B}")
         cdef char* work = alloc_aligned(n * (8 if self.is_double else 4))
         if work == NULL:
             raise MemoryError(f"workspace of {n} elements for T={T}, B={B}")
         cdef int previous
-        w.use_blas = blas_pays(T * B)
+        w.use_blas = self.w_ih_t != NULL and blas_pays(T * B)
+        w.qwork = self.qwork_of(work, T, B, lp != NULL)
         try:
             with nogil:
                 previous = enter_blas() if w.use_blas else -1

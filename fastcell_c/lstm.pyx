@@ -6,15 +6,15 @@ cimport numpy as cnp
 from libc.string cimport memcpy
 from cython cimport floating
 
-from fastcell_c._blas cimport matmul_p
+from fastcell_c._blas cimport fc_mat, matmul_p
 from fastcell_c._steps cimport Walk, backward, input_products, step_product, write_outputs
 from fastcell_c.gates cimport lstm_gates
 from fastcell_c.kernel cimport Kernel, buffer_of
 
 
 cdef void lstm_walk(Walk* w, const floating* x, int I, int H, int Hp, int P, int Pp,
-                    const floating* w_ih_t, const floating* w_p, int ks, const floating* bias,
-                    const floating* w_hr_p, const floating* w_ph,
+                    const floating* w_ih_t, const fc_mat* wm, const floating* bias,
+                    const fc_mat* w_hr, const floating* w_ph,
                     floating* h, floating* c, floating* out, floating* work) noexcept nogil:
     """h (B, H_out) and c (B, H) hold the initial state and receive the final one.
 
@@ -29,13 +29,13 @@ cdef void lstm_walk(Walk* w, const floating* x, int I, int H, int Hp, int P, int
     cdef floating* proj = m + w.B * H
     cdef floating* dst = m if P > 0 else h
     cdef floating* xp = proj + w.B * Pp if P > 0 else m
-    cdef bint fused = input_products(w, x, I, h, hout, w_ih_t, w_p, ks, width, G, xp)
+    cdef bint fused = input_products(w, x, I, h, hout, w_ih_t, wm, width, G, xp)
     for s in range(w.T):
-        g = step_product(w, s, fused, G, width, h, hout, w_p, ks, I, &ldg)
+        g = step_product(w, s, fused, G, width, h, hout, wm, I, &ldg)
         for j in range(w.n):
             lstm_gates(H, Hp, g + j * ldg, bias, w_ph, c + j * H, dst + j * H)
         if P > 0:                                                            # h = m W_hr^T
-            matmul_p(<int>w.n, Pp, H, m, H, w_hr_p, H, 0, False, proj, Pp, backward(w, s))
+            matmul_p(<int>w.n, Pp, H, m, H, w_hr, 0, False, proj, Pp, backward(w, s), w.qwork)
             for j in range(w.n):
                 memcpy(h + j * P, proj + j * Pp, P * sizeof(floating))
         write_outputs(w, s, h, hout, out)
@@ -43,22 +43,23 @@ cdef void lstm_walk(Walk* w, const floating* x, int I, int H, int Hp, int P, int
 
 cdef class LSTMKernel(Kernel):
     cdef readonly Py_ssize_t proj_size, proj_padded
-    cdef const char* w_hr_p
+    cdef fc_mat w_hr[1]          # W_hr^T packed, when proj_size > 0
     cdef const char* w_ph
 
     def __init__(self, weight_ih_t, weight_hh_t, bias, Py_ssize_t hidden_size,
-                 weight_hr_t=None, weight_ph=None):
-        """weight_hr_t: (H, P padded) W_hr transposed, or None. weight_ph: (3, padded) or None."""
-        super().__init__(weight_ih_t, weight_hh_t, bias, hidden_size, 4)
+                 weight_hr_t=None, weight_ph=None, scale_hr=None, **fmt):
+        """weight_hr_t: (H, P padded) W_hr transposed (in the weight format; int8: with its
+        per-column scale_hr), or None. weight_ph: (3, padded) in the compute dtype, or None.
+        fmt: the weight format's arguments of Kernel."""
+        super().__init__(weight_ih_t, weight_hh_t, bias, hidden_size, 4, **fmt)
         self.has_cell_state = True
-        self.w_hr_p = self.w_ph = NULL
+        self.w_ph = NULL
         if weight_hr_t is not None:
             self.proj_size = self.output_size
             self.proj_padded = weight_hr_t.shape[1]
-            self.w_hr_p = self._pack(1, buffer_of(weight_hr_t, "weight_hr_t", cnp.NPY_DOUBLE
-                                                  if self.is_double else cnp.NPY_FLOAT,
-                                                  (self.hidden_size, self.proj_padded), False),
-                                     self.hidden_size, NULL, 0, self.proj_padded, self.proj_padded)
+            # m = o * tanh(c) lies in (-1, 1): 8 bits serve it as they serve h
+            self._pack(self.w_hr, 1, [(weight_hr_t, scale_hr, 8)], self.proj_padded,
+                       self.proj_padded)
         if weight_ph is not None:
             self.w_ph = self._keep(weight_ph, "weight_ph", (3, self.padded))
 
@@ -72,11 +73,9 @@ cdef class LSTMKernel(Kernel):
         cdef int P = <int>self.proj_size, Pp = <int>self.proj_padded
         if self.is_double:
             lstm_walk(w, <const double*>x, I, H, Hp, P, Pp, <const double*>self.w_ih_t,
-                      <const double*>self.w_p, <int>self.ks, <const double*>self.bias,
-                      <const double*>self.w_hr_p, <const double*>self.w_ph,
+                      self.mats, <const double*>self.bias, self.w_hr, <const double*>self.w_ph,
                       <double*>h, <double*>c, <double*>out, <double*>work)
         else:
             lstm_walk(w, <const float*>x, I, H, Hp, P, Pp, <const float*>self.w_ih_t,
-                      <const float*>self.w_p, <int>self.ks, <const float*>self.bias,
-                      <const float*>self.w_hr_p, <const float*>self.w_ph,
+                      self.mats, <const float*>self.bias, self.w_hr, <const float*>self.w_ph,
                       <float*>h, <float*>c, <float*>out, <float*>work)

@@ -32,15 +32,15 @@
 
 /* NB accumulators of W lanes over outputs [o, o + NB*W): one pass over the k rows of that panel;
  * NB = 8, then 4, 2, 1 for what is left, so a small n still makes one pass per panel. */
-#define FC_PANEL(T, V, W, NB)                                                        \
+#define FC_PANEL(T, WT, LD, V, W, NB)                                                \
     for (; o + NB * W <= n; o += NB * W) {                                           \
         V a[NB];                                                                     \
         V *out = (V *)(y + o);                                                       \
         for (int b = 0; b < NB; b++) a[b] = beta ? out[b] : (V){0};                  \
-        const T *w = wt + o;                                                         \
+        const WT *w = wt + o;                                                        \
         for (int j = 0; j < k; j++, w += ldw) {                                      \
             T s = x[j];                                                              \
-            for (int b = 0; b < NB; b++) a[b] += s * *(const V *)(w + b * W);        \
+            for (int b = 0; b < NB; b++) a[b] += s * LD(V, w + b * W);               \
         }                                                                            \
         for (int b = 0; b < NB; b++) out[b] = a[b];                                  \
     }
@@ -49,18 +49,18 @@
  * loaded once per j serves MB rows. NB is 4 where 32 vector registers hold the 4x4 tile
  * (AVX-512), else 2. The accumulators start from c (or 0 for the first chunk without beta) and
  * go back to c, so splitting k into chunks does not change the order of the additions. */
-#define FC_TILE(T, V, W, MB, NB)                                                     \
+#define FC_TILE(T, WT, LD, V, W, MB, NB)                                             \
     {                                                                                \
         V acc[MB][NB];                                                               \
         for (int r = 0; r < MB; r++) {                                               \
             V *out = (V *)(c + (long)(i + r) * ldc + o);                             \
             for (int b = 0; b < NB; b++) acc[r][b] = (beta || j0) ? out[b] : (V){0}; \
         }                                                                            \
-        const T *w = wt + (long)j0 * ldw + o;                                        \
+        const WT *w = wt + (long)j0 * ldw + o;                                       \
         const T *ai = a + (long)i * lda;                                             \
         for (int j = j0; j < j1; j++, w += ldw) {                                    \
             V wv[NB];                                                                \
-            for (int b = 0; b < NB; b++) wv[b] = *(const V *)(w + b * W);            \
+            for (int b = 0; b < NB; b++) wv[b] = LD(V, w + b * W);                   \
             for (int r = 0; r < MB; r++) {                                           \
                 T s = ai[(long)r * lda + j];                                         \
                 for (int b = 0; b < NB; b++) acc[r][b] += s * wv[b];                 \
@@ -75,30 +75,30 @@
 /* A panel of NB vectors of outputs, in chunks of FC_KC inputs: the chunk of weights (FC_KC rows
  * of the panel, 32 KB for 64 floats) stays in L1 while every row block uses it. */
 #define FC_KC 128
-#define FC_PANEL_ROWS(T, V, W, NB)                                                   \
+#define FC_PANEL_ROWS(T, WT, LD, V, W, NB)                                           \
     for (int j0 = 0; j0 < k; j0 += FC_KC) {                                          \
         int j1 = j0 + FC_KC < k ? j0 + FC_KC : k, i;                                 \
-        for (i = 0; i + 4 <= m; i += 4) FC_TILE(T, V, W, 4, NB)                      \
-        for (; i < m; i++) FC_TILE(T, V, W, 1, NB)                                   \
+        for (i = 0; i + 4 <= m; i += 4) FC_TILE(T, WT, LD, V, W, 4, NB)              \
+        for (; i < m; i++) FC_TILE(T, WT, LD, V, W, 1, NB)                           \
     }
 
-#define FC_DEFINE_GEMM(NAME, T, V, W, NB, ATTR)                                      \
-    ATTR static void NAME(int m, int n, int k, const T *a, int lda, const T *wt, int ldw,   \
+#define FC_DEFINE_GEMM(NAME, T, WT, LD, V, W, NB, ATTR)                              \
+    ATTR static void NAME(int m, int n, int k, const T *a, int lda, const WT *wt, int ldw,  \
                           int beta, T *c, int ldc)                                   \
     {                                                                                \
         int o = 0;                                                                   \
-        for (; o + NB * W <= n; o += NB * W) FC_PANEL_ROWS(T, V, W, NB)              \
-        for (; o + W <= n; o += W) FC_PANEL_ROWS(T, V, W, 1)                         \
+        for (; o + NB * W <= n; o += NB * W) FC_PANEL_ROWS(T, WT, LD, V, W, NB)      \
+        for (; o + W <= n; o += W) FC_PANEL_ROWS(T, WT, LD, V, W, 1)                 \
     }
 
-#define FC_DEFINE_GEMV(NAME, T, V, W, ATTR)                                          \
-    ATTR static void NAME(int k, int n, const T *x, const T *wt, int ldw, int beta, T *y) \
+#define FC_DEFINE_GEMV(NAME, T, WT, LD, V, W, ATTR)                                  \
+    ATTR static void NAME(int k, int n, const T *x, const WT *wt, int ldw, int beta, T *y) \
     {                                                                                \
         int o = 0;                                                                   \
-        FC_PANEL(T, V, W, 8)                                                         \
-        FC_PANEL(T, V, W, 4)                                                         \
-        FC_PANEL(T, V, W, 2)                                                         \
-        FC_PANEL(T, V, W, 1)                                                         \
+        FC_PANEL(T, WT, LD, V, W, 8)                                                 \
+        FC_PANEL(T, WT, LD, V, W, 4)                                                 \
+        FC_PANEL(T, WT, LD, V, W, 2)                                                 \
+        FC_PANEL(T, WT, LD, V, W, 1)                                                 \
     }
 
 /* ---- Packed weights ----
@@ -119,28 +119,30 @@
  * cyclic sweep larger than the cache would find nothing in it (LRU). */
 #define FC_PANEL_BYTES 256
 
-#define FC_DEFINE_PACK(NAME, T)                                                      \
-    static void NAME(int k, int n, const T *wt, int ldw, T *wp, int ks, int j0)      \
+/* A packing of weights of type WT for products in T: panels of FC_PANEL_BYTES / sizeof(T)
+ * columns (64 floats; bf16 weights take the float panels' columns in half the bytes). */
+#define FC_DEFINE_PACK(NAME, T, WT)                                                  \
+    static void NAME(int k, int n, const WT *wt, int ldw, WT *wp, int ks, int j0)    \
     {                                                                                \
         const int PW = FC_PANEL_BYTES / (int)sizeof(T);                              \
         for (int o = 0; o < n; o += PW) {                                            \
             int pw = n - o < PW ? n - o : PW;                                        \
             for (int j = 0; j < k; j++)                                              \
                 memcpy(wp + (long)o * ks + (long)(j0 + j) * pw, wt + (long)j * ldw + o,   \
-                       pw * sizeof(T));                                              \
+                       pw * sizeof(WT));                                             \
         }                                                                            \
     }
 
 /* Where a panel is 4 vectors (AVX-512), two panels at once, so that 8 accumulators hide the FMA
  * latency as in fc_gemv_t; but one at a time when only one panel of the product fits in L1
- * (16 KB < k * FC_PANEL_BYTES <= 32 KB), so that the alternating order reuses it. Elsewhere one
+ * (16 KB < k * panel bytes <= 32 KB), so that the alternating order reuses it. Elsewhere one
  * panel at a time through fc_gemv_t, whose 8-vector blocks fill a panel. */
-#define FC_DEFINE_GEMV_P(NAME, GEMV, T, V, W, ATTR)                                  \
-    ATTR static void NAME(int k, int n, const T *x, const T *wp, int ks, int j0, int beta, T *y, \
+#define FC_DEFINE_GEMV_P(NAME, GEMV, T, WT, LD, V, W, ATTR)                          \
+    ATTR static void NAME(int k, int n, const T *x, const WT *wp, int ks, int j0, int beta, T *y, \
                           int backward)                                              \
     {                                                                                \
         const int PW = FC_PANEL_BYTES / (int)sizeof(T);                              \
-        long bytes = (long)k * FC_PANEL_BYTES;                                       \
+        long bytes = (long)k * PW * (long)sizeof(WT);                                \
         int g = PW == 4 * W && !(bytes > 16384 && bytes <= 32768) ? 2 : 1;           \
         int np = (n + PW - 1) / PW, ng = (np + g - 1) / g;                           \
         for (int i = 0; i < ng; i++) {                                               \
@@ -149,12 +151,12 @@
                 V a[8];                                                              \
                 V *out = (V *)(y + o);                                               \
                 for (int b = 0; b < 8; b++) a[b] = beta ? out[b] : (V){0};           \
-                const T *w0 = wp + (long)o * ks + (long)j0 * PW;                     \
-                const T *w1 = w0 + (long)PW * ks;                                    \
+                const WT *w0 = wp + (long)o * ks + (long)j0 * PW;                    \
+                const WT *w1 = w0 + (long)PW * ks;                                   \
                 for (int j = 0; j < k; j++, w0 += PW, w1 += PW) {                    \
                     T s = x[j];                                                      \
-                    for (int b = 0; b < 4; b++) a[b] += s * *(const V *)(w0 + b * W);     \
-                    for (int b = 0; b < 4; b++) a[4 + b] += s * *(const V *)(w1 + b * W); \
+                    for (int b = 0; b < 4; b++) a[b] += s * LD(V, w0 + b * W);       \
+                    for (int b = 0; b < 4; b++) a[4 + b] += s * LD(V, w1 + b * W);   \
                 }                                                                    \
                 for (int b = 0; b < 8; b++) out[b] = a[b];                           \
                 continue;                                                            \
@@ -172,8 +174,8 @@
  * Without the row blocks, a projection of 3200 rows re-read all of a from L3 for every panel
  * (1.46x slower); with them it runs as fast as OpenBLAS's SGEMM. */
 #define FC_MC 96
-#define FC_DEFINE_GEMM_P(NAME, GEMM, T, ATTR)                                        \
-    ATTR static void NAME(int m, int n, int k, const T *a, int lda, const T *wp, int ks, int j0, \
+#define FC_DEFINE_GEMM_P(NAME, GEMM, T, WT, ATTR)                                    \
+    ATTR static void NAME(int m, int n, int k, const T *a, int lda, const WT *wp, int ks, int j0, \
                           int beta, T *c, int ldc)                                   \
     {                                                                                \
         const int PW = FC_PANEL_BYTES / (int)sizeof(T);                              \
@@ -187,65 +189,114 @@
         }                                                                            \
     }
 
+/* Weight loads. Float and double: the vector as stored. bf16: the 16-bit patterns widened to
+ * the high halves of float lanes (a bf16 is a float's top 16 bits), in two instructions, so the
+ * products and their order are those of float weights holding the bf16 values. */
+#define FC_LD(V, p) (*(const V *)(p))
+typedef unsigned short fc_vh4 __attribute__((vector_size(8), aligned(2)));
+typedef unsigned short fc_vh8 __attribute__((vector_size(16), aligned(2)));
+typedef unsigned short fc_vh16 __attribute__((vector_size(32), aligned(2)));
+typedef unsigned int fc_vu4 __attribute__((vector_size(16)));
+typedef unsigned int fc_vu8 __attribute__((vector_size(32)));
+typedef unsigned int fc_vu16 __attribute__((vector_size(64)));
+#define FC_BF(VH, VU, V, p) ((V)(__builtin_convertvector(*(const VH *)(p), VU) << 16))
+
 /* aligned(sizeof(T)): the loads and stores may be unaligned. */
 typedef float fc_vf4 __attribute__((vector_size(16), aligned(4)));
 typedef double fc_vd2 __attribute__((vector_size(16), aligned(8)));
-FC_DEFINE_GEMV(fc_gemv_t_f_base, float, fc_vf4, 4, )
-FC_DEFINE_GEMV(fc_gemv_t_d_base, double, fc_vd2, 2, )
-FC_DEFINE_GEMM(fc_gemm_t_f_base, float, fc_vf4, 4, 2, )
-FC_DEFINE_GEMM(fc_gemm_t_d_base, double, fc_vd2, 2, 2, )
-FC_DEFINE_PACK(fc_pack_t_f, float)
-FC_DEFINE_PACK(fc_pack_t_d, double)
-FC_DEFINE_GEMV_P(fc_gemv_p_f_base, fc_gemv_t_f_base, float, fc_vf4, 4, )
-FC_DEFINE_GEMV_P(fc_gemv_p_d_base, fc_gemv_t_d_base, double, fc_vd2, 2, )
-FC_DEFINE_GEMM_P(fc_gemm_p_f_base, fc_gemm_t_f_base, float, )
-FC_DEFINE_GEMM_P(fc_gemm_p_d_base, fc_gemm_t_d_base, double, )
+#define FC_LD_BF4(V, p) FC_BF(fc_vh4, fc_vu4, V, p)
+FC_DEFINE_GEMV(fc_gemv_t_f_base, float, float, FC_LD, fc_vf4, 4, )
+FC_DEFINE_GEMV(fc_gemv_t_d_base, double, double, FC_LD, fc_vd2, 2, )
+FC_DEFINE_GEMV(fc_gemv_t_h_base, float, unsigned short, FC_LD_BF4, fc_vf4, 4, )
+FC_DEFINE_GEMM(fc_gemm_t_f_base, float, float, FC_LD, fc_vf4, 4, 2, )
+FC_DEFINE_GEMM(fc_gemm_t_d_base, double, double, FC_LD, fc_vd2, 2, 2, )
+FC_DEFINE_GEMM(fc_gemm_t_h_base, float, unsigned short, FC_LD_BF4, fc_vf4, 4, 2, )
+FC_DEFINE_PACK(fc_pack_t_f, float, float)
+FC_DEFINE_PACK(fc_pack_t_d, double, double)
+FC_DEFINE_PACK(fc_pack_t_h, float, unsigned short)
+FC_DEFINE_GEMV_P(fc_gemv_p_f_base, fc_gemv_t_f_base, float, float, FC_LD, fc_vf4, 4, )
+FC_DEFINE_GEMV_P(fc_gemv_p_d_base, fc_gemv_t_d_base, double, double, FC_LD, fc_vd2, 2, )
+FC_DEFINE_GEMV_P(fc_gemv_p_h_base, fc_gemv_t_h_base, float, unsigned short, FC_LD_BF4, fc_vf4, 4, )
+FC_DEFINE_GEMM_P(fc_gemm_p_f_base, fc_gemm_t_f_base, float, float, )
+FC_DEFINE_GEMM_P(fc_gemm_p_d_base, fc_gemm_t_d_base, double, double, )
+FC_DEFINE_GEMM_P(fc_gemm_p_h_base, fc_gemm_t_h_base, float, unsigned short, )
 
 #ifdef FC_DISPATCH
 typedef float fc_vf8 __attribute__((vector_size(32), aligned(4)));
 typedef float fc_vf16 __attribute__((vector_size(64), aligned(4)));
 typedef double fc_vd4 __attribute__((vector_size(32), aligned(8)));
 typedef double fc_vd8 __attribute__((vector_size(64), aligned(8)));
-FC_DEFINE_GEMV(fc_gemv_t_f_v3, float, fc_vf8, 8, FC_TARGET_V3)
-FC_DEFINE_GEMV(fc_gemv_t_f_v4, float, fc_vf16, 16, FC_TARGET_V4)
-FC_DEFINE_GEMV(fc_gemv_t_d_v3, double, fc_vd4, 4, FC_TARGET_V3)
-FC_DEFINE_GEMV(fc_gemv_t_d_v4, double, fc_vd8, 8, FC_TARGET_V4)
-FC_DEFINE_GEMM(fc_gemm_t_f_v3, float, fc_vf8, 8, 2, FC_TARGET_V3)
-FC_DEFINE_GEMM(fc_gemm_t_f_v4, float, fc_vf16, 16, 4, FC_TARGET_V4)
-FC_DEFINE_GEMM(fc_gemm_t_d_v3, double, fc_vd4, 4, 2, FC_TARGET_V3)
-FC_DEFINE_GEMM(fc_gemm_t_d_v4, double, fc_vd8, 8, 4, FC_TARGET_V4)
-FC_DEFINE_GEMV_P(fc_gemv_p_f_v3, fc_gemv_t_f_v3, float, fc_vf8, 8, FC_TARGET_V3)
-FC_DEFINE_GEMV_P(fc_gemv_p_f_v4, fc_gemv_t_f_v4, float, fc_vf16, 16, FC_TARGET_V4)
-FC_DEFINE_GEMV_P(fc_gemv_p_d_v3, fc_gemv_t_d_v3, double, fc_vd4, 4, FC_TARGET_V3)
-FC_DEFINE_GEMV_P(fc_gemv_p_d_v4, fc_gemv_t_d_v4, double, fc_vd8, 8, FC_TARGET_V4)
-FC_DEFINE_GEMM_P(fc_gemm_p_f_v3, fc_gemm_t_f_v3, float, FC_TARGET_V3)
-FC_DEFINE_GEMM_P(fc_gemm_p_f_v4, fc_gemm_t_f_v4, float, FC_TARGET_V4)
-FC_DEFINE_GEMM_P(fc_gemm_p_d_v3, fc_gemm_t_d_v3, double, FC_TARGET_V3)
-FC_DEFINE_GEMM_P(fc_gemm_p_d_v4, fc_gemm_t_d_v4, double, FC_TARGET_V4)
+#define FC_LD_BF8(V, p) FC_BF(fc_vh8, fc_vu8, V, p)
+#define FC_LD_BF16(V, p) FC_BF(fc_vh16, fc_vu16, V, p)
+FC_DEFINE_GEMV(fc_gemv_t_f_v3, float, float, FC_LD, fc_vf8, 8, FC_TARGET_V3)
+FC_DEFINE_GEMV(fc_gemv_t_f_v4, float, float, FC_LD, fc_vf16, 16, FC_TARGET_V4)
+FC_DEFINE_GEMV(fc_gemv_t_d_v3, double, double, FC_LD, fc_vd4, 4, FC_TARGET_V3)
+FC_DEFINE_GEMV(fc_gemv_t_d_v4, double, double, FC_LD, fc_vd8, 8, FC_TARGET_V4)
+FC_DEFINE_GEMV(fc_gemv_t_h_v3, float, unsigned short, FC_LD_BF8, fc_vf8, 8, FC_TARGET_V3)
+FC_DEFINE_GEMV(fc_gemv_t_h_v4, float, unsigned short, FC_LD_BF16, fc_vf16, 16, FC_TARGET_V4)
+FC_DEFINE_GEMM(fc_gemm_t_f_v3, float, float, FC_LD, fc_vf8, 8, 2, FC_TARGET_V3)
+FC_DEFINE_GEMM(fc_gemm_t_f_v4, float, float, FC_LD, fc_vf16, 16, 4, FC_TARGET_V4)
+FC_DEFINE_GEMM(fc_gemm_t_d_v3, double, double, FC_LD, fc_vd4, 4, 2, FC_TARGET_V3)
+FC_DEFINE_GEMM(fc_gemm_t_d_v4, double, double, FC_LD, fc_vd8, 8, 4, FC_TARGET_V4)
+FC_DEFINE_GEMM(fc_gemm_t_h_v3, float, unsigned short, FC_LD_BF8, fc_vf8, 8, 2, FC_TARGET_V3)
+FC_DEFINE_GEMM(fc_gemm_t_h_v4, float, unsigned short, FC_LD_BF16, fc_vf16, 16, 4, FC_TARGET_V4)
+FC_DEFINE_GEMV_P(fc_gemv_p_f_v3, fc_gemv_t_f_v3, float, float, FC_LD, fc_vf8, 8, FC_TARGET_V3)
+FC_DEFINE_GEMV_P(fc_gemv_p_f_v4, fc_gemv_t_f_v4, float, float, FC_LD, fc_vf16, 16, FC_TARGET_V4)
+FC_DEFINE_GEMV_P(fc_gemv_p_d_v3, fc_gemv_t_d_v3, double, double, FC_LD, fc_vd4, 4, FC_TARGET_V3)
+FC_DEFINE_GEMV_P(fc_gemv_p_d_v4, fc_gemv_t_d_v4, double, double, FC_LD, fc_vd8, 8, FC_TARGET_V4)
+FC_DEFINE_GEMV_P(fc_gemv_p_h_v3, fc_gemv_t_h_v3, float, unsigned short, FC_LD_BF8, fc_vf8, 8, FC_TARGET_V3)
+FC_DEFINE_GEMV_P(fc_gemv_p_h_v4, fc_gemv_t_h_v4, float, unsigned short, FC_LD_BF16, fc_vf16, 16, FC_TARGET_V4)
+FC_DEFINE_GEMM_P(fc_gemm_p_f_v3, fc_gemm_t_f_v3, float, float, FC_TARGET_V3)
+FC_DEFINE_GEMM_P(fc_gemm_p_f_v4, fc_gemm_t_f_v4, float, float, FC_TARGET_V4)
+FC_DEFINE_GEMM_P(fc_gemm_p_d_v3, fc_gemm_t_d_v3, double, double, FC_TARGET_V3)
+FC_DEFINE_GEMM_P(fc_gemm_p_d_v4, fc_gemm_t_d_v4, double, double, FC_TARGET_V4)
+FC_DEFINE_GEMM_P(fc_gemm_p_h_v3, fc_gemm_t_h_v3, float, unsigned short, FC_TARGET_V3)
+FC_DEFINE_GEMM_P(fc_gemm_p_h_v4, fc_gemm_t_h_v4, float, unsigned short, FC_TARGET_V4)
 #endif
 
-static inline void fc_gemv_p_f(int k, int n, const float *x, const float *wp, int ks, int j0,
-                               int beta, float *y, int backward)
+/* ---- One packed matrix in any weight format, and the products over it ----
+ * The cell walks see only this: which format a matrix holds is decided at load (recurrence.py)
+ * and switched on here, once per product. */
+#include "matmul_int8.h"
+
+enum { FC_FMT_F32 = 0, FC_FMT_F64 = 1, FC_FMT_BF16 = 2, FC_FMT_I8 = 3 };
+
+typedef struct {
+    int fmt;
+    int ks;             /* float formats: rows of the packing */
+    const void *wp;     /* float formats: the panels */
+    fc_i8_mat i8;       /* int8: the panels, scales and column sums */
+} fc_mat;
+
+/* c[0:m, 0:n] (+)= a[0:m, 0:k] @ W[j0:j0 + k, 0:n] over a float32-computing matrix (float32,
+ * bf16 or int8 weights). For int8, rows [j0, j0 + k) are whole segments. work: int8's scratch. */
+static inline void fc_matmul_f(int m, int n, int k, const float *a, int lda, const fc_mat *w,
+                               int j0, int beta, float *c, int ldc, int backward, void *work)
 {
-    FC_CALL_BEST(fc_gemv_p_f, (k, n, x, wp, ks, j0, beta, y, backward));
+    if (m <= 0 || n <= 0) return;
+    if (w->fmt == FC_FMT_I8) {
+        int s0 = j0 == 0 ? 0 : 1;
+        int s1 = j0 + k > w->i8.rows[0] && w->i8.nseg > 1 ? 2 : 1;
+        fc_i8_matmul(m, s0, s1, a, lda, &w->i8, beta, c, ldc, backward, (uint8_t *)work);
+    } else if (w->fmt == FC_FMT_BF16) {
+        const unsigned short *wp = (const unsigned short *)w->wp;
+        if (m == 1) FC_CALL_BEST(fc_gemv_p_h, (k, n, a, wp, w->ks, j0, beta, c, backward));
+        else FC_CALL_BEST(fc_gemm_p_h, (m, n, k, a, lda, wp, w->ks, j0, beta, c, ldc));
+    } else {
+        const float *wp = (const float *)w->wp;
+        if (m == 1) FC_CALL_BEST(fc_gemv_p_f, (k, n, a, wp, w->ks, j0, beta, c, backward));
+        else FC_CALL_BEST(fc_gemm_p_f, (m, n, k, a, lda, wp, w->ks, j0, beta, c, ldc));
+    }
 }
 
-static inline void fc_gemv_p_d(int k, int n, const double *x, const double *wp, int ks, int j0,
-                               int beta, double *y, int backward)
+static inline void fc_matmul_d(int m, int n, int k, const double *a, int lda, const fc_mat *w,
+                               int j0, int beta, double *c, int ldc, int backward, void *work)
 {
-    FC_CALL_BEST(fc_gemv_p_d, (k, n, x, wp, ks, j0, beta, y, backward));
-}
-
-static inline void fc_gemm_p_f(int m, int n, int k, const float *a, int lda, const float *wp,
-                               int ks, int j0, int beta, float *c, int ldc)
-{
-    FC_CALL_BEST(fc_gemm_p_f, (m, n, k, a, lda, wp, ks, j0, beta, c, ldc));
-}
-
-static inline void fc_gemm_p_d(int m, int n, int k, const double *a, int lda, const double *wp,
-                               int ks, int j0, int beta, double *c, int ldc)
-{
-    FC_CALL_BEST(fc_gemm_p_d, (m, n, k, a, lda, wp, ks, j0, beta, c, ldc));
+    (void)work;
+    if (m <= 0 || n <= 0) return;
+    const double *wp = (const double *)w->wp;
+    if (m == 1) FC_CALL_BEST(fc_gemv_p_d, (k, n, a, wp, w->ks, j0, beta, c, backward));
+    else FC_CALL_BEST(fc_gemm_p_d, (m, n, k, a, lda, wp, w->ks, j0, beta, c, ldc));
 }
 
 #endif

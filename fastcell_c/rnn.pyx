@@ -3,20 +3,21 @@
 # (streaming) does x W_ih^T + h W_hh^T in one product instead (fused_step).
 from cython cimport floating
 
+from fastcell_c._blas cimport fc_mat
 from fastcell_c._steps cimport Walk, input_products, step_product, write_outputs
 from fastcell_c.gates cimport rnn_update
 from fastcell_c.kernel cimport Kernel
 
 
 cdef void rnn_walk(Walk* w, const floating* x, int I, int H, int Hp, bint relu,
-                   const floating* w_ih_t, const floating* w_p, int ks, const floating* bias,
+                   const floating* w_ih_t, const fc_mat* wm, const floating* bias,
                    floating* h, floating* out, floating* G) noexcept nogil:
     cdef Py_ssize_t s, j, ldg
     cdef floating* g
     cdef floating* xp = G + w.T * w.B * Hp
-    cdef bint fused = input_products(w, x, I, h, H, w_ih_t, w_p, ks, Hp, G, xp)
+    cdef bint fused = input_products(w, x, I, h, H, w_ih_t, wm, Hp, G, xp)
     for s in range(w.T):
-        g = step_product(w, s, fused, G, Hp, h, H, w_p, ks, I, &ldg)
+        g = step_product(w, s, fused, G, Hp, h, H, wm, I, &ldg)
         for j in range(w.n):
             rnn_update(relu, H, g + j * ldg, bias, h + j * H)
         write_outputs(w, s, h, H, out)
@@ -25,8 +26,9 @@ cdef void rnn_walk(Walk* w, const floating* x, int I, int H, int Hp, bint relu,
 cdef class RNNKernel(Kernel):
     cdef readonly bint relu
 
-    def __init__(self, weight_ih_t, weight_hh_t, bias, Py_ssize_t hidden_size, bint relu):
-        super().__init__(weight_ih_t, weight_hh_t, bias, hidden_size, 1)
+    def __init__(self, weight_ih_t, weight_hh_t, bias, Py_ssize_t hidden_size, bint relu, **fmt):
+        """fmt: the weight format's arguments of Kernel (weight_format, scale_ih, scale_hh)."""
+        super().__init__(weight_ih_t, weight_hh_t, bias, hidden_size, 1, **fmt)
         self.relu = relu
 
     cdef void run_walk(self, Walk* w, const char* x, char* h, char* c, char* out,
@@ -34,9 +36,7 @@ cdef class RNNKernel(Kernel):
         cdef int I = <int>self.input_size, H = <int>self.hidden_size, Hp = <int>self.padded
         if self.is_double:
             rnn_walk(w, <const double*>x, I, H, Hp, self.relu, <const double*>self.w_ih_t,
-                     <const double*>self.w_p, <int>self.ks, <const double*>self.bias, <double*>h,
-                     <double*>out, <double*>work)
+                     self.mats, <const double*>self.bias, <double*>h, <double*>out, <double*>work)
         else:
             rnn_walk(w, <const float*>x, I, H, Hp, self.relu, <const float*>self.w_ih_t,
-                     <const float*>self.w_p, <int>self.ks, <const float*>self.bias, <float*>h,
-                     <float*>out, <float*>work)
+                     self.mats, <const float*>self.bias, <float*>h, <float*>out, <float*>work)

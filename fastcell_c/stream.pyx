@@ -40,13 +40,13 @@ cdef class StreamState:
         # Bytes one stream needs (h, c and the largest workspace): a batch whose total does not
         # fit in Py_ssize_t cannot be allocated (checked before any size is computed).
         for k in owner.kernels:
-            n = max(n, k.workspace(1, 1, False))
+            n = max(n, k.work_elems(1, 1, False))
         n += len(owner.kernels) * (owner.output_size + owner.hidden_size)
         if batch > sys.maxsize // (n * owner.dtype.itemsize):
             raise MemoryError(f"batch: {batch} streams need more memory than can be addressed")
         n = 0
         for k in owner.kernels:
-            n = max(n, k.workspace(1, batch, False))
+            n = max(n, k.work_elems(1, batch, False))
         self.owner = owner
         self.batch = batch
         # Views: NumPy refuses to resize an array that does not own its data, so the buffers
@@ -148,12 +148,14 @@ cdef class Stepper:
         cdef Py_ssize_t itemsize = 8 if self.typenum == cnp.NPY_DOUBLE else 4
         cdef Walk w = make_walk(1, B, False, 0, NULL, NULL, False)
         w.flip = state.parity
-        w.use_blas = blas_pays(B)
+        cdef bint use_blas = blas_pays(B)
         state.parity = not state.parity
         cdef Kernel k
         cdef int previous
         for i in range(len(self.kernels)):
             k = <Kernel>self.kernels[i]
+            w.use_blas = use_blas and k.w_ih_t != NULL     # float formats only
+            w.qwork = k.qwork_of(state.work, 1, B, False)
             with nogil:
                 previous = enter_blas() if w.use_blas else -1
                 k.run_walk(&w, src, h, c, NULL, state.work)

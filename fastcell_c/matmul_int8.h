@@ -1,0 +1,381 @@
+/* The int8 weight format's products: c[0:m, 0:n] (+)= a[0:m, rows] @ W[rows, 0:n], with W stored
+ * as int8 with one float scale per column (output) and segment, and a quantized to 8-bit unsigned
+ * integers row by row on every call: u8 x s8 dot products of 4 bytes (AVX-512 VNNI / AVX-VNNI
+ * vpdpbusd), summed exactly in int32, then one dequantizing pass per output.
+ *
+ * Segments. The rows of a packing are one or two segments (the input rows of W_ih, then the
+ * recurrent rows of W_hh: a streaming step multiplies [x h] in one call), each with its own
+ * activation scale per row and its own weight scales, since x and h have different ranges.
+ * A segment quantizes its activations to 8 bits or, for the input segment, to 16 bits as two bytes
+ * (hi, lo) taken as two rows of the same product: x's range (unit Gaussian features reach 3 to 4)
+ * costs 8 bits more than its share of the error, h in (-1, 1) does not (tests/test_weight_formats.py).
+ *
+ * Activation quantization of one row v of a segment (k values), the same on every level:
+ *   amax = max |v_i| over the finite v_i; a row with amax < FC_I8_TINY is all zeros (scale 0);
+ *   8 bits:  s = amax / 127,   q_i = rint(v_i * (127 / amax)) in [-127, 127],   byte q_i + 128
+ *   16 bits: s = amax / 32767, q_i = rint(v_i * (32767 / amax)), q_i + 32768 = 256 hi + lo
+ * and the sum over the segment, with sw_j the column's weight scale and cs_j its column sum:
+ *   8 bits:  t_j = (float)(acc_j - 128 cs_j)
+ *   16 bits: t_j = 256 (float)(acc_hi_j - 128 cs_j) + (float)acc_lo_j
+ *   c_j = (first segment without beta ? 0 : c_j) + t_j * (sw_j * s)
+ * The integer sums are exact in any order, so every path (VNNI in 512 or 256 bits, widened bytes
+ * with vpmaddwd, plain C) gives the same bits; the float steps are the same everywhere but the
+ * baseline level, which has no FMA. A non-finite v_i quantizes to 0 and then adds v_i times its
+ * dequantized weights to each output (NaN and infinities spread as in float32, never a finite
+ * result from a poisoned scale).
+ *
+ * Int32 overflow: |acc| <= 255 * 128 * k, safe for k <= 65536 rows per segment (checked at load).
+ *
+ * Layout: panels of FC_I8_PW columns (the last one narrower, a multiple of 16), each panel the
+ * rows' quads one after another: quad q of the panel of columns [o, o + pw) is pw * 4 bytes at
+ * wp + o * K4 + q * pw * 4, column j's 4 bytes (rows 4q..4q+3) at offset (j - o) * 4. One
+ * 64-byte load gives 16 columns x 4 rows, what vpdpbusd multiplies by 4 broadcast activation
+ * bytes. K4: the rows of all segments, each padded with zero rows to a multiple of 4.
+ */
+#ifndef FASTCELL_MATMUL_INT8_H
+#define FASTCELL_MATMUL_INT8_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "dispatch.h"
+
+#ifdef FC_DISPATCH
+#include <immintrin.h>
+#define FC_TARGET_VNNI512 __attribute__((target("arch=x86-64-v4,avx512vnni")))
+#define FC_TARGET_AVXVNNI __attribute__((target("arch=x86-64-v3,avxvnni")))
+#endif
+
+#define FC_I8_PW 64
+#define FC_I8_TINY 1e-30f   /* a row below this is zero: 127 / amax would overflow near FLT_MIN */
+#define FC_I8_MAX_ROWS 65536
+
+typedef struct {
+    int nseg;                  /* 1 or 2 */
+    int rows[2];               /* the segments' rows (inputs) */
+    int k4[2];                 /* ... each padded to a multiple of 4 */
+    int bits[2];               /* activation bits of each segment: 8 or 16 */
+    int n;                     /* columns */
+    const int8_t *wp;          /* the panels */
+    const float *scale[2];     /* per column weight scale of each segment */
+    const int32_t *colsum[2];  /* per column sum of each segment's int8 weights */
+} fc_i8_mat;
+
+static inline int fc_i8_k4(const fc_i8_mat *w) { return w->k4[0] + (w->nseg > 1 ? w->k4[1] : 0); }
+
+/* Pack one segment, (rows, n) int8 stored row-major with row stride ldw (W^T: row = input),
+ * into the panels at row offset r0 (a multiple of 4) of a packing of K4 rows; pads stay zero
+ * (wp must start zeroed). */
+static void fc_i8_pack(int rows, int n, const int8_t *wt, int ldw, int8_t *wp, int K4, int r0)
+{
+    for (int o = 0; o < n; o += FC_I8_PW) {
+        int pw = n - o < FC_I8_PW ? n - o : FC_I8_PW;
+        int8_t *panel = wp + (long)o * K4;
+        for (int i = 0; i < rows; i++) {
+            int r = r0 + i;
+            int8_t *dst = panel + (long)(r >> 2) * pw * 4 + (r & 3);
+            const int8_t *src = wt + (long)i * ldw + o;
+            for (int j = 0; j < pw; j++) dst[j * 4] = src[j];
+        }
+    }
+}
+
+/* ---- activation quantization (scalar C: k values per row, a small part of the work) ---- */
+
+/* Quantizes m rows of k floats (row stride lda) into bytes: 8 bits, one row of k4 bytes per
+ * input row; 16 bits, two (hi, then lo). scale[r]: the row's scale s. Returns whether any value
+ * was not finite (those are left to fc_i8_nonfinite). */
+static int fc_i8_quantize(int m, int k, int k4, int bits, const float *a, long lda, uint8_t *qa,
+                          float *scale)
+{
+    int bad = 0;
+    long qrow = (long)k4 * (bits / 8);
+    for (int r = 0; r < m; r++) {
+        const float *v = a + (long)r * lda;
+        uint8_t *q = qa + r * qrow;
+        float amax = 0.0f;
+        for (int i = 0; i < k; i++) {
+            float x = fabsf(v[i]);
+            if (!(x <= 3.4028235e38f)) { bad = 1; continue; }   /* NaN or inf */
+            amax = x > amax ? x : amax;
+        }
+        if (bits == 8) {
+            float lim = 127.0f, inv = amax < FC_I8_TINY ? 0.0f : lim / amax;
+            scale[r] = amax < FC_I8_TINY ? 0.0f : amax / lim;
+            for (int i = 0; i < k; i++) {
+                float x = fminf(fmaxf(v[i] * inv, -lim), lim);
+                int qi = fabsf(v[i]) <= 3.4028235e38f ? (int)rintf(x) : 0;   /* non-finite: 0 */
+                q[i] = (uint8_t)(qi + 128);
+            }
+            for (int i = k; i < k4; i++) q[i] = 128;
+        } else {
+            float lim = 32767.0f, inv = amax < FC_I8_TINY ? 0.0f : lim / amax;
+            scale[r] = amax < FC_I8_TINY ? 0.0f : amax / lim;
+            for (int i = 0; i < k; i++) {
+                float x = fminf(fmaxf(v[i] * inv, -lim), lim);
+                int qi = fabsf(v[i]) <= 3.4028235e38f ? (int)rintf(x) : 0;
+                unsigned u = (unsigned)(qi + 32768);
+                q[i] = (uint8_t)(u >> 8);
+                q[k4 + i] = (uint8_t)(u & 255);
+            }
+            for (int i = k; i < k4; i++) { q[i] = 128; q[k4 + i] = 0; }
+        }
+    }
+    return bad;
+}
+
+/* Adds v_i * dequantized W[i, :] for every non-finite v_i of the m rows: the spread of NaN and
+ * infinities that float32 would give (the quantized row holds 0 there). */
+static void fc_i8_nonfinite(int m, int k, const float *a, long lda, const fc_i8_mat *w, int seg,
+                            int r0, float *c, long ldc)
+{
+    int K4 = fc_i8_k4(w);
+    for (int r = 0; r < m; r++) {
+        const float *v = a + (long)r * lda;
+        for (int i = 0; i < k; i++) {
+            if (fabsf(v[i]) <= 3.4028235e38f) continue;
+            int row = r0 + i;
+            for (int col = 0; col < w->n; col++) {
+                int o = col / FC_I8_PW * FC_I8_PW;
+                int pw = w->n - o < FC_I8_PW ? w->n - o : FC_I8_PW;
+                int8_t q = w->wp[(long)o * K4 + (long)(row >> 2) * pw * 4 + (col - o) * 4 + (row & 3)];
+                c[(long)r * ldc + col] += v[i] * ((float)q * w->scale[seg][col]);
+            }
+        }
+    }
+}
+
+/* ---- the dequantizing pass: one tile of int32 sums (rows x pw, row stride FC_I8_PW) ----
+ * vr: the tile's virtual rows (16 bits: hi and lo rows of one input row side by side). */
+#define FC_I8_DEQUANT(ATTR, NAME)                                                        \
+    ATTR static void NAME(int rows, int pw, int bits, const int32_t *acc, const int32_t *cs,  \
+                          const float *sw, const float *sa, int add, float *c, long ldc) \
+    {                                                                                    \
+        for (int r = 0; r < rows; r++) {                                                 \
+            const int32_t *hi = acc + (long)r * (bits / 8) * FC_I8_PW;                   \
+            const int32_t *lo = hi + FC_I8_PW;                                           \
+            float s = sa[r];                                                             \
+            float *out = c + (long)r * ldc;                                              \
+            for (int j = 0; j < pw; j++) {                                               \
+                float t = (float)(hi[j] - 128 * cs[j]);                                  \
+                if (bits == 16) t = t * 256.0f + (float)lo[j];                           \
+                float p = sw[j] * s;                                                     \
+                out[j] = add ? out[j] + t * p : t * p;                                   \
+            }                                                                            \
+        }                                                                                \
+    }
+
+/* ---- the integer tiles: acc[vr][0:pw] = sum over nq quads of qa row vr . panel column ----
+ * qa: the virtual rows' bytes (row stride lq), w: the panel's first quad of the segment. */
+
+/* Baseline: plain C (GCC may vectorize it with SSE2's pmaddwd). */
+static void fc_i8_tile_base(int vrows, int pw, int nq, const uint8_t *qa, long lq,
+                            const int8_t *w, int32_t *acc)
+{
+    for (int r = 0; r < vrows; r++) {
+        int32_t *out = acc + (long)r * FC_I8_PW;
+        memset(out, 0, sizeof(int32_t) * pw);
+        const uint8_t *x = qa + r * lq;
+        for (int q = 0; q < nq; q++) {
+            const int8_t *wq = w + (long)q * pw * 4;
+            int x0 = x[4 * q], x1 = x[4 * q + 1], x2 = x[4 * q + 2], x3 = x[4 * q + 3];
+            for (int j = 0; j < pw; j++)
+                out[j] += x0 * wq[4 * j] + x1 * wq[4 * j + 1] + x2 * wq[4 * j + 2] + x3 * wq[4 * j + 3];
+        }
+    }
+}
+FC_I8_DEQUANT(, fc_i8_dequant_base)
+
+#ifdef FC_DISPATCH
+static inline int32_t fc_i8_quad(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+/* AVX-512 VNNI: tiles of MB virtual rows x NB vectors of 16 columns, in 32 zmm registers. */
+#define FC_I8_TILE512(MB, NB)                                                            \
+    {                                                                                    \
+        __m512i c[MB][NB];                                                               \
+        for (int i = 0; i < MB; i++)                                                     \
+            for (int b = 0; b < NB; b++) c[i][b] = _mm512_setzero_si512();               \
+        const int8_t *wq = w + b0 * 64;                                                  \
+        for (int q = 0; q < nq; q++, wq += pw * 4) {                                     \
+            __m512i wv[NB];                                                              \
+            for (int b = 0; b < NB; b++) wv[b] = _mm512_loadu_si512(wq + b * 64);        \
+            for (int i = 0; i < MB; i++) {                                               \
+                __m512i x = _mm512_set1_epi32(fc_i8_quad(qa + (r + i) * lq + 4 * q));    \
+                for (int b = 0; b < NB; b++) c[i][b] = _mm512_dpbusd_epi32(c[i][b], x, wv[b]); \
+            }                                                                            \
+        }                                                                                \
+        for (int i = 0; i < MB; i++)                                                     \
+            for (int b = 0; b < NB; b++)                                                 \
+                _mm512_storeu_si512(acc + (long)(r + i) * FC_I8_PW + (b0 + b) * 16, c[i][b]); \
+    }
+
+FC_TARGET_VNNI512 static void fc_i8_tile_vnni512(int vrows, int pw, int nq, const uint8_t *qa,
+                                                 long lq, const int8_t *w, int32_t *acc)
+{
+    int nb = pw / 16, r = 0, b0 = 0;
+    for (; r + 4 <= vrows; r += 4) {
+        if (nb == 4) FC_I8_TILE512(4, 4)
+        else if (nb == 3) FC_I8_TILE512(4, 3)
+        else if (nb == 2) FC_I8_TILE512(4, 2)
+        else FC_I8_TILE512(4, 1)
+    }
+    for (; r < vrows; r++) {
+        if (nb == 4) FC_I8_TILE512(1, 4)
+        else if (nb == 3) FC_I8_TILE512(1, 3)
+        else if (nb == 2) FC_I8_TILE512(1, 2)
+        else FC_I8_TILE512(1, 1)
+    }
+}
+FC_I8_DEQUANT(FC_TARGET_VNNI512, fc_i8_dequant_vnni512)
+
+/* AVX-VNNI: tiles of MB virtual rows x NB vectors of 8 columns, in 16 ymm registers; a panel is
+ * taken in halves of 32 columns. */
+#define FC_I8_TILE256(MB, NB)                                                            \
+    {                                                                                    \
+        __m256i c[MB][NB];                                                               \
+        for (int i = 0; i < MB; i++)                                                     \
+            for (int b = 0; b < NB; b++) c[i][b] = _mm256_setzero_si256();               \
+        const int8_t *wq = w + b0 * 32;                                                  \
+        for (int q = 0; q < nq; q++, wq += pw * 4) {                                     \
+            __m256i wv[NB];                                                              \
+            for (int b = 0; b < NB; b++) wv[b] = _mm256_loadu_si256((const __m256i *)(wq + b * 32)); \
+            for (int i = 0; i < MB; i++) {                                               \
+                __m256i x = _mm256_set1_epi32(fc_i8_quad(qa + (r + i) * lq + 4 * q));    \
+                for (int b = 0; b < NB; b++) c[i][b] = FC_I8_DP256(c[i][b], x, wv[b]);   \
+            }                                                                            \
+        }                                                                                \
+        for (int i = 0; i < MB; i++)                                                     \
+            for (int b = 0; b < NB; b++)                                                 \
+                _mm256_storeu_si256((__m256i *)(acc + (long)(r + i) * FC_I8_PW + (b0 + b) * 8), \
+                                    c[i][b]);                                            \
+    }
+
+#define FC_I8_DP256(c, x, w) _mm256_dpbusd_avx_epi32(c, x, w)
+FC_TARGET_AVXVNNI static void fc_i8_tile_avxvnni(int vrows, int pw, int nq, const uint8_t *qa,
+                                                 long lq, const int8_t *w, int32_t *acc)
+{
+    int nv = pw / 8;
+    for (int b0 = 0; b0 < nv; b0 += 4) {
+        int nb = nv - b0 < 4 ? nv - b0 : 4, r = 0;
+        for (; r + 2 <= vrows; r += 2) {
+            if (nb == 4) FC_I8_TILE256(2, 4)
+            else FC_I8_TILE256(2, 2)
+        }
+        for (; r < vrows; r++) {
+            if (nb == 4) FC_I8_TILE256(1, 4)
+            else FC_I8_TILE256(1, 2)
+        }
+    }
+}
+#undef FC_I8_DP256
+FC_I8_DEQUANT(FC_TARGET_AVXVNNI, fc_i8_dequant_avxvnni)
+
+/* AVX2 without VNNI: bytes widened to 16 bits and multiplied by vpmaddwd, whose pairs cannot
+ * saturate (vpmaddubsw's would: 2 x 255 x 128 > 32767). A 16-byte load is 4 columns x 4 rows;
+ * widened and multiplied it gives 8 int32 lanes, two partial sums per column, added pairwise at
+ * the end (exact integers: the same sums as vpdpbusd). Tiles of 2 rows x 16 columns. */
+FC_TARGET_V3 static void fc_i8_tile_avx2(int vrows, int pw, int nq, const uint8_t *qa, long lq,
+                                         const int8_t *w, int32_t *acc)
+{
+    for (int o = 0; o < pw; o += 16) {
+        for (int r = 0; r < vrows; r += 2) {
+            int mr = vrows - r < 2 ? 1 : 2;
+            __m256i c[2][4];
+            for (int i = 0; i < 2; i++)
+                for (int b = 0; b < 4; b++) c[i][b] = _mm256_setzero_si256();
+            const int8_t *wq = w + o * 4;
+            for (int q = 0; q < nq; q++, wq += pw * 4) {
+                __m256i wv[4];
+                for (int b = 0; b < 4; b++)
+                    wv[b] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wq + b * 16)));
+                for (int i = 0; i < mr; i++) {
+                    __m128i x8 = _mm_set1_epi32(fc_i8_quad(qa + (r + i) * lq + 4 * q));
+                    __m256i x = _mm256_cvtepu8_epi16(x8);
+                    for (int b = 0; b < 4; b++)
+                        c[i][b] = _mm256_add_epi32(c[i][b], _mm256_madd_epi16(x, wv[b]));
+                }
+            }
+            for (int i = 0; i < mr; i++) {
+                /* lanes (j, half) -> per column: pairwise sums, then back in column order */
+                __m256i s0 = _mm256_permute4x64_epi64(_mm256_hadd_epi32(c[i][0], c[i][1]), 0xD8);
+                __m256i s1 = _mm256_permute4x64_epi64(_mm256_hadd_epi32(c[i][2], c[i][3]), 0xD8);
+                _mm256_storeu_si256((__m256i *)(acc + (long)(r + i) * FC_I8_PW + o), s0);
+                _mm256_storeu_si256((__m256i *)(acc + (long)(r + i) * FC_I8_PW + o + 8), s1);
+            }
+        }
+    }
+}
+FC_I8_DEQUANT(FC_TARGET_V3, fc_i8_dequant_avx2)
+#endif
+
+typedef void (*fc_i8_tile_fn)(int, int, int, const uint8_t *, long, const int8_t *, int32_t *);
+typedef void (*fc_i8_dequant_fn)(int, int, int, const int32_t *, const int32_t *, const float *,
+                                 const float *, int, float *, long);
+
+/* Scratch bytes a product of m rows needs (fc_i8_matmul's `work`). */
+static inline long fc_i8_work_bytes(const fc_i8_mat *w, long m)
+{
+    long bytes = 0;
+    for (int s = 0; s < w->nseg; s++)
+        bytes += (m * (long)sizeof(float) + 63) / 64 * 64 + m * (long)w->k4[s] * (w->bits[s] / 8);
+    return bytes;
+}
+
+#define FC_I8_MC 64   /* rows per block: their bytes stay in L1/L2 across the panels */
+
+/* c[0:m, 0:n] (+)= a[0:m, segments] @ W[segments, :] over the segments [s0, s1) of w, every
+ * column (a's first column is segment s0's first row). backward: the panels in reverse order
+ * (the same bits). work: fc_i8_work_bytes(w, min(m, FC_I8_MC)). */
+static void fc_i8_matmul(int m, int s0, int s1, const float *a, long lda, const fc_i8_mat *w,
+                         int beta, float *c, long ldc, int backward, uint8_t *work)
+{
+    fc_i8_tile_fn tile = fc_i8_tile_base;
+    fc_i8_dequant_fn dequant = fc_i8_dequant_base;
+#ifdef FC_DISPATCH
+    switch (fc_int8_path()) {
+    case 3: tile = fc_i8_tile_vnni512; dequant = fc_i8_dequant_vnni512; break;
+    case 2: tile = fc_i8_tile_avxvnni; dequant = fc_i8_dequant_avxvnni; break;
+    case 1: tile = fc_i8_tile_avx2; dequant = fc_i8_dequant_avx2; break;
+    }
+#endif
+    int K4 = fc_i8_k4(w), n = w->n;
+    int32_t acc[2 * FC_I8_MC * FC_I8_PW] __attribute__((aligned(64)));
+    for (int i0 = 0; i0 < m; i0 += FC_I8_MC) {
+        int mb = m - i0 < FC_I8_MC ? m - i0 : FC_I8_MC;
+        /* This block's rows of every segment, quantized once for all the panels. */
+        uint8_t *q[2] = {NULL, NULL};
+        float *sa[2] = {NULL, NULL};
+        int bad[2] = {0, 0}, col[2] = {0, 0};
+        uint8_t *p = work;
+        for (int s = s0, c0 = 0; s < s1; c0 += w->rows[s], s++) {
+            sa[s] = (float *)p;
+            p += ((mb * sizeof(float)) + 63) / 64 * 64;
+            q[s] = p;
+            p += mb * (long)w->k4[s] * (w->bits[s] / 8);
+            col[s] = c0;
+            bad[s] = fc_i8_quantize(mb, w->rows[s], w->k4[s], w->bits[s], a + (long)i0 * lda + c0,
+                                    lda, q[s], sa[s]);
+        }
+        int np = (n + FC_I8_PW - 1) / FC_I8_PW;
+        for (int pi = 0; pi < np; pi++) {
+            int o = (backward ? np - 1 - pi : pi) * FC_I8_PW;
+            int pw = n - o < FC_I8_PW ? n - o : FC_I8_PW;
+            const int8_t *panel = w->wp + (long)o * K4;
+            for (int s = s0; s < s1; s++) {
+                int qoff = s == 0 ? 0 : w->k4[0] / 4;
+                /* 16 bits: the hi and lo rows of an input row are consecutive rows of q[s] */
+                tile(mb * (w->bits[s] / 8), pw, w->k4[s] / 4, q[s], w->k4[s],
+                     panel + (long)qoff * pw * 4, acc);
+                dequant(mb, pw, w->bits[s], acc, w->colsum[s] + o, w->scale[s] + o, sa[s],
+                        beta || s > s0, c + (long)i0 * ldc + o, ldc);
+            }
+        }
+        for (int s = s0; s < s1; s++)
+            if (bad[s])
+                fc_i8_nonfinite(mb, w->rows[s], a + (long)i0 * lda + col[s], lda, w, s,
+                                s == 0 ? 0 : w->k4[0], c + (long)i0 * ldc, ldc);
+    }
+}
+
+#endif
