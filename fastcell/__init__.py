@@ -22,6 +22,7 @@ _LAZY = {
     "FormatError": "fastcell.weights_file",
     "from_torch": "fastcell.bridge",
     "from_state_dict": "fastcell.bridge",
+    "quantize": "fastcell.quantization",
 }
 
 __all__ = [

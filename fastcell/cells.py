@@ -29,18 +29,29 @@ class _Cell(Frozen):
     input_size = property(lambda self: self._rec.input_size)
     hidden_size = property(lambda self: self._rec.hidden_size)
     dtype = property(lambda self: self._rec.dtype)
+    weight_format = property(lambda self: self._rec.weight_format,
+                             doc='How the weight matrices are stored: "float32", "float64", "int8" or "bf16".')
+    weight_bytes = property(lambda self: self._rec.resident_bytes(),
+                            doc="Bytes of weights this model keeps in memory (as given and as packed).")
 
     kind = ""
 
     def state_dict(self):
-        """The weights under PyTorch's nn.*Cell names, as read-only NumPy arrays."""
+        """The weights under PyTorch's nn.*Cell names, as read-only float NumPy arrays (a reduced
+        format's matrices dequantized, computed now)."""
         return dict(self._rec.parameters())
+
+    def _stored_state_dict(self):
+        return dict(self._rec.stored())
 
     def config(self):
         """Everything but the weights needed to rebuild this cell (the weight file's metadata)."""
-        return {"cell": self.kind, "module": "cell", "input_size": self.input_size,
-                "hidden_size": self.hidden_size, "bias": self._rec.bias_ih is not None,
-                "dtype": self.dtype.name, **self._extra_config()}
+        cfg = {"cell": self.kind, "module": "cell", "input_size": self.input_size,
+               "hidden_size": self.hidden_size, "bias": self._rec.bias_ih is not None,
+               "dtype": self.dtype.name, **self._extra_config()}
+        if self.weight_format in ("int8", "bf16"):
+            cfg["weight_format"] = self.weight_format
+        return cfg
 
     def _extra_config(self):
         return {}
@@ -49,15 +60,15 @@ class _Cell(Frozen):
         # weight_ih, bias_hh, ... read straight from the (read-only) weights.
         rec = self.__dict__.get("_rec")
         if rec is not None:
-            params = rec.parameters()
-            if name in params:
-                return params[name]
+            if name in rec.stored():
+                return rec.parameters()[name]
             if name in ("bias_ih", "bias_hh"):
                 return None  # bias=False, as in PyTorch
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __repr__(self):
-        return f"{type(self).__name__}({self.input_size}, {self.hidden_size}, dtype={self.dtype.name})"
+        fmt = f", weight_format={self.weight_format!r}" if self.weight_format in ("int8", "bf16") else ""
+        return f"{type(self).__name__}({self.input_size}, {self.hidden_size}, dtype={self.dtype.name}{fmt})"
 
     # -- argument handling --
 

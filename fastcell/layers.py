@@ -6,6 +6,7 @@ import numpy as np
 
 from fastcell._checks import FLOAT_DTYPES, Frozen, as_flag, as_input, shape_error, to_numpy
 from fastcell.recurrence import NONLINEARITIES, GRURecurrence, LSTMRecurrence, RNNRecurrence
+from fastcell.weight_formats import REDUCED_FORMATS, Reduced, reduce
 from fastcell_c.stream import Stepper
 
 
@@ -40,6 +41,10 @@ class _Layer(Frozen):
         self.bias, self.batch_first, self.bidirectional = (
             as_flag(bias, "bias"), as_flag(batch_first, "batch_first"), as_flag(bidirectional, "bidirectional"))
         self.dtype = dt
+        # A reduced weight format (int8, bf16) comes only with its weights (quantize, load).
+        self._weight_format = self.__dict__.pop("_initial_format", None) or dt.name
+        if self._weight_format in REDUCED_FORMATS and dt != np.float32:
+            raise TypeError(f"dtype: {self._weight_format} weights compute in float32, got {dt}")
         self._init_random()
         self._frozen = True
 
@@ -50,15 +55,32 @@ class _Layer(Frozen):
         return 2 if self.bidirectional else 1
 
     @property
+    def weight_format(self):
+        """How the weight matrices are stored: "float32", "float64", "int8" or "bf16"."""
+        return self._weight_format
+
+    @property
+    def weight_bytes(self):
+        """Bytes of weights this model keeps in memory (as given and as packed for the kernels)."""
+        return sum(r.resident_bytes() for r in self._recs)
+
+    @property
     def output_size(self):
         """H_out: the size of h and of each direction's output."""
         return self.proj_size or self.hidden_size
 
     def config(self):
         """Everything needed to rebuild this layer (the weight file's metadata)."""
-        return {"cell": self.kind, "module": "layer", "input_size": self.input_size, "hidden_size": self.hidden_size,
-                "num_layers": self.num_layers, "bias": self.bias, "batch_first": self.batch_first,
-                "bidirectional": self.bidirectional, "dtype": self.dtype.name, **self._extra_config()}
+        cfg = {"cell": self.kind, "module": "layer", "input_size": self.input_size, "hidden_size": self.hidden_size,
+               "num_layers": self.num_layers, "bias": self.bias, "batch_first": self.batch_first,
+               "bidirectional": self.bidirectional, "dtype": self.dtype.name, **self._extra_config()}
+        if self._weight_format in REDUCED_FORMATS:
+            cfg["weight_format"] = self._weight_format
+        return cfg
+
+    def _constructor_args(self):
+        """The keyword arguments that build this layer's architecture again."""
+        return {k: v for k, v in self.config().items() if k not in ("cell", "module", "weight_format")}
 
     def _extra_config(self):
         return {}
@@ -91,15 +113,18 @@ class _Layer(Frozen):
         cfg = self.config()
         args += [f"{k}={cfg[k]}" for k in defaults if cfg[k] != defaults[k]]
         args += [f"{k}={v!r}" for k, v in self._extra_config().items()]
-        return f"{type(self).__name__}({', '.join(args)}, dtype={self.dtype.name})"
+        fmt = f", weight_format={self._weight_format!r}" if self._weight_format in REDUCED_FORMATS else ""
+        return f"{type(self).__name__}({', '.join(args)}, dtype={self.dtype.name}{fmt})"
 
     # -- weights --
 
     @classmethod
-    def _from_weights(cls, weights, **config):
-        """A layer built straight with these weights (fastcell.load): no random init first."""
+    def _from_weights(cls, weights, weight_format=None, **config):
+        """A layer built straight with these weights (fastcell.load, quantize): no random init
+        first. weight_format: a reduced format the weights are in (None: the dtype's)."""
         layer = cls.__new__(cls)
         layer._initial_weights = weights
+        layer._initial_format = weight_format
         layer.__init__(**config)
         return layer
 
@@ -111,7 +136,8 @@ class _Layer(Frozen):
         # PyTorch's default initialisation, so a fresh layer behaves like a fresh torch layer.
         rng = np.random.default_rng()
         k = 1 / np.sqrt(self.hidden_size)
-        self._load({n: rng.uniform(-k, k, s).astype(self.dtype) for n, s in self.expected_shapes().items()})
+        self._load({n: self._convert(n, rng.uniform(-k, k, s).astype(self.dtype))
+                    for n, s in self.expected_shapes().items()})
 
     def _load(self, weights):
         recs = []
@@ -153,11 +179,33 @@ class _Layer(Frozen):
         return self._require_stepper().step(x, state, out)
 
     def state_dict(self):
-        """Every parameter under PyTorch's names, as read-only NumPy arrays."""
+        """Every parameter under PyTorch's names, as read-only float NumPy arrays (a reduced
+        format's matrices dequantized, computed now)."""
         out = {}
         for rec, (_, _, s) in zip(self._recs, self._suffixes()):
             out.update({n + s: v for n, v in rec.parameters().items()})
         return out
+
+    def _stored_state_dict(self):
+        """Every parameter as kept: float arrays and, in a reduced format, Reduced matrices."""
+        out = {}
+        for rec, (_, _, s) in zip(self._recs, self._suffixes()):
+            out.update({n + s: v for n, v in rec.stored().items()})
+        return out
+
+    def _convert(self, name, v):
+        """A given parameter in this layer's form: its dtype, or a matrix in its reduced format
+        (a float matrix is quantized; a Reduced one must be in this format already)."""
+        matrix = name.split("_l")[0] in ("weight_ih", "weight_hh", "weight_hr")
+        fmt = self._weight_format
+        if isinstance(v, Reduced):
+            if not matrix or v.format != fmt:
+                raise TypeError(f"{name}: a {v.format} matrix cannot go into a {fmt} "
+                                f"{'model' if matrix else 'bias or peephole (float only)'}")
+            return v
+        if matrix and fmt in REDUCED_FORMATS:
+            return reduce(np.asarray(v, dtype=np.float32), fmt, name)
+        return np.asarray(v, dtype=self.dtype)
 
     def load_state_dict(self, state_dict):
         """Loads PyTorch tensors or NumPy arrays under PyTorch's names (strict), converted to this
@@ -168,14 +216,15 @@ class _Layer(Frozen):
         except (TypeError, ValueError):
             raise TypeError(f"state_dict: expected a mapping of names to arrays, "
                             f"got {type(state_dict).__name__}") from None
-        given = {str(k): to_numpy(v, str(k)) for k, v in state_dict.items()}
+        given = {str(k): v if isinstance(v, Reduced) else to_numpy(v, str(k))
+                 for k, v in state_dict.items()}
         problems = [f"missing: {n} {expected[n]}" for n in expected if n not in given]
         problems += [f"unexpected: {n}" for n in given if n not in expected]
         problems += [f"mis-shaped: {n} expected {expected[n]}, got {given[n].shape}"
                      for n in expected if n in given and given[n].shape != expected[n]]
         if problems:
             raise StateDictError(f"{type(self).__name__}.load_state_dict: " + "; ".join(problems))
-        self._load({n: np.asarray(v, dtype=self.dtype) for n, v in given.items()})
+        self._load({n: self._convert(n, v) for n, v in given.items()})
 
     # -- the call --
 

@@ -139,6 +139,10 @@ class Recurrence:
         """One GIL-free kernel call over a whole batch of sequences: see fastcell_c.kernel.Kernel.run."""
         self.kernel.run(x, h, c, out, out_col, batch_first, reverse, lengths, perm)
 
+    def resident_bytes(self):
+        """Bytes of weights kept: as given (or reduced) and as the kernel holds them."""
+        return sum(v.nbytes for v in self.stored().values()) + self.kernel.resident_bytes
+
     def stored(self):
         """The weights under PyTorch's names (without layer suffix), as kept: float arrays, or
         Reduced matrices (weights_file saves these)."""

@@ -236,6 +236,11 @@ cdef class Kernel:
         cdef Py_ssize_t elems = (q + 64) // 4 + 1
         self.q_elems = max(self.q_elems, elems)
 
+    @property
+    def resident_bytes(self):
+        """Bytes the kernel keeps: its packed matrices and the arrays it points into."""
+        return self.packed_bytes + sum(a.nbytes for a in self._arrays)
+
     cdef Py_ssize_t workspace(self, Py_ssize_t T, Py_ssize_t B, bint packed):
         """Elements of scratch memory a walk over T steps of B rows needs: G, then (after a
         subclass's own buffers) the packing space of lengths or a fused step's [x h] rows."""

@@ -193,18 +193,12 @@
  * the high halves of float lanes (a bf16 is a float's top 16 bits), in two instructions, so the
  * products and their order are those of float weights holding the bf16 values. */
 #define FC_LD(V, p) (*(const V *)(p))
-typedef unsigned short fc_vh4 __attribute__((vector_size(8), aligned(2)));
-typedef unsigned short fc_vh8 __attribute__((vector_size(16), aligned(2)));
-typedef unsigned short fc_vh16 __attribute__((vector_size(32), aligned(2)));
-typedef unsigned int fc_vu4 __attribute__((vector_size(16)));
-typedef unsigned int fc_vu8 __attribute__((vector_size(32)));
-typedef unsigned int fc_vu16 __attribute__((vector_size(64)));
-#define FC_BF(VH, VU, V, p) ((V)(__builtin_convertvector(*(const VH *)(p), VU) << 16))
+#include <immintrin.h>
+#define FC_LD_BF4(V, p) ((V)_mm_unpacklo_epi16(_mm_setzero_si128(), _mm_loadl_epi64((const __m128i *)(p))))
 
 /* aligned(sizeof(T)): the loads and stores may be unaligned. */
 typedef float fc_vf4 __attribute__((vector_size(16), aligned(4)));
 typedef double fc_vd2 __attribute__((vector_size(16), aligned(8)));
-#define FC_LD_BF4(V, p) FC_BF(fc_vh4, fc_vu4, V, p)
 FC_DEFINE_GEMV(fc_gemv_t_f_base, float, float, FC_LD, fc_vf4, 4, )
 FC_DEFINE_GEMV(fc_gemv_t_d_base, double, double, FC_LD, fc_vd2, 2, )
 FC_DEFINE_GEMV(fc_gemv_t_h_base, float, unsigned short, FC_LD_BF4, fc_vf4, 4, )
@@ -226,8 +220,8 @@ typedef float fc_vf8 __attribute__((vector_size(32), aligned(4)));
 typedef float fc_vf16 __attribute__((vector_size(64), aligned(4)));
 typedef double fc_vd4 __attribute__((vector_size(32), aligned(8)));
 typedef double fc_vd8 __attribute__((vector_size(64), aligned(8)));
-#define FC_LD_BF8(V, p) FC_BF(fc_vh8, fc_vu8, V, p)
-#define FC_LD_BF16(V, p) FC_BF(fc_vh16, fc_vu16, V, p)
+#define FC_LD_BF8(V, p) ((V)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define FC_LD_BF16(V, p) ((V)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
 FC_DEFINE_GEMV(fc_gemv_t_f_v3, float, float, FC_LD, fc_vf8, 8, FC_TARGET_V3)
 FC_DEFINE_GEMV(fc_gemv_t_f_v4, float, float, FC_LD, fc_vf16, 16, FC_TARGET_V4)
 FC_DEFINE_GEMV(fc_gemv_t_d_v3, double, double, FC_LD, fc_vd4, 4, FC_TARGET_V3)

@@ -85,45 +85,90 @@ static void fc_i8_pack(int rows, int n, const int8_t *wt, int ldw, int8_t *wp, i
 
 /* Quantizes m rows of k floats (row stride lda) into bytes: 8 bits, one row of k4 bytes per
  * input row; 16 bits, two (hi, then lo). scale[r]: the row's scale s. Returns whether any value
- * was not finite (those are left to fc_i8_nonfinite). */
-static int fc_i8_quantize(int m, int k, int k4, int bits, const float *a, long lda, uint8_t *qa,
-                          float *scale)
-{
-    int bad = 0;
-    long qrow = (long)k4 * (bits / 8);
-    for (int r = 0; r < m; r++) {
-        const float *v = a + (long)r * lda;
-        uint8_t *q = qa + r * qrow;
-        float amax = 0.0f;
-        for (int i = 0; i < k; i++) {
-            float x = fabsf(v[i]);
-            if (!(x <= 3.4028235e38f)) { bad = 1; continue; }   /* NaN or inf */
-            amax = x > amax ? x : amax;
-        }
-        if (bits == 8) {
-            float lim = 127.0f, inv = amax < FC_I8_TINY ? 0.0f : lim / amax;
-            scale[r] = amax < FC_I8_TINY ? 0.0f : amax / lim;
-            for (int i = 0; i < k; i++) {
-                float x = fminf(fmaxf(v[i] * inv, -lim), lim);
-                int qi = fabsf(v[i]) <= 3.4028235e38f ? (int)rintf(x) : 0;   /* non-finite: 0 */
-                q[i] = (uint8_t)(qi + 128);
-            }
-            for (int i = k; i < k4; i++) q[i] = 128;
-        } else {
-            float lim = 32767.0f, inv = amax < FC_I8_TINY ? 0.0f : lim / amax;
-            scale[r] = amax < FC_I8_TINY ? 0.0f : amax / lim;
-            for (int i = 0; i < k; i++) {
-                float x = fminf(fmaxf(v[i] * inv, -lim), lim);
-                int qi = fabsf(v[i]) <= 3.4028235e38f ? (int)rintf(x) : 0;
-                unsigned u = (unsigned)(qi + 32768);
-                q[i] = (uint8_t)(u >> 8);
-                q[k4 + i] = (uint8_t)(u & 255);
-            }
-            for (int i = k; i < k4; i++) { q[i] = 128; q[k4 + i] = 0; }
-        }
+ * was not finite (those are left to fc_i8_nonfinite). Branch-free, so that it vectorizes at
+ * every level; rounding to nearest even by adding and subtracting 1.5 * 2^23 (exact for
+ * |x| <= 32767), which, unlike rintf, needs no SSE4.1. The same bits at every level. */
+#define FC_I8_QUANTIZE(ATTR, NAME, W)                                                    \
+    ATTR static int NAME(int m, int k, int k4, int bits, const float *a, long lda, uint8_t *qa, \
+                         float *scale)                                                   \
+    {                                                                                    \
+        typedef float vf __attribute__((vector_size(4 * W), aligned(4)));                \
+        typedef int32_t vi __attribute__((vector_size(4 * W), aligned(4)));              \
+        typedef uint8_t vb __attribute__((vector_size(W), aligned(1)));                  \
+        int bad = 0;                                                                     \
+        long qrow = (long)k4 * (bits / 8);                                               \
+        const float lim = bits == 8 ? 127.0f : 32767.0f, big = 3.4028235e38f;            \
+        const float magic = 12582912.0f;                                                 \
+        const vi absmask = (vi){} + 0x7fffffff;                                          \
+        int kv = k / W * W;                                                              \
+        for (int r = 0; r < m; r++) {                                                    \
+            const float *v = a + (long)r * lda;                                          \
+            uint8_t *q = qa + r * qrow;                                                  \
+            vi vmax = (vi){}, vbad = (vi){};                                             \
+            for (int i = 0; i < kv; i += W) {                                            \
+                vi x = *(const vi *)(v + i) & absmask;        /* |v| as bits */          \
+                vi fin = (vf)x <= big;                                                   \
+                vbad |= ~fin;                                                            \
+                x &= fin;                                                                \
+                vi gt = x > vmax;                /* non-negative floats order as ints */ \
+                vmax = (x & gt) | (vmax & ~gt);                                          \
+            }                                                                            \
+            int32_t imax = 0, nonfinite = 0;                                             \
+            for (int j = 0; j < W; j++) {                                                \
+                imax = vmax[j] > imax ? vmax[j] : imax;                                  \
+                nonfinite |= vbad[j];                                                    \
+            }                                                                            \
+            float amax;                                                                  \
+            memcpy(&amax, &imax, 4);                                                     \
+            for (int i = kv; i < k; i++) {                                               \
+                float x = __builtin_fabsf(v[i]);                                         \
+                nonfinite |= !(x <= big);                                                \
+                amax = x <= big && x > amax ? x : amax;                                  \
+            }                                                                            \
+            bad |= nonfinite != 0;                                                       \
+            int zero = amax < FC_I8_TINY;                                                \
+            float inv = zero ? 0.0f : lim / amax;                                        \
+            scale[r] = zero ? 0.0f : amax / lim;                                         \
+            /* x * inv, non-finite -> 0, clamped, rounded to nearest even, as integers */ \
+            for (int i = 0; i < k; i += W) {                                             \
+                vi qi;                                                                   \
+                if (i + W <= k) {                                                        \
+                    vf x = *(const vf *)(v + i);                                         \
+                    vi fin = ((vi)x & absmask) <= 0x7f7fffff;                            \
+                    vf y = (vf)((vi)(x * inv) & fin);                                    \
+                    vi lo = y < -lim, hi = y > lim;       /* vector ?: is C++ only */    \
+                    y = (vf)(((vi)y & ~lo) | ((vi)((vf){} - lim) & lo));                 \
+                    y = (vf)(((vi)y & ~hi) | ((vi)((vf){} + lim) & hi));                 \
+                    qi = __builtin_convertvector((y + magic) - magic, vi);               \
+                } else {                                                                 \
+                    for (int j = 0; j < W; j++) {                                        \
+                        float x = i + j < k ? v[i + j] * inv : 0.0f;                     \
+                        x = i + j < k && __builtin_fabsf(v[i + j]) <= big ? x : 0.0f;    \
+                        x = x < -lim ? -lim : x > lim ? lim : x;                         \
+                        qi[j] = (int32_t)((x + magic) - magic);                          \
+                    }                                                                    \
+                }                                                                        \
+                int nw = k - i < W ? k - i : W;                                          \
+                if (bits == 8) {                                                         \
+                    vb b8 = __builtin_convertvector(qi + 128, vb);                       \
+                    if (nw == W) *(vb *)(q + i) = b8;                                    \
+                    else memcpy(q + i, &b8, nw);                                         \
+                } else {                                                                 \
+                    vi u = qi + 32768;                                                   \
+                    vb hi = __builtin_convertvector(u >> 8, vb);                         \
+                    vb lo = __builtin_convertvector(u & 255, vb);                        \
+                    if (nw == W) { *(vb *)(q + i) = hi; *(vb *)(q + k4 + i) = lo; }      \
+                    else { memcpy(q + i, &hi, nw); memcpy(q + k4 + i, &lo, nw); }        \
+                }                                                                        \
+            }                                                                            \
+            for (int i = k; i < k4; i++) {                                               \
+                q[i] = 128;                                                              \
+                if (bits == 16) q[k4 + i] = 0;                                           \
+            }                                                                            \
+        }                                                                                \
+        return bad;                                                                      \
     }
-    return bad;
-}
+FC_I8_QUANTIZE(, fc_i8_quantize_base, 4)
 
 /* Adds v_i * dequantized W[i, :] for every non-finite v_i of the m rows: the spread of NaN and
  * infinities that float32 would give (the quantized row holds 0 there). */
@@ -190,6 +235,11 @@ FC_I8_DEQUANT(, fc_i8_dequant_base)
 #ifdef FC_DISPATCH
 static inline int32_t fc_i8_quad(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
 
+/* acc += x . w in place: as an intrinsic, GCC 12 copies the accumulators between registers
+ * around every vpdpbusd of these tiles (a third of the tile's instructions); tied in asm it
+ * does not. */
+#define FC_DPBUSD512(acc, x, w) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w))
+
 /* AVX-512 VNNI: tiles of MB virtual rows x NB vectors of 16 columns, in 32 zmm registers. */
 #define FC_I8_TILE512(MB, NB)                                                            \
     {                                                                                    \
@@ -202,7 +252,7 @@ static inline int32_t fc_i8_quad(const uint8_t *p) { int32_t v; memcpy(&v, p, 4)
             for (int b = 0; b < NB; b++) wv[b] = _mm512_loadu_si512(wq + b * 64);        \
             for (int i = 0; i < MB; i++) {                                               \
                 __m512i x = _mm512_set1_epi32(fc_i8_quad(qa + (r + i) * lq + 4 * q));    \
-                for (int b = 0; b < NB; b++) c[i][b] = _mm512_dpbusd_epi32(c[i][b], x, wv[b]); \
+                for (int b = 0; b < NB; b++) FC_DPBUSD512(c[i][b], x, wv[b]);            \
             }                                                                            \
         }                                                                                \
         for (int i = 0; i < MB; i++)                                                     \
@@ -228,6 +278,64 @@ FC_TARGET_VNNI512 static void fc_i8_tile_vnni512(int vrows, int pw, int nq, cons
     }
 }
 FC_I8_DEQUANT(FC_TARGET_VNNI512, fc_i8_dequant_vnni512)
+/* The same tiles with the dequantizing pass done in registers (no int32 buffer), the path every
+ * AVX-512 VNNI CPU takes: MB real rows (16 bits: MB hi rows and MB lo rows), NB vectors. The
+ * float steps are those of FC_I8_DEQUANT: t * 256 + lo, p = sw * s, then t * p or fma(t, p, c). */
+#define FC_I8_KERNEL512(MB, NB, SIXTEEN)                                                 \
+    {                                                                                    \
+        const int V = SIXTEEN ? 2 * MB : MB;                                             \
+        __m512i acc[SIXTEEN ? 2 * MB : MB][NB];                                          \
+        for (int i = 0; i < V; i++)                                                      \
+            for (int b = 0; b < NB; b++) acc[i][b] = _mm512_setzero_si512();             \
+        const int8_t *wq = w;                                                            \
+        const uint8_t *x0 = qa + (long)r * (SIXTEEN ? 2 : 1) * lq;                       \
+        for (int q = 0; q < nq; q++, wq += pw * 4) {                                     \
+            __m512i wv[NB];                                                              \
+            for (int b = 0; b < NB; b++) wv[b] = _mm512_loadu_si512(wq + b * 64);        \
+            for (int i = 0; i < V; i++) {                                                \
+                __m512i x = _mm512_set1_epi32(fc_i8_quad(x0 + (long)i * lq + 4 * q));    \
+                for (int b = 0; b < NB; b++) FC_DPBUSD512(acc[i][b], x, wv[b]);          \
+            }                                                                            \
+        }                                                                                \
+        for (int b = 0; b < NB; b++) {                                                   \
+            __m512i zc = _mm512_mullo_epi32(_mm512_loadu_si512(cs + b * 16), _mm512_set1_epi32(128)); \
+            __m512 swv = _mm512_loadu_ps(sw + b * 16);                                   \
+            for (int i = 0; i < MB; i++) {                                               \
+                int hi = SIXTEEN ? 2 * i : i;                                            \
+                __m512 t = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[hi][b], zc));         \
+                if (SIXTEEN)                                                             \
+                    t = _mm512_fmadd_ps(t, _mm512_set1_ps(256.0f), _mm512_cvtepi32_ps(acc[hi + 1][b])); \
+                __m512 pv = _mm512_mul_ps(swv, _mm512_set1_ps(sa[r + i]));               \
+                float *out = c + (long)(r + i) * ldc + b * 16;                           \
+                __m512 y = add ? _mm512_fmadd_ps(t, pv, _mm512_loadu_ps(out)) : _mm512_mul_ps(t, pv); \
+                _mm512_storeu_ps(out, y);                                                \
+            }                                                                            \
+        }                                                                                \
+    }
+
+#define FC_I8_KERNEL512_NB(MB, SIXTEEN)                                                  \
+    if (nb == 4) FC_I8_KERNEL512(MB, 4, SIXTEEN)                                         \
+    else if (nb == 3) FC_I8_KERNEL512(MB, 3, SIXTEEN)                                    \
+    else if (nb == 2) FC_I8_KERNEL512(MB, 2, SIXTEEN)                                    \
+    else FC_I8_KERNEL512(MB, 1, SIXTEEN)
+
+/* c[0:m, 0:pw] (+)= dequantized (qa rows . panel columns) for one panel and segment. */
+FC_TARGET_VNNI512 static void fc_i8_panel_vnni512(int m, int pw, int nq, int bits, const uint8_t *qa,
+                                                  long lq, const int8_t *w, const int32_t *cs,
+                                                  const float *sw, const float *sa, int add,
+                                                  float *c, long ldc)
+{
+    int nb = pw / 16, r = 0;
+    if (bits == 8) {
+        for (; r + 4 <= m; r += 4) FC_I8_KERNEL512_NB(4, 0)
+        for (; r < m; r++) FC_I8_KERNEL512_NB(1, 0)
+    } else {
+        for (; r + 2 <= m; r += 2) FC_I8_KERNEL512_NB(2, 1)
+        for (; r < m; r++) FC_I8_KERNEL512_NB(1, 1)
+    }
+}
+
+FC_I8_QUANTIZE(FC_TARGET_VNNI512, fc_i8_quantize_vnni512, 16)
 
 /* AVX-VNNI: tiles of MB virtual rows x NB vectors of 8 columns, in 16 ymm registers; a panel is
  * taken in halves of 32 columns. */
@@ -270,6 +378,7 @@ FC_TARGET_AVXVNNI static void fc_i8_tile_avxvnni(int vrows, int pw, int nq, cons
 }
 #undef FC_I8_DP256
 FC_I8_DEQUANT(FC_TARGET_AVXVNNI, fc_i8_dequant_avxvnni)
+FC_I8_QUANTIZE(FC_TARGET_AVXVNNI, fc_i8_quantize_avxvnni, 8)
 
 /* AVX2 without VNNI: bytes widened to 16 bits and multiplied by vpmaddwd, whose pairs cannot
  * saturate (vpmaddubsw's would: 2 x 255 x 128 > 32767). A 16-byte load is 4 columns x 4 rows;
@@ -307,11 +416,13 @@ FC_TARGET_V3 static void fc_i8_tile_avx2(int vrows, int pw, int nq, const uint8_
     }
 }
 FC_I8_DEQUANT(FC_TARGET_V3, fc_i8_dequant_avx2)
+FC_I8_QUANTIZE(FC_TARGET_V3, fc_i8_quantize_avx2, 8)
 #endif
 
 typedef void (*fc_i8_tile_fn)(int, int, int, const uint8_t *, long, const int8_t *, int32_t *);
 typedef void (*fc_i8_dequant_fn)(int, int, int, const int32_t *, const int32_t *, const float *,
                                  const float *, int, float *, long);
+typedef int (*fc_i8_quantize_fn)(int, int, int, int, const float *, long, uint8_t *, float *);
 
 /* Scratch bytes a product of m rows needs (fc_i8_matmul's `work`). */
 static inline long fc_i8_work_bytes(const fc_i8_mat *w, long m)
@@ -332,11 +443,14 @@ static void fc_i8_matmul(int m, int s0, int s1, const float *a, long lda, const 
 {
     fc_i8_tile_fn tile = fc_i8_tile_base;
     fc_i8_dequant_fn dequant = fc_i8_dequant_base;
+    fc_i8_quantize_fn quantize = fc_i8_quantize_base;
+    int fused = 0;   /* AVX-512 VNNI: tiles and dequantizing in one pass */
 #ifdef FC_DISPATCH
+    fused = fc_int8_path() == 3;
     switch (fc_int8_path()) {
-    case 3: tile = fc_i8_tile_vnni512; dequant = fc_i8_dequant_vnni512; break;
-    case 2: tile = fc_i8_tile_avxvnni; dequant = fc_i8_dequant_avxvnni; break;
-    case 1: tile = fc_i8_tile_avx2; dequant = fc_i8_dequant_avx2; break;
+    case 3: tile = fc_i8_tile_vnni512; dequant = fc_i8_dequant_vnni512; quantize = fc_i8_quantize_vnni512; break;
+    case 2: tile = fc_i8_tile_avxvnni; dequant = fc_i8_dequant_avxvnni; quantize = fc_i8_quantize_avxvnni; break;
+    case 1: tile = fc_i8_tile_avx2; dequant = fc_i8_dequant_avx2; quantize = fc_i8_quantize_avx2; break;
     }
 #endif
     int K4 = fc_i8_k4(w), n = w->n;
@@ -354,8 +468,8 @@ static void fc_i8_matmul(int m, int s0, int s1, const float *a, long lda, const 
             q[s] = p;
             p += mb * (long)w->k4[s] * (w->bits[s] / 8);
             col[s] = c0;
-            bad[s] = fc_i8_quantize(mb, w->rows[s], w->k4[s], w->bits[s], a + (long)i0 * lda + c0,
-                                    lda, q[s], sa[s]);
+            bad[s] = quantize(mb, w->rows[s], w->k4[s], w->bits[s], a + (long)i0 * lda + c0,
+                              lda, q[s], sa[s]);
         }
         int np = (n + FC_I8_PW - 1) / FC_I8_PW;
         for (int pi = 0; pi < np; pi++) {
@@ -364,9 +478,17 @@ static void fc_i8_matmul(int m, int s0, int s1, const float *a, long lda, const 
             const int8_t *panel = w->wp + (long)o * K4;
             for (int s = s0; s < s1; s++) {
                 int qoff = s == 0 ? 0 : w->k4[0] / 4;
+                const int8_t *wseg = panel + (long)qoff * pw * 4;
+#ifdef FC_DISPATCH
+                if (fused) {
+                    fc_i8_panel_vnni512(mb, pw, w->k4[s] / 4, w->bits[s], q[s], w->k4[s], wseg,
+                                        w->colsum[s] + o, w->scale[s] + o, sa[s], beta || s > s0,
+                                        c + (long)i0 * ldc + o, ldc);
+                    continue;
+                }
+#endif
                 /* 16 bits: the hi and lo rows of an input row are consecutive rows of q[s] */
-                tile(mb * (w->bits[s] / 8), pw, w->k4[s] / 4, q[s], w->k4[s],
-                     panel + (long)qoff * pw * 4, acc);
+                tile(mb * (w->bits[s] / 8), pw, w->k4[s] / 4, q[s], w->k4[s], wseg, acc);
                 dequant(mb, pw, w->bits[s], acc, w->colsum[s] + o, w->scale[s] + o, sa[s],
                         beta || s > s0, c + (long)i0 * ldc + o, ldc);
             }

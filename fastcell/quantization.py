@@ -1,0 +1,41 @@
+"""``quantize(model, format)``: the same model with its weight matrices in a reduced format.
+
+int8 keeps one float32 scale per output row (and quantizes the activations of every product per
+row: fastcell_c/matmul_int8.h); bf16 rounds each weight to nearest even. Biases and peepholes
+stay float32, and the model computes in float32 as before: same class, same calls.
+"""
+
+import numpy as np
+
+from fastcell.cells import _Cell
+from fastcell.layers import _Layer
+from fastcell.weight_formats import REDUCED_FORMATS, reduce
+
+__all__ = ["quantize"]
+
+_MATRICES = ("weight_ih", "weight_hh", "weight_hr")
+
+
+def quantize(model, format):
+    """A new model of the same class whose W_ih, W_hh (and W_hr) are int8 or bf16.
+
+    model: a fastcell layer or cell in float32 or float64 (float64 weights are rounded to float32
+    first). format: "int8" or "bf16". The model itself is left unchanged.
+    """
+    if not isinstance(model, (_Layer, _Cell)):
+        raise TypeError(f"model: expected a fastcell layer or cell, got {type(model).__module__}."
+                        f"{type(model).__qualname__}")
+    if format not in REDUCED_FORMATS:
+        raise ValueError(f"format: expected one of {', '.join(repr(f) for f in REDUCED_FORMATS)}, "
+                         f"got {format!r}")
+    if model.weight_format in REDUCED_FORMATS:
+        raise ValueError(f"model: its weights are already {model.weight_format}; quantize the "
+                         "float model it came from")
+    weights = {}
+    for name, v in model.state_dict().items():
+        v = np.asarray(v, dtype=np.float32)
+        weights[name] = reduce(v, format, name) if name.split("_l")[0] in _MATRICES else v
+    if isinstance(model, _Layer):
+        args = dict(model._constructor_args(), dtype=np.float32)
+        return type(model)._from_weights(weights, weight_format=format, **args)
+    return type(model)(**weights, **model._extra_config())
