@@ -280,44 +280,69 @@ FC_TARGET_VNNI512 static void fc_i8_tile_vnni512(int vrows, int pw, int nq, cons
 FC_I8_DEQUANT(FC_TARGET_VNNI512, fc_i8_dequant_vnni512)
 /* The same tiles with the dequantizing pass done in registers (no int32 buffer), the path every
  * AVX-512 VNNI CPU takes: MB real rows (16 bits: MB hi rows and MB lo rows), NB vectors. The
- * float steps are those of FC_I8_DEQUANT: t * 256 + lo, p = sw * s, then t * p or fma(t, p, c). */
-#define FC_I8_KERNEL512(MB, NB, SIXTEEN)                                                 \
-    {                                                                                    \
-        const int V = SIXTEEN ? 2 * MB : MB;                                             \
-        __m512i acc[SIXTEEN ? 2 * MB : MB][NB];                                          \
-        for (int i = 0; i < V; i++)                                                      \
-            for (int b = 0; b < NB; b++) acc[i][b] = _mm512_setzero_si512();             \
-        const int8_t *wq = w;                                                            \
-        const uint8_t *x0 = qa + (long)r * (SIXTEEN ? 2 : 1) * lq;                       \
-        for (int q = 0; q < nq; q++, wq += pw * 4) {                                     \
-            __m512i wv[NB];                                                              \
-            for (int b = 0; b < NB; b++) wv[b] = _mm512_loadu_si512(wq + b * 64);        \
-            for (int i = 0; i < V; i++) {                                                \
-                __m512i x = _mm512_set1_epi32(fc_i8_quad(x0 + (long)i * lq + 4 * q));    \
-                for (int b = 0; b < NB; b++) FC_DPBUSD512(acc[i][b], x, wv[b]);          \
-            }                                                                            \
-        }                                                                                \
-        for (int b = 0; b < NB; b++) {                                                   \
-            __m512i zc = _mm512_mullo_epi32(_mm512_loadu_si512(cs + b * 16), _mm512_set1_epi32(128)); \
-            __m512 swv = _mm512_loadu_ps(sw + b * 16);                                   \
-            for (int i = 0; i < MB; i++) {                                               \
-                int hi = SIXTEEN ? 2 * i : i;                                            \
-                __m512 t = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[hi][b], zc));         \
-                if (SIXTEEN)                                                             \
-                    t = _mm512_fmadd_ps(t, _mm512_set1_ps(256.0f), _mm512_cvtepi32_ps(acc[hi + 1][b])); \
-                __m512 pv = _mm512_mul_ps(swv, _mm512_set1_ps(sa[r + i]));               \
-                float *out = c + (long)(r + i) * ldc + b * 16;                           \
-                __m512 y = add ? _mm512_fmadd_ps(t, pv, _mm512_loadu_ps(out)) : _mm512_mul_ps(t, pv); \
-                _mm512_storeu_ps(out, y);                                                \
-            }                                                                            \
-        }                                                                                \
+ * float steps are those of FC_I8_DEQUANT: t * 256 + lo, p = sw * s, then t * p or fma(t, p, c).
+ * Constant MB, NB and every small loop unrolled, so the accumulators live in registers (a loop
+ * left rolled kept them on the stack: a store and a load around every vpdpbusd). With fewer than
+ * 8 accumulators, the quads alternate between two sets (KS = 2) so that 8 or more vpdpbusd
+ * chains hide its latency; the integer sums are exact, so the bits do not change. */
+#define FC_UNROLL _Pragma("GCC unroll 16")
+FC_TARGET_VNNI512 static inline __attribute__((always_inline)) void
+fc_i8_kernel512(const int MB, const int NB, const int SIXTEEN, int r, int nq, int pw,
+                const uint8_t *qa, long lq, const int8_t *w, const int32_t *cs, const float *sw,
+                const float *sa, int add, float *c, long ldc)
+{
+    const int V = SIXTEEN ? 2 * MB : MB;
+    const int KS = V * NB < 8 ? 2 : 1;
+    __m512i acc[2][4][4];
+    FC_UNROLL for (int k = 0; k < KS; k++)
+        FC_UNROLL for (int i = 0; i < V; i++)
+            FC_UNROLL for (int b = 0; b < NB; b++) acc[k][i][b] = _mm512_setzero_si512();
+    const int8_t *wq = w;
+    const uint8_t *x0 = qa + (long)r * (SIXTEEN ? 2 : 1) * lq;
+    int q = 0;
+    for (; q + KS <= nq; q += KS) {
+        FC_UNROLL for (int k = 0; k < KS; k++, wq += pw * 4) {
+            __m512i wv[4];
+            FC_UNROLL for (int b = 0; b < NB; b++) wv[b] = _mm512_loadu_si512(wq + b * 64);
+            FC_UNROLL for (int i = 0; i < V; i++) {
+                __m512i x = _mm512_set1_epi32(fc_i8_quad(x0 + (long)i * lq + 4 * (q + k)));
+                FC_UNROLL for (int b = 0; b < NB; b++) FC_DPBUSD512(acc[k][i][b], x, wv[b]);
+            }
+        }
     }
+    for (; q < nq; q++, wq += pw * 4) {       /* KS = 2 and nq odd: the last quad */
+        __m512i wv[4];
+        FC_UNROLL for (int b = 0; b < NB; b++) wv[b] = _mm512_loadu_si512(wq + b * 64);
+        FC_UNROLL for (int i = 0; i < V; i++) {
+            __m512i x = _mm512_set1_epi32(fc_i8_quad(x0 + (long)i * lq + 4 * q));
+            FC_UNROLL for (int b = 0; b < NB; b++) FC_DPBUSD512(acc[0][i][b], x, wv[b]);
+        }
+    }
+    if (KS == 2)
+        FC_UNROLL for (int i = 0; i < V; i++)
+            FC_UNROLL for (int b = 0; b < NB; b++)
+                acc[0][i][b] = _mm512_add_epi32(acc[0][i][b], acc[1][i][b]);
+    FC_UNROLL for (int b = 0; b < NB; b++) {
+        __m512i zc = _mm512_slli_epi32(_mm512_loadu_si512(cs + b * 16), 7);   /* 128 cs */
+        __m512 swv = _mm512_loadu_ps(sw + b * 16);
+        FC_UNROLL for (int i = 0; i < MB; i++) {
+            int hi = SIXTEEN ? 2 * i : i;
+            __m512 t = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[0][hi][b], zc));
+            if (SIXTEEN)
+                t = _mm512_fmadd_ps(t, _mm512_set1_ps(256.0f), _mm512_cvtepi32_ps(acc[0][hi + 1][b]));
+            __m512 pv = _mm512_mul_ps(swv, _mm512_set1_ps(sa[r + i]));
+            float *out = c + (long)(r + i) * ldc + b * 16;
+            __m512 y = add ? _mm512_fmadd_ps(t, pv, _mm512_loadu_ps(out)) : _mm512_mul_ps(t, pv);
+            _mm512_storeu_ps(out, y);
+        }
+    }
+}
 
 #define FC_I8_KERNEL512_NB(MB, SIXTEEN)                                                  \
-    if (nb == 4) FC_I8_KERNEL512(MB, 4, SIXTEEN)                                         \
-    else if (nb == 3) FC_I8_KERNEL512(MB, 3, SIXTEEN)                                    \
-    else if (nb == 2) FC_I8_KERNEL512(MB, 2, SIXTEEN)                                    \
-    else FC_I8_KERNEL512(MB, 1, SIXTEEN)
+    if (nb == 4) fc_i8_kernel512(MB, 4, SIXTEEN, r, nq, pw, qa, lq, w, cs, sw, sa, add, c, ldc); \
+    else if (nb == 3) fc_i8_kernel512(MB, 3, SIXTEEN, r, nq, pw, qa, lq, w, cs, sw, sa, add, c, ldc); \
+    else if (nb == 2) fc_i8_kernel512(MB, 2, SIXTEEN, r, nq, pw, qa, lq, w, cs, sw, sa, add, c, ldc); \
+    else fc_i8_kernel512(MB, 1, SIXTEEN, r, nq, pw, qa, lq, w, cs, sw, sa, add, c, ldc);
 
 /* c[0:m, 0:pw] (+)= dequantized (qa rows . panel columns) for one panel and segment. */
 FC_TARGET_VNNI512 static void fc_i8_panel_vnni512(int m, int pw, int nq, int bits, const uint8_t *qa,
