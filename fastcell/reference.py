@@ -3,9 +3,19 @@
 Written to be read, not to be fast. Every function takes PyTorch-layout weights (gate blocks as row
 blocks in SPEC.md's order), a batch of inputs ``x`` of shape (B, I) and states of shape (B, H), and
 computes in the dtype of its arguments. ``None`` biases mean zero.
+
+The weight matrices may also be ``fastcell.weight_formats.Reduced`` (int8, bf16): the reference then
+computes what the kernels compute with them (``matmul``): bf16 weights are their float values;
+int8 products quantize each row of their activations as the kernels do (fastcell_c/matmul_int8.h),
+16 bits for a layer's input x and 8 bits for h, r * h and the projection's input, and sum exactly.
 """
 
 import numpy as np
+
+from fastcell.weight_formats import Reduced
+
+INPUT_BITS = 16   # int8 products: activation bits of x (a layer's input)
+HIDDEN_BITS = 8   # ... of h, r * h (reset-before GRU) and o * tanh(c) (LSTM projection)
 
 
 def sigmoid(a):
@@ -14,9 +24,55 @@ def sigmoid(a):
     return np.where(a >= 0, 1 / (1 + e), e / (1 + e))
 
 
-def _affine(x, weight, bias):
-    y = x @ weight.T
+def quantize_rows(a, bits):
+    """The kernels' quantization of a (B, k) block of activations, row by row, in float32 as they
+    do it: amax over the finite values, lim = 2^(bits-1) - 1, q = rint(clip(a * (lim / amax)))
+    with non-finite values 0, s = amax / lim; a row with amax < 1e-30 is all zeros (s = 0).
+    Returns q (float64, exact integers) and s (float32) per row."""
+    a = np.asarray(a, dtype=np.float32)
+    lim = np.float32(2 ** (bits - 1) - 1)
+    finite = np.isfinite(a)
+    amax = np.where(finite, np.abs(a), np.float32(0)).max(axis=-1)
+    zero = amax < np.float32(1e-30)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inv = np.where(zero, np.float32(0), lim / np.where(zero, np.float32(1), amax))
+        scale = np.where(zero, np.float32(0), amax / lim).astype(np.float32)
+        v = np.where(finite, a * inv[..., None].astype(np.float32), np.float32(0))
+    q = np.rint(np.clip(v, -lim, lim))
+    return q.astype(np.float64), scale
+
+
+def matmul(a, weight, bits):
+    """a @ weight.T for a float weight, or as the kernels compute it for a Reduced one: bf16 by its
+    float values; int8 as exact integer sums of quantize_rows(a, bits) and the int8 weights, times
+    (weight scale * activation scale), and each non-finite a_j adding a_j times its dequantized
+    column (NaN and infinities spread as in float)."""
+    if not isinstance(weight, Reduced):
+        return a @ weight.T
+    if weight.format == "bf16":
+        return (a.astype(np.float64) @ weight.dequantize().astype(np.float64).T).astype(np.float32)
+    q, s = quantize_rows(a, bits)
+    t = (q @ weight.data.astype(np.float64).T).astype(np.float32)
+    y = t * (weight.scale * s[..., None])
+    bad = ~np.isfinite(np.asarray(a, dtype=np.float32))
+    if bad.any():
+        w = weight.dequantize()
+        for *i, j in zip(*np.nonzero(bad)):
+            y[tuple(i)] = y[tuple(i)] + np.float32(a[(*i, j)]) * w[:, j]
+    return y
+
+
+def _affine(x, weight, bias, bits=HIDDEN_BITS):
+    y = matmul(x, weight, bits)
     return y if bias is None else y + bias
+
+
+def _rows(weight, start, stop):
+    """Rows [start, stop) of a weight matrix, float or Reduced."""
+    if isinstance(weight, Reduced):
+        scale = None if weight.scale is None else weight.scale[start:stop]
+        return Reduced(weight.format, weight.data[start:stop], scale)
+    return weight[start:stop]
 
 
 def _blocks(a, n):
@@ -25,7 +81,7 @@ def _blocks(a, n):
 
 def rnn_cell(x, h, weight_ih, weight_hh, bias_ih=None, bias_hh=None, nonlinearity="tanh"):
     """h_t = phi(W_ih x + b_ih + W_hh h + b_hh)."""
-    a = _affine(x, weight_ih, bias_ih) + _affine(h, weight_hh, bias_hh)
+    a = _affine(x, weight_ih, bias_ih, INPUT_BITS) + _affine(h, weight_hh, bias_hh)
     if nonlinearity == "tanh":
         return np.tanh(a)
     if nonlinearity == "relu":
@@ -36,15 +92,19 @@ def rnn_cell(x, h, weight_ih, weight_hh, bias_ih=None, bias_hh=None, nonlinearit
 def gru_cell(x, h, weight_ih, weight_hh, bias_ih=None, bias_hh=None, reset_after=True):
     """Gate blocks r, z, n. reset_after: n = tanh(W_in x + b_in + r * (W_hn h + b_hn)),
     else n = tanh(W_in x + b_in + W_hn (r * h) + b_hn). h_t = (1 - z) * n + z * h."""
-    xr, xz, xn = _blocks(_affine(x, weight_ih, bias_ih), 3)
-    w_hr, w_hz, w_hn = _blocks(weight_hh.T, 3)
-    b_hr, b_hz, b_hn = (0, 0, 0) if bias_hh is None else _blocks(bias_hh, 3)
-    r = sigmoid(xr + h @ w_hr + b_hr)
-    z = sigmoid(xz + h @ w_hz + b_hz)
+    xr, xz, xn = _blocks(_affine(x, weight_ih, bias_ih, INPUT_BITS), 3)
+    H = h.shape[-1]
+    b_rz, b_hn = (None, None) if bias_hh is None else (bias_hh[:2 * H], bias_hh[2 * H:])
     if reset_after:
-        n = np.tanh(xn + r * (h @ w_hn + b_hn))
+        hr, hz, hn = _blocks(_affine(h, weight_hh, bias_hh), 3)
+    else:  # n's product is over r * h: W_hh's r, z rows and its n rows are multiplied apart
+        hr, hz = _blocks(_affine(h, _rows(weight_hh, 0, 2 * H), b_rz), 2)
+    r = sigmoid(xr + hr)
+    z = sigmoid(xz + hz)
+    if reset_after:
+        n = np.tanh(xn + r * hn)
     else:
-        n = np.tanh(xn + (r * h) @ w_hn + b_hn)
+        n = np.tanh(xn + _affine(r * h, _rows(weight_hh, 2 * H, 3 * H), b_hn))
     return (1 - z) * n + z * h
 
 
@@ -55,7 +115,7 @@ def lstm_cell(x, h, c, weight_ih, weight_hh, bias_ih=None, bias_hh=None, weight_
     weight_hr (P, H): PyTorch's projection, h_t = W_hr (o * tanh(c_t)).
     weight_ph (3, H): diagonal peepholes p_i, p_f, p_o; i and f see c_{t-1}, o sees c_t.
     """
-    gi, gf, gg, go = _blocks(_affine(x, weight_ih, bias_ih) + _affine(h, weight_hh, bias_hh), 4)
+    gi, gf, gg, go = _blocks(_affine(x, weight_ih, bias_ih, INPUT_BITS) + _affine(h, weight_hh, bias_hh), 4)
     if weight_ph is not None:
         p_i, p_f, p_o = weight_ph
         gi = gi + p_i * c
@@ -66,7 +126,7 @@ def lstm_cell(x, h, c, weight_ih, weight_hh, bias_ih=None, bias_hh=None, weight_
         go = go + p_o * c_t
     h_t = sigmoid(go) * np.tanh(c_t)
     if weight_hr is not None:
-        h_t = h_t @ weight_hr.T
+        h_t = matmul(h_t, weight_hr, HIDDEN_BITS)
     return h_t, c_t
 
 
