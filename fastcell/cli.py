@@ -1,9 +1,10 @@
-"""The ``fastcell`` command: info, run, export, demo.
+"""The ``fastcell`` command: info, run, export, quantize, demo.
 
     fastcell info MODEL
     fastcell run MODEL --input x.npy [--output y.npy] [--lengths l.npy] [--state-output s.npz]
     fastcell export SRC DEST [--nonlinearity tanh|relu] [--reset-after | --reset-before]
-                             [--batch-first] [--prefix NAME.]
+                             [--batch-first] [--prefix NAME.] [--weights int8|bf16]
+    fastcell quantize IN OUT --weights int8|bf16
     fastcell demo
 
 Errors print one line to stderr and exit with status 2. Only ``export`` imports torch, and it
@@ -20,6 +21,7 @@ import warnings
 
 import numpy as np
 
+from fastcell.weight_formats import REDUCED_FORMATS
 from fastcell.weights_file import FormatError, load, save
 
 # Progress is drawn for runs of at least this many multiply-adds (tens of milliseconds).
@@ -67,7 +69,9 @@ def _parser():
 
     info = sub.add_parser("info", help="describe a fastcell weight file",
                           description="Print a fastcell model's cell type, sizes, layers, "
-                                      "directions, parameter count, dtype and file size.")
+                                      "directions, parameter count, dtype, weight format (float32, "
+                                      "float64, int8, bf16), file size, and the bytes of its "
+                                      "weights in the file and in memory once loaded.")
     info.add_argument("model", metavar="MODEL", help="a fastcell weight file (.safetensors)")
     info.set_defaults(func=_info)
 
@@ -89,7 +93,8 @@ def _parser():
     exp = sub.add_parser("export", help="convert a PyTorch checkpoint to a fastcell file",
                          description="Read a PyTorch state_dict saved with torch.save (with "
                                      "torch.load(weights_only=True): no code in it can run) and "
-                                     "write a fastcell weight file. Needs PyTorch.")
+                                     "write a fastcell weight file, its weight matrices in int8 "
+                                     "or bf16 with --weights. Needs PyTorch.")
     exp.add_argument("src", metavar="SRC", help="a PyTorch checkpoint holding a state_dict")
     exp.add_argument("dest", metavar="DEST", help="the fastcell file to write (.safetensors)")
     exp.add_argument("--nonlinearity", choices=("tanh", "relu"),
@@ -104,7 +109,18 @@ def _parser():
     exp.add_argument("--prefix", metavar="NAME.",
                      help="take only the entries under this prefix (e.g. 'rnn.' for a model "
                           "whose recurrent layer is self.rnn), and strip it")
+    _weights_option(exp, required=False)
     exp.set_defaults(func=_export)
+
+    qua = sub.add_parser("quantize", help="reduce a fastcell file's weights to int8 or bf16",
+                         description="Read a float fastcell weight file and write the same model "
+                                     "with its weight matrices (W_ih, W_hh, W_hr) in int8 (one "
+                                     "float32 scale per output row) or bf16; biases and "
+                                     "peepholes stay float32.")
+    qua.add_argument("src", metavar="IN", help="a float fastcell weight file (.safetensors)")
+    qua.add_argument("dest", metavar="OUT", help="the fastcell file to write (.safetensors)")
+    _weights_option(qua, required=True)
+    qua.set_defaults(func=_quantize)
 
     demo = sub.add_parser("demo", help="run the bundled demo models",
                           description="Run four small trained models, one per cell type, on a "
@@ -113,12 +129,20 @@ def _parser():
     return p
 
 
+def _weights_option(parser, required):
+    parser.add_argument(
+        "--weights", choices=REDUCED_FORMATS, required=required,
+        help="store the weight matrices in int8 (one float32 scale per output row) or bf16; "
+             "biases and peepholes stay float32" + ("" if required else " (default: keep float)"))
+
+
 # ---- info ----
 
 def _info(args):
     model = load(args.model)
     cfg = model.config()
-    n_params = sum(int(v.size) for v in model.state_dict().values())
+    stored = model._stored_state_dict()
+    n_params = sum(math.prod(v.shape) for v in stored.values())
     rows = [("file", f"{args.model} ({_bytes(os.path.getsize(args.model))})"),
             ("cell", _CELL_NAMES[cfg["cell"]]),
             ("module", f"{cfg['module']} ({type(model).__name__})"),
@@ -135,11 +159,26 @@ def _info(args):
     if "reset_after" in cfg:
         rows.append(("reset_after", f"{cfg['reset_after']} "
                                     f"({'PyTorch form' if cfg['reset_after'] else 'Cho et al. 2014 form'})"))
-    rows += [("bias", cfg["bias"]), ("parameters", f"{n_params:,}"), ("dtype", cfg["dtype"])]
+    rows += [("bias", cfg["bias"]), ("parameters", f"{n_params:,}"), ("dtype", cfg["dtype"]),
+             ("weights", _FORMAT_NAMES.get(model.weight_format, model.weight_format)),
+             ("in file", f"{_bytes(_stored_bytes(stored))} of weights"),
+             ("in memory", f"{_bytes(model.weight_bytes)} of weights (as stored and as packed "
+                           "for the kernels)")]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def _stored_bytes(stored):
+    """Bytes of the weights as kept, the same as the tensors' bytes in the file."""
+    return sum(int(v.nbytes) for v in stored.values())
+
+
+_FORMAT_NAMES = {
+    "int8": "int8 matrices with one float32 scale per output row; other parameters float32",
+    "bf16": "bf16 matrices; other parameters float32",
+}
 
 
 _CELL_NAMES = {"rnn": "rnn (vanilla RNN)", "gru": "gru", "lstm": "lstm",
@@ -268,6 +307,25 @@ _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 
 
 def _export(args):
+    model = _model_from_checkpoint(args)
+    if args.weights:
+        model = _reduce(model, args.weights)
+    save(model, args.dest)
+    n_params = sum(int(v.size) for v in model.state_dict().values())
+    print(f"wrote {args.dest}: {model!r}, {n_params:,} parameters, "
+          f"{_bytes(os.path.getsize(args.dest))}")
+    return 0
+
+
+def _reduce(model, weights):
+    from fastcell.quantization import quantize
+
+    return quantize(model, weights)
+
+
+def _model_from_checkpoint(args):
+    """The fastcell model of a PyTorch checkpoint (args.src) holding a state_dict, with the
+    command's overrides."""
     try:
         import torch
     except ImportError:
@@ -299,10 +357,22 @@ def _export(args):
     overrides = {k: v for k, v in (("nonlinearity", args.nonlinearity),
                                    ("reset_after", args.reset_after),
                                    ("batch_first", args.batch_first)) if v is not None}
-    model = from_state_dict(sd, **overrides)
-    save(model, args.dest)
-    n_params = sum(int(v.size) for v in model.state_dict().values())
-    print(f"wrote {args.dest}: {model!r}, {n_params:,} parameters")
+    return from_state_dict(sd, **overrides)
+
+
+# ---- quantize ----
+
+def _quantize(args):
+    model = load(args.src)
+    if model.weight_format in REDUCED_FORMATS:
+        raise CliError(f"{args.src}: its weights are already {model.weight_format}; quantize the "
+                       "float file it came from")
+    before = _stored_bytes(model._stored_state_dict())
+    reduced = _reduce(model, args.weights)
+    save(reduced, args.dest)
+    after = _stored_bytes(reduced._stored_state_dict())
+    print(f"wrote {args.dest}: {reduced!r}, weights {before:,} -> {after:,} bytes "
+          f"({_bytes(os.path.getsize(args.dest))} file)")
     return 0
 
 

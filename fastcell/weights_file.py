@@ -5,12 +5,33 @@
                       "<name>": {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, ...}
     the rest   the tensors' bytes (little-endian, C order), offsets relative to the data section
 
-Tensors carry PyTorch's state_dict names. ``load`` trusts nothing in the file: it parses the header
+Tensors carry PyTorch's state_dict names. The config names the module, cell type, sizes and
+``dtype`` (float32 or float64: what the model computes in), and, for a reduced model,
+``weight_format`` (fastcell.weight_formats; "float32" or "float64" are also accepted there when
+they equal ``dtype``). What each tensor holds:
+
+    format     W_ih, W_hh, W_hr (names as PyTorch)   "<matrix>.scale"           biases, peepholes
+    float32    F32                                   -                          F32
+    float64    F64                                   -                          F64
+    int8       I8, q in [-128, 127]                  F32 (rows,), finite > 0    F32
+    bf16       BF16 (the bit patterns)               -                          F32
+
+An int8 matrix ``weight_ih_l0`` (rows, cols) has its per-output-row scales in the tensor
+``weight_ih_l0.scale`` (rows,): the weight is ``q[r, c] * scale[r]`` (``weight_ih.scale`` for a
+cell). Version "1" files hold float weights only (every fastcell reads them, and float files are
+still written as version 1); version "2" files may hold a reduced format, which their config's
+``weight_format`` names. The tensors' own safetensors dtypes (I8, BF16, F32) let any safetensors
+reader open the file: safetensors.torch gives int8 and bfloat16 tensors, safetensors.numpy int8
+arrays (and bfloat16 ones where ml_dtypes is installed).
+
+``save`` writes the format itself: tensors grouped by item size, largest first, after a header
+padded with spaces to a multiple of 8 bytes, so every tensor is aligned to its item size (as the
+safetensors package lays files out). ``load`` trusts nothing in the file: it parses the header
 itself (bounded length, strict JSON types, offsets inside the file, no overlap, no gap, sizes that
 match shapes), checks the config, then checks every name, shape and dtype against what the config
-implies, and only then reads bytes, each read sized by a checked entry. A bad file raises
-FormatError saying what is wrong. Loading imports neither torch, nor pickle, nor even the
-safetensors package (only ``save`` uses it, to write the format).
+implies, and only then reads bytes, each read sized by a checked entry; the int8 scales are then
+checked to be finite and > 0. A bad file raises FormatError saying what is wrong. Neither saving
+nor loading imports torch, pickle, or even the safetensors package.
 """
 
 import errno
@@ -18,20 +39,26 @@ import json
 import math
 import os
 import stat
+import struct
 import threading
 
 import numpy as np
 
 from fastcell.cells import GRUCell, LSTMCell, PeepholeLSTMCell, RNNCell, _Cell
 from fastcell.layers import GRU, LSTM, RNN, PeepholeLSTM, _Layer
+from fastcell.weight_formats import FLOAT_FORMATS, FORMATS, REDUCED_FORMATS, Reduced
 
-__all__ = ["save", "load", "FormatError", "read_config", "expected_shapes"]
+__all__ = ["save", "load", "FormatError", "read_config", "expected_shapes", "expected_tensors"]
 
 FORMAT = "fastcell"
-VERSION = "1"
-SUPPORTED_VERSIONS = ("1",)
+VERSION = "1"          # float files: every fastcell reads them
+REDUCED_VERSION = "2"  # files whose config has a weight_format (int8, bf16)
+SUPPORTED_VERSIONS = ("1", "2")
+SCALE_SUFFIX = ".scale"  # int8 "weight_ih_l0" keeps its per-row scales in "weight_ih_l0.scale"
+_MATRICES = ("weight_ih", "weight_hh", "weight_hr")
 
-# A fastcell header is a few hundred bytes per layer and direction; 1 MiB holds over 700 layers.
+# A fastcell header takes under a kilobyte per layer and direction (at most 8 tensors: an int8
+# LSTM with projection and its scales), so 1 MiB holds MAX_LAYERS bidirectional layers.
 # The bound keeps json.loads of a hostile header small in time and memory (a 100 MB header of
 # "{}," would build tens of millions of Python objects).
 MAX_HEADER_BYTES = 1 << 20
@@ -47,7 +74,8 @@ _ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M
                 "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
                 "I64": 8, "U64": 8, "F64": 8, "C64": 8}
 _ST_DTYPE = {"float32": "F32", "float64": "F64"}
-_NP_DTYPE = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
+_ST_MATRIX = {"int8": "I8", "bf16": "BF16"}  # a reduced matrix's dtype; bf16 read as its bits
+_NP_DTYPE = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "I8": np.dtype("i1"), "BF16": np.dtype("<u2")}
 
 _LAYERS = {"rnn": RNN, "gru": GRU, "lstm": LSTM, "peephole_lstm": PeepholeLSTM}
 _CELLS = {"rnn": RNNCell, "gru": GRUCell, "lstm": LSTMCell, "peephole_lstm": PeepholeLSTMCell}
@@ -72,6 +100,8 @@ class FormatError(ValueError):
 def save(model, path):
     """Write a fastcell model (a layer or a cell) to ``path`` as a fastcell safetensors file.
 
+    Float models are written as version 1 files, reduced ones (fastcell.quantize: int8, bf16) as
+    version 2 files holding the int8 data and its scales, or the bf16 bits, exactly as kept.
     The file is written next to ``path`` and renamed over it, so a reader never sees half a file.
     """
     if not isinstance(model, (_Layer, _Cell)):
@@ -80,21 +110,26 @@ def save(model, path):
             f"got {type(model).__module__}.{type(model).__qualname__}"
             + ("; convert a PyTorch module with fastcell.from_torch first"
                if type(model).__module__.startswith("torch") else ""))
-    from safetensors.numpy import save as serialize
-
     config = model.config()
     _check_config(config)  # never write a file that load would refuse
-    # safetensors 0.8's numpy writer stores wrong bytes for non-contiguous arrays.
-    tensors = {name: np.ascontiguousarray(v) for name, v in model.state_dict().items()}
-    metadata = {"format": FORMAT, "version": VERSION, "config": json.dumps(config, sort_keys=True)}
-    blob = serialize(tensors, metadata=metadata)
+    tensors = _file_tensors(model._stored_state_dict())
+    expected = expected_tensors(config)
+    got = {name: (a.shape, dtype) for name, dtype, a in tensors}
+    if got != expected:  # a model whose weights disagree with its own config: a fastcell bug
+        raise ValueError(f"save: {type(model).__name__}'s weights disagree with its config")
+    reduced = _weight_format(config) in REDUCED_FORMATS
+    metadata = {"format": FORMAT, "version": REDUCED_VERSION if reduced else VERSION,
+                "config": json.dumps(config, sort_keys=True)}
+    head, tensors = _layout(tensors, metadata)
     # Written by open() (so a bad path is a plain OSError) to a temporary file that is renamed
     # over path: a reader sees the old file or the new one, never half of one.
     path = os.fspath(path)
     tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
     try:
         with open(tmp, "wb") as f:
-            f.write(blob)
+            f.write(head)
+            for a in tensors:
+                f.write(memoryview(a).cast("B"))
         os.replace(tmp, path)
     except BaseException as exc:
         try:
@@ -104,6 +139,39 @@ def save(model, path):
         if isinstance(exc, OSError) and exc.errno is not None:
             raise type(exc)(exc.errno, exc.strerror, path) from None  # name path, not tmp
         raise
+
+
+def _file_tensors(stored):
+    """[(name, safetensors dtype, little-endian C-contiguous array)] of a model's weights as kept:
+    float arrays as they are, an int8 matrix as its data and its scales, a bf16 one as its bits."""
+    out = []
+    for name, v in stored.items():
+        if isinstance(v, Reduced):
+            out.append((name, _ST_MATRIX[v.format], v.data))
+            if v.scale is not None:
+                out.append((name + SCALE_SUFFIX, "F32", v.scale))
+        else:
+            v = np.asarray(v)
+            out.append((name, _ST_DTYPE[v.dtype.name], v))
+    # Own contiguous little-endian copies where needed: the bytes written are the array's memory.
+    return [(name, dtype, np.ascontiguousarray(a, dtype=_NP_DTYPE[dtype])) for name, dtype, a in out]
+
+
+def _layout(tensors, metadata):
+    """(header bytes with their length field, arrays in file order). Tensors are grouped by item
+    size, largest first (stable), and the header is padded with spaces to a multiple of 8 bytes,
+    so every tensor starts at a multiple of its item size, as the safetensors package writes."""
+    tensors = sorted(tensors, key=lambda t: -t[2].dtype.itemsize)
+    header, pos = {"__metadata__": metadata}, 0
+    for name, dtype, a in tensors:
+        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [pos, pos + a.nbytes]}
+        pos += a.nbytes
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    if len(h) > MAX_HEADER_BYTES:
+        raise ValueError(f"save: the header would take {len(h)} bytes, more than the "
+                         f"{MAX_HEADER_BYTES}-byte limit load accepts")
+    return struct.pack("<Q", len(h)) + h, [a for _, _, a in tensors]
 
 
 # ---- reading ----
@@ -118,6 +186,7 @@ def load(path):
     with _open_regular(path) as f:
         config, entries, data_start = _read_header(f, path)
         weights = _read_tensors(f, path, entries, data_start)
+    _check_scales(weights, path)
     return _build(config, weights, path)
 
 
@@ -160,6 +229,32 @@ def expected_shapes(config):
             if peephole:
                 shapes["weight_ph" + s] = (3, H)
     return shapes
+
+
+def expected_tensors(config):
+    """{name: (shape, safetensors dtype)} of every tensor in a file with this (checked) config:
+    the parameters of ``expected_shapes`` in the config's weight format, plus an int8 matrix's
+    scales "<matrix>.scale" (rows,) F32 right after it."""
+    fmt = _weight_format(config)
+    float_dtype = _ST_DTYPE[config["dtype"]]
+    out = {}
+    for name, shape in expected_shapes(config).items():
+        if fmt in REDUCED_FORMATS and _is_matrix(name):
+            out[name] = (shape, _ST_MATRIX[fmt])
+            if fmt == "int8":
+                out[name + SCALE_SUFFIX] = ((shape[0],), "F32")
+        else:
+            out[name] = (shape, float_dtype)
+    return out
+
+
+def _is_matrix(name):
+    return name.split("_l")[0] in _MATRICES
+
+
+def _weight_format(config):
+    """How a (checked) config's weight matrices are stored: its weight_format, else its dtype."""
+    return config.get("weight_format", config["dtype"])
 
 
 class _open_regular:
@@ -283,6 +378,10 @@ def _read_metadata(meta, path):
         _check_config(config)
     except ValueError as exc:
         raise _fail(path, str(exc)) from None
+    fmt = _weight_format(config)
+    if fmt in REDUCED_FORMATS and version == "1":
+        raise _fail(path, f"the config's weight_format is {fmt!r}, but version 1 files hold float "
+                          f"weights only ({fmt} needs version {REDUCED_VERSION!r})")
     return config
 
 
@@ -316,7 +415,16 @@ def _check_config(config):
         elif isinstance(kind, tuple) and v not in kind:
             problems.append(f"config {key!r} is {_name(v)}, expected one of {list(kind)}")
     problems += [f"config has an unexpected key {_name(k)} for a {config['cell']} {config['module']}"
-                 for k in config if k not in spec]
+                 for k in config if k not in spec and k != "weight_format"]
+    if "weight_format" in config:  # optional: absent, the matrices are in the dtype
+        fmt, dtype = config["weight_format"], config.get("dtype")
+        if not isinstance(fmt, str) or fmt not in FORMATS:
+            problems.append(f"config 'weight_format' is {_name(fmt)}, expected one of {list(FORMATS)}")
+        elif fmt in REDUCED_FORMATS and dtype != "float32":
+            problems.append(f"config 'weight_format' is {fmt!r}, which computes in float32, but "
+                            f"'dtype' is {_name(dtype)}")
+        elif fmt in FLOAT_FORMATS and dtype != fmt:
+            problems.append(f"config 'weight_format' is {fmt!r} but 'dtype' is {_name(dtype)}")
     if not problems and config.get("proj_size", 0) >= config["hidden_size"]:
         problems.append(f"config 'proj_size' is {config['proj_size']}, expected 0 or less than "
                         f"hidden_size={config['hidden_size']}")
@@ -374,23 +482,42 @@ def _check_layout(entries, data_size, path):
 
 def _check_against_config(entries, config, path):
     """Every name, shape and dtype the config implies, and nothing else; all problems listed."""
-    expected = expected_shapes(config)
-    want_dtype = _ST_DTYPE[config["dtype"]]
-    problems = [f"missing {n} {expected[n]}" for n in expected if n not in entries]
+    expected = expected_tensors(config)
+    fmt = _weight_format(config)
+    problems = [f"missing {n} {expected[n][0]}" for n in expected if n not in entries]
     problems += [f"unexpected {_name(n)}" for n in entries if n not in expected]
-    for n, shape in expected.items():
+    for n, (shape, want_dtype) in expected.items():
         if n in entries:
             dtype, got, _, _ = entries[n]
             if got != shape:
                 problems.append(f"{n} has shape {got}, expected {shape}")
             if dtype != want_dtype:
-                problems.append(f"{n} has dtype {dtype}, expected {want_dtype} (config dtype {config['dtype']})")
+                if n.endswith(SCALE_SUFFIX):
+                    why = "int8 scales are float32"
+                elif fmt in REDUCED_FORMATS and _is_matrix(n):
+                    why = f"config weight_format {fmt}"
+                elif fmt in REDUCED_FORMATS:
+                    why = f"biases and peepholes stay float32 in {fmt} models"
+                else:
+                    why = f"config dtype {config['dtype']}"
+                problems.append(f"{n} has dtype {dtype}, expected {want_dtype} ({why})")
     if problems:
         shown = problems[:MAX_PROBLEMS_SHOWN]
         more = len(problems) - len(shown)
-        desc = f"{config['cell']} {config['module']}"
+        desc = f"{config['cell']} {config['module']}" + (f", {fmt}" if fmt in REDUCED_FORMATS else "")
         raise _fail(path, f"the tensors disagree with the config ({desc}): " + "; ".join(shown)
                     + (f"; and {more} more" if more else ""))
+
+
+def _check_scales(weights, path):
+    """Every int8 scale finite and > 0 (a zero, negative, infinite or NaN scale is no weight)."""
+    for name, a in weights.items():
+        if name.endswith(SCALE_SUFFIX):
+            bad = ~(np.isfinite(a) & (a > 0))
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise _fail(path, f"tensor {name}: {int(bad.sum())} of its {a.size} int8 scales "
+                                  f"are not finite and > 0 (row {i} is {float(a[i])!r})")
 
 
 def _read_tensors(f, path, entries, data_start):
@@ -410,12 +537,17 @@ def _read_tensors(f, path, entries, data_start):
 def _build(config, weights, path):
     """The model the config describes, with these (already checked) weights."""
     kind, dtype = config["cell"], np.dtype(config["dtype"])
+    fmt = _weight_format(config)
     try:
+        if fmt in REDUCED_FORMATS:
+            weights = {n: Reduced(fmt, w, weights.get(n + SCALE_SUFFIX)) if _is_matrix(n) else w
+                       for n, w in weights.items() if not n.endswith(SCALE_SUFFIX)}
         if config["module"] == "layer":
             kwargs = {k: config[k] for k in ("input_size", "hidden_size", "num_layers", "bias",
                                              "batch_first", "bidirectional")}
             kwargs.update({k: config[k] for k in _LAYER_EXTRA[kind]})
-            return _LAYERS[kind]._from_weights(weights, **kwargs, dtype=dtype)
+            return _LAYERS[kind]._from_weights(
+                weights, weight_format=fmt if fmt in REDUCED_FORMATS else None, **kwargs, dtype=dtype)
         extra = {k: config[k] for k in _CELL_EXTRA[kind]}
         return _CELLS[kind](**weights, **extra)
     except (ValueError, TypeError) as exc:  # the checks above should make this unreachable

@@ -385,7 +385,7 @@ def put(key, value):
     (lambda m: ["format", "fastcell"], "__metadata__ is a JSON list"),
     (put("format", "pt"), "not a fastcell file: .*format 'pt'"),
     (drop("format"), "not a fastcell file: __metadata__ has no 'format'"),
-    (put("version", "2"), "unknown format version '2'"),
+    (put("version", "3"), "unknown format version '3'"),
     (put("version", "1.0"), "unknown format version"),
     (drop("version"), "no 'version'"),
     (put("version", 1), r"__metadata__\['version'\] is a JSON int, expected a string"),
