@@ -1,15 +1,27 @@
 """The benchmark's models: for one cell type at (I, H), random weights with PyTorch's default
 initialisation and, from those same weights, fastcell's cell, PyTorch's modules and an ONNX
-Runtime session holding a single RNN/GRU/LSTM node.
+Runtime session holding a single RNN/GRU/LSTM node, each in a weight format:
+
+- "float32": the weights as drawn.
+- "int8": fastcell.quantize(cell, "int8") (one scale per row); PyTorch's dynamic quantization
+  (torch.ao.quantization.quantize_dynamic, qint8); ONNX Runtime's quantize_dynamic (QInt8), which
+  turns the LSTM node into com.microsoft's DynamicQuantizeLSTM.
+- "bf16": fastcell.quantize(cell, "bf16") (fastcell only).
 
 A benchmark against a competitor that computes something else is worthless, so check_parity()
-runs every competitor on the same inputs and holds it to fastcell within PARITY_TOL.
+runs every float32 competitor on the same inputs and holds it to fastcell within PARITY_TOL; a
+reduced format is held to PyTorch's float32 model within REDUCED_TOL.
 
-PyTorch and ONNX Runtime are optional: a missing one makes its column "n/a", never an error.
+PyTorch and ONNX Runtime (and their quantization) are optional: a missing one makes its column
+"n/a", never an error (the builders raise Unavailable, saying why).
 """
 
 import functools
 import importlib
+import logging
+import os
+import tempfile
+import warnings
 
 import numpy as np
 
@@ -19,6 +31,11 @@ KINDS = ("rnn", "gru", "lstm", "peephole")
 GATES = {"rnn": 1, "gru": 3, "lstm": 4, "peephole": 4}
 LABELS = {"rnn": "RNN tanh", "gru": "GRU", "lstm": "LSTM", "peephole": "peephole LSTM"}
 PARITY_TOL = 1e-4
+
+WEIGHT_FORMATS = ("float32", "int8", "bf16")
+# A reduced model further than this (max abs difference of outputs and states, which lie in
+# [-1, 1] for h) from PyTorch's float32 model on the same weights computes something else.
+REDUCED_TOL = 0.1
 
 # ONNX's gate blocks as indices into PyTorch's (SPEC.md "Other conventions"): GRU r,z,n -> z,r,h;
 # LSTM i,f,g,o -> i,o,f,c; peepholes p_i,p_f,p_o -> p_i,p_o,p_f.
@@ -35,6 +52,24 @@ def optional_import(name):
         return importlib.import_module(name)
     except ImportError:
         return None
+
+
+class Unavailable(Exception):
+    """A competitor that cannot be built here (its column becomes n/a); the message says why."""
+
+
+def require(name):
+    mod = optional_import(name)
+    if mod is None:
+        raise Unavailable(f"{name} not installed")
+    return mod
+
+
+def check_format(fmt, supported):
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"weight format: expected one of {WEIGHT_FORMATS}, got {fmt!r}")
+    if fmt not in supported:
+        raise Unavailable(f"no {fmt} model")
 
 
 def has_cell_state(kind):
@@ -74,21 +109,46 @@ def _load_torch(module, weights, suffix=""):
     return module.requires_grad_(False).eval()
 
 
-def build_torch(kind, w, step):
+def build_torch(kind, w, step, fmt="float32"):
     """PyTorch's module for one step (nn.RNNCell/GRUCell/LSTMCell) or a sequence (nn.RNN/GRU/LSTM,
-    one layer), or the torch-ops peephole ones; None without torch."""
-    torch = optional_import("torch")
-    if torch is None:
-        return None
+    one layer), or the torch-ops peephole ones; int8: that module dynamically quantized."""
+    check_format(fmt, ("float32", "int8"))
+    torch = require("torch")
     H, I = w["weight_hh"].shape[1], w["weight_ih"].shape[1]
     if kind == "peephole":
+        if fmt != "float32":
+            raise Unavailable("PyTorch has no peephole LSTM to quantize")
         from bench import torch_peephole
         cls = torch_peephole.PeepholeLSTMCell if step else torch_peephole.PeepholeLSTM
         return _load_torch(cls(I, H), w)
     names = {"rnn": "RNN", "gru": "GRU", "lstm": "LSTM"}
     cls = getattr(torch.nn, names[kind] + ("Cell" if step else ""))
     kwargs = {"nonlinearity": "tanh"} if kind == "rnn" else {}
-    return _load_torch(cls(I, H, **kwargs), w, suffix="" if step else "_l0")
+    module = _load_torch(cls(I, H, **kwargs), w, suffix="" if step else "_l0")
+    return module if fmt == "float32" else _quantize_torch(torch, module)
+
+
+def _quantize_torch(torch, module):
+    """torch.ao.quantization.quantize_dynamic(qint8) of one RNN module, on the default engine."""
+    engine = torch.backends.quantized.engine
+    if engine in (None, "none") or engine not in torch.backends.quantized.supported_engines:
+        raise Unavailable(f"no PyTorch quantized engine (engine {engine!r})")
+    try:
+        from torch.ao.quantization import quantize_dynamic
+    except ImportError as e:
+        raise Unavailable(f"no torch.ao.quantization ({e})") from None
+    # quantize_dynamic swaps a model's submodules, never the model itself: hand it a container.
+    holder = torch.nn.Sequential(module)
+    try:
+        # torch 2.10+ warns that torch.ao.quantization and qint8 tensors are deprecated.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"(?s).*deprecated")
+            q = quantize_dynamic(holder, {type(module)}, dtype=torch.qint8)[0]
+    except (RuntimeError, NotImplementedError, AssertionError) as e:
+        raise Unavailable(f"PyTorch dynamic quantization failed: {e}") from None
+    if type(q) is type(module):
+        raise Unavailable(f"PyTorch has no dynamic int8 {type(module).__name__}")
+    return q.eval()
 
 
 def build_onnx_model(kind, w):
@@ -134,18 +194,44 @@ def build_onnx_model(kind, w):
     return model
 
 
-def build_ort_session(kind, w):
-    """An ONNX Runtime CPU session, one thread, sequential; None without onnx/onnxruntime."""
-    ort = optional_import("onnxruntime")
-    if ort is None or optional_import("onnx") is None:
-        return None
+def build_ort_session(kind, w, fmt="float32"):
+    """An ONNX Runtime CPU session, one thread, sequential; int8: of the quantize_dynamic'd model."""
+    check_format(fmt, ("float32", "int8"))
+    ort = require("onnxruntime")
+    require("onnx")
+    model = build_onnx_model(kind, w).SerializeToString()
+    if fmt == "int8":
+        model = _quantize_onnx(model)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(build_onnx_model(kind, w).SerializeToString(), sess_options=so,
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def _quantize_onnx(model):
+    """onnxruntime.quantization.quantize_dynamic(QInt8 weights) of a serialized one-node model."""
+    onnx = require("onnx")
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as e:
+        raise Unavailable(f"no onnxruntime.quantization ({e})") from None
+    with tempfile.TemporaryDirectory(prefix="fastcell-bench-") as tmp:
+        src, dst = os.path.join(tmp, "float32.onnx"), os.path.join(tmp, "int8.onnx")
+        with open(src, "wb") as f:
+            f.write(model)
+        # It logs a warning to run its pre-processing first, which matters to graphs of many nodes.
+        logging.disable(logging.WARNING)
+        try:
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+        finally:
+            logging.disable(logging.NOTSET)
+        quantized = onnx.load(dst)
+    ops = [n.op_type for n in quantized.graph.node]
+    if ops == [n.op_type for n in onnx.load_from_string(model).graph.node]:
+        raise Unavailable(f"ONNX Runtime's quantize_dynamic leaves {'/'.join(ops)} in float32")
+    return quantized.SerializeToString()
 
 
 class Models:
@@ -160,22 +246,36 @@ class Models:
         self.gates = GATES[kind]
         self.dtype = np.dtype(dtype)
         self.weights = random_weights(kind, input_size, hidden_size, dtype, seed)
-        self.fastcell = build_fastcell(kind, self.weights)
+        self._built = {}
 
     has_cell_state = property(lambda self: has_cell_state(self.kind))
     label = property(lambda self: LABELS[self.kind])
 
-    @functools.cached_property
-    def torch_step(self):
-        return build_torch(self.kind, self.weights, step=True)
+    def _get(self, key, build):
+        """Built once: a model, or the Unavailable saying why there is none (raised again)."""
+        if key not in self._built:
+            try:
+                self._built[key] = build()
+            except Unavailable as e:
+                self._built[key] = e
+        got = self._built[key]
+        if isinstance(got, Unavailable):
+            raise got
+        return got
 
-    @functools.cached_property
-    def torch_sequence(self):
-        return build_torch(self.kind, self.weights, step=False)
+    def fastcell(self, fmt="float32"):
+        """fastcell's cell; in a reduced format, fastcell.quantize of the float32 one."""
+        check_format(fmt, WEIGHT_FORMATS)
+        if fmt == "float32":
+            return self._get(("fastcell", fmt), lambda: build_fastcell(self.kind, self.weights))
+        return self._get(("fastcell", fmt), lambda: fastcell.quantize(self.fastcell(), fmt))
 
-    @functools.cached_property
-    def ort_session(self):
-        return build_ort_session(self.kind, self.weights)
+    def torch(self, step, fmt="float32"):
+        """nn.*Cell (step=True) or the one-layer nn.RNN/GRU/LSTM, in weight format fmt."""
+        return self._get(("torch", step, fmt), lambda: build_torch(self.kind, self.weights, step, fmt))
+
+    def ort_session(self, fmt="float32"):
+        return self._get(("ort", fmt), lambda: build_ort_session(self.kind, self.weights, fmt))
 
     def __repr__(self):
         return f"Models({self.kind!r}, I={self.input_size}, H={self.hidden_size})"

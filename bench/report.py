@@ -2,14 +2,18 @@
 
     python -m bench.report            # the full run (a few minutes)
     python -m bench.report --quick    # fewer rounds (under 2 minutes)
+    python -m bench.report --only int8 --out-dir /tmp/r   # the reduced weight formats alone
 
-Timing: the calls of bench/scenarios.py (the ones the pytest-benchmark suites time), float32, one
-thread on every side. For one (cell, scenario) the competitors are warmed up, calibrated to a batch
-of calls lasting at least --batch-ms, then timed in rounds, each round running every competitor's
-batch once in a rotating order. A time is the median over rounds of a batch's time per call; a
-ratio is the median over rounds of the two competitors' per-call ratio in that round, so drift on
-this shared machine hits both sides of a ratio alike. Before timing, every competitor's result is
-checked against fastcell's (max abs difference <= 1e-4).
+Timing: the calls of bench/scenarios.py (the ones the pytest-benchmark suites time), one thread on
+every side: every cell in float32 (SCENARIOS), then the LSTM's int8 and bf16 weights against
+fastcell's float32 and the rivals' int8 (REDUCED_SCENARIOS). For one (cell, scenario) the
+competitors are warmed up, calibrated to a batch of calls lasting at least --batch-ms, then timed
+in rounds, each round running every competitor's batch once in a rotating order. A time is the
+median over rounds of a batch's time per call; a ratio is the median over rounds of the two
+competitors' per-call ratio in that round, so drift on this shared machine hits both sides of a
+ratio alike. Before timing, every float32 competitor's result is checked against fastcell's (max
+abs difference <= 1e-4), and every reduced-format one's against PyTorch's float32 model (its max
+abs error, the accuracy column, <= 0.1).
 
 Cold start: in fresh subprocesses, `import` + build the model from a weight file + first call,
 fastcell against PyTorch, the median of 5 runs each (3 with --quick).
@@ -21,6 +25,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -33,8 +38,9 @@ import numpy as np
 import bench.machine
 import bench.scenarios
 import bench.threads
-from bench.models import KINDS, LABELS, PARITY_TOL, check_parity, optional_import
-from bench.scenarios import SCENARIOS, runners_for, single_threaded
+from bench.models import LABELS, PARITY_TOL, REDUCED_TOL, check_parity, get_models, optional_import
+from bench.scenarios import (ALL_SCENARIOS, competitor, group_name, make_runner, runners_for,
+                             single_threaded, split_competitor)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -92,45 +98,98 @@ def paired_ratio(num, den, num_steps=1, den_steps=1):
     return statistics.median((a / num_steps) / (b / den_steps) for a, b in zip(num, den))
 
 
+def _max_abs_diff(got, want):
+    return max(float(np.max(np.abs(got[k] - want[k]))) for k in want if k in got)
+
+
 def verify(kind, sc, runners):
-    """The benchmarked calls themselves agree with fastcell (checked once, before timing)."""
+    """The benchmarked calls themselves, checked once before timing: every float32 competitor
+    agrees with fastcell within PARITY_TOL; a reduced-format one is within REDUCED_TOL of
+    PyTorch's float32 model on the same weights and inputs (of fastcell's float32 model, which
+    agrees with it, where PyTorch is missing).
+
+    Returns (worst float32 difference, {reduced-format competitor: max abs error})."""
     want = runners["fastcell"].results()
-    worst = 0.0
-    for comp in RIVALS:
-        r = runners[comp]
-        if not r.available:
+    worst, errors, reference = 0.0, {}, None
+    for comp, r in runners.items():
+        library, fmt = split_competitor(comp)
+        if comp == "fastcell" or library == "floor" or not r.available:
             continue
         got = r.results()
-        d = max(float(np.max(np.abs(got[k] - want[k]))) for k in want if k in got)
-        if not d <= PARITY_TOL:
-            raise AssertionError(f"{comp} disagrees with fastcell on {LABELS[kind]} {sc.id}: {d:.3g}")
-        worst = max(worst, d)
-    return worst
+        if fmt == "float32":
+            d = _max_abs_diff(got, want)
+            if not d <= PARITY_TOL:
+                raise AssertionError(f"{comp} disagrees with fastcell on {LABELS[kind]} {sc.id}: {d:.3g}")
+            worst = max(worst, d)
+            continue
+        if reference is None:
+            ref = make_runner(get_models(kind, sc.I, sc.H), sc, "pytorch")
+            reference = ref.results() if ref.available else want
+            worst = max(worst, _max_abs_diff(want, reference))
+        errors[comp] = _max_abs_diff(got, reference)
+        if not errors[comp] <= REDUCED_TOL:
+            raise AssertionError(f"{comp} is {errors[comp]:.3g} from float32 on {LABELS[kind]} "
+                                 f"{sc.id}: not the same model")
+    return worst, errors
 
 
-def run_benchmarks(settings, log):
+def ratios(sc, samples, steps):
+    """{competitor: paired ratio}, > 1 where fastcell is faster: a rival's time over fastcell's
+    in the same weight format, fastcell's float32 time over its reduced format's, and fastcell's
+    time per step over the floor's."""
+    out = {}
+    for comp, s in samples.items():
+        if comp == "fastcell":
+            continue
+        library, fmt = split_competitor(comp)
+        fc = samples.get(competitor("fastcell", fmt))
+        if library == "floor":
+            out[comp] = paired_ratio(samples["fastcell"], s, sc.T, steps[comp])
+        elif library == "fastcell":
+            out[comp] = paired_ratio(samples["fastcell"], s)
+        elif fc is not None:
+            out[comp] = paired_ratio(s, fc)
+    return out
+
+
+def ratio_label(comp):
+    """A ratio's name in the log, "fc" for fastcell: pytorch/fc, fc/fc-int8, fc/floor."""
+    library, fmt = split_competitor(comp)
+    if library == "floor":
+        return "fc/floor"
+    if library == "fastcell":
+        return f"fc/{competitor('fc', fmt)}"
+    return f"{comp}/{competitor('fc', fmt)}"
+
+
+def run_benchmarks(settings, log, only=None):
+    """A row per (cell, scenario) of ALL_SCENARIOS; with `only`, those whose group name
+    (bench.scenarios.group_name, e.g. "sequence T=100 B=1 H=64 int8 bf16 LSTM") matches that
+    regular expression."""
     rows = []
-    for sc in SCENARIOS:
-        for kind in KINDS:
+    for sc in ALL_SCENARIOS:
+        for kind in sc.kinds:
+            if only and not re.search(only, group_name(kind, sc)):
+                continue
             runners = runners_for(kind, sc)
-            diff = verify(kind, sc, runners)
+            diff, errors = verify(kind, sc, runners)
             fns = {c: r.fn for c, r in runners.items() if r.available}
             s = measure(fns, settings["batch_ms"], settings["budget_s"], settings["min_rounds"],
                         settings["max_rounds"])
-            fc = s["fastcell"]
+            steps = {c: runners[c].steps for c in fns}
             row = {"kind": kind, "mode": sc.mode, "T": sc.T, "B": sc.B, "H": sc.H,
-                   "rounds": len(fc), "max_abs_diff": diff,
-                   "median_s": {c: statistics.median(v) for c, v in s.items()},
-                   "steps": {c: runners[c].steps for c in fns},
+                   "formats": list(sc.formats), "competitors": list(sc.competitors),
+                   "rounds": len(s["fastcell"]), "max_abs_diff": diff, "error": errors,
+                   "median_s": {c: statistics.median(v) for c, v in s.items()}, "steps": steps,
+                   "ratio": ratios(sc, s, steps),
                    "notes": {c: r.note or r.reason for c, r in runners.items() if r.note or r.reason}}
-            # Ratios > 1 in the rival columns mean fastcell is faster.
-            row["ratio"] = {c: paired_ratio(s[c], fc) for c in RIVALS if c in s}
-            if "floor" in s:
-                row["ratio"]["floor"] = paired_ratio(fc, s["floor"], sc.T, runners["floor"].steps)
             rows.append(row)
-            log(f"{sc.id:<26} {LABELS[kind]:<14} fastcell {fmt_time(row['median_s']['fastcell']):>9}  "
-                + "  ".join(f"{c}/fc {row['ratio'][c]:6.2f}" for c in RIVALS if c in row["ratio"])
-                + (f"  fc/floor {row['ratio']['floor']:5.2f}" if "floor" in row["ratio"] else "")
+            times = [f"{'fastcell' if c == 'fastcell' else split_competitor(c)[1]} {fmt_time(t):>9}"
+                     for c, t in row["median_s"].items() if split_competitor(c)[0] == "fastcell"]
+            log(f"{sc.id:<36} {LABELS[kind]:<14} {'  '.join(times)}  "
+                + "  ".join(f"{ratio_label(c)} {v:5.2f}" for c, v in row["ratio"].items())
+                + "".join(f"  err {c} {e:.1e}" for c, e in errors.items())
+                + "".join(f"  [{c} n/a: {r.reason}]" for c, r in runners.items() if not r.available)
                 + f"  ({row['rounds']} rounds)")
     return rows
 
@@ -289,31 +348,63 @@ def fmt_ratio(x):
     return "n/a" if x is None else f"{x:.2f}×"
 
 
-def targets(rows, cold, threads=()):
-    """Issue 4's targets, each with the measured value and whether it is met."""
-    out = []
+# The reduced weight formats' targets (LSTM). A call of T steps: fastcell's int8 at least this many
+# times faster than each rival's int8. A streaming step, by batch: fastcell's int8 and bf16 at
+# least this many times faster than its float32 (per stream and step, as the call is the same).
+REDUCED_RIVAL_TARGETS = {"onnxruntime-int8": 1.5, "pytorch-int8": 2.0}
+REDUCED_STEP_TARGETS = {1: {"fastcell-int8": 3.0, "fastcell-bf16": 1.7},
+                        1024: {"fastcell-int8": 2.5, "fastcell-bf16": 1.6}}
 
-    def r(row, key):
-        return row["ratio"].get(key)
+
+def reduced_targets(row):
+    """{competitor: the target its ratio should reach} for a reduced-format row."""
+    if row["mode"] == "step":
+        return REDUCED_STEP_TARGETS.get(row["B"], {})
+    return REDUCED_RIVAL_TARGETS
+
+
+def display(comp, among=()):
+    """A competitor's name in the tables: "PyTorch", "fastcell int8", ...; "fastcell float32" in
+    a table of competitors `among` that has reduced formats too."""
+    library, fmt = split_competitor(comp)
+    if fmt == "float32" and not any(split_competitor(c)[1] != "float32" for c in among):
+        return NAMES[library]
+    return f"{NAMES[library]} {fmt}"
+
+
+def targets(rows, cold, threads=()):
+    """Issue 4's targets (float32) and the reduced weight formats', each with the measured value
+    and whether it is met."""
+    out = []
 
     def add(what, value, ok):
         out.append((what, value, "n/a" if ok is None else ("met" if ok else "**not met**")))
 
+    def at_least(name, x, lo, than):
+        add(f"{name}: ≥ {lo:g}× {than}", fmt_ratio(x), None if x is None else x >= lo)
+
     for row in rows:
         name = f"{LABELS[row['kind']]}, {row['mode']} B={row['B']} H={row['H']}"
-        pt, ox, fl = r(row, "pytorch"), r(row, "onnxruntime"), r(row, "floor")
+        r = row["ratio"].get
+        if row["formats"]:
+            for comp, lo in reduced_targets(row).items():
+                library, fmt = split_competitor(comp)
+                than = "fastcell float32" if library == "fastcell" else display(comp)
+                at_least(f"{name}, {fmt}", r(comp), lo, than)
+            continue
+        pt, ox, fl = r("pytorch"), r("onnxruntime"), r("floor")
         if row["mode"] == "step" and row["H"] == 64:
-            add(f"{name}: ≥ 20× PyTorch", fmt_ratio(pt), None if pt is None else pt >= 20)
-            add(f"{name}: ≥ 5× ONNX Runtime", fmt_ratio(ox), None if ox is None else ox >= 5)
+            at_least(name, pt, 20, "PyTorch")
+            at_least(name, ox, 5, "ONNX Runtime")
         if row["mode"] == "sequence" and row["H"] == 64:
-            add(f"{name}: ≥ 3× PyTorch", fmt_ratio(pt), None if pt is None else pt >= 3)
-            add(f"{name}: ≥ 1.5× ONNX Runtime", fmt_ratio(ox), None if ox is None else ox >= 1.5)
+            at_least(name, pt, 3, "PyTorch")
+            at_least(name, ox, 1.5, "ONNX Runtime")
         if row["mode"] == "sequence" and row["H"] >= 256:
-            add(f"{name}: ≥ 1.2× ONNX Runtime", fmt_ratio(ox), None if ox is None else ox >= 1.2)
+            at_least(name, ox, 1.2, "ONNX Runtime")
         if row["mode"] == "batch":
             # The faster rival takes less time, so its rival/fastcell ratio is the smaller one.
             best = min([x for x in (pt, ox) if x is not None], default=None)
-            add(f"{name}: ≥ 0.95× the faster rival", fmt_ratio(best), None if best is None else best >= 0.95)
+            at_least(name, best, 0.95, "the faster rival")
         if row["B"] == 1 and row["H"] >= 256 and row["mode"] == "sequence":
             add(f"{name}: step ≤ 1.2× the GEMV floor", fmt_ratio(fl), None if fl is None else fl <= 1.2)
     for name, _, _, ratio in threads:
@@ -331,13 +422,85 @@ MODE_TITLES = {
 }
 
 
+def ratio_header(comp):
+    """A ratio column's title: "PyTorch/fastcell", "fastcell float32/int8", "fastcell/floor", ..."""
+    library, fmt = split_competitor(comp)
+    if library == "floor":
+        return "fastcell/floor"
+    if library == "fastcell":
+        return f"fastcell float32/{fmt}"
+    return f"{display(comp)}/{display(competitor('fastcell', fmt))}"
+
+
+def ratio_table(rows):
+    """One line per row: fastcell's times (each weight format it runs in), then every ratio, in
+    the order of the rows' competitors (which they share)."""
+    comps = rows[0]["competitors"]
+    times = [c for c in comps if split_competitor(c)[0] == "fastcell"]
+    ratio_cols = [c for c in comps if c != "fastcell"]
+    L = ["| cell | T | B | H | " + " | ".join(display(c, comps) for c in times) + " | "
+         + " | ".join(map(ratio_header, ratio_cols)) + " |",
+         "|---|--:|--:|--:|" + "--:|" * (len(times) + len(ratio_cols))]
+    for r in rows:
+        mark = " ¹" if r["kind"] == "peephole" else ""
+        L.append(f"| {LABELS[r['kind']]}{mark} | {r['T']} | {r['B']} | {r['H']} | "
+                 + " | ".join(fmt_time(r["median_s"][c]) if c in r["median_s"] else "n/a" for c in times)
+                 + " | " + " | ".join(fmt_ratio(r["ratio"].get(c)) for c in ratio_cols) + " |")
+    return L + [""]
+
+
+def reduced_section(rows):
+    """The LSTM's int8 and bf16 weights: speed (ratio_table) and accuracy."""
+    torch = optional_import("torch")
+    engine = torch.backends.quantized.engine if torch is not None else "n/a"
+    L = ["## Reduced weight formats (LSTM)\n",
+         "fastcell int8 and bf16: `fastcell.quantize(cell, \"int8\")` / `\"bf16\"` of the float32 "
+         "`LSTMCell`, same weights (int8: one scale per weight row, activations quantized per row "
+         "at every product; bf16: weights rounded to bf16; both compute in float32), the same "
+         "calls as above. PyTorch int8: `torch.ao.quantization.quantize_dynamic(..., "
+         f"dtype=torch.qint8)` of `nn.LSTM` / `nn.LSTMCell` (engine `{engine}`, per-tensor "
+         "weight scale). ONNX Runtime int8: `onnxruntime.quantization.quantize_dynamic(..., "
+         "weight_type=QuantType.QInt8)` of the LSTM node, which becomes com.microsoft's "
+         "`DynamicQuantizeLSTM` (per-tensor weight scale), one thread. All five in one "
+         "interleaved group per shape. **fastcell float32/int8** is how many times longer "
+         "fastcell's float32 model takes than its int8 one on the same call (bf16 alike); "
+         "**ONNX Runtime int8/fastcell int8** and **PyTorch int8/fastcell int8** compare int8 "
+         "with int8. B = 1024 at T = 1: a Silero-VAD-sized batch (`LSTMCell(128, 128)`, 1024 "
+         "streams stepped in one call); the ratio per call is the ratio per stream and step.\n"]
+    L.extend(ratio_table(rows))
+    comps = [c for c in rows[0]["competitors"] if split_competitor(c)[1] != "float32"]
+    L.append(f"Accuracy: max abs difference from PyTorch's float32 `nn.LSTM` (`nn.LSTMCell` for a "
+             "step) on the same weights, x ~ N(0, 1), h0 and c0 ~ U(-0.5, 0.5), over every output "
+             "row and the final h and c (a step: h); fastcell's float32 is within "
+             f"{PARITY_TOL:g}. Beyond {REDUCED_TOL:g} the run stops: a different model.\n")
+    L.append("| cell | T | B | H | " + " | ".join(map(display, comps)) + " |")
+    L.append("|---|--:|--:|--:|" + "--:|" * len(comps))
+    for r in rows:
+        L.append(f"| {LABELS[r['kind']]} | {r['T']} | {r['B']} | {r['H']} | "
+                 + " | ".join(f"{r['error'][c]:.1e}" if c in r["error"] else "n/a" for c in comps)
+                 + " |")
+    L.append("")
+    notes = sorted({f"{display(c)}: {n}" for r in rows for c, n in r["notes"].items()})
+    if notes:
+        L.append("n/a: " + "; ".join(notes) + ".\n")
+    return L
+
+
+def command(args):
+    return "python -m bench.report" + (" --quick" if args.quick else "") + (
+        f" --only '{args.only}'" if args.only else "")
+
+
 def write_markdown(path, rows, cold, machine, parity, args, elapsed, threads=()):
+    full = [r for r in rows if not r["formats"]]
+    reduced = [r for r in rows if r["formats"]]
     L = []
     L.append("# fastcell benchmark results\n")
-    L.append(f"Written by `python -m bench.report{' --quick' if args.quick else ''}` on "
+    L.append(f"Written by `{command(args)}` on "
              f"{time.strftime('%Y-%m-%d %H:%M %Z')} in {elapsed / 60:.1f} min"
              f"{' (quick run: fewer rounds, noisier)' if args.quick else ''}. "
-             "Float32, one thread on every side, I = H.\n")
+             "One thread on every side, I = H; float32 weights but in the reduced weight formats' "
+             "section.\n")
     L.append("How to read: **PyTorch/fastcell** and **ONNX Runtime/fastcell** are how many times "
              "longer the rival takes than fastcell for the same call (> 1: fastcell is faster). "
              "**fastcell/floor** is fastcell's time per step over a bare BLAS GEMV (B = 1) or GEMM "
@@ -357,32 +520,28 @@ def write_markdown(path, rows, cold, machine, parity, args, elapsed, threads=())
              "ONNX Runtime: one RNN/GRU/LSTM node (`P` for the peepholes, "
              "`linear_before_reset = 1` for the GRU), `session.run`.\n")
     for mode in ("step", "sequence", "batch"):
-        mrows = [r for r in rows if r["mode"] == mode]
-        if not mrows:
-            continue
-        L.append(f"## {MODE_TITLES[mode]}\n")
-        L.append("| cell | T | B | H | fastcell | PyTorch/fastcell | ONNX Runtime/fastcell "
-                 "| fastcell/floor |")
-        L.append("|---|--:|--:|--:|--:|--:|--:|--:|")
-        for r in mrows:
-            rt = r["ratio"]
-            mark = " ¹" if r["kind"] == "peephole" else ""
-            L.append(f"| {LABELS[r['kind']]}{mark} | {r['T']} | {r['B']} | {r['H']} | "
-                     f"{fmt_time(r['median_s']['fastcell'])} | "
-                     f"{fmt_ratio(rt.get('pytorch'))} | {fmt_ratio(rt.get('onnxruntime'))} | "
-                     f"{fmt_ratio(rt.get('floor'))} |")
-        L.append("")
-    L.append("¹ PyTorch column: the torch-ops module (PyTorch has no peephole LSTM).\n")
+        mrows = [r for r in full if r["mode"] == mode]
+        if mrows:
+            L.append(f"## {MODE_TITLES[mode]}\n")
+            L.extend(ratio_table(mrows))
+    if any(r["kind"] == "peephole" for r in full):
+        L.append("¹ PyTorch column: the torch-ops module (PyTorch has no peephole LSTM).\n")
+    if reduced:
+        L.extend(reduced_section(reduced))
     L.append("### Absolute medians per call\n")
-    L.append("| scenario | cell | fastcell | PyTorch | ONNX Runtime | floor per step |")
-    L.append("|---|---|--:|--:|--:|--:|")
-    for r in rows:
-        m, st = r["median_s"], r["steps"]
-        L.append(f"| {r['mode']} T={r['T']} B={r['B']} H={r['H']} | {LABELS[r['kind']]} | "
-                 f"{fmt_time(m['fastcell'])} | "
-                 + " | ".join(fmt_time(m[c]) if c in m else "n/a" for c in RIVALS)
-                 + f" | {fmt_time(m['floor'] / st['floor']) if 'floor' in m else 'n/a'} |")
-    L.append("")
+    for group in (full, reduced):
+        if not group:
+            continue
+        comps = group[0]["competitors"]
+        L.append("| scenario | cell | " + " | ".join(
+            "floor per step" if c == "floor" else display(c, comps) for c in comps) + " |")
+        L.append("|---|---|" + "--:|" * len(comps))
+        for r in group:
+            m, st = r["median_s"], r["steps"]
+            L.append(f"| {r['mode']} T={r['T']} B={r['B']} H={r['H']} | {LABELS[r['kind']]} | "
+                     + " | ".join("n/a" if c not in m else fmt_time(m[c] / (st[c] if c == "floor" else 1))
+                                  for c in comps) + " |")
+        L.append("")
     if cold:
         L.append("## Cold start\n")
         L.append(f"A fresh Python process: import, build an LSTM (I = H = {COLD_H}) from a weight file "
@@ -413,7 +572,7 @@ def write_markdown(path, rows, cold, machine, parity, args, elapsed, threads=())
         L.append("")
     tg = targets(rows, cold, threads)
     if tg:
-        L.append("## Issue 4 targets\n")
+        L.append("## Targets\n")
         L.append("| target | measured | |")
         L.append("|---|--:|---|")
         L.extend(f"| {w} | {v} | {ok} |" for w, v, ok in tg)
@@ -423,10 +582,14 @@ def write_markdown(path, rows, cold, machine, parity, args, elapsed, threads=())
     for (kind, case, comp), d in parity.items():
         worst[comp] = max(worst.get(comp, 0.0), d)
     worst_bench = max((r["max_abs_diff"] for r in rows), default=0.0)
-    L.append("Every rival computes the same function as fastcell on the same weights and inputs "
-             f"(tolerance {PARITY_TOL:g}): `bench.models.check_parity()` max abs difference "
-             + ", ".join(f"{NAMES[c]} {d:.1e}" for c, d in sorted(worst.items()))
-             + f"; the benchmarked calls themselves, at every shape above: {worst_bench:.1e}.\n")
+    L.append("Every float32 rival computes the same function as fastcell on the same weights and "
+             f"inputs (tolerance {PARITY_TOL:g}): "
+             + ("`bench.models.check_parity()` max abs difference "
+                + ", ".join(f"{NAMES[c]} {d:.1e}" for c, d in sorted(worst.items())) + "; "
+                if worst else "")
+             + f"the benchmarked calls themselves, at every shape above: {worst_bench:.1e}"
+             + (f". Every int8 and bf16 model is within {REDUCED_TOL:g} of PyTorch's float32 one "
+                "(the accuracy table)" if any(r["formats"] for r in rows) else "") + ".\n")
     L.append("## Machine\n")
     L.append(f"- CPU: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable); "
              f"SIMD: {', '.join(machine['simd']) or 'unknown'}")
@@ -439,37 +602,74 @@ def write_markdown(path, rows, cold, machine, parity, args, elapsed, threads=())
     Path(path).write_text("\n".join(L))
 
 
+CHART_COLORS = {"pytorch": "#ee4c2c", "onnxruntime": "#5a5a5a", "floor": "#1f77b4",
+                "fastcell-int8": "#2ca02c", "fastcell-bf16": "#98df8a",
+                "pytorch-int8": "#ee4c2c", "onnxruntime-int8": "#5a5a5a"}
+
+
+def _log_ratio_axis(ax):
+    from matplotlib.ticker import FuncFormatter
+
+    fmt = FuncFormatter(lambda v, _: f"{v:g}×")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_minor_formatter(fmt)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+
+
+def _chart_reduced(top, bottom, rows):
+    """The reduced weight formats' column: every ratio with its target (top), accuracy (bottom)."""
+    comps = [c for c in rows[0]["competitors"] if c != "fastcell"]
+    reduced = [c for c in comps if split_competitor(c)[1] != "float32"]
+    labels = [f"{r['mode']} B={r['B']}\nT={r['T']} H={r['H']}" for r in rows]
+    xs, w = np.arange(len(rows)), 0.8 / len(comps)
+    for k, comp in enumerate(comps):
+        at = xs + (k - (len(comps) - 1) / 2) * w
+        top.bar(at, [r["ratio"].get(comp, np.nan) for r in rows], w, color=CHART_COLORS[comp],
+                label=ratio_header(comp))
+        lo = [reduced_targets(r).get(comp, np.nan) for r in rows]
+        top.hlines(lo, at - w / 2, at + w / 2, color="black", lw=1.5,
+                   label="target" if k == 0 else None)
+        if comp in reduced:
+            bottom.bar(at, [r["error"].get(comp, np.nan) for r in rows], w, color=CHART_COLORS[comp],
+                       label=display(comp))
+    top.axhline(1, color="black", lw=0.8)
+    _log_ratio_axis(top)
+    top.set_title("LSTM int8 / bf16 weights")
+    bottom.set_yscale("log")
+    bottom.set_ylabel("max abs error vs PyTorch float32")
+    for ax in (top, bottom):
+        ax.set_xticks(xs, labels, rotation=60, ha="right", fontsize=7)
+        ax.legend(fontsize=7, loc="best", framealpha=0.85)
+
+
 def write_chart(path, rows):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
 
-    modes = [m for m in ("step", "sequence", "batch") if any(r["mode"] == m for r in rows)]
-    widths = [sum(r["mode"] == m for r in rows) for m in modes]
-    fig, axes = plt.subplots(2, len(modes), figsize=(4 + 0.55 * sum(widths), 8.5),
+    full = [r for r in rows if not r["formats"]]
+    reduced = [r for r in rows if r["formats"]]
+    modes = [m for m in ("step", "sequence", "batch") if any(r["mode"] == m for r in full)]
+    widths = [sum(r["mode"] == m for r in full) for m in modes] + ([1.5 * len(reduced)] if reduced else [])
+    fig, axes = plt.subplots(2, len(widths), figsize=(4 + 0.55 * sum(widths), 8.5),
                              gridspec_kw={"width_ratios": widths}, squeeze=False)
-    colors = {"pytorch": "#ee4c2c", "onnxruntime": "#5a5a5a", "floor": "#1f77b4"}
     for j, mode in enumerate(modes):
-        mrows = [r for r in rows if r["mode"] == mode]
+        mrows = [r for r in full if r["mode"] == mode]
         labels = [f"{LABELS[r['kind']]}\nB={r['B']} H={r['H']}" for r in mrows]
         xs = np.arange(len(mrows))
         top, bottom = axes[0][j], axes[1][j]
         for k, comp in enumerate(RIVALS):
             vals = [r["ratio"].get(comp, np.nan) for r in mrows]
-            top.bar(xs + (k - 0.5) * 0.4, vals, 0.4, color=colors[comp],
+            top.bar(xs + (k - 0.5) * 0.4, vals, 0.4, color=CHART_COLORS[comp],
                     label=f"{NAMES[comp]} time / fastcell time")
         top.axhline(1, color="black", lw=0.8)
-        top.set_yscale("log")
-        times = FuncFormatter(lambda v, _: f"{v:g}×")
-        top.yaxis.set_major_formatter(times)
-        top.yaxis.set_minor_formatter(times)
-        top.tick_params(axis="y", which="minor", labelsize=7)
+        _log_ratio_axis(top)
         T = mrows[0]["T"]
         top.set_title(MODE_TITLES[mode].split(" (")[0] + f" ({T} step{'s' if T > 1 else ''} per call)")
         top.set_xticks(xs, labels, rotation=60, ha="right", fontsize=7)
         vals = [r["ratio"].get("floor", np.nan) for r in mrows]
-        bottom.bar(xs, vals, 0.6, color=colors["floor"], label="fastcell step / BLAS floor step")
+        bottom.bar(xs, vals, 0.6, color=CHART_COLORS["floor"], label="fastcell step / BLAS floor step")
         bottom.axhline(1, color="black", lw=0.8)
         bottom.axhline(1.2, color="black", lw=0.8, ls=":", label="1.2 (issue 4's batch-1 target)")
         bottom.set_xticks(xs, labels, rotation=60, ha="right", fontsize=7)
@@ -478,7 +678,10 @@ def write_chart(path, rows):
             bottom.set_ylabel("fastcell / floor (1 = bare GEMV/GEMM)")
             top.legend(fontsize=7, loc="best", framealpha=0.85)
             bottom.legend(fontsize=7, loc="best", framealpha=0.85)
-    fig.suptitle("fastcell vs PyTorch, ONNX Runtime and the BLAS floor (float32, 1 thread)")
+    if reduced:
+        _chart_reduced(axes[0][-1], axes[1][-1], reduced)
+    fig.suptitle("fastcell vs PyTorch, ONNX Runtime and the BLAS floor (1 thread; float32 but "
+                 "the int8 / bf16 column)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -487,33 +690,52 @@ def write_chart(path, rows):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds and cold-start runs (< 2 min)")
-    p.add_argument("--out-dir", default=str(HERE), help="where RESULTS.md and results.png go")
+    p.add_argument("--out-dir", help="where RESULTS.md and results.png go (default: bench/, "
+                   "or nowhere with --only)")
     p.add_argument("--no-cold-start", action="store_true", help="skip the cold-start subprocesses")
     p.add_argument("--step-api", choices=sorted(STEP_CALLS),
                    help="fastcell's streaming-step call (default: FASTCELL_STEP_API in bench/scenarios.py)")
+    p.add_argument("--only", metavar="REGEX",
+                   help="time only the groups whose name matches, e.g. 'int8' (the reduced weight "
+                        "formats), 'H=(64|256) int8', '^sequence.* LSTM$'; skips the parity check, "
+                        "threads and cold start, and writes files only with --out-dir")
     args = p.parse_args(argv)
     if args.step_api:
         bench.scenarios.FASTCELL_STEP_API = args.step_api
     settings = SETTINGS["quick" if args.quick else "full"]
     args.cold_runs = settings["cold_runs"]
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.only is not None:
+        re.compile(args.only)   # a bad pattern fails now, not after the first groups
+    out = Path(args.out_dir) if args.out_dir else (None if args.only else HERE)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
 
     def log(msg):
         print(msg, flush=True)
 
     t0 = time.perf_counter()
+    parity, threads, cold = {}, [], {}
     with single_threaded():
-        parity = check_parity()
-        log(f"parity: competitors within {PARITY_TOL:g} of fastcell "
-            f"(worst {max(parity.values(), default=0):.1e})")
-        rows = run_benchmarks(settings, log)
-        threads = bench.threads.scaling(rounds=3 if args.quick else 5)
-        for name, a, b, r in threads:
-            log(f"threads {name}: 2 threads / 1 thread = {r:.2f}")
-    cold = {} if args.no_cold_start else cold_start(settings["cold_runs"], log)
-    machine = machine_info()
+        if not args.only:
+            parity = check_parity()
+            log(f"parity: competitors within {PARITY_TOL:g} of fastcell "
+                f"(worst {max(parity.values(), default=0):.1e})")
+        rows = run_benchmarks(settings, log, args.only)
+        if not rows:
+            p.error(f"--only {args.only!r} matches no group")
+        if not args.only:
+            threads = bench.threads.scaling(rounds=3 if args.quick else 5)
+            for name, a, b, r in threads:
+                log(f"threads {name}: 2 threads / 1 thread = {r:.2f}")
+    if not (args.no_cold_start or args.only):
+        cold = cold_start(settings["cold_runs"], log)
     elapsed = time.perf_counter() - t0
+    for what, value, ok in targets(rows, cold, threads):
+        log(f"target {what}: {value} ({ok.strip('*')})")
+    if out is None:
+        log(f"done in {elapsed:.0f} s (no files written: --out-dir DIR to write them)")
+        return
+    machine = machine_info()
     write_markdown(out / "RESULTS.md", rows, cold, machine, parity, args, elapsed, threads)
     log(f"wrote {out / 'RESULTS.md'}")
     if optional_import("matplotlib") is None:

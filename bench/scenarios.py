@@ -4,6 +4,12 @@ its inputs built once, so the pytest-benchmark suites and bench.report time exac
 Every callable does what a user of that library would call per request: fastcell's cell (argument
 checks and result arrays included), PyTorch's module, ONNX Runtime's ``session.run``. The floor is
 ``blas_floor``: the bare recurrent GEMV/GEMM alone, in C.
+
+A competitor is a library in a weight format (bench/models.py): "fastcell", "pytorch",
+"onnxruntime", "floor" in float32, "fastcell-int8", "pytorch-int8", ... in a reduced one. A
+scenario lists the competitors it times side by side and the cells it runs for: SCENARIOS, every
+cell in float32 against the rivals; REDUCED_SCENARIOS, the LSTM's int8 and bf16 against fastcell's
+float32 and the rivals' int8.
 """
 
 import contextlib
@@ -12,10 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.models import KINDS, LABELS, get_models, optional_import
+from bench.models import KINDS, LABELS, Unavailable, check_format, get_models, optional_import, require
 from fastcell_c.blas_floor import blas_floor
 
 COMPETITORS = ("fastcell", "pytorch", "onnxruntime", "floor")
+REDUCED_COMPETITORS = ("fastcell", "fastcell-int8", "fastcell-bf16", "pytorch-int8", "onnxruntime-int8")
 
 # How the fastcell side of the streaming-step benchmark steps one stream:
 #   "call":   state = cell(x, state)                                      (the cells' first API)
@@ -29,20 +36,39 @@ FASTCELL_STEP_API = os.environ.get("FASTCELL_BENCH_STEP_API", "stream")
 FLOOR_MIN_STEPS = 100
 
 
+def competitor(library, fmt="float32"):
+    """The competitor's name: the library alone in float32, else "library-format"."""
+    return library if fmt == "float32" else f"{library}-{fmt}"
+
+
+def split_competitor(name):
+    """(library, weight format) of a competitor's name."""
+    library, _, fmt = name.partition("-")
+    return library, fmt or "float32"
+
+
 @dataclass(frozen=True)
 class Scenario:
     mode: str   # "step": one call per step (T = 1); "sequence"/"batch": one call for T steps
     T: int
     B: int
     H: int
+    competitors: tuple = COMPETITORS   # timed side by side, each against fastcell
+    kinds: tuple = KINDS               # the cells it runs for
 
     @property
     def I(self):
         return self.H
 
     @property
+    def formats(self):
+        """The reduced weight formats it times ("int8", "bf16"), in order."""
+        fmts = (split_competitor(c)[1] for c in self.competitors)
+        return tuple(dict.fromkeys(f for f in fmts if f != "float32"))
+
+    @property
     def id(self):
-        return f"{self.mode} T={self.T} B={self.B} H={self.H}"
+        return f"{self.mode} T={self.T} B={self.B} H={self.H}" + "".join(f" {f}" for f in self.formats)
 
 
 SCENARIOS = (
@@ -54,6 +80,16 @@ SCENARIOS = (
     Scenario("batch", 50, 16, 256),
     Scenario("batch", 50, 64, 512),
 )
+
+# The reduced weight formats, LSTM only: streaming steps at B = 1, a Silero-VAD-sized batch of
+# 1024 streams stepped at once (LSTMCell(128, 128)), and the float32 suite's sequences and batches.
+REDUCED_SCENARIOS = tuple(
+    Scenario(mode, T, B, H, competitors=REDUCED_COMPETITORS, kinds=("lstm",))
+    for mode, T, B, H in (("step", 1, 1, 128), ("step", 1, 1, 256), ("step", 1, 1024, 128),
+                          ("sequence", 100, 1, 64), ("sequence", 100, 1, 256),
+                          ("sequence", 100, 1, 512), ("batch", 50, 16, 256), ("batch", 50, 64, 512)))
+
+ALL_SCENARIOS = SCENARIOS + REDUCED_SCENARIOS
 
 
 class Runner:
@@ -87,9 +123,9 @@ def _inputs(m, sc, seed=2):
     return x, h0, c0
 
 
-def _fastcell(m, sc):
+def _fastcell(m, sc, fmt):
     x, h0, c0 = _inputs(m, sc)
-    cell, lstm = m.fastcell, m.has_cell_state
+    cell, lstm = m.fastcell(fmt), m.has_cell_state
     hx = (h0, c0) if lstm else h0
 
     def state_dict(s):
@@ -111,19 +147,17 @@ def _fastcell(m, sc):
     return Runner(lambda: cell.step(x1, state, out=out), 1, lambda y: {"h": y})
 
 
-def _pytorch(m, sc):
-    torch = optional_import("torch")
-    if torch is None:
-        return unavailable("torch not installed")
+def _pytorch(m, sc, fmt):
+    torch = require("torch")
     note = "torch ops (PyTorch has no peephole LSTM)" if m.kind == "peephole" else ""
     x, h0, c0 = (torch.from_numpy(a) for a in _inputs(m, sc))
     lstm = m.has_cell_state
     if sc.mode == "step":
-        cell, x1 = m.torch_step, x[0]
+        cell, x1 = m.torch(True, fmt), x[0]
         hx = (h0, c0) if lstm else h0
         extract = (lambda r: {"h": r[0], "c": r[1]}) if lstm else (lambda r: {"h": r})
         return Runner(lambda: cell(x1, hx), 1, extract, note=note)
-    module = m.torch_sequence
+    module = m.torch(False, fmt)
     hx = (h0[None], c0[None]) if lstm else h0[None]
     if lstm:
         def extract(r):
@@ -134,10 +168,8 @@ def _pytorch(m, sc):
     return Runner(lambda: module(x, hx), sc.T, extract, note=note)
 
 
-def _onnxruntime(m, sc):
-    if optional_import("onnxruntime") is None or optional_import("onnx") is None:
-        return unavailable("onnxruntime not installed")
-    sess = m.ort_session
+def _onnxruntime(m, sc, fmt):
+    sess = m.ort_session(fmt)
     x, h0, c0 = _inputs(m, sc)
     lstm = m.has_cell_state
     feeds = {"X": x, "initial_h": h0[None]}
@@ -158,7 +190,8 @@ def _onnxruntime(m, sc):
     return Runner(lambda: sess.run(names, feeds), sc.T, extract)
 
 
-def _floor(m, sc):
+def _floor(m, sc, fmt):
+    check_format(fmt, ("float32",))
     w = m.weights["weight_hh"]                    # (G*H, H), row-major: PyTorch's layout
     _, h0, _ = _inputs(m, sc)
     y = np.zeros((sc.B, w.shape[0]), np.float32)
@@ -170,21 +203,26 @@ _MAKERS = {"fastcell": _fastcell, "pytorch": _pytorch, "onnxruntime": _onnxrunti
 
 
 def make_runner(m, sc, competitor):
-    """The Runner of one competitor for Models m in scenario sc."""
-    return _MAKERS[competitor](m, sc)
+    """The Runner of one competitor (library in a weight format) for Models m in scenario sc;
+    one that cannot be built here is unavailable, saying why."""
+    library, fmt = split_competitor(competitor)
+    try:
+        return _MAKERS[library](m, sc, fmt)
+    except Unavailable as e:
+        return unavailable(str(e))
 
 
 def runners_for(kind, sc):
     """{competitor: Runner} for one (cell, scenario), on the process-wide shared models."""
     m = get_models(kind, sc.I, sc.H)
-    return {c: make_runner(m, sc, c) for c in COMPETITORS}
+    return {c: make_runner(m, sc, c) for c in sc.competitors}
 
 
-def cases(mode):
-    """(kind, scenario, competitor) for every benchmark of one mode, competitors innermost so
-    that a (cell, shape) group runs together; case_id names them."""
-    return [(kind, sc, comp) for sc in SCENARIOS if sc.mode == mode for kind in KINDS
-            for comp in COMPETITORS]
+def cases(mode=None, scenarios=SCENARIOS):
+    """(kind, scenario, competitor) for every benchmark of one mode (None: all) of scenarios,
+    competitors innermost so that a (cell, shape) group runs together; case_id names them."""
+    return [(kind, sc, comp) for sc in scenarios if mode in (None, sc.mode) for kind in sc.kinds
+            for comp in sc.competitors]
 
 
 def case_id(case):

@@ -1,11 +1,13 @@
 """The competitors compute what fastcell computes: PyTorch and ONNX Runtime within 1e-4 of it on
-the same weights and inputs (a benchmark against a wrong model is worthless)."""
+the same weights and inputs, and every int8 and bf16 model within 0.1 of PyTorch's float32 one (a
+benchmark against a wrong model is worthless)."""
 
 import numpy as np
 import pytest
 
-from bench.models import KINDS, PARITY_TOL, check_parity
-from bench.scenarios import SCENARIOS, runners_for
+from bench.models import KINDS, PARITY_TOL, REDUCED_TOL, check_parity
+from bench.report import verify
+from bench.scenarios import REDUCED_SCENARIOS, SCENARIOS, runners_for
 
 
 def test_check_parity():
@@ -30,6 +32,17 @@ def test_benchmarked_calls_agree(kind):
                 for k in want:
                     np.testing.assert_allclose(got[k], want[k], rtol=0, atol=PARITY_TOL,
                                                err_msg=f"{comp} {kind} {sc.id} {k}")
+
+
+@pytest.mark.parametrize("sc", [sc for sc in REDUCED_SCENARIOS if sc.H <= 128],
+                         ids=lambda sc: sc.id)
+def test_reduced_formats_are_the_same_model(sc):
+    # The benchmarked int8 and bf16 calls, against PyTorch's float32 model (bench.report.verify
+    # raises beyond REDUCED_TOL); fastcell's own are always there.
+    for kind in sc.kinds:
+        _, errors = verify(kind, sc, runners_for(kind, sc))
+        assert {"fastcell-int8", "fastcell-bf16"} <= set(errors)
+        assert all(e <= REDUCED_TOL for e in errors.values())
 
 
 @pytest.mark.parametrize("B", [1, 3])

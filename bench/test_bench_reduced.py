@@ -1,0 +1,14 @@
+"""Reduced weight formats, LSTM: fastcell's int8 and bf16 weights against its float32 and PyTorch's
+and ONNX Runtime's dynamic int8, at the shapes of REDUCED_SCENARIOS (streaming steps at B = 1
+and 1024, T = 100 sequences, T = 50 batches), I = H."""
+
+import pytest
+
+from bench.scenarios import REDUCED_SCENARIOS, case_id, cases
+
+CASES = cases(scenarios=REDUCED_SCENARIOS)
+
+
+@pytest.mark.parametrize("kind, sc, competitor", CASES, ids=map(case_id, CASES))
+def test_reduced(run_case, kind, sc, competitor):
+    run_case(kind, sc, competitor)
