@@ -402,3 +402,34 @@ def test_non_finite_state_spreads_as_in_float32(fmt):
         want, got = base(x, h0)[0], q(x, h0)[0]
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     assert np.isnan(got[:, 0]).any() and np.all(np.isfinite(got[:, 1]))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_step_with_out_allocates_no_array(fmt):
+    import tracemalloc
+
+    q = fastcell.quantize(pytorch_like(fastcell.LSTM(16, 32, num_layers=2), 6), fmt)
+    state = q.new_state(2)
+    x = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
+    out = np.empty((2, 32), np.float32)
+    q.step(x, state, out=out)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in range(2000):
+            q.step(x, state, out=out)
+        grew = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert grew < 1024, grew   # 2000 steps: not one array (each would be >= 256 bytes)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_refused_step_changes_no_state(fmt):
+    q = fastcell.quantize(pytorch_like(fastcell.GRU(4, 6), 7), fmt)
+    state = q.new_state(2)
+    q.step(np.ones((2, 4), np.float32), state)
+    h = state.h.copy()
+    with pytest.raises(ValueError, match="x"):
+        q.step(np.ones((2, 5), np.float32), state)
+    np.testing.assert_array_equal(state.h, h)
