@@ -1,4 +1,10 @@
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,3 +79,73 @@ def init_weights(rng, gates, input_size, hidden_size, dtype, peephole=False, pro
 def rng(request):
     # A seed per test, stable across runs.
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+# ---- the command line: a subprocess, or main() in this process ----
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def fastcell_cmd(*args, cwd, module="fastcell", timeout=120, env=None):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, env=env or ENV, timeout=timeout)
+
+
+def ok(r):
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def fails(r, *fragments):
+    """Status 2 and one clear line on stderr naming the problem; no traceback."""
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+class Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def in_process(capsys, monkeypatch):
+    """Runs the CLI's main() in this process (faster than a subprocess): a Result."""
+    from fastcell import cli
+
+    def call(*args, cwd):
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        rc = cli.main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return Result(rc, out, err)
+
+    return call
+
+
+class Hang(Exception):
+    pass
+
+
+def _on_alarm(signum, frame):
+    raise Hang()
+
+
+@contextlib.contextmanager
+def hang_guard(seconds=10):
+    """Raises Hang in the block after `seconds` (where SIGALRM exists): a hang fails the test
+    instead of stalling CI."""
+    old = signal.signal(signal.SIGALRM, _on_alarm) if hasattr(signal, "SIGALRM") else None
+    if old is not None:
+        signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)

@@ -8,56 +8,14 @@ import os
 import pickle
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import fastcell
 from fastcell.weights_file import load, save
+from conftest import ENV, fails, fastcell_cmd, ok
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
-def fastcell_cmd(*args, cwd, module="fastcell", timeout=120, env=None):
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, env=env or ENV, timeout=timeout)
-
-
-def ok(r):
-    assert r.returncode == 0, r.stderr
-    return r.stdout
-
-
-def fails(r, *fragments):
-    """Status 2 and one clear line on stderr naming the problem; no traceback."""
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
-
-
-class Result:
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-@pytest.fixture
-def in_process(capsys, monkeypatch):
-    from fastcell import cli
-
-    def call(*args, cwd):
-        monkeypatch.chdir(cwd)
-        capsys.readouterr()
-        rc = cli.main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return Result(rc, out, err)
-
-    return call
 
 
 @pytest.fixture

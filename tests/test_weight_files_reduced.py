@@ -6,8 +6,6 @@ for every hostile reduced file; ``fastcell export --weights``, ``fastcell quanti
 ``fastcell info``'s weight format and bytes."""
 
 import json
-import os
-import signal
 import struct
 import subprocess
 import sys
@@ -24,10 +22,9 @@ from fastcell import weights_file as wf
 from fastcell.layers import _Layer
 from fastcell.weight_formats import Reduced
 from fastcell.weights_file import FormatError, load, save
-from conftest import VARIANTS, init_weights, make_cell as cell_from_weights
+from conftest import ENV, ROOT, VARIANTS, fails, fastcell_cmd, hang_guard, init_weights, ok
+from conftest import make_cell as cell_from_weights
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 FORMATS = ["int8", "bf16"]
 I, H, P = 3, 17, 5  # not multiples of any vector width
 
@@ -664,10 +661,6 @@ def mutated(draw):
     return bytes(blob)
 
 
-def _on_alarm(signum, frame):
-    raise TimeoutError("the loader hung")
-
-
 @pytest.fixture(scope="module")
 def fuzz_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz_reduced")
@@ -679,10 +672,7 @@ def fuzz_dir(tmp_path_factory):
 def test_fuzz_mutated_reduced_files_raise_only_format_error(fuzz_dir, blob):
     path = fuzz_dir / "fuzz.safetensors"
     path.write_bytes(blob)
-    old = signal.signal(signal.SIGALRM, _on_alarm) if hasattr(signal, "SIGALRM") else None
-    if old is not None:
-        signal.alarm(10)
-    try:
+    with hang_guard(10):
         try:
             model = load(path)
         except FormatError as exc:
@@ -695,52 +685,12 @@ def test_fuzz_mutated_reduced_files_raise_only_format_error(fuzz_dir, blob):
             if isinstance(v, Reduced) and v.scale is not None:
                 assert np.all(np.isfinite(v.scale) & (v.scale > 0))
         assert set(header) - {"__metadata__"} == set(expected_dtypes(model))
-    finally:
-        if old is not None:
-            signal.alarm(0)
-            signal.signal(signal.SIGALRM, old)
 
 
 # ---- the command ----
 
-def fastcell_cmd(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "fastcell", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, env=ENV, timeout=120)
 
 
-class Result:
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-@pytest.fixture
-def in_process(capsys, monkeypatch):
-    from fastcell import cli
-
-    def call(*args, cwd):
-        monkeypatch.chdir(cwd)
-        capsys.readouterr()
-        rc = cli.main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return Result(rc, out, err)
-
-    return call
-
-
-def ok(r):
-    assert r.returncode == 0, r.stderr
-    return r.stdout
-
-
-def fails(r, *fragments):
-    """Status 2 and one clear line on stderr naming the problem; no traceback."""
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import re
-import signal
 import struct
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from hypothesis import strategies as st
 import fastcell
 from fastcell import weights_file as wf
 from fastcell.weights_file import FormatError, load, save
-from conftest import VARIANTS, init_weights
+from conftest import VARIANTS, hang_guard, init_weights
 from conftest import make_cell as cell_from_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -712,14 +711,6 @@ def mutated(draw):
     return bytes(blob)
 
 
-class _Alarm(Exception):
-    pass
-
-
-def _on_alarm(signum, frame):
-    raise _Alarm()
-
-
 @pytest.fixture(scope="module")
 def fuzz_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz")
@@ -731,10 +722,7 @@ def fuzz_dir(tmp_path_factory):
 def test_fuzz_mutated_files_raise_only_format_error(fuzz_dir, blob):
     path = fuzz_dir / "fuzz.safetensors"
     path.write_bytes(blob)
-    old = signal.signal(signal.SIGALRM, _on_alarm) if hasattr(signal, "SIGALRM") else None
-    if old is not None:
-        signal.alarm(10)  # a hang fails the test instead of stalling CI
-    try:
+    with hang_guard(10):
         try:
             model = load(path)
         except FormatError as exc:
@@ -750,7 +738,3 @@ def test_fuzz_mutated_files_raise_only_format_error(fuzz_dir, blob):
         sd = model.state_dict()
         assert set(reference) == set(sd)
         assert all(reference[n].tobytes() == sd[n].tobytes() for n in sd)
-    finally:
-        if old is not None:
-            signal.alarm(0)
-            signal.signal(signal.SIGALRM, old)
