@@ -18,39 +18,80 @@ ROOT = Path(__file__).resolve().parent.parent
 TYPES = {"rnn": fastcell.RNN, "gru": fastcell.GRU, "lstm": fastcell.LSTM, "peephole_lstm": fastcell.PeepholeLSTM}
 
 
-def parse_table(text):
-    """{title: {column: value}} from the printed table."""
+def parse_tables(text):
+    """The printed tables, in order: each a list of rows {column: value}, read by the columns of
+    its dashed rule. An empty first column (the same model as the line above) takes the value
+    above."""
     lines = text.splitlines()
-    head_i = next(i for i, line in enumerate(lines) if line.startswith("cell "))
-    head = re.split(r"\s{2,}", lines[head_i].strip())
-    rows = {}
-    for line in lines[head_i + 2:]:
-        if not line.strip():
-            break
-        cols = re.split(r"\s{2,}", line.strip())
-        assert len(cols) == len(head), line
-        rows[cols[0]] = dict(zip(head, cols))
-    return rows
+    tables = []
+    for i, line in enumerate(lines):
+        if not line or set(line) != {"-", " "}:
+            continue
+        spans = [m.span() for m in re.finditer(r"-+", line)]
+        cut = lambda text: [text[a:b + 2].strip() if j else text[a:b].strip()  # noqa: E731
+                            for j, (a, b) in enumerate(spans)]
+        head = cut(lines[i - 1])
+        assert all(head) and len(set(head)) == len(head), lines[i - 1]
+        rows = []
+        for row_line in lines[i + 1:]:
+            if not row_line.strip():
+                break
+            assert len(row_line) <= spans[-1][1], row_line
+            cols = cut(row_line.ljust(spans[-1][1]))
+            if not cols[0]:
+                cols[0] = rows[-1][head[0]]
+            rows.append(dict(zip(head, cols)))
+        tables.append(rows)
+    return tables
 
 
 def pct(s):
     return float(s.rstrip("%")) / 100
 
 
+FORMATS = ("float32", "int8", "bf16")
+SHORT, LONG = f"acc lag {demo.TASK['short_lag']}", f"acc lag {demo.TASK['long_lag']}"
+
+
 def check_table(text):
-    rows = parse_table(text)
-    assert list(rows) == [demo.TITLES[n] for n in demo.MODEL_NAMES]
-    short, long_ = f"acc lag {demo.TASK['short_lag']}", f"acc lag {demo.TASK['long_lag']}"
-    rnn = rows[demo.TITLES["rnn"]]
+    """The demo's output: its two tables, accuracy by weight format then speed. Returns
+    ({(title, format): row}, {title: row})."""
+    assert max(len(line) for line in text.splitlines()) <= demo.WIDTH
+    accuracy_table, speed_table = parse_tables(text)
+    titles = [demo.TITLES[n] for n in demo.MODEL_NAMES]
+    # accuracy: one line per model and weight format
+    assert list(accuracy_table[0]) == ["cell", "weights", "weight bytes", SHORT, LONG,
+                                       "max |diff| from float32"]
+    acc = {(r["cell"], r["weights"]): r for r in accuracy_table}
+    assert list(acc) == [(t, f) for t in titles for f in FORMATS]
+    for title in titles:
+        sizes = {f: int(acc[title, f]["weight bytes"].replace(",", "")) for f in FORMATS}
+        assert 0 < sizes["int8"] < sizes["bf16"] < sizes["float32"], title
+        assert acc[title, "float32"]["max |diff| from float32"] == ""
+        for f in ("int8", "bf16"):
+            assert 0 < float(acc[title, f]["max |diff| from float32"]) < 2, (title, f)
+    fp32 = {t: acc[t, "float32"] for t in titles}
+    rnn = fp32[demo.TITLES["rnn"]]
     for name in ("gru", "lstm", "peephole_lstm"):
-        gated = rows[demo.TITLES[name]]
-        assert pct(gated[long_]) > pct(rnn[long_]) + 0.5, name  # the point of the decks
-        assert pct(gated[long_]) >= 0.9 and pct(gated[short]) >= 0.9, name
-    for r in rows.values():
-        assert pct(r[short]) > 0.5  # every cell learns the short lag (chance is 10%)
-        assert float(r["fastcell us/step"]) > 0
-    assert pct(rnn[long_]) < 0.5  # and the vanilla RNN does not keep the value 100 steps
-    return rows
+        gated = fp32[demo.TITLES[name]]
+        assert pct(gated[LONG]) > pct(rnn[LONG]) + 0.5, name  # the point of the decks
+        assert pct(gated[LONG]) >= 0.9 and pct(gated[SHORT]) >= 0.9, name
+    for r in fp32.values():
+        assert pct(r[SHORT]) > 0.5  # every cell learns the short lag (chance is 10%)
+    assert pct(rnn[LONG]) < 0.5  # and the vanilla RNN does not keep the value 100 steps
+    # speed: one line per model (float32)
+    speed = {r["cell"]: r for r in speed_table}
+    assert list(speed) == titles
+    for r in speed.values():
+        assert float(r["fastcell us/step"]) > 0 and int(r["params"].replace(",", "")) > 0
+    return acc, speed
+
+
+def points_off(acc, title, fmt, column):
+    """|reduced - float32| accuracy in percentage points (exact: 500 streams are 0.2 points each,
+    printed to 0.1)."""
+    a, b = acc[title, fmt][column], acc[title, "float32"][column]
+    return abs(round(10 * float(a.rstrip("%"))) - round(10 * float(b.rstrip("%")))) / 10
 
 
 # ---- the bundle ----
@@ -238,14 +279,46 @@ def test_fastcell_info_on_a_bundled_model():
     assert info["dtype"] == "float32"
 
 
-def test_demo_main_without_torch():
+@pytest.fixture(scope="module")
+def demo_output_without_torch():
+    """The demo's output without torch, run once for the tests that read it."""
     out = _run_without_torch("import fastcell.demo as d\nsys.exit(d.main())")
     assert out.returncode == 0, out.stderr
-    rows = check_table(out.stdout)
-    assert "PyTorch us/step" not in next(iter(rows.values()))
-    assert "PyTorch is not installed" in out.stdout
-    seconds = float(re.search(r"^\(([0-9.]+) s\)$", out.stdout, re.M).group(1))
+    return out.stdout
+
+
+def test_demo_main_without_torch(demo_output_without_torch):
+    text = demo_output_without_torch
+    _, speed = check_table(text)
+    assert "PyTorch us/step" not in next(iter(speed.values()))
+    assert "PyTorch is not installed" in text
+    seconds = float(re.search(r"^\(([0-9.]+) s\)$", text, re.M).group(1))
     assert seconds < 30
+
+
+# int8 and bf16 weights (fastcell.quantize of the bundled float32 model) must recall within one
+# percentage point of float32 at both lags. Measured misses are listed here, so the suite
+# reports them (xfail, strict: one that starts passing fails until its entry goes):
+# {(model, format): {lag column: (float32, reduced) accuracy in %}}.
+KNOWN_MISSES = {
+    ("rnn", "int8"): {SHORT: (81.2, 75.8)},
+    ("rnn", "bf16"): {SHORT: (81.2, 79.6)},
+    ("lstm", "int8"): {LONG: (99.0, 97.6)},
+}
+
+
+@pytest.mark.parametrize("name, fmt", [
+    pytest.param(n, f, marks=pytest.mark.xfail(strict=True, reason=f"{n} {f}: " + ", ".join(
+        f"{col} {a}% -> {b}%" for col, (a, b) in KNOWN_MISSES[n, f].items())))
+    if (n, f) in KNOWN_MISSES else (n, f)
+    for n in demo.MODEL_NAMES for f in ("int8", "bf16")])
+def test_demo_reduced_weights_within_one_point(demo_output_without_torch, name, fmt):
+    acc, _ = check_table(demo_output_without_torch)
+    title = demo.TITLES[name]
+    off = {col: points_off(acc, title, fmt, col) for col in (SHORT, LONG)}
+    assert all(v <= 1.0 for v in off.values()), (
+        f"{title} {fmt}: " + ", ".join(f"{col} {acc[title, 'float32'][col]} -> {acc[title, fmt][col]}"
+                                       for col in off))
 
 
 def test_demo_main_with_torch(capsys):
@@ -254,9 +327,26 @@ def test_demo_main_with_torch(capsys):
     assert demo.main() == 0
     assert torch.get_num_threads() == threads  # the demo puts torch's threads back
     text = capsys.readouterr().out
-    rows = check_table(text)
-    for r in rows.values():
+    _, speed = check_table(text)
+    for r in speed.values():
         assert float(r["PyTorch us/step"]) > 0
         # float32 outputs over 105 steps: as close as PyTorch's float32 is to float64 (SPEC.md's
         # 1e-5 is for default-initialised weights; a trained RNN amplifies rounding).
         assert float(r["max |diff|"]) <= max(1e-5, 4 * float(r["PyTorch f32 error"]))
+
+
+def test_run_demo_weight_formats():
+    """run_demo's rows: float32 then each reduced format, from fastcell.quantize of the model."""
+    rows = demo.run_demo(with_torch=False, steps=10, repeats=1)
+    for r in rows:
+        assert [f["format"] for f in r["weights"]] == list(FORMATS)
+        fp32, *reduced = r["weights"]
+        assert fp32["max_diff"] == 0
+        assert (fp32["acc_short"], fp32["acc_long"]) == (r["acc_short"], r["acc_long"])
+        layer, w, b, task = demo.bundled_model(r["name"])
+        assert fp32["weight_bytes"] == layer.weight_bytes
+        for f in reduced:
+            q = fastcell.quantize(layer, f["format"])
+            assert q.weight_format == f["format"] and f["weight_bytes"] == q.weight_bytes
+            x, y = demo.test_set(task["long_lag"], task)
+            assert f["acc_long"] == demo.accuracy(q, w, b, x, y)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import fastcell
 from fastcell import weights_file as wf
 from fastcell.weights_file import FormatError, load, save
-from conftest import VARIANTS, hang_guard, init_weights
+from conftest import VARIANTS, load_or_refuse, init_weights
 from conftest import make_cell as cell_from_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -722,19 +722,16 @@ def fuzz_dir(tmp_path_factory):
 def test_fuzz_mutated_files_raise_only_format_error(fuzz_dir, blob):
     path = fuzz_dir / "fuzz.safetensors"
     path.write_bytes(blob)
-    with hang_guard(10):
-        try:
-            model = load(path)
-        except FormatError as exc:
-            assert str(exc).startswith(str(path))
-            return
-        assert isinstance(model, (fastcell.RNN, fastcell.GRU, fastcell.LSTM, fastcell.PeepholeLSTM,
-                                  fastcell.RNNCell, fastcell.GRUCell, fastcell.LSTMCell,
-                                  fastcell.PeepholeLSTMCell))
-        # What fastcell accepts, the reference safetensors reader reads the same way.
-        from safetensors.numpy import load_file
+    model = load_or_refuse(path)
+    if model is None:
+        return
+    assert isinstance(model, (fastcell.RNN, fastcell.GRU, fastcell.LSTM, fastcell.PeepholeLSTM,
+                              fastcell.RNNCell, fastcell.GRUCell, fastcell.LSTMCell,
+                              fastcell.PeepholeLSTMCell))
+    # What fastcell accepts, the reference safetensors reader reads the same way.
+    from safetensors.numpy import load_file
 
-        reference = load_file(str(path))
-        sd = model.state_dict()
-        assert set(reference) == set(sd)
-        assert all(reference[n].tobytes() == sd[n].tobytes() for n in sd)
+    reference = load_file(str(path))
+    sd = model.state_dict()
+    assert set(reference) == set(sd)
+    assert all(reference[n].tobytes() == sd[n].tobytes() for n in sd)
