@@ -18,9 +18,10 @@
  *   8 bits:  t_j = (float)(acc_j - 128 cs_j)
  *   16 bits: t_j = 256 (float)(acc_hi_j - 128 cs_j) + (float)acc_lo_j
  *   c_j = (first segment without beta ? 0 : c_j) + t_j * (sw_j * s)
- * The integer sums are exact in any order, so every path (VNNI in 512 or 256 bits, widened bytes
- * with vpmaddwd, plain C) gives the same bits; the float steps are the same everywhere but the
- * baseline level, which has no FMA. A non-finite v_i quantizes to 0 and then adds v_i times its
+ * The integer sums are exact in any order, so every path (VNNI in 512 or 256 bits, widened
+ * weights times activation words with vpmaddwd, plain C) gives the same bits; the float steps
+ * are the same everywhere but the baseline level, which has no FMA (the SIMD paths dequantize
+ * in registers, the baseline in a pass over an int32 buffer). A non-finite v_i quantizes to 0 and then adds v_i times its
  * dequantized weights to each output (NaN and infinities spread as in float32, never a finite
  * result from a poisoned scale).
  *
@@ -87,8 +88,11 @@ static void fc_i8_pack(int rows, int n, const int8_t *wt, int ldw, int8_t *wp, i
  * input row; 16 bits, two (hi, then lo). scale[r]: the row's scale s. Returns whether any value
  * was not finite (those are left to fc_i8_nonfinite). Branch-free, so that it vectorizes at
  * every level; rounding to nearest even by adding and subtracting 1.5 * 2^23 (exact for
- * |x| <= 32767), which, unlike rintf, needs no SSE4.1. The same bits at every level. */
-#define FC_I8_QUANTIZE(ATTR, NAME, W)                                                    \
+ * |x| <= 32767), which, unlike rintf, needs no SSE4.1. The same bits at every level.
+ * WORDS (the AVX2 path's layout): the same q_i as int16 words instead, rows of k4 words, for
+ * 8-bit rows and 16-bit rows of k4 <= FC_I8_MW_ROWS (longer 16-bit rows stay hi and lo bytes). */
+#define FC_I8_MW_ROWS 512
+#define FC_I8_QUANTIZE(ATTR, NAME, W, WORDS)                                             \
     ATTR static int NAME(int m, int k, int k4, int bits, const float *a, long lda, uint8_t *qa, \
                          float *scale)                                                   \
     {                                                                                    \
@@ -96,7 +100,9 @@ static void fc_i8_pack(int rows, int n, const int8_t *wt, int ldw, int8_t *wp, i
         typedef int32_t vi __attribute__((vector_size(4 * W), aligned(4)));              \
         typedef uint8_t vb __attribute__((vector_size(W), aligned(1)));                  \
         int bad = 0;                                                                     \
-        long qrow = (long)k4 * (bits / 8);                                               \
+        typedef int16_t vh __attribute__((vector_size(2 * W), aligned(2)));              \
+        const int words = WORDS && (bits == 8 || k4 <= FC_I8_MW_ROWS);                   \
+        long qrow = (long)k4 * (words ? 2 : bits / 8);                                   \
         const float lim = bits == 8 ? 127.0f : 32767.0f, big = 3.4028235e38f;            \
         const float magic = 12582912.0f;                                                 \
         const vi absmask = (vi){} + 0x7fffffff;                                          \
@@ -149,7 +155,10 @@ static void fc_i8_pack(int rows, int n, const int8_t *wt, int ldw, int8_t *wp, i
                     }                                                                    \
                 }                                                                        \
                 int nw = k - i < W ? k - i : W;                                          \
-                if (bits == 8) {                                                         \
+                if (words) {                                                             \
+                    vh h = __builtin_convertvector(qi, vh);                              \
+                    memcpy(q + 2 * i, &h, 2 * nw);                                       \
+                } else if (bits == 8) {                                                  \
                     vb b8 = __builtin_convertvector(qi + 128, vb);                       \
                     if (nw == W) *(vb *)(q + i) = b8;                                    \
                     else memcpy(q + i, &b8, nw);                                         \
@@ -162,13 +171,14 @@ static void fc_i8_pack(int rows, int n, const int8_t *wt, int ldw, int8_t *wp, i
                 }                                                                        \
             }                                                                            \
             for (int i = k; i < k4; i++) {                                               \
+                if (words) { q[2 * i] = 0; q[2 * i + 1] = 0; continue; }                 \
                 q[i] = 128;                                                              \
                 if (bits == 16) q[k4 + i] = 0;                                           \
             }                                                                            \
         }                                                                                \
         return bad;                                                                      \
     }
-FC_I8_QUANTIZE(, fc_i8_quantize_base, 4)
+FC_I8_QUANTIZE(, fc_i8_quantize_base, 4, 0)
 
 /* Adds v_i * dequantized W[i, :] for every non-finite v_i of the m rows: the spread of NaN and
  * infinities that float32 would give (the quantized row holds 0 there). */
@@ -240,44 +250,6 @@ static inline int32_t fc_i8_quad(const uint8_t *p) { int32_t v; memcpy(&v, p, 4)
  * does not. */
 #define FC_DPBUSD512(acc, x, w) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w))
 
-/* AVX-512 VNNI: tiles of MB virtual rows x NB vectors of 16 columns, in 32 zmm registers. */
-#define FC_I8_TILE512(MB, NB)                                                            \
-    {                                                                                    \
-        __m512i c[MB][NB];                                                               \
-        for (int i = 0; i < MB; i++)                                                     \
-            for (int b = 0; b < NB; b++) c[i][b] = _mm512_setzero_si512();               \
-        const int8_t *wq = w + b0 * 64;                                                  \
-        for (int q = 0; q < nq; q++, wq += pw * 4) {                                     \
-            __m512i wv[NB];                                                              \
-            for (int b = 0; b < NB; b++) wv[b] = _mm512_loadu_si512(wq + b * 64);        \
-            for (int i = 0; i < MB; i++) {                                               \
-                __m512i x = _mm512_set1_epi32(fc_i8_quad(qa + (r + i) * lq + 4 * q));    \
-                for (int b = 0; b < NB; b++) FC_DPBUSD512(c[i][b], x, wv[b]);            \
-            }                                                                            \
-        }                                                                                \
-        for (int i = 0; i < MB; i++)                                                     \
-            for (int b = 0; b < NB; b++)                                                 \
-                _mm512_storeu_si512(acc + (long)(r + i) * FC_I8_PW + (b0 + b) * 16, c[i][b]); \
-    }
-
-FC_TARGET_VNNI512 static void fc_i8_tile_vnni512(int vrows, int pw, int nq, const uint8_t *qa,
-                                                 long lq, const int8_t *w, int32_t *acc)
-{
-    int nb = pw / 16, r = 0, b0 = 0;
-    for (; r + 4 <= vrows; r += 4) {
-        if (nb == 4) FC_I8_TILE512(4, 4)
-        else if (nb == 3) FC_I8_TILE512(4, 3)
-        else if (nb == 2) FC_I8_TILE512(4, 2)
-        else FC_I8_TILE512(4, 1)
-    }
-    for (; r < vrows; r++) {
-        if (nb == 4) FC_I8_TILE512(1, 4)
-        else if (nb == 3) FC_I8_TILE512(1, 3)
-        else if (nb == 2) FC_I8_TILE512(1, 2)
-        else FC_I8_TILE512(1, 1)
-    }
-}
-FC_I8_DEQUANT(FC_TARGET_VNNI512, fc_i8_dequant_vnni512)
 /* The same tiles with the dequantizing pass done in registers (no int32 buffer), the path every
  * AVX-512 VNNI CPU takes: MB real rows (16 bits: MB hi rows and MB lo rows), NB vectors. The
  * float steps are those of FC_I8_DEQUANT: t * 256 + lo, p = sw * s, then t * p or fma(t, p, c).
@@ -360,101 +332,220 @@ FC_TARGET_VNNI512 static void fc_i8_panel_vnni512(int m, int pw, int nq, int bit
     }
 }
 
-FC_I8_QUANTIZE(FC_TARGET_VNNI512, fc_i8_quantize_vnni512, 16)
+FC_I8_QUANTIZE(FC_TARGET_VNNI512, fc_i8_quantize_vnni512, 16, 0)
 
-/* AVX-VNNI: tiles of MB virtual rows x NB vectors of 8 columns, in 16 ymm registers; a panel is
- * taken in halves of 32 columns. */
-#define FC_I8_TILE256(MB, NB)                                                            \
-    {                                                                                    \
-        __m256i c[MB][NB];                                                               \
-        for (int i = 0; i < MB; i++)                                                     \
-            for (int b = 0; b < NB; b++) c[i][b] = _mm256_setzero_si256();               \
-        const int8_t *wq = w + b0 * 32;                                                  \
-        for (int q = 0; q < nq; q++, wq += pw * 4) {                                     \
-            __m256i wv[NB];                                                              \
-            for (int b = 0; b < NB; b++) wv[b] = _mm256_loadu_si256((const __m256i *)(wq + b * 32)); \
-            for (int i = 0; i < MB; i++) {                                               \
-                __m256i x = _mm256_set1_epi32(fc_i8_quad(qa + (r + i) * lq + 4 * q));    \
-                for (int b = 0; b < NB; b++) c[i][b] = FC_I8_DP256(c[i][b], x, wv[b]);   \
-            }                                                                            \
+/* ---- 256-bit paths (AVX-VNNI and AVX2), dequantizing in registers like fc_i8_kernel512 ----
+ * Both end with int32 sums of 8 consecutive columns per ymm and share this last step, the float
+ * steps of FC_I8_DEQUANT. MODE: FC_I8_M8, 8-bit rows as bytes: t = (float)(acc - 128 cs);
+ * FC_I8_MHL, 16-bit rows as hi and lo bytes: t = 256 (float)(acc_hi - 128 cs) + (float)acc_lo;
+ * FC_I8_MW, rows as words q_i (AVX2 only, below): t = (float)acc, acc = sum q_i w_i, which is
+ * acc - 128 cs of M8 and 256 (acc_hi - 128 cs) + acc_lo of MHL, exactly. */
+#define FC_I8_M8 0
+#define FC_I8_MHL 1
+#define FC_I8_MW 2
+FC_TARGET_V3 static inline __attribute__((always_inline)) void
+fc_i8_dequant8(const int MODE, __m256i hi, __m256i lo, __m256i zc, __m256 swv, float s, int add,
+               float *out)
+{
+    __m256 t = _mm256_cvtepi32_ps(MODE == FC_I8_MW ? hi : _mm256_sub_epi32(hi, zc));
+    if (MODE == FC_I8_MHL) t = _mm256_fmadd_ps(t, _mm256_set1_ps(256.0f), _mm256_cvtepi32_ps(lo));
+    __m256 pv = _mm256_mul_ps(swv, _mm256_set1_ps(s));
+    __m256 y = add ? _mm256_fmadd_ps(t, pv, _mm256_loadu_ps(out)) : _mm256_mul_ps(t, pv);
+    _mm256_storeu_ps(out, y);
+}
+
+/* AVX-VNNI: fc_i8_kernel512 in ymm registers: MB real rows, NB vectors of 8 columns (the
+ * columns [o, o + 8 NB) of the panel), 16 registers. vpdpbusd in its VEX form ({vex}: the
+ * assembler would otherwise pick the AVX-512 encoding), tied in asm as FC_DPBUSD512. */
+#ifndef FC_I8_VEX
+#define FC_I8_VEX "%{vex%} "   /* %{ %}: braces are special in asm templates */
+#endif
+#define FC_DPBUSD256(acc, x, w) __asm__(FC_I8_VEX "vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(x), "x"(w))
+FC_TARGET_AVXVNNI static inline __attribute__((always_inline)) void
+fc_i8_kernel_avxvnni(const int MB, const int NB, const int SIXTEEN, int r, int o, int nq, int pw,
+                     const uint8_t *qa, long lq, const int8_t *w, const int32_t *cs,
+                     const float *sw, const float *sa, int add, float *c, long ldc)
+{
+    const int V = SIXTEEN ? 2 * MB : MB;
+    const int KS = V * NB < 8 ? 2 : 1;
+    __m256i acc[2][4][4];
+    FC_UNROLL for (int k = 0; k < KS; k++)
+        FC_UNROLL for (int i = 0; i < V; i++)
+            FC_UNROLL for (int b = 0; b < NB; b++) acc[k][i][b] = _mm256_setzero_si256();
+    const int8_t *wq = w + o * 4;
+    const uint8_t *x0 = qa + (long)r * (SIXTEEN ? 2 : 1) * lq;
+    int q = 0;
+    for (; q + KS <= nq; q += KS) {
+        FC_UNROLL for (int k = 0; k < KS; k++, wq += pw * 4) {
+            __m256i wv[4];
+            FC_UNROLL for (int b = 0; b < NB; b++)
+                wv[b] = _mm256_loadu_si256((const __m256i *)(wq + b * 32));
+            FC_UNROLL for (int i = 0; i < V; i++) {
+                __m256i x = _mm256_set1_epi32(fc_i8_quad(x0 + (long)i * lq + 4 * (q + k)));
+                FC_UNROLL for (int b = 0; b < NB; b++) FC_DPBUSD256(acc[k][i][b], x, wv[b]);
+            }
+        }
+    }
+    for (; q < nq; q++, wq += pw * 4) {       /* KS = 2 and nq odd: the last quad */
+        __m256i wv[4];
+        FC_UNROLL for (int b = 0; b < NB; b++)
+            wv[b] = _mm256_loadu_si256((const __m256i *)(wq + b * 32));
+        FC_UNROLL for (int i = 0; i < V; i++) {
+            __m256i x = _mm256_set1_epi32(fc_i8_quad(x0 + (long)i * lq + 4 * q));
+            FC_UNROLL for (int b = 0; b < NB; b++) FC_DPBUSD256(acc[0][i][b], x, wv[b]);
+        }
+    }
+    if (KS == 2)
+        FC_UNROLL for (int i = 0; i < V; i++)
+            FC_UNROLL for (int b = 0; b < NB; b++)
+                acc[0][i][b] = _mm256_add_epi32(acc[0][i][b], acc[1][i][b]);
+    FC_UNROLL for (int b = 0; b < NB; b++) {
+        __m256i zc = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(cs + o + b * 8)), 7);
+        __m256 swv = _mm256_loadu_ps(sw + o + b * 8);
+        FC_UNROLL for (int i = 0; i < MB; i++) {
+            int hi = SIXTEEN ? 2 * i : i;
+            fc_i8_dequant8(SIXTEEN ? FC_I8_MHL : FC_I8_M8, acc[0][hi][b],
+                           acc[0][SIXTEEN ? hi + 1 : hi][b], zc, swv, sa[r + i], add,
+                           c + (long)(r + i) * ldc + o + b * 8);
+        }
+    }
+}
+
+#define FC_I8_KVNNI_NB(MB, SIXTEEN)                                                      \
+    for (int o = 0; o < pw; o += 32) {                                                   \
+        if (pw - o >= 32) fc_i8_kernel_avxvnni(MB, 4, SIXTEEN, r, o, nq, pw, qa, lq, w, cs, sw, sa, add, c, ldc); \
+        else fc_i8_kernel_avxvnni(MB, 2, SIXTEEN, r, o, nq, pw, qa, lq, w, cs, sw, sa, add, c, ldc); \
+    }
+
+FC_TARGET_AVXVNNI static void fc_i8_panel_avxvnni(int m, int pw, int nq, int bits,
+                                                  const uint8_t *qa, long lq, const int8_t *w,
+                                                  const int32_t *cs, const float *sw,
+                                                  const float *sa, int add, float *c, long ldc)
+{
+    int r = 0;
+    if (bits == 8) {
+        for (; r + 2 <= m; r += 2) FC_I8_KVNNI_NB(2, 0)
+        for (; r < m; r++) FC_I8_KVNNI_NB(1, 0)
+    } else {
+        for (; r < m; r++) FC_I8_KVNNI_NB(1, 1)
+    }
+}
+FC_I8_QUANTIZE(FC_TARGET_AVXVNNI, fc_i8_quantize_avxvnni, 8, 0)
+
+/* AVX2 without VNNI: weights widened to 16 bits (vpmovsxbw) and multiplied by vpmaddwd with
+ * activations as 16-bit words, exact whatever the weights, -128 included (vpmaddubsw's pairs
+ * would saturate: 2 x 255 x 128 > 32767; its sign trick wraps on -128 and costs the same
+ * vpmaddwd after it). A 16-byte load is 4 columns x 4 rows; widened and multiplied by a row's
+ * 4 words it gives 8 int32 lanes, two partial sums per column, added pairwise at the end.
+ * Activations (fc_i8_quantize_avx2, WORDS): the quantized q_i themselves as int16, a row of k4
+ * words, for 8-bit rows (t = (float)sum q_i w_i = (float)(acc - 128 cs), the same integer) and
+ * for 16-bit rows of a segment of k4 <= FC_I8_MW_ROWS: one product where VNNI makes two (hi,
+ * lo), and t = (float)sum q_i w_i has the bits of the other paths' 256 (float)(acc_hi - 128 cs)
+ * + (float)acc_lo, which is the same integer rounded once (256 x is exact, FMA or not), as long
+ * as acc_hi - 128 cs and acc_lo are exact in float, |.| <= 255 * 128 * k4 <= 2^24, and
+ * sum q_i w_i fits int32, 32767 * 128 * k4 < 2^31: both hold for k4 <= 512. Longer 16-bit
+ * segments keep the hi and lo rows as bytes (mode MHL: two rows widened on the fly).
+ * MB real rows (V virtual ones), NG groups of 4 columns (the columns [o, o + 4 NG)); the
+ * weights in registers for V > 2 (then MB = 6, NG = 2: 12 accumulators + 2 weight vectors),
+ * else the rows. */
+/* acc += v in place (asm for the reason of FC_DPBUSD512: GCC 12 copies and spills otherwise) */
+#define FC_ADD32_256(acc, v) __asm__("vpaddd %1, %0, %0" : "+x"(acc) : "x"(v))
+FC_TARGET_V3 static inline __attribute__((always_inline)) void
+fc_i8_kernel_avx2(const int MB, const int NG, const int MODE, int r, int o, int nq, int pw,
+                  const uint8_t *qa, long lq, const int8_t *w, const int32_t *cs,
+                  const float *sw, const float *sa, int add, float *c, long ldc)
+{
+    const int V = MODE == FC_I8_MHL ? 2 * MB : MB;
+    const int WHELD = V > 2;
+    __m256i acc[8][8];
+    FC_UNROLL for (int i = 0; i < V; i++)
+        FC_UNROLL for (int g = 0; g < NG; g++) acc[i][g] = _mm256_setzero_si256();
+    const int8_t *wq = w + o * 4;
+    /* virtual row i: bytes at x0 + i lq (M8: rows of lq bytes; MHL: hi, lo, hi, ...), or
+     * words at x0 + 2 i lq (MW: rows of lq words) */
+    const uint8_t *x0 = qa + (long)r * (MODE == FC_I8_M8 ? 1 : 2) * lq;
+    for (int q = 0; q < nq; q++, wq += pw * 4) {
+        __m256i x[8], wv[8];
+        FC_UNROLL for (int i = 0; i < V; i++) {
+            if (MODE == FC_I8_MW) {
+                int64_t v;
+                memcpy(&v, x0 + 2 * (long)i * lq + 8 * q, 8);
+                x[i] = _mm256_set1_epi64x(v);
+            } else {
+                float f;   /* a broadcast load (vbroadcastss), not a load, a move and a shuffle */
+                memcpy(&f, x0 + (long)i * lq + 4 * q, 4);
+                x[i] = _mm256_cvtepu8_epi16(_mm_castps_si128(_mm_set1_ps(f)));
+            }
+            if (WHELD) {   /* the weights in registers, a row at a time */
+                if (i == 0)
+                    FC_UNROLL for (int g = 0; g < NG; g++)
+                        wv[g] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wq + g * 16)));
+                FC_UNROLL for (int g = 0; g < NG; g++)
+                    FC_ADD32_256(acc[i][g], _mm256_madd_epi16(x[i], wv[g]));
+            }
+        }
+        if (!WHELD)        /* the rows in registers, a weight vector at a time */
+            FC_UNROLL for (int g = 0; g < NG; g++) {
+                __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wq + g * 16)));
+                FC_UNROLL for (int i = 0; i < V; i++)
+                    FC_ADD32_256(acc[i][g], _mm256_madd_epi16(x[i], w1));
+            }
+    }
+    /* lanes (column, half) -> per column: pairwise sums, then back in column order */
+    FC_UNROLL for (int i = 0; i < V; i++)
+        FC_UNROLL for (int h = 0; h < NG / 2; h++)
+            acc[i][h] = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[i][2 * h], acc[i][2 * h + 1]),
+                                                 0xD8);
+    FC_UNROLL for (int h = 0; h < NG / 2; h++) {
+        __m256i zc = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(cs + o + h * 8)), 7);
+        __m256 swv = _mm256_loadu_ps(sw + o + h * 8);
+        FC_UNROLL for (int i = 0; i < MB; i++) {
+            int hi = MODE == FC_I8_MHL ? 2 * i : i;
+            fc_i8_dequant8(MODE, acc[hi][h], acc[MODE == FC_I8_MHL ? hi + 1 : hi][h], zc, swv,
+                           sa[r + i], add, c + (long)(r + i) * ldc + o + h * 8);
+        }
+    }
+}
+
+/* One tile row: 4 NG columns at a time, NG = 2, 4 or 8 (then 16 columns at the end of a panel
+ * of 16 odd: pw is a multiple of 16). */
+#define FC_I8_KAVX2_NG(MB, NG, MODE)                                                     \
+    for (int o = 0; o < pw; o += 4 * NG) {                                               \
+        if (NG > 4 && pw - o < 4 * NG) {                                                 \
+            fc_i8_kernel_avx2(MB, 4, MODE, r, o, nq, pw, qa, lq, w, cs, sw, sa, add, c, ldc); \
+            break;                                                                       \
         }                                                                                \
-        for (int i = 0; i < MB; i++)                                                     \
-            for (int b = 0; b < NB; b++)                                                 \
-                _mm256_storeu_si256((__m256i *)(acc + (long)(r + i) * FC_I8_PW + (b0 + b) * 8), \
-                                    c[i][b]);                                            \
+        fc_i8_kernel_avx2(MB, NG, MODE, r, o, nq, pw, qa, lq, w, cs, sw, sa, add, c, ldc); \
     }
 
-#define FC_I8_DP256(c, x, w) _mm256_dpbusd_avx_epi32(c, x, w)
-FC_TARGET_AVXVNNI static void fc_i8_tile_avxvnni(int vrows, int pw, int nq, const uint8_t *qa,
-                                                 long lq, const int8_t *w, int32_t *acc)
+FC_TARGET_V3 static void fc_i8_panel_avx2(int m, int pw, int nq, int bits, const uint8_t *qa,
+                                          long lq, const int8_t *w, const int32_t *cs,
+                                          const float *sw, const float *sa, int add, float *c,
+                                          long ldc)
 {
-    int nv = pw / 8;
-    for (int b0 = 0; b0 < nv; b0 += 4) {
-        int nb = nv - b0 < 4 ? nv - b0 : 4, r = 0;
-        for (; r + 2 <= vrows; r += 2) {
-            if (nb == 4) FC_I8_TILE256(2, 4)
-            else FC_I8_TILE256(2, 2)
-        }
-        for (; r < vrows; r++) {
-            if (nb == 4) FC_I8_TILE256(1, 4)
-            else FC_I8_TILE256(1, 2)
-        }
+    int r = 0;
+    if (bits == 8 || lq <= FC_I8_MW_ROWS) {
+        for (; r + 6 <= m; r += 6) FC_I8_KAVX2_NG(6, 2, FC_I8_MW)
+        for (; r + 2 <= m; r += 2) FC_I8_KAVX2_NG(2, 4, FC_I8_MW)
+        for (; r < m; r++) FC_I8_KAVX2_NG(1, 8, FC_I8_MW)
+    } else {
+        for (; r < m; r++) FC_I8_KAVX2_NG(1, 4, FC_I8_MHL)
     }
 }
-#undef FC_I8_DP256
-FC_I8_DEQUANT(FC_TARGET_AVXVNNI, fc_i8_dequant_avxvnni)
-FC_I8_QUANTIZE(FC_TARGET_AVXVNNI, fc_i8_quantize_avxvnni, 8)
-
-/* AVX2 without VNNI: bytes widened to 16 bits and multiplied by vpmaddwd, whose pairs cannot
- * saturate (vpmaddubsw's would: 2 x 255 x 128 > 32767). A 16-byte load is 4 columns x 4 rows;
- * widened and multiplied it gives 8 int32 lanes, two partial sums per column, added pairwise at
- * the end (exact integers: the same sums as vpdpbusd). Tiles of 2 rows x 16 columns. */
-FC_TARGET_V3 static void fc_i8_tile_avx2(int vrows, int pw, int nq, const uint8_t *qa, long lq,
-                                         const int8_t *w, int32_t *acc)
-{
-    for (int o = 0; o < pw; o += 16) {
-        for (int r = 0; r < vrows; r += 2) {
-            int mr = vrows - r < 2 ? 1 : 2;
-            __m256i c[2][4];
-            for (int i = 0; i < 2; i++)
-                for (int b = 0; b < 4; b++) c[i][b] = _mm256_setzero_si256();
-            const int8_t *wq = w + o * 4;
-            for (int q = 0; q < nq; q++, wq += pw * 4) {
-                __m256i wv[4];
-                for (int b = 0; b < 4; b++)
-                    wv[b] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wq + b * 16)));
-                for (int i = 0; i < mr; i++) {
-                    __m128i x8 = _mm_set1_epi32(fc_i8_quad(qa + (r + i) * lq + 4 * q));
-                    __m256i x = _mm256_cvtepu8_epi16(x8);
-                    for (int b = 0; b < 4; b++)
-                        c[i][b] = _mm256_add_epi32(c[i][b], _mm256_madd_epi16(x, wv[b]));
-                }
-            }
-            for (int i = 0; i < mr; i++) {
-                /* lanes (j, half) -> per column: pairwise sums, then back in column order */
-                __m256i s0 = _mm256_permute4x64_epi64(_mm256_hadd_epi32(c[i][0], c[i][1]), 0xD8);
-                __m256i s1 = _mm256_permute4x64_epi64(_mm256_hadd_epi32(c[i][2], c[i][3]), 0xD8);
-                _mm256_storeu_si256((__m256i *)(acc + (long)(r + i) * FC_I8_PW + o), s0);
-                _mm256_storeu_si256((__m256i *)(acc + (long)(r + i) * FC_I8_PW + o + 8), s1);
-            }
-        }
-    }
-}
-FC_I8_DEQUANT(FC_TARGET_V3, fc_i8_dequant_avx2)
-FC_I8_QUANTIZE(FC_TARGET_V3, fc_i8_quantize_avx2, 8)
+FC_I8_QUANTIZE(FC_TARGET_V3, fc_i8_quantize_avx2, 8, 1)
 #endif
 
-typedef void (*fc_i8_tile_fn)(int, int, int, const uint8_t *, long, const int8_t *, int32_t *);
-typedef void (*fc_i8_dequant_fn)(int, int, int, const int32_t *, const int32_t *, const float *,
-                                 const float *, int, float *, long);
 typedef int (*fc_i8_quantize_fn)(int, int, int, int, const float *, long, uint8_t *, float *);
+typedef void (*fc_i8_panel_fn)(int, int, int, int, const uint8_t *, long, const int8_t *,
+                               const int32_t *, const float *, const float *, int, float *, long);
 
-/* Scratch bytes a product of m rows needs (fc_i8_matmul's `work`). */
+/* Scratch bytes a product of m rows needs (fc_i8_matmul's `work`): room for 2 bytes per
+ * activation (the AVX2 path's words; the other paths use k4 of them per 8-bit row). */
 static inline long fc_i8_work_bytes(const fc_i8_mat *w, long m)
 {
     long bytes = 0;
     for (int s = 0; s < w->nseg; s++)
-        bytes += (m * (long)sizeof(float) + 63) / 64 * 64 + m * (long)w->k4[s] * (w->bits[s] / 8);
+        bytes += (m * (long)sizeof(float) + 63) / 64 * 64 + m * (long)w->k4[s] * 2;   /* words */
     return bytes;
 }
 
@@ -466,16 +557,13 @@ static inline long fc_i8_work_bytes(const fc_i8_mat *w, long m)
 static void fc_i8_matmul(int m, int s0, int s1, const float *a, long lda, const fc_i8_mat *w,
                          int beta, float *c, long ldc, int backward, uint8_t *work)
 {
-    fc_i8_tile_fn tile = fc_i8_tile_base;
-    fc_i8_dequant_fn dequant = fc_i8_dequant_base;
     fc_i8_quantize_fn quantize = fc_i8_quantize_base;
-    int fused = 0;   /* AVX-512 VNNI: tiles and dequantizing in one pass */
+    fc_i8_panel_fn fused = NULL;   /* SIMD paths: tiles and dequantizing in one pass */
 #ifdef FC_DISPATCH
-    fused = fc_int8_path() == 3;
     switch (fc_int8_path()) {
-    case 3: tile = fc_i8_tile_vnni512; dequant = fc_i8_dequant_vnni512; quantize = fc_i8_quantize_vnni512; break;
-    case 2: tile = fc_i8_tile_avxvnni; dequant = fc_i8_dequant_avxvnni; quantize = fc_i8_quantize_avxvnni; break;
-    case 1: tile = fc_i8_tile_avx2; dequant = fc_i8_dequant_avx2; quantize = fc_i8_quantize_avx2; break;
+    case 3: fused = fc_i8_panel_vnni512; quantize = fc_i8_quantize_vnni512; break;
+    case 2: fused = fc_i8_panel_avxvnni; quantize = fc_i8_quantize_avxvnni; break;
+    case 1: fused = fc_i8_panel_avx2; quantize = fc_i8_quantize_avx2; break;
     }
 #endif
     int K4 = fc_i8_k4(w), n = w->n;
@@ -491,7 +579,7 @@ static void fc_i8_matmul(int m, int s0, int s1, const float *a, long lda, const 
             sa[s] = (float *)p;
             p += ((mb * sizeof(float)) + 63) / 64 * 64;
             q[s] = p;
-            p += mb * (long)w->k4[s] * (w->bits[s] / 8);
+            p += mb * (long)w->k4[s] * 2;
             col[s] = c0;
             bad[s] = quantize(mb, w->rows[s], w->k4[s], w->bits[s], a + (long)i0 * lda + c0,
                               lda, q[s], sa[s]);
@@ -504,18 +592,16 @@ static void fc_i8_matmul(int m, int s0, int s1, const float *a, long lda, const 
             for (int s = s0; s < s1; s++) {
                 int qoff = s == 0 ? 0 : w->k4[0] / 4;
                 const int8_t *wseg = panel + (long)qoff * pw * 4;
-#ifdef FC_DISPATCH
                 if (fused) {
-                    fc_i8_panel_vnni512(mb, pw, w->k4[s] / 4, w->bits[s], q[s], w->k4[s], wseg,
-                                        w->colsum[s] + o, w->scale[s] + o, sa[s], beta || s > s0,
-                                        c + (long)i0 * ldc + o, ldc);
+                    fused(mb, pw, w->k4[s] / 4, w->bits[s], q[s], w->k4[s], wseg,
+                          w->colsum[s] + o, w->scale[s] + o, sa[s], beta || s > s0,
+                          c + (long)i0 * ldc + o, ldc);
                     continue;
                 }
-#endif
                 /* 16 bits: the hi and lo rows of an input row are consecutive rows of q[s] */
-                tile(mb * (w->bits[s] / 8), pw, w->k4[s] / 4, q[s], w->k4[s], wseg, acc);
-                dequant(mb, pw, w->bits[s], acc, w->colsum[s] + o, w->scale[s] + o, sa[s],
-                        beta || s > s0, c + (long)i0 * ldc + o, ldc);
+                fc_i8_tile_base(mb * (w->bits[s] / 8), pw, w->k4[s] / 4, q[s], w->k4[s], wseg, acc);
+                fc_i8_dequant_base(mb, pw, w->bits[s], acc, w->colsum[s] + o, w->scale[s] + o,
+                                   sa[s], beta || s > s0, c + (long)i0 * ldc + o, ldc);
             }
         }
         for (int s = s0; s < s1; s++)
