@@ -54,6 +54,7 @@ cdef extern from "matmul.h" nogil:
     ctypedef struct fc_mat:
         int fmt
         int ks
+        int seg0, seg0p
         const void* wp
         fc_i8_mat i8
     void fc_pack_t_f(int k, int n, const float* wt, int ldw, float* wp, int ks, int j0)

@@ -155,19 +155,21 @@ cdef class Kernel:
         int8 activation bits), ...] stacked, into matrices mats[0] (columns [0, split)) and,
         when split < n, mats[1] (columns [split, n)), owned by the kernel in `slot` (0: W_ih over
         W_hh, 1: W_hr). Each part is its own packed matrix, so a product over either part finds
-        its own panels (matmul.h, matmul_int8.h)."""
+        its own panels (matmul.h, matmul_int8.h). bf16 packs each segment in row pairs, padded
+        to an even row count (matmul.h)."""
         fmt, wdtype, _ = FORMATS[self.weight_format]
         cdef int typenum = {np.float32: cnp.NPY_FLOAT, np.float64: cnp.NPY_DOUBLE,
                             np.uint16: cnp.NPY_USHORT, np.int8: cnp.NPY_BYTE}[wdtype]
         cdef Py_ssize_t itemsize = np.dtype(wdtype).itemsize, ks = 0, K4 = 0, j0, k4
         cdef list ptrs = [], rows = []
         cdef const char* wt
+        cdef Py_ssize_t pad = 2 if fmt == FC_FMT_BF16 else 1   # bf16: segments start on a pair
         for a, scale, bits in segments:
             k = a.shape[0]
             wt = buffer_of(a, "weights", typenum, (k, n), False)
             ptrs.append(<size_t>wt)
             rows.append(k)
-            ks += k
+            ks += -(-k // pad) * pad
             K4 += -(-k // 4) * 4
             if fmt == FC_FMT_I8 and k > FC_I8_MAX_ROWS:
                 raise ValueError(f"weights: int8 products take at most {FC_I8_MAX_ROWS} inputs per "
@@ -187,6 +189,8 @@ cdef class Kernel:
                 continue
             mats[part].fmt = fmt
             mats[part].ks = <int>ks
+            mats[part].seg0 = rows[0]
+            mats[part].seg0p = -(-rows[0] // pad) * pad
             j0 = 0
             for si in range(nseg):
                 wt = <const char*><size_t>ptrs[si]
@@ -203,7 +207,7 @@ cdef class Kernel:
                 else:
                     fc_i8_pack(<int>k, <int>(c1 - c0), <const int8_t*>wt + c0, <int>n,
                                <int8_t*>wp + K4 * c0, <int>K4, <int>j0)
-                j0 += -(-k // 4) * 4 if fmt == FC_FMT_I8 else k
+                j0 += -(-k // 4) * 4 if fmt == FC_FMT_I8 else -(-k // pad) * pad
             mats[part].wp = wp + (K4 if fmt == FC_FMT_I8 else ks) * c0 * itemsize
             if fmt == FC_FMT_I8:
                 self._int8_part(&mats[part], segments, rows, c0, c1, <const int8_t*>(wp + K4 * c0))

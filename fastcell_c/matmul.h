@@ -120,7 +120,7 @@
 #define FC_PANEL_BYTES 256
 
 /* A packing of weights of type WT for products in T: panels of FC_PANEL_BYTES / sizeof(T)
- * columns (64 floats; bf16 weights take the float panels' columns in half the bytes). */
+ * columns (64 floats). bf16 weights have their own packing, in row pairs (below). */
 #define FC_DEFINE_PACK(NAME, T, WT)                                                  \
     static void NAME(int k, int n, const WT *wt, int ldw, WT *wp, int ks, int j0)    \
     {                                                                                \
@@ -189,63 +189,247 @@
         }                                                                            \
     }
 
-/* Weight loads. Float and double: the vector as stored. bf16: the 16-bit patterns widened to
- * the high halves of float lanes (a bf16 is a float's top 16 bits), in two instructions, so the
- * products and their order are those of float weights holding the bf16 values. */
+/* Weight loads: the vector as stored. */
 #define FC_LD(V, p) (*(const V *)(p))
 #include <immintrin.h>
-#define FC_LD_BF4(V, p) ((V)_mm_unpacklo_epi16(_mm_setzero_si128(), _mm_loadl_epi64((const __m128i *)(p))))
 
 /* aligned(sizeof(T)): the loads and stores may be unaligned. */
 typedef float fc_vf4 __attribute__((vector_size(16), aligned(4)));
 typedef double fc_vd2 __attribute__((vector_size(16), aligned(8)));
 FC_DEFINE_GEMV(fc_gemv_t_f_base, float, float, FC_LD, fc_vf4, 4, )
 FC_DEFINE_GEMV(fc_gemv_t_d_base, double, double, FC_LD, fc_vd2, 2, )
-FC_DEFINE_GEMV(fc_gemv_t_h_base, float, unsigned short, FC_LD_BF4, fc_vf4, 4, )
 FC_DEFINE_GEMM(fc_gemm_t_f_base, float, float, FC_LD, fc_vf4, 4, 2, )
 FC_DEFINE_GEMM(fc_gemm_t_d_base, double, double, FC_LD, fc_vd2, 2, 2, )
-FC_DEFINE_GEMM(fc_gemm_t_h_base, float, unsigned short, FC_LD_BF4, fc_vf4, 4, 2, )
 FC_DEFINE_PACK(fc_pack_t_f, float, float)
 FC_DEFINE_PACK(fc_pack_t_d, double, double)
-FC_DEFINE_PACK(fc_pack_t_h, float, unsigned short)
 FC_DEFINE_GEMV_P(fc_gemv_p_f_base, fc_gemv_t_f_base, float, float, FC_LD, fc_vf4, 4, )
 FC_DEFINE_GEMV_P(fc_gemv_p_d_base, fc_gemv_t_d_base, double, double, FC_LD, fc_vd2, 2, )
-FC_DEFINE_GEMV_P(fc_gemv_p_h_base, fc_gemv_t_h_base, float, unsigned short, FC_LD_BF4, fc_vf4, 4, )
 FC_DEFINE_GEMM_P(fc_gemm_p_f_base, fc_gemm_t_f_base, float, float, )
 FC_DEFINE_GEMM_P(fc_gemm_p_d_base, fc_gemm_t_d_base, double, double, )
-FC_DEFINE_GEMM_P(fc_gemm_p_h_base, fc_gemm_t_h_base, float, unsigned short, )
 
 #ifdef FC_DISPATCH
 typedef float fc_vf8 __attribute__((vector_size(32), aligned(4)));
 typedef float fc_vf16 __attribute__((vector_size(64), aligned(4)));
 typedef double fc_vd4 __attribute__((vector_size(32), aligned(8)));
 typedef double fc_vd8 __attribute__((vector_size(64), aligned(8)));
-#define FC_LD_BF8(V, p) ((V)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
-#define FC_LD_BF16(V, p) ((V)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
 FC_DEFINE_GEMV(fc_gemv_t_f_v3, float, float, FC_LD, fc_vf8, 8, FC_TARGET_V3)
 FC_DEFINE_GEMV(fc_gemv_t_f_v4, float, float, FC_LD, fc_vf16, 16, FC_TARGET_V4)
 FC_DEFINE_GEMV(fc_gemv_t_d_v3, double, double, FC_LD, fc_vd4, 4, FC_TARGET_V3)
 FC_DEFINE_GEMV(fc_gemv_t_d_v4, double, double, FC_LD, fc_vd8, 8, FC_TARGET_V4)
-FC_DEFINE_GEMV(fc_gemv_t_h_v3, float, unsigned short, FC_LD_BF8, fc_vf8, 8, FC_TARGET_V3)
-FC_DEFINE_GEMV(fc_gemv_t_h_v4, float, unsigned short, FC_LD_BF16, fc_vf16, 16, FC_TARGET_V4)
 FC_DEFINE_GEMM(fc_gemm_t_f_v3, float, float, FC_LD, fc_vf8, 8, 2, FC_TARGET_V3)
 FC_DEFINE_GEMM(fc_gemm_t_f_v4, float, float, FC_LD, fc_vf16, 16, 4, FC_TARGET_V4)
 FC_DEFINE_GEMM(fc_gemm_t_d_v3, double, double, FC_LD, fc_vd4, 4, 2, FC_TARGET_V3)
 FC_DEFINE_GEMM(fc_gemm_t_d_v4, double, double, FC_LD, fc_vd8, 8, 4, FC_TARGET_V4)
-FC_DEFINE_GEMM(fc_gemm_t_h_v3, float, unsigned short, FC_LD_BF8, fc_vf8, 8, 2, FC_TARGET_V3)
-FC_DEFINE_GEMM(fc_gemm_t_h_v4, float, unsigned short, FC_LD_BF16, fc_vf16, 16, 4, FC_TARGET_V4)
 FC_DEFINE_GEMV_P(fc_gemv_p_f_v3, fc_gemv_t_f_v3, float, float, FC_LD, fc_vf8, 8, FC_TARGET_V3)
 FC_DEFINE_GEMV_P(fc_gemv_p_f_v4, fc_gemv_t_f_v4, float, float, FC_LD, fc_vf16, 16, FC_TARGET_V4)
 FC_DEFINE_GEMV_P(fc_gemv_p_d_v3, fc_gemv_t_d_v3, double, double, FC_LD, fc_vd4, 4, FC_TARGET_V3)
 FC_DEFINE_GEMV_P(fc_gemv_p_d_v4, fc_gemv_t_d_v4, double, double, FC_LD, fc_vd8, 8, FC_TARGET_V4)
-FC_DEFINE_GEMV_P(fc_gemv_p_h_v3, fc_gemv_t_h_v3, float, unsigned short, FC_LD_BF8, fc_vf8, 8, FC_TARGET_V3)
-FC_DEFINE_GEMV_P(fc_gemv_p_h_v4, fc_gemv_t_h_v4, float, unsigned short, FC_LD_BF16, fc_vf16, 16, FC_TARGET_V4)
 FC_DEFINE_GEMM_P(fc_gemm_p_f_v3, fc_gemm_t_f_v3, float, float, FC_TARGET_V3)
 FC_DEFINE_GEMM_P(fc_gemm_p_f_v4, fc_gemm_t_f_v4, float, float, FC_TARGET_V4)
 FC_DEFINE_GEMM_P(fc_gemm_p_d_v3, fc_gemm_t_d_v3, double, double, FC_TARGET_V3)
 FC_DEFINE_GEMM_P(fc_gemm_p_d_v4, fc_gemm_t_d_v4, double, double, FC_TARGET_V4)
-FC_DEFINE_GEMM_P(fc_gemm_p_h_v3, fc_gemm_t_h_v3, float, unsigned short, FC_TARGET_V3)
-FC_DEFINE_GEMM_P(fc_gemm_p_h_v4, fc_gemm_t_h_v4, float, unsigned short, FC_TARGET_V4)
+#endif
+
+/* ---- bf16 weights, packed in row pairs ----
+ * Widened one row at a time (vpmovzxwd, a shuffle, per vector of weights), bf16 weights ran no
+ * faster than float32: the shuffle, not the bytes, bounded the product. So a bf16 panel holds its
+ * rows in pairs: the 32-bit lane of column c holds row 2p's weight in its low half and row 2p+1's
+ * in its high half. One load gives a vector of columns for two rows, and (v << 16), (v & 0xFFFF0000)
+ * are those rows as floats (a bf16 is a float's top 16 bits): two plain ALU operations, no
+ * shuffle. Each output still adds its rows in order j = 0..k-1, one FMA (v3, v4) or multiply and
+ * add (baseline) each, so the bits are those of float32 weights holding the bf16 values.
+ * Panel o (columns [o, o + pw), as for float) starts at wp + o * ks in 16-bit units, ks the
+ * packed rows; pair p of it at p * pw in 32-bit units. Each segment (W_ih's rows, W_hh's) starts
+ * on a pair: one with an odd row count ends on a pair whose high half is a zero row. The products
+ * take such a last row alone: a padding weight must never meet a value past the end of the
+ * segment's inputs (0 * NaN is NaN, and even an added +0 turns a -0 sum into +0). */
+
+/* The rows of a product, as up to two runs (a segment each): inputs a[xo, xo + k) against the
+ * packed rows from pair p on. */
+typedef struct { int n, xo[2], p[2], k[2]; } fc_runs;
+
+/* Rows [0, k) of wt (k x n, bf16 patterns) as packed rows [j0, j0 + k) of a pair packing of ks
+ * rows (j0, ks even); the rows padding a segment are left as they are (zero: the caller clears). */
+static void fc_pack_t_h(int k, int n, const unsigned short *wt, int ldw, unsigned short *wp,
+                        int ks, int j0)
+{
+    const int PW = FC_PANEL_BYTES / (int)sizeof(float);
+    for (int o = 0; o < n; o += PW) {
+        int pw = n - o < PW ? n - o : PW;
+        for (int j = 0; j < k; j++) {
+            unsigned short *d = wp + (long)o * ks + (long)((j0 + j) >> 1) * 2 * pw + ((j0 + j) & 1);
+            const unsigned short *s = wt + (long)j * ldw + o;
+            for (int c = 0; c < pw; c++) d[2 * c] = s[c];
+        }
+    }
+}
+
+#define FC_LO(V, v) ((V)((v) << 16))           /* row 2p of a pair, as floats */
+#define FC_HI(V, v) ((V)((v) & 0xFFFF0000u))   /* row 2p + 1 */
+
+/* A pair of rows, loaded once: else GCC folds the load into both the shift and the AND, and the
+ * loads (two per vector of weights) bound the product along with the FMAs. */
+#define FC_LD_PAIR(U, p) ({ U v_ = FC_LD(U, p); __asm__("" : "+v"(v_)); v_; })
+
+/* acc[0:NB] += x's runs R times the pair rows from w0 on (ldp 32-bit lanes apart); block b's
+ * weights at (ADDR), an expression in b, w and w2 = w + NEXT (a second panel, if any). */
+#define FC_RUNS_H(V, U, NB, w0, ldp, NEXT, ADDR)                                     \
+    for (int r = 0; r < R->n; r++) {                                                 \
+        const float *xr = x + R->xo[r];                                              \
+        const unsigned *w = (w0) + (long)R->p[r] * (ldp), *w2 = w + (NEXT);          \
+        int kr = R->k[r], j = 0;                                                     \
+        for (; j + 2 <= kr; j += 2, w += (ldp), w2 += (ldp)) {                       \
+            float s0 = xr[j], s1 = xr[j + 1];                                        \
+            _Pragma("GCC unroll 8")                                                  \
+            for (int b = 0; b < NB; b++) {                                           \
+                U v = FC_LD_PAIR(U, ADDR);                                           \
+                acc[b] += s0 * FC_LO(V, v);                                          \
+                acc[b] += s1 * FC_HI(V, v);                                          \
+            }                                                                        \
+        }                                                                            \
+        if (j < kr)                                                                  \
+            for (int b = 0; b < NB; b++) acc[b] += xr[j] * FC_LO(V, FC_LD(U, ADDR)); \
+    }
+
+/* FC_PANEL over pairs: NB accumulators of W lanes over outputs [o, o + NB*W) of one panel. */
+#define FC_PANEL_H(V, U, W, NB)                                                      \
+    for (; o + NB * W <= n; o += NB * W) {                                           \
+        V acc[NB];                                                                   \
+        V *out = (V *)(y + o);                                                       \
+        for (int b = 0; b < NB; b++) acc[b] = beta ? out[b] : (V){0};                \
+        FC_RUNS_H(V, U, NB, wt + o, ldp, 0, w + b * W)                               \
+        for (int b = 0; b < NB; b++) out[b] = acc[b];                                \
+    }
+
+/* FC_TILE over pairs, on inputs [j0, j1) of one run (a, wt at its start; j0 even): each pair's
+ * NB loads serve MB rows with 2 * NB weight vectors. acc starts from c when `ld`. */
+#define FC_TILE_H(V, U, W, MB, NB)                                                   \
+    {                                                                                \
+        V acc[MB][NB], lo[NB], hi[NB];                                               \
+        for (int r = 0; r < MB; r++) {                                               \
+            V *out = (V *)(c + (long)(i + r) * ldc + o);                             \
+            for (int b = 0; b < NB; b++) acc[r][b] = ld ? out[b] : (V){0};           \
+        }                                                                            \
+        const unsigned *w = wt + (long)(j0 / 2) * ldp + o;                           \
+        const float *ai = a + (long)i * lda;                                         \
+        int j = j0;                                                                  \
+        for (; j + 2 <= j1; j += 2, w += ldp) {                                      \
+            for (int b = 0; b < NB; b++) {                                           \
+                U v = FC_LD(U, w + b * W);                                           \
+                lo[b] = FC_LO(V, v);                                                 \
+                hi[b] = FC_HI(V, v);                                                 \
+            }                                                                        \
+            for (int r = 0; r < MB; r++) {                                           \
+                float s0 = ai[(long)r * lda + j], s1 = ai[(long)r * lda + j + 1];    \
+                for (int b = 0; b < NB; b++) acc[r][b] += s0 * lo[b];                \
+                for (int b = 0; b < NB; b++) acc[r][b] += s1 * hi[b];                \
+            }                                                                        \
+        }                                                                            \
+        if (j < j1) {                                                                \
+            for (int b = 0; b < NB; b++) lo[b] = FC_LO(V, FC_LD(U, w + b * W));      \
+            for (int r = 0; r < MB; r++)                                             \
+                for (int b = 0; b < NB; b++) acc[r][b] += ai[(long)r * lda + j] * lo[b]; \
+        }                                                                            \
+        for (int r = 0; r < MB; r++) {                                               \
+            V *out = (V *)(c + (long)(i + r) * ldc + o);                             \
+            for (int b = 0; b < NB; b++) out[b] = acc[r][b];                         \
+        }                                                                            \
+    }
+
+/* FC_PANEL_ROWS over the runs: chunks of FC_KC (even) inputs of each run in turn; every chunk
+ * but the product's first adds to c, so the order of the additions is the rows' order. */
+#define FC_PANEL_ROWS_H(V, U, W, NB)                                                 \
+    for (int q = 0; q < R->n; q++) {                                                 \
+        const float *a = a0 + R->xo[q];                                              \
+        const unsigned *wt = wt0 + (long)R->p[q] * ldp;                              \
+        for (int j0 = 0; j0 < R->k[q]; j0 += FC_KC) {                                \
+            int j1 = j0 + FC_KC < R->k[q] ? j0 + FC_KC : R->k[q], ld = beta || q || j0, i; \
+            for (i = 0; i + 4 <= m; i += 4) FC_TILE_H(V, U, W, 4, NB)                \
+            for (; i < m; i++) FC_TILE_H(V, U, W, 1, NB)                             \
+        }                                                                            \
+    }
+
+/* The products over one panel (wt: its pair 0, ldp = its width). */
+#define FC_DEFINE_GEMM_H(NAME, V, U, W, NB, ATTR)                                    \
+    ATTR static void NAME(int m, int n, const fc_runs *R, const float *a0, int lda,  \
+                          const unsigned *wt0, int ldp, int beta, float *c, int ldc) \
+    {                                                                                \
+        int o = 0;                                                                   \
+        for (; o + NB * W <= n; o += NB * W) FC_PANEL_ROWS_H(V, U, W, NB)            \
+        for (; o + W <= n; o += W) FC_PANEL_ROWS_H(V, U, W, 1)                       \
+    }
+
+#define FC_DEFINE_GEMV_H(NAME, V, U, W, ATTR)                                        \
+    ATTR static void NAME(const fc_runs *R, int n, const float *x, const unsigned *wt, int ldp, \
+                          int beta, float *y)                                        \
+    {                                                                                \
+        int o = 0;                                                                   \
+        FC_PANEL_H(V, U, W, 8)                                                       \
+        FC_PANEL_H(V, U, W, 4)                                                       \
+        FC_PANEL_H(V, U, W, 2)                                                       \
+        FC_PANEL_H(V, U, W, 1)                                                       \
+    }
+
+/* FC_DEFINE_GEMV_P and FC_DEFINE_GEMM_P over a pair packing of ks rows: the same panel orders
+ * and blocks, but on AVX-512 always two panels at once: a pair chains two FMAs on each
+ * accumulator, so one panel's 4 cannot keep the FMA unit busy, which costs more than the L1
+ * reuse of one panel gains (H = 128 step, H = 256 sequence: 7-20% faster). */
+#define FC_DEFINE_GEMV_P_H(NAME, GEMV, V, U, W, ATTR)                                \
+    ATTR static void NAME(const fc_runs *R, int n, const float *x, const unsigned short *wp, \
+                          int ks, int beta, float *y, int backward)                  \
+    {                                                                                \
+        const int PW = FC_PANEL_BYTES / (int)sizeof(float);                          \
+        int g = PW == 4 * W ? 2 : 1;                                                 \
+        int np = (n + PW - 1) / PW, ng = (np + g - 1) / g;                           \
+        for (int i = 0; i < ng; i++) {                                               \
+            int p = (backward ? ng - 1 - i : i) * g, o = p * PW;                     \
+            if (g == 2 && n - o >= 2 * PW) {                                         \
+                V acc[8];                                                            \
+                V *out = (V *)(y + o);                                               \
+                for (int b = 0; b < 8; b++) acc[b] = beta ? out[b] : (V){0};         \
+                const unsigned *w0 = (const unsigned *)(wp + (long)o * ks);          \
+                FC_RUNS_H(V, U, 8, w0, PW, (long)PW * ks / 2, (b < 4 ? w : w2) + (b & 3) * W) \
+                for (int b = 0; b < 8; b++) out[b] = acc[b];                         \
+                continue;                                                            \
+            }                                                                        \
+            for (int q = p; q < p + g && q < np; q++) {                              \
+                int oq = q * PW, pw = n - oq < PW ? n - oq : PW;                     \
+                GEMV(R, pw, x, (const unsigned *)(wp + (long)oq * ks), pw, beta, y + oq); \
+            }                                                                        \
+        }                                                                            \
+    }
+
+#define FC_DEFINE_GEMM_P_H(NAME, GEMM, ATTR)                                         \
+    ATTR static void NAME(int m, int n, const fc_runs *R, const float *a, int lda,   \
+                          const unsigned short *wp, int ks, int beta, float *c, int ldc) \
+    {                                                                                \
+        const int PW = FC_PANEL_BYTES / (int)sizeof(float);                          \
+        for (int i0 = 0; i0 < m; i0 += FC_MC) {                                      \
+            int mb = m - i0 < FC_MC ? m - i0 : FC_MC;                                \
+            for (int o = 0; o < n; o += PW) {                                        \
+                int pw = n - o < PW ? n - o : PW;                                    \
+                GEMM(mb, pw, R, a + (long)i0 * lda, lda, (const unsigned *)(wp + (long)o * ks), \
+                     pw, beta, c + (long)i0 * ldc + o, ldc);                         \
+            }                                                                        \
+        }                                                                            \
+    }
+
+typedef unsigned fc_vu4 __attribute__((vector_size(16), aligned(4)));
+FC_DEFINE_GEMV_H(fc_gemv_t_h_base, fc_vf4, fc_vu4, 4, )
+FC_DEFINE_GEMM_H(fc_gemm_t_h_base, fc_vf4, fc_vu4, 4, 2, )
+FC_DEFINE_GEMV_P_H(fc_gemv_p_h_base, fc_gemv_t_h_base, fc_vf4, fc_vu4, 4, )
+FC_DEFINE_GEMM_P_H(fc_gemm_p_h_base, fc_gemm_t_h_base, )
+#ifdef FC_DISPATCH
+typedef unsigned fc_vu8 __attribute__((vector_size(32), aligned(4)));
+typedef unsigned fc_vu16 __attribute__((vector_size(64), aligned(4)));
+FC_DEFINE_GEMV_H(fc_gemv_t_h_v3, fc_vf8, fc_vu8, 8, FC_TARGET_V3)
+FC_DEFINE_GEMV_H(fc_gemv_t_h_v4, fc_vf16, fc_vu16, 16, FC_TARGET_V4)
+FC_DEFINE_GEMM_H(fc_gemm_t_h_v3, fc_vf8, fc_vu8, 8, 2, FC_TARGET_V3)
+FC_DEFINE_GEMM_H(fc_gemm_t_h_v4, fc_vf16, fc_vu16, 16, 4, FC_TARGET_V4)
+FC_DEFINE_GEMV_P_H(fc_gemv_p_h_v3, fc_gemv_t_h_v3, fc_vf8, fc_vu8, 8, FC_TARGET_V3)
+FC_DEFINE_GEMV_P_H(fc_gemv_p_h_v4, fc_gemv_t_h_v4, fc_vf16, fc_vu16, 16, FC_TARGET_V4)
+FC_DEFINE_GEMM_P_H(fc_gemm_p_h_v3, fc_gemm_t_h_v3, FC_TARGET_V3)
+FC_DEFINE_GEMM_P_H(fc_gemm_p_h_v4, fc_gemm_t_h_v4, FC_TARGET_V4)
 #endif
 
 /* ---- One packed matrix in any weight format, and the products over it ----
@@ -257,10 +441,28 @@ enum { FC_FMT_F32 = 0, FC_FMT_F64 = 1, FC_FMT_BF16 = 2, FC_FMT_I8 = 3 };
 
 typedef struct {
     int fmt;
-    int ks;             /* float formats: rows of the packing */
+    int ks;             /* float formats: rows of the packing (bf16: padded, even) */
+    int seg0, seg0p;    /* bf16: the first segment's rows, and its packed (padded) rows */
     const void *wp;     /* float formats: the panels */
     fc_i8_mat i8;       /* int8: the panels, scales and column sums */
 } fc_mat;
+
+/* Rows [j0, j0 + k) of a bf16 pair packing as runs: j0 is 0 or the second segment's first row
+ * (rows count unpadded, as in a); a product from 0 past the first segment spans both. */
+static inline fc_runs fc_bf16_runs(const fc_mat *w, int j0, int k)
+{
+    fc_runs R = {0};
+    if (j0 < w->seg0) {
+        int k0 = k < w->seg0 - j0 ? k : w->seg0 - j0;
+        R.xo[0] = 0, R.p[0] = j0 / 2, R.k[0] = k0, R.n = 1;
+        j0 += k0, k -= k0;
+    }
+    if (k > 0) {
+        R.xo[R.n] = R.n ? R.k[0] : 0, R.p[R.n] = (j0 - w->seg0 + w->seg0p) / 2, R.k[R.n] = k;
+        R.n++;
+    }
+    return R;
+}
 
 /* c[0:m, 0:n] (+)= a[0:m, 0:k] @ W[j0:j0 + k, 0:n] over a float32-computing matrix (float32,
  * bf16 or int8 weights). For int8, rows [j0, j0 + k) are whole segments. work: int8's scratch. */
@@ -274,8 +476,9 @@ static inline void fc_matmul_f(int m, int n, int k, const float *a, int lda, con
         fc_i8_matmul(m, s0, s1, a, lda, &w->i8, beta, c, ldc, backward, (uint8_t *)work);
     } else if (w->fmt == FC_FMT_BF16) {
         const unsigned short *wp = (const unsigned short *)w->wp;
-        if (m == 1) FC_CALL_BEST(fc_gemv_p_h, (k, n, a, wp, w->ks, j0, beta, c, backward));
-        else FC_CALL_BEST(fc_gemm_p_h, (m, n, k, a, lda, wp, w->ks, j0, beta, c, ldc));
+        fc_runs R = fc_bf16_runs(w, j0, k);
+        if (m == 1) FC_CALL_BEST(fc_gemv_p_h, (&R, n, a, wp, w->ks, beta, c, backward));
+        else FC_CALL_BEST(fc_gemm_p_h, (m, n, &R, a, lda, wp, w->ks, beta, c, ldc));
     } else {
         const float *wp = (const float *)w->wp;
         if (m == 1) FC_CALL_BEST(fc_gemv_p_f, (k, n, a, wp, w->ks, j0, beta, c, backward));
