@@ -23,6 +23,8 @@ _LAZY = {
     "from_torch": "fastcell.bridge",
     "from_state_dict": "fastcell.bridge",
     "quantize": "fastcell.quantization",
+    "from_onnx": "fastcell.onnx_import",   # reading .onnx files needs the onnx package (an extra)
+    "onnx_nodes": "fastcell.onnx_import",
 }
 
 __all__ = [

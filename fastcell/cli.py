@@ -1,14 +1,16 @@
 """The ``fastcell`` command: info, run, export, quantize, demo.
 
-    fastcell info MODEL
+    fastcell info MODEL                  (a fastcell file, or an .onnx model: its recurrent nodes)
     fastcell run MODEL --input x.npy [--output y.npy] [--lengths l.npy] [--state-output s.npz]
     fastcell export SRC DEST [--nonlinearity tanh|relu] [--reset-after | --reset-before]
                              [--batch-first] [--prefix NAME.] [--weights int8|bf16]
+    fastcell export MODEL.onnx DEST [--node NAME] [--weights int8|bf16]
     fastcell quantize IN OUT --weights int8|bf16
     fastcell demo
 
-Errors print one line to stderr and exit with status 2. Only ``export`` imports torch, and it
-reads its checkpoint with ``torch.load(..., weights_only=True)``: nothing else is unpickled.
+Errors print one line to stderr and exit with status 2. Only ``export`` of a PyTorch checkpoint
+imports torch, and it reads the checkpoint with ``torch.load(..., weights_only=True)``: nothing
+else is unpickled. A file named ``*.onnx`` is read with the onnx package (fastcell.onnx_import).
 """
 
 import argparse
@@ -67,12 +69,15 @@ def _parser():
         description="Fast, exact CPU inference for recurrent networks trained in PyTorch.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    info = sub.add_parser("info", help="describe a fastcell weight file",
+    info = sub.add_parser("info", help="describe a fastcell weight file or an ONNX model",
                           description="Print a fastcell model's cell type, sizes, layers, "
                                       "directions, parameter count, dtype, weight format (float32, "
                                       "float64, int8, bf16), file size, and the bytes of its "
-                                      "weights in the file and in memory once loaded.")
-    info.add_argument("model", metavar="MODEL", help="a fastcell weight file (.safetensors)")
+                                      "weights in the file and in memory once loaded. For an "
+                                      ".onnx model, list its RNN, GRU and LSTM nodes (needs the "
+                                      "onnx package).")
+    info.add_argument("model", metavar="MODEL",
+                      help="a fastcell weight file (.safetensors) or an ONNX model (.onnx)")
     info.set_defaults(func=_info)
 
     run = sub.add_parser("run", help="run a model on a NumPy array",
@@ -90,12 +95,15 @@ def _parser():
                      help="draw a progress bar on stderr (default: on a terminal, for long runs)")
     run.set_defaults(func=_run)
 
-    exp = sub.add_parser("export", help="convert a PyTorch checkpoint to a fastcell file",
+    exp = sub.add_parser("export", help="convert a PyTorch checkpoint or an ONNX node to a fastcell file",
                          description="Read a PyTorch state_dict saved with torch.save (with "
-                                     "torch.load(weights_only=True): no code in it can run) and "
-                                     "write a fastcell weight file, its weight matrices in int8 "
-                                     "or bf16 with --weights. Needs PyTorch.")
-    exp.add_argument("src", metavar="SRC", help="a PyTorch checkpoint holding a state_dict")
+                                     "torch.load(weights_only=True): no code in it can run; needs "
+                                     "PyTorch), or one RNN, GRU or LSTM node of an ONNX model "
+                                     "(SRC named *.onnx; needs the onnx package), and write a "
+                                     "fastcell weight file, its weight matrices in int8 or bf16 "
+                                     "with --weights.")
+    exp.add_argument("src", metavar="SRC",
+                     help="a PyTorch checkpoint holding a state_dict, or an ONNX model (.onnx)")
     exp.add_argument("dest", metavar="DEST", help="the fastcell file to write (.safetensors)")
     exp.add_argument("--nonlinearity", choices=("tanh", "relu"),
                      help="a vanilla RNN's nonlinearity (names cannot tell; default tanh)")
@@ -109,6 +117,9 @@ def _parser():
     exp.add_argument("--prefix", metavar="NAME.",
                      help="take only the entries under this prefix (e.g. 'rnn.' for a model "
                           "whose recurrent layer is self.rnn), and strip it")
+    exp.add_argument("--node", metavar="NAME",
+                     help="ONNX only: the recurrent node to convert, by name (or by its index in "
+                          "`fastcell info MODEL.onnx`); needed when the model has several")
     _weights_option(exp, required=False)
     exp.set_defaults(func=_export)
 
@@ -138,7 +149,44 @@ def _weights_option(parser, required):
 
 # ---- info ----
 
+def _is_onnx(path):
+    return str(path).lower().endswith(".onnx")
+
+
+def _onnx_import():
+    import importlib
+
+    try:
+        importlib.import_module("onnx")
+    except ImportError:
+        raise CliError("reading .onnx files needs the onnx package: pip install 'fastcell[onnx]'") from None
+    from fastcell import onnx_import
+
+    return onnx_import
+
+
+def _info_onnx(args):
+    nodes = _onnx_import().onnx_nodes(args.model)
+    size = os.path.getsize(args.model)
+    print(f"file   {args.model} ({_bytes(size)}), an ONNX model")
+    if not nodes:
+        print("nodes  no RNN, GRU or LSTM node")
+        return 0
+    print(f"nodes  {len(nodes)} recurrent node{'s' if len(nodes) > 1 else ''} "
+          "(convert one with `fastcell export MODEL.onnx OUT.safetensors --node NAME`)")
+    rows = [("#", "op", "name", "graph", "direction", "input_size", "hidden_size", "layout")]
+    rows += [(str(n.index), n.op_type, n.name or "(unnamed)", n.graph, n.direction,
+              "?" if n.input_size is None else str(n.input_size),
+              "?" if n.hidden_size is None else str(n.hidden_size), str(n.layout)) for n in nodes]
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    for r in rows:
+        print("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    return 0
+
+
 def _info(args):
+    if _is_onnx(args.model):
+        return _info_onnx(args)
     model = load(args.model)
     cfg = model.config()
     stored = model._stored_state_dict()
@@ -152,7 +200,8 @@ def _info(args):
         if cfg["cell"] == "lstm":
             rows.append(("proj_size", cfg["proj_size"] or "0 (none)"))
         rows += [("num_layers", cfg["num_layers"]),
-                 ("directions", "2 (bidirectional)" if cfg["bidirectional"] else "1"),
+                 ("directions", "2 (bidirectional)" if cfg["bidirectional"] else
+                  "1 (reverse: runs backwards in time)" if cfg.get("reverse") else "1"),
                  ("batch_first", cfg["batch_first"])]
     if "nonlinearity" in cfg:
         rows.append(("nonlinearity", cfg["nonlinearity"]))
@@ -208,6 +257,9 @@ def _load_npy(path, option):
 
 
 def _run(args):
+    if _is_onnx(args.model):
+        raise CliError(f"{args.model} is an ONNX model; convert it first: fastcell export "
+                       f"{args.model} OUT.safetensors [--node NAME]")
     model = load(args.model)
     x = _load_npy(args.input, "--input")
     lengths = None if args.lengths is None else _load_npy(args.lengths, "--lengths")
@@ -225,7 +277,7 @@ def _run(args):
     # Chunks carry the state across their boundary: exact for a one-directional model on full
     # sequences. A backward direction or per-sequence lengths need the whole sequence in one call.
     # An input of the wrong shape goes in whole, so the model's error names its real shape.
-    chunkable = (not (is_layer and (cfg["bidirectional"] or lengths is not None))
+    chunkable = (not (is_layer and (cfg["bidirectional"] or cfg.get("reverse") or lengths is not None))
                  and x.ndim in (2, 3) and x.shape[-1] == cfg["input_size"])
 
     start = time.perf_counter()
@@ -307,7 +359,12 @@ _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 
 
 def _export(args):
-    model = _model_from_checkpoint(args)
+    if _is_onnx(args.src):
+        model = _model_from_onnx(args)
+    elif args.node is not None:
+        raise CliError(f"--node: only for ONNX models (SRC named *.onnx), got {args.src}")
+    else:
+        model = _model_from_checkpoint(args)
     if args.weights:
         model = _reduce(model, args.weights)
     save(model, args.dest)
@@ -321,6 +378,22 @@ def _reduce(model, weights):
     from fastcell.quantization import quantize
 
     return quantize(model, weights)
+
+
+def _model_from_onnx(args):
+    """The fastcell layer of one recurrent node of the ONNX model args.src."""
+    given = [opt for opt, v in (("--nonlinearity", args.nonlinearity), ("--reset-after/--reset-before",
+             args.reset_after), ("--batch-first", args.batch_first), ("--prefix", args.prefix))
+             if v is not None]
+    if given:
+        raise CliError(f"{given[0]}: only for PyTorch checkpoints; an ONNX node's attributes say "
+                       "this (activations, linear_before_reset, layout)")
+    onnx_import = _onnx_import()
+    node = args.node
+    if node is not None and node.isdigit():  # an index, unless a node has that name
+        if node not in [n.name for n in onnx_import.onnx_nodes(args.src)]:
+            node = int(node)
+    return onnx_import.from_onnx(args.src, node=node)
 
 
 def _model_from_checkpoint(args):

@@ -15,14 +15,21 @@ class StateDictError(ValueError):
 
 
 class _Layer(Frozen):
-    """Shared by the four layer types. Subclasses set ``kind``, ``gates`` and ``_make``."""
+    """Shared by the four layer types. Subclasses set ``kind``, ``gates`` and ``_make``.
+
+    ``reverse=True`` (not in torch.nn; ONNX's direction="reverse") makes a one-directional layer
+    run backwards in time, as a bidirectional layer's backward half does (with lengths: from each
+    sequence's last valid element); its weights keep the plain names (``weight_ih_l0``). Such a
+    layer, like a bidirectional one, needs the whole sequence: it has no ``step``.
+    """
 
     kind = ""
     gates = 0
     has_cell_state = False
+    reverse = False  # a class default too, so layers pickled before the option existed load
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 bidirectional=False, dtype=np.float32, proj_size=0):
+                 bidirectional=False, dtype=np.float32, proj_size=0, reverse=False):
         for name, v, low in (("input_size", input_size, 1), ("hidden_size", hidden_size, 1),
                              ("num_layers", num_layers, 1), ("proj_size", proj_size, 0)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
@@ -40,6 +47,10 @@ class _Layer(Frozen):
         self.num_layers, self.proj_size = int(num_layers), int(proj_size)
         self.bias, self.batch_first, self.bidirectional = (
             as_flag(bias, "bias"), as_flag(batch_first, "batch_first"), as_flag(bidirectional, "bidirectional"))
+        self.reverse = as_flag(reverse, "reverse")
+        if self.reverse and self.bidirectional:
+            raise ValueError("reverse: a bidirectional layer already runs both ways; reverse=True "
+                             "is for a one-directional layer that runs backwards in time")
         self.dtype = dt
         # A reduced weight format (int8, bf16) comes only with its weights (quantize, load).
         self._weight_format = self.__dict__.pop("_initial_format", None) or dt.name
@@ -74,6 +85,8 @@ class _Layer(Frozen):
         cfg = {"cell": self.kind, "module": "layer", "input_size": self.input_size, "hidden_size": self.hidden_size,
                "num_layers": self.num_layers, "bias": self.bias, "batch_first": self.batch_first,
                "bidirectional": self.bidirectional, "dtype": self.dtype.name, **self._extra_config()}
+        if self.reverse:  # only when set, so every other layer's config is as before
+            cfg["reverse"] = True
         if self._weight_format in REDUCED_FORMATS:
             cfg["weight_format"] = self._weight_format
         return cfg
@@ -112,6 +125,7 @@ class _Layer(Frozen):
         defaults = {"num_layers": 1, "bias": True, "batch_first": False, "bidirectional": False}
         cfg = self.config()
         args += [f"{k}={cfg[k]}" for k in defaults if cfg[k] != defaults[k]]
+        args += ["reverse=True"] if self.reverse else []
         args += [f"{k}={v!r}" for k, v in self._extra_config().items()]
         fmt = f", weight_format={self._weight_format!r}" if self._weight_format in REDUCED_FORMATS else ""
         return f"{type(self).__name__}({', '.join(args)}, dtype={self.dtype.name}{fmt})"
@@ -148,7 +162,7 @@ class _Layer(Frozen):
         self._recs, self._stepper = tuple(recs), self._make_stepper(recs)
 
     def _make_stepper(self, recs):
-        return None if self.bidirectional else Stepper([r.kernel for r in recs])
+        return None if self.bidirectional or self.reverse else Stepper([r.kernel for r in recs])
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -163,7 +177,8 @@ class _Layer(Frozen):
 
     def _require_stepper(self):
         if self._stepper is None:
-            raise ValueError(f"{type(self).__name__}: a bidirectional layer needs the whole "
+            which = "a bidirectional" if self.bidirectional else "a reverse (backwards in time)"
+            raise ValueError(f"{type(self).__name__}: {which} layer needs the whole "
                              "sequence; call the layer on it instead of stepping")
         return self._stepper
 
@@ -310,7 +325,7 @@ class _Layer(Frozen):
                 i = k * D + d
                 bufs = [s[i] if perm is None else s[i][perm] for s in states]
                 self._recs[i].run(inp, bufs[0], bufs[1] if len(bufs) > 1 else None, out, d * P,
-                                  self.batch_first, d == 1, lengths, perm)
+                                  self.batch_first, d == 1 or self.reverse, lengths, perm)
                 if perm is not None:
                     for s, buf in zip(states, bufs):
                         s[i][perm] = buf
@@ -324,11 +339,12 @@ class RNN(_Layer):
     kind, gates = "rnn", 1
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
-                 batch_first=False, bidirectional=False, dtype=np.float32):
+                 batch_first=False, bidirectional=False, dtype=np.float32, reverse=False):
         if nonlinearity not in NONLINEARITIES:
             raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dtype)
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dtype,
+                         reverse=reverse)
 
     def _extra_config(self):
         return {"nonlinearity": self.nonlinearity}
@@ -343,9 +359,10 @@ class GRU(_Layer):
     kind, gates = "gru", 3
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 bidirectional=False, reset_after=True, dtype=np.float32):
+                 bidirectional=False, reset_after=True, dtype=np.float32, reverse=False):
         self.reset_after = as_flag(reset_after, "reset_after")
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dtype)
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dtype,
+                         reverse=reverse)
 
     def _extra_config(self):
         return {"reset_after": self.reset_after}
@@ -360,9 +377,9 @@ class LSTM(_Layer):
     kind, gates, has_cell_state = "lstm", 4, True
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 bidirectional=False, proj_size=0, dtype=np.float32):
+                 bidirectional=False, proj_size=0, dtype=np.float32, reverse=False):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional,
-                         dtype, proj_size)
+                         dtype, proj_size, reverse)
 
     def _extra_config(self):
         return {"proj_size": self.proj_size}
@@ -381,8 +398,9 @@ class PeepholeLSTM(_Layer):
     kind, gates, has_cell_state = "peephole_lstm", 4, True
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 bidirectional=False, dtype=np.float32):
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dtype)
+                 bidirectional=False, dtype=np.float32, reverse=False):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dtype,
+                         reverse=reverse)
 
     def _extra_shapes(self, s):
         return {"weight_ph" + s: (3, self.hidden_size)}

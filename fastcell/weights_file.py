@@ -8,7 +8,9 @@
 Tensors carry PyTorch's state_dict names. The config names the module, cell type, sizes and
 ``dtype`` (float32 or float64: what the model computes in), and, for a reduced model,
 ``weight_format`` (fastcell.weight_formats; "float32" or "float64" are also accepted there when
-they equal ``dtype``). What each tensor holds:
+they equal ``dtype``). A layer that runs backwards in time (ONNX's direction="reverse") has
+``"reverse": true``; the key is absent otherwise, so older readers refuse such a file rather than
+run it forwards. What each tensor holds:
 
     format     W_ih, W_hh, W_hr (names as PyTorch)   "<matrix>.scale"           biases, peepholes
     float32    F32                                   -                          F32
@@ -92,7 +94,8 @@ _LAYER_EXTRA = {**_CELL_EXTRA, "lstm": {"proj_size": "size0"}}
 
 
 class FormatError(ValueError):
-    """A weight file that is not a valid fastcell file; the message says what is wrong."""
+    """A file fastcell cannot read: not a valid fastcell weight file, or an ONNX model it cannot
+    import (fastcell.onnx_import); the message says what is wrong."""
 
 
 # ---- writing ----
@@ -414,8 +417,14 @@ def _check_config(config):
                 problems.append(f"config {key!r} is {_name(v)}, expected an integer in [{low}, {high}]")
         elif isinstance(kind, tuple) and v not in kind:
             problems.append(f"config {key!r} is {_name(v)}, expected one of {list(kind)}")
+    optional = ("weight_format", "reverse") if layer else ("weight_format",)
     problems += [f"config has an unexpected key {_name(k)} for a {config['cell']} {config['module']}"
-                 for k in config if k not in spec and k != "weight_format"]
+                 for k in config if k not in spec and k not in optional]
+    if layer and "reverse" in config:  # optional: absent, the layer runs forward in time
+        if not isinstance(config["reverse"], bool):
+            problems.append(f"config 'reverse' is {_name(config['reverse'])}, expected true or false")
+        elif config["reverse"] and config.get("bidirectional") is True:
+            problems.append("config 'reverse' is true, but a bidirectional layer runs both ways")
     if "weight_format" in config:  # optional: absent, the matrices are in the dtype
         fmt, dtype = config["weight_format"], config.get("dtype")
         if not isinstance(fmt, str) or fmt not in FORMATS:
@@ -546,6 +555,7 @@ def _build(config, weights, path):
             kwargs = {k: config[k] for k in ("input_size", "hidden_size", "num_layers", "bias",
                                              "batch_first", "bidirectional")}
             kwargs.update({k: config[k] for k in _LAYER_EXTRA[kind]})
+            kwargs["reverse"] = config.get("reverse", False)
             return _LAYERS[kind]._from_weights(
                 weights, weight_format=fmt if fmt in REDUCED_FORMATS else None, **kwargs, dtype=dtype)
         extra = {k: config[k] for k in _CELL_EXTRA[kind]}

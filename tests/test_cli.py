@@ -349,6 +349,82 @@ def test_export_without_torch_says_so(tmp_path):
     fails(r, "export needs PyTorch")
 
 
+# ---- ONNX models ----
+
+def _onnx_file(path, names=("enc",)):
+    """An ONNX model with one bidirectional reset-after GRU node per name (X (5, 2, 4), H = 3)."""
+    pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    nodes, inits = [], []
+    for name in names:
+        for w, shape in (("W", (2, 9, 4)), ("R", (2, 9, 3)), ("B", (2, 18))):
+            inits.append(numpy_helper.from_array(rng.uniform(-0.5, 0.5, shape).astype(np.float32), name + w))
+        nodes.append(helper.make_node("GRU", ["X", name + "W", name + "R", name + "B"], [name + "Y"], name=name,
+                                      hidden_size=3, direction="bidirectional", linear_before_reset=1))
+    graph = helper.make_graph(nodes, "main", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [5, 2, 4])],
+                              [helper.make_tensor_value_info(n + "Y", TensorProto.FLOAT, None) for n in names],
+                              initializer=inits)
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]).SerializeToString())
+    return path
+
+
+def test_onnx_info_and_export(tmp_path, in_process):
+    _onnx_file(tmp_path / "m.onnx")
+    out = ok(fastcell_cmd("info", "m.onnx", cwd=tmp_path))
+    assert "an ONNX model" in out and "1 recurrent node" in out
+    assert "0  GRU  enc   main   bidirectional  4           3            0" in out, out
+    out = ok(in_process("export", "m.onnx", "m.safetensors", cwd=tmp_path))
+    assert "wrote m.safetensors" in out
+    model, direct = load(tmp_path / "m.safetensors"), fastcell.from_onnx(tmp_path / "m.onnx")
+    assert model.config() == direct.config() and model.bidirectional and model.reset_after
+    x = np.random.default_rng(0).standard_normal((5, 2, 4)).astype(np.float32)
+    np.testing.assert_array_equal(model(x)[0], direct(x)[0])
+    ok(in_process("export", "m.onnx", "q.safetensors", "--weights", "int8", cwd=tmp_path))
+    assert load(tmp_path / "q.safetensors").weight_format == "int8"
+
+
+def test_onnx_export_chooses_a_node_and_errors(tmp_path, in_process):
+    _onnx_file(tmp_path / "two.onnx", ("enc", "dec"))
+    out = ok(in_process("info", "two.onnx", cwd=tmp_path))
+    assert "2 recurrent nodes" in out and "dec" in out
+    fails(in_process("export", "two.onnx", "m.safetensors", cwd=tmp_path), "2 recurrent nodes, name one",
+          "#1 GRU 'dec'")
+    ok(in_process("export", "two.onnx", "m.safetensors", "--node", "dec", cwd=tmp_path))
+    dec = fastcell.from_onnx(tmp_path / "two.onnx", node="dec").state_dict()
+    assert all(np.array_equal(v, dec[n]) for n, v in load(tmp_path / "m.safetensors").state_dict().items())
+    ok(in_process("export", "two.onnx", "m.safetensors", "--node", "0", cwd=tmp_path))  # an index
+    enc = fastcell.from_onnx(tmp_path / "two.onnx", node="enc").state_dict()
+    assert all(np.array_equal(v, enc[n]) for n, v in load(tmp_path / "m.safetensors").state_dict().items())
+    fails(in_process("export", "two.onnx", "m.safetensors", "--node", "7", cwd=tmp_path), "index 7 is out of range")
+    fails(in_process("export", "two.onnx", "m.safetensors", "--node", "x", cwd=tmp_path), "no RNN, GRU or LSTM node named 'x'")
+    fails(in_process("export", "two.onnx", "m.safetensors", "--batch-first", cwd=tmp_path),
+          "--batch-first: only for PyTorch checkpoints")
+    fails(in_process("export", "sd.pt", "m.safetensors", "--node", "enc", cwd=tmp_path), "--node: only for ONNX")
+    fails(in_process("run", "two.onnx", "-i", "x.npy", cwd=tmp_path), "ONNX model; convert it first")
+    (tmp_path / "bad.onnx").write_bytes((tmp_path / "two.onnx").read_bytes()[:200])
+    fails(in_process("info", "bad.onnx", cwd=tmp_path), "bad.onnx:")
+    fails(in_process("export", "bad.onnx", "m.safetensors", cwd=tmp_path), "bad.onnx:")
+    fails(in_process("info", "missing.onnx", cwd=tmp_path), "missing.onnx", "No such file")
+
+
+def test_onnx_without_the_onnx_package_says_so(tmp_path):
+    _onnx_file(tmp_path / "m.onnx")
+    for command in (["info", "m.onnx"], ["export", "m.onnx", "m.safetensors"]):
+        code = ("import sys; sys.modules['onnx'] = None\n"
+                "from fastcell.cli import main\n"
+                f"sys.exit(main({command!r}))\n")
+        r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                           env=ENV, timeout=120)
+        fails(r, "needs the onnx package: pip install 'fastcell[onnx]'")
+
+
+def test_info_on_a_reverse_layer(tmp_path, in_process):
+    save(fastcell.GRU(3, 4, reverse=True), tmp_path / "r.safetensors")
+    assert "directions   1 (reverse: runs backwards in time)" in ok(in_process("info", "r.safetensors", cwd=tmp_path))
+
+
 # ---- demo ----
 
 def test_demo(tmp_path):
