@@ -16,7 +16,7 @@ import numpy as np
 from fastcell._checks import as_flag, as_weight, check_same_dtype, shape_error
 from fastcell.weight_formats import Reduced
 from fastcell_c.gru import GRUKernel
-from fastcell_c.kernel import LANES
+from fastcell_c.kernel import INT8_MAX_ROWS, LANES
 from fastcell_c.lstm import LSTMKernel
 from fastcell_c.rnn import RNNKernel
 
@@ -56,6 +56,9 @@ def gate_vector(b, gates):
 def as_matrix(value, name):
     """A weight matrix: a Reduced one as it is, else as_weight (float32 or float64)."""
     if isinstance(value, Reduced):
+        if value.format == "int8" and value.shape[1] > INT8_MAX_ROWS:
+            raise ValueError(f"{name}: int8 weights take at most {INT8_MAX_ROWS} inputs per row (an "
+                             f"int32 sum must not overflow), got {value.shape[1]}")
         return value
     return as_weight(value, name, 2)
 

@@ -219,6 +219,9 @@ cdef class Kernel:
         """The int8 fields of one part: segment sizes, activation bits, and pointers to its
         columns' scales and column sums (kept alive by the kernel)."""
         cdef int si
+        if (c1 - c0) % LANES:   # every int8 kernel walks whole 16-column vectors (padded gate blocks)
+            raise ValueError(f"int8 weights: a packed part must be a multiple of {LANES} columns, "
+                             f"got {c1 - c0}")
         m.i8.nseg = len(segments)
         m.i8.n = <int>(c1 - c0)
         m.i8.wp = wp
