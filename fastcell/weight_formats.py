@@ -5,9 +5,10 @@ format; it is what a quantized model keeps instead of the float32 matrix (no flo
 beside it: ``dequantize()`` computes one when asked, for ``state_dict()``). The compiled products
 read the same values (fastcell_c/matmul.h, matmul_int8.h).
 
-- int8: ``q = rint(w / s)`` in [-127, 127] with ``s = max |w_row| / 127`` per row (a zero row has
-  s = 1 and q = 0); the value is ``q * s``. Weights quantized elsewhere (PyTorch's qint8, per
-  tensor or per channel, symmetric) may also hold -128.
+- int8: ``q = rint(w / s)`` in [-127, 127] with one scale ``s`` per row (a zero row has s = 1 and
+  q = 0); the value is ``q * s``. quantize_int8 takes, per row, the s >= max |w_row| / 127 (no
+  weight clipped) that rounds the row with the least squared error. Weights quantized elsewhere
+  (PyTorch's qint8, per tensor or per channel, symmetric) may also hold -128.
 - bf16: the top 16 bits of the float32, rounded to nearest even; the value is exactly that bf16.
 """
 
@@ -69,14 +70,54 @@ class Reduced:
 
 
 def quantize_int8(w, name="weight"):
-    """Reduced int8 of a float matrix: symmetric, one scale per row (max |w_row| / 127)."""
+    """Reduced int8 of a float matrix: symmetric, one scale per row: the scale that clips no
+    weight (s >= max |w_row| / 127) and, among those, rounds the row with the least squared error
+    (a grid of 100 scales up to 1.1 max |w_row| / 127, then least-squares refits s = <w, q> / <q, q>
+    of the best). Each weight is then within s / 2 of its value."""
     w = np.asarray(w, dtype=np.float32)
     if not np.all(np.isfinite(w)):
         raise ValueError(f"{name}: int8 cannot hold NaN or infinite weights")
     amax = np.abs(w).max(axis=1) if w.shape[1] else np.zeros(w.shape[0], np.float32)
-    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
-    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
-    return Reduced("int8", q, scale)
+    live = amax > 0
+    tiniest = np.finfo(np.float32).smallest_subnormal  # amax / 127 of a subnormal row may be 0
+    floor = np.where(live, np.maximum(amax / np.float32(127), tiniest), 1).astype(np.float32)
+    # Candidates whose values overflow float32 (q * s = inf, near the float32 limit) have an
+    # infinite error and are never kept; so is a refit that is not finite.
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        best = [floor.copy(), _round_int8(w, floor)]  # scale, q and squared error per row
+        best.append(_squared_error(w, best[1], floor))
+
+        def consider(scale):
+            scale = np.asarray(scale, dtype=np.float32)
+            # never below max |w| / 127 (that would clip); zero rows keep s = 1, q = 0
+            scale = np.where(live & np.isfinite(scale) & (scale > floor), scale, floor)
+            q = _round_int8(w, scale)
+            err = _squared_error(w, q, scale)
+            better = err < best[2]
+            for kept, new in zip(best, (scale, q, err)):
+                kept[better] = new[better]
+
+        for ratio in _INT8_RATIOS:
+            consider(floor * np.float32(ratio))
+        for _ in range(_INT8_REFITS):
+            q = best[1]
+            consider(np.einsum("ij,ij->i", w, q, dtype=np.float64) /
+                     np.einsum("ij,ij->i", q, q, dtype=np.float64))
+    return Reduced("int8", best[1].astype(np.int8), best[0])
+
+
+_INT8_RATIOS = np.linspace(1.0, 1.1, 101)[1:]  # scales tried, as multiples of max |w_row| / 127
+_INT8_REFITS = 3
+
+
+def _round_int8(w, scale):
+    """rint(w / scale) per row, in [-127, 127], as float32 (exact integers)."""
+    return np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.float32)
+
+
+def _squared_error(w, q, scale):
+    d = q * scale[:, None] - w
+    return np.einsum("ij,ij->i", d, d, dtype=np.float64)
 
 
 def float_to_bf16(w):
@@ -91,8 +132,20 @@ def bf16_to_float(h):
     return (np.asarray(h, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
+BF16_MAX = float(np.uint32(0x7F7F0000).view(np.float32))  # the largest finite bf16
+
+
 def to_bf16(w, name="weight"):
-    return Reduced("bf16", float_to_bf16(w))
+    """Reduced bf16 of a float matrix; refuses what bf16 cannot hold (NaN, infinities, and finite
+    weights that would round to infinity) rather than computing inf or NaN with it."""
+    w = np.asarray(w, dtype=np.float32)
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"{name}: bf16 cannot hold NaN or infinite weights")
+    h = float_to_bf16(w)
+    if np.any((h & 0x7FFF) == 0x7F80):
+        raise ValueError(f"{name}: weights beyond bf16's largest finite value ({BF16_MAX:.4g}) "
+                         "would round to infinity")
+    return Reduced("bf16", h)
 
 
 def reduce(w, format, name="weight"):
