@@ -4,24 +4,30 @@ The task (recalling a marked value after a lag, after Hochreiter & Schmidhuber 1
 random values in [-1, 1], one of them marked on a second input channel; after the last step the
 model must say the marked value. The lag is the number of steps from the marked value to the end;
 a recall counts as right within ±0.1 of the value (a model that always answers 0 scores 10%). At a
-short lag every cell learns it; at a long lag the vanilla RNN has lost the value (vanishing
+short lag every cell learns it; at a long lag the vanilla RNN has mostly lost the value (vanishing
 gradients: it cannot learn to keep it through the noise of the later inputs) while the gated
 cells keep it.
 
-The models were trained with PyTorch by ``examples/train_demo.py`` and are bundled in
-``fastcell/demo_models/``: each recurrent layer is an ordinary fastcell weight file
-(NAME.safetensors, written by fastcell.save), its linear readout and the task parameters plain
-arrays beside it (NAME.readout.npz). The demo runs them with fastcell alone. With PyTorch
+The models were trained with PyTorch by ``examples/train_demo.py`` (with weight noise, so that
+their accuracy survives rounded weights) and are bundled in ``fastcell/demo_models/``: each
+recurrent layer is an ordinary fastcell weight file (NAME.safetensors, written by fastcell.save),
+its linear readout and the task parameters plain arrays beside it (NAME.readout.npz). The demo runs
+them with fastcell alone. It also runs each model with its weight matrices reduced to int8 and to
+bf16 (``fastcell.quantize`` of the float32 model) and reports their accuracy beside float32's, how
+far their outputs move from float32's, and the weight bytes each format keeps. With PyTorch
 installed it also times PyTorch on the same models and reports the largest difference between the
 two.
 """
 
 import os
 import sys
+import textwrap
 import time
 from importlib import resources
 
 import numpy as np
+
+import fastcell
 
 MODEL_NAMES = ("rnn", "gru", "lstm", "peephole_lstm")
 TITLES = {"rnn": "RNN (tanh)", "gru": "GRU", "lstm": "LSTM", "peephole_lstm": "LSTM + peepholes"}
@@ -36,6 +42,8 @@ TASK = {
     "tolerance": 0.1,     # a recall is right within this of the marked value
 }
 TEST_SIZE, TEST_SEED = 500, 20240501  # the demo's test streams, per lag
+REDUCED_FORMATS = ("int8", "bf16")  # the weight formats the demo runs beside float32
+WIDTH = 100  # the printed lines fit this many columns
 
 
 def make_task(n, lag_min, lag_max, seq_len, seed):
@@ -309,7 +317,12 @@ def _torch_available():
 
 
 def run_demo(with_torch=None, steps=1000, repeats=5):
-    """Evaluates the four bundled models; returns one dict per model (what main() prints)."""
+    """Evaluates the four bundled models; returns one dict per model (what main() prints).
+
+    Each dict's "weights" lists the model's float32 weights and then each of REDUCED_FORMATS
+    (fastcell.quantize of the float32 model): {"format", "weight_bytes", "acc_short", "acc_long",
+    "max_diff"}, max_diff being the largest |outputs - float32's outputs| over every step of every
+    test stream (0 for float32 itself)."""
     if with_torch is None:
         with_torch = _torch_available()
     rows = []
@@ -318,13 +331,16 @@ def run_demo(with_torch=None, steps=1000, repeats=5):
         lags = (task["short_lag"], task["long_lag"])
         sets = [test_set(lag, task) for lag in lags]
         runs = [layer(x) for x, _ in sets]
-        acc = [_hits(recall(final_hidden(state), w, b), y, task["tolerance"])
-               for (_, y), (_, state) in zip(sets, runs)]
+        weights = [_weights_row(layer, sets, runs, w, b, task["tolerance"], runs)]
+        for fmt in REDUCED_FORMATS:
+            reduced = fastcell.quantize(layer, fmt)
+            weights.append(_weights_row(reduced, sets, [reduced(x) for x, _ in sets], w, b,
+                                        task["tolerance"], runs))
         stream = list(make_task(1, lags[0], lags[0], steps, TEST_SEED)[0][:, 0])
         row = {"name": name, "title": TITLES[name], "params": parameter_count(layer, w, b),
                "hidden_size": layer.hidden_size, "short_lag": lags[0], "long_lag": lags[1],
-               "acc_short": acc[0], "acc_long": acc[1],
-               "fastcell_us": fastcell_step_latency(layer, stream, repeats)}
+               "acc_short": weights[0]["acc_short"], "acc_long": weights[0]["acc_long"],
+               "weights": weights, "fastcell_us": fastcell_step_latency(layer, stream, repeats)}
         if with_torch:
             row.update(torch_compare(name, layer, [x for x, _ in sets], [out for out, _ in runs],
                                      stream, repeats))
@@ -332,52 +348,98 @@ def run_demo(with_torch=None, steps=1000, repeats=5):
     return rows
 
 
-def format_table(rows):
+def _weights_row(model, sets, runs, w, b, tolerance, float_runs):
+    """One weight format's results: ``runs`` are the model's (output, state) on the test ``sets``,
+    ``float_runs`` the float32 model's."""
+    acc = [_hits(recall(final_hidden(state), w, b), y, tolerance)
+           for (_, y), (_, state) in zip(sets, runs)]
+    # in float32: outputs within a factor of 2 subtract exactly, the rest round far below the
+    # digits printed (and it is quicker than widening to float64)
+    diff = max(float(np.max(np.abs(out - ref))) for (out, _), (ref, _) in zip(runs, float_runs))
+    return {"format": model.weight_format, "weight_bytes": model.weight_bytes,
+            "acc_short": acc[0], "acc_long": acc[1], "max_diff": diff}
+
+
+def _table(head, lines, left=1):
+    """Columns under their heads, the first ``left`` left-aligned (text), the others
+    right-aligned (numbers); an empty first column (the same model as the line above) stays
+    empty."""
+    widths = [max(len(c) for c in col) for col in zip(head, *lines)]
+    fmt = lambda cols: "  ".join(c.ljust(w) if i < left else c.rjust(w)  # noqa: E731
+                                 for i, (c, w) in enumerate(zip(cols, widths))).rstrip()
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
+
+
+def format_accuracy_table(rows):
+    """The task accuracy of each model with each weight format, one line per format."""
     first = rows[0]
-    with_torch = "torch_us" in first
-    head = ["cell", "params", f"acc lag {first['short_lag']}", f"acc lag {first['long_lag']}",
-            "fastcell us/step"]
+    head = ["cell", "weights", "weight bytes", f"acc lag {first['short_lag']}",
+            f"acc lag {first['long_lag']}", "max |diff| from float32"]
+    lines = []
+    for r in rows:
+        for i, f in enumerate(r["weights"]):
+            lines.append([r["title"] if i == 0 else "", f["format"], f"{f['weight_bytes']:,}",
+                          f"{100 * f['acc_short']:.1f}%", f"{100 * f['acc_long']:.1f}%",
+                          f"{f['max_diff']:.1e}" if f["format"] != "float32" else ""])
+    return _table(head, lines, left=2)
+
+
+def format_speed_table(rows):
+    """Per-step latency of each float32 model (and PyTorch's, when measured)."""
+    with_torch = "torch_us" in rows[0]
+    head = ["cell", "params", "fastcell us/step"]
     if with_torch:
         head += ["PyTorch us/step", "speed-up", "max |diff|", "PyTorch f32 error"]
     lines = []
     for r in rows:
-        cols = [r["title"], f"{r['params']:,}", f"{100 * r['acc_short']:.1f}%",
-                f"{100 * r['acc_long']:.1f}%", f"{r['fastcell_us']:.1f}"]
+        cols = [r["title"], f"{r['params']:,}", f"{r['fastcell_us']:.1f}"]
         if with_torch:
             cols += [f"{r['torch_us']:.1f}", f"{r['torch_us'] / r['fastcell_us']:.1f}x",
                      f"{r['max_diff']:.1e}", f"{r['torch_f32_error']:.1e}"]
         lines.append(cols)
-    widths = [max(len(c) for c in col) for col in zip(head, *lines)]
-    fmt = lambda cols: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                 for i, (c, w) in enumerate(zip(cols, widths)))
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
+    return _table(head, lines)
+
+
+def format_table(rows):
+    """Both tables, the accuracy one first, a blank line between."""
+    return format_accuracy_table(rows) + "\n\n" + format_speed_table(rows)
 
 
 def main(argv=None):
-    """Prints the demo table. Returns 0."""
+    """Prints the demo tables. Returns 0."""
     t0 = time.perf_counter()
     with_torch = _torch_available()
     rows = run_demo(with_torch)
     t = TASK
-    print("fastcell demo: recall a marked value after a lag (Hochreiter & Schmidhuber 1997).")
-    print(f"Streams of {t['seq_len']} random values in [-1, 1], one of them marked; after the last "
-          "step each model says the marked value.")
-    print(f"acc: share of {TEST_SIZE} test streams recalled within ±{t['tolerance']} (answering 0 "
-          f"every time scores {100 * t['tolerance']:.0f}%). Each model: one recurrent layer of "
-          f"hidden size {rows[0]['hidden_size']} and a linear readout.")
+    say = lambda text: print(textwrap.fill(text, WIDTH, break_on_hyphens=False))  # noqa: E731
+    say("fastcell demo: recall a marked value after a lag (Hochreiter & Schmidhuber 1997). "
+        f"Streams of {t['seq_len']} random values in [-1, 1], one of them marked; after the last "
+        "step each model says the marked value. Each model: one recurrent layer of hidden size "
+        f"{rows[0]['hidden_size']} and a linear readout.")
     print()
-    print(format_table(rows))
+    print(format_accuracy_table(rows))
     print()
-    print("us/step: one step of one stream (batch 1), state kept between calls, single-threaded.")
+    say(f"acc: share of {TEST_SIZE} test streams recalled within ±{t['tolerance']} (answering 0 "
+        f"every time scores {100 * t['tolerance']:.0f}%).")
+    say("weights: float32 as trained; int8 (one scale per row) and bf16 are "
+        "fastcell.quantize(model, \"int8\" or \"bf16\") of it. weight bytes: model.weight_bytes, "
+        "the weights kept in memory (as given and as packed for the kernels).")
+    say("max |diff| from float32: largest |output - float32's output| (every step of every test "
+        "stream).")
+    print()
+    print(format_speed_table(rows))
+    print()
+    say("us/step: the float32 models, one step of one stream (batch 1), state kept between calls, "
+        "single-threaded.")
     if with_torch:
-        print("PyTorch: torch.nn.*Cell (fastcell.torch.PeepholeLSTMCell for the peephole LSTM), "
-              "torch.inference_mode.")
-        print("max |diff|: largest |fastcell - PyTorch| over the float32 outputs (every step of "
-              "every test stream).")
-        print("PyTorch f32 error: largest |PyTorch float32 - float64| over the same outputs: "
-              "float32's own rounding.")
+        say("PyTorch: torch.nn.*Cell (fastcell.torch.PeepholeLSTMCell for the peephole LSTM), "
+            "torch.inference_mode.")
+        say("max |diff|: largest |fastcell - PyTorch| over the float32 outputs (every step of "
+            "every test stream).")
+        say("PyTorch f32 error: largest |PyTorch float32 - float64| over the same outputs: "
+            "float32's own rounding.")
     else:
-        print("PyTorch is not installed: fastcell alone (install torch to compare).")
+        say("PyTorch is not installed: fastcell alone (install torch to compare).")
     print(f"({time.perf_counter() - t0:.1f} s)")
     return 0
 
