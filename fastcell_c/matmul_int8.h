@@ -49,6 +49,7 @@
 #endif
 
 #define FC_I8_PW 64
+#define FC_I8_MC 64   /* rows per block: their bytes stay in L1/L2 across the panels */
 #define FC_I8_TINY 1e-30f   /* a row below this is zero: 127 / amax would overflow near FLT_MIN */
 #define FC_I8_MAX_ROWS 65536
 
@@ -201,30 +202,13 @@ static void fc_i8_nonfinite(int m, int k, const float *a, long lda, const fc_i8_
     }
 }
 
-/* ---- the dequantizing pass: one tile of int32 sums (rows x pw, row stride FC_I8_PW) ----
- * vr: the tile's virtual rows (16 bits: hi and lo rows of one input row side by side). */
-#define FC_I8_DEQUANT(ATTR, NAME)                                                        \
-    ATTR static void NAME(int rows, int pw, int bits, const int32_t *acc, const int32_t *cs,  \
-                          const float *sw, const float *sa, int add, float *c, long ldc) \
-    {                                                                                    \
-        for (int r = 0; r < rows; r++) {                                                 \
-            const int32_t *hi = acc + (long)r * (bits / 8) * FC_I8_PW;                   \
-            const int32_t *lo = hi + FC_I8_PW;                                           \
-            float s = sa[r];                                                             \
-            float *out = c + (long)r * ldc;                                              \
-            for (int j = 0; j < pw; j++) {                                               \
-                float t = (float)(hi[j] - 128 * cs[j]);                                  \
-                if (bits == 16) t = t * 256.0f + (float)lo[j];                           \
-                float p = sw[j] * s;                                                     \
-                out[j] = add ? out[j] + t * p : t * p;                                   \
-            }                                                                            \
-        }                                                                                \
-    }
+/* ---- the baseline (plain C): the integer tile into an int32 buffer, then a dequantizing pass.
+ * The SIMD paths below fuse both in registers; the float steps are the same. */
 
-/* ---- the integer tiles: acc[vr][0:pw] = sum over nq quads of qa row vr . panel column ----
- * qa: the virtual rows' bytes (row stride lq), w: the panel's first quad of the segment. */
-
-/* Baseline: plain C (GCC may vectorize it with SSE2's pmaddwd). */
+/* acc[vr][0:pw] = sum over nq quads of qa row vr . panel column (row stride FC_I8_PW): the
+ * virtual rows are the input rows, or for 16 bits their hi and lo rows side by side. qa: their
+ * bytes (row stride lq), w: the panel's first quad of the segment. GCC may vectorize it with
+ * SSE2's pmaddwd. */
 static void fc_i8_tile_base(int vrows, int pw, int nq, const uint8_t *qa, long lq,
                             const int8_t *w, int32_t *acc)
 {
@@ -240,7 +224,35 @@ static void fc_i8_tile_base(int vrows, int pw, int nq, const uint8_t *qa, long l
         }
     }
 }
-FC_I8_DEQUANT(, fc_i8_dequant_base)
+
+/* c[0:rows, 0:pw] (+)= the dequantized tile: t (* 256 + lo), times sw * s. */
+static void fc_i8_dequant_base(int rows, int pw, int bits, const int32_t *acc, const int32_t *cs,
+                               const float *sw, const float *sa, int add, float *c, long ldc)
+{
+    for (int r = 0; r < rows; r++) {
+        const int32_t *hi = acc + (long)r * (bits / 8) * FC_I8_PW;
+        const int32_t *lo = hi + FC_I8_PW;
+        float s = sa[r];
+        float *out = c + (long)r * ldc;
+        for (int j = 0; j < pw; j++) {
+            float t = (float)(hi[j] - 128 * cs[j]);
+            if (bits == 16) t = t * 256.0f + (float)lo[j];
+            float p = sw[j] * s;
+            out[j] = add ? out[j] + t * p : t * p;
+        }
+    }
+}
+
+/* c[0:m, 0:pw] (+)= dequantized (qa rows . panel columns) for one panel and segment, m <= FC_I8_MC:
+ * the same interface as the SIMD paths' fused panels. */
+static void fc_i8_panel_base(int m, int pw, int nq, int bits, const uint8_t *qa, long lq,
+                             const int8_t *w, const int32_t *cs, const float *sw, const float *sa,
+                             int add, float *c, long ldc)
+{
+    int32_t acc[2 * FC_I8_MC * FC_I8_PW] __attribute__((aligned(64)));
+    fc_i8_tile_base(m * (bits / 8), pw, nq, qa, lq, w, acc);
+    fc_i8_dequant_base(m, pw, bits, acc, cs, sw, sa, add, c, ldc);
+}
 
 #ifdef FC_DISPATCH
 static inline int32_t fc_i8_quad(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
@@ -252,7 +264,7 @@ static inline int32_t fc_i8_quad(const uint8_t *p) { int32_t v; memcpy(&v, p, 4)
 
 /* The same tiles with the dequantizing pass done in registers (no int32 buffer), the path every
  * AVX-512 VNNI CPU takes: MB real rows (16 bits: MB hi rows and MB lo rows), NB vectors. The
- * float steps are those of FC_I8_DEQUANT: t * 256 + lo, p = sw * s, then t * p or fma(t, p, c).
+ * float steps are those of fc_i8_dequant_base: t * 256 + lo, p = sw * s, then t * p or fma(t, p, c).
  * Constant MB, NB and every small loop unrolled, so the accumulators live in registers (a loop
  * left rolled kept them on the stack: a store and a load around every vpdpbusd). With fewer than
  * 8 accumulators, the quads alternate between two sets (KS = 2) so that 8 or more vpdpbusd
@@ -336,7 +348,7 @@ FC_I8_QUANTIZE(FC_TARGET_VNNI512, fc_i8_quantize_vnni512, 16, 0)
 
 /* ---- 256-bit paths (AVX-VNNI and AVX2), dequantizing in registers like fc_i8_kernel512 ----
  * Both end with int32 sums of 8 consecutive columns per ymm and share this last step, the float
- * steps of FC_I8_DEQUANT. MODE: FC_I8_M8, 8-bit rows as bytes: t = (float)(acc - 128 cs);
+ * steps of fc_i8_dequant_base. MODE: FC_I8_M8, 8-bit rows as bytes: t = (float)(acc - 128 cs);
  * FC_I8_MHL, 16-bit rows as hi and lo bytes: t = 256 (float)(acc_hi - 128 cs) + (float)acc_lo;
  * FC_I8_MW, rows as words q_i (AVX2 only, below): t = (float)acc, acc = sum q_i w_i, which is
  * acc - 128 cs of M8 and 256 (acc_hi - 128 cs) + acc_lo of MHL, exactly. */
@@ -549,7 +561,6 @@ static inline long fc_i8_work_bytes(const fc_i8_mat *w, long m)
     return bytes;
 }
 
-#define FC_I8_MC 64   /* rows per block: their bytes stay in L1/L2 across the panels */
 
 /* c[0:m, 0:n] (+)= a[0:m, segments] @ W[segments, :] over the segments [s0, s1) of w, every
  * column (a's first column is segment s0's first row). backward: the panels in reverse order
@@ -558,16 +569,15 @@ static void fc_i8_matmul(int m, int s0, int s1, const float *a, long lda, const 
                          int beta, float *c, long ldc, int backward, uint8_t *work)
 {
     fc_i8_quantize_fn quantize = fc_i8_quantize_base;
-    fc_i8_panel_fn fused = NULL;   /* SIMD paths: tiles and dequantizing in one pass */
+    fc_i8_panel_fn panel_fn = fc_i8_panel_base;
 #ifdef FC_DISPATCH
     switch (fc_int8_path()) {
-    case 3: fused = fc_i8_panel_vnni512; quantize = fc_i8_quantize_vnni512; break;
-    case 2: fused = fc_i8_panel_avxvnni; quantize = fc_i8_quantize_avxvnni; break;
-    case 1: fused = fc_i8_panel_avx2; quantize = fc_i8_quantize_avx2; break;
+    case 3: panel_fn = fc_i8_panel_vnni512; quantize = fc_i8_quantize_vnni512; break;
+    case 2: panel_fn = fc_i8_panel_avxvnni; quantize = fc_i8_quantize_avxvnni; break;
+    case 1: panel_fn = fc_i8_panel_avx2; quantize = fc_i8_quantize_avx2; break;
     }
 #endif
     int K4 = fc_i8_k4(w), n = w->n;
-    int32_t acc[2 * FC_I8_MC * FC_I8_PW] __attribute__((aligned(64)));
     for (int i0 = 0; i0 < m; i0 += FC_I8_MC) {
         int mb = m - i0 < FC_I8_MC ? m - i0 : FC_I8_MC;
         /* This block's rows of every segment, quantized once for all the panels. */
@@ -592,16 +602,8 @@ static void fc_i8_matmul(int m, int s0, int s1, const float *a, long lda, const 
             for (int s = s0; s < s1; s++) {
                 int qoff = s == 0 ? 0 : w->k4[0] / 4;
                 const int8_t *wseg = panel + (long)qoff * pw * 4;
-                if (fused) {
-                    fused(mb, pw, w->k4[s] / 4, w->bits[s], q[s], w->k4[s], wseg,
-                          w->colsum[s] + o, w->scale[s] + o, sa[s], beta || s > s0,
-                          c + (long)i0 * ldc + o, ldc);
-                    continue;
-                }
-                /* 16 bits: the hi and lo rows of an input row are consecutive rows of q[s] */
-                fc_i8_tile_base(mb * (w->bits[s] / 8), pw, w->k4[s] / 4, q[s], w->k4[s], wseg, acc);
-                fc_i8_dequant_base(mb, pw, w->bits[s], acc, w->colsum[s] + o, w->scale[s] + o,
-                                   sa[s], beta || s > s0, c + (long)i0 * ldc + o, ldc);
+                panel_fn(mb, pw, w->k4[s] / 4, w->bits[s], q[s], w->k4[s], wseg, w->colsum[s] + o,
+                         w->scale[s] + o, sa[s], beta || s > s0, c + (long)i0 * ldc + o, ldc);
             }
         }
         for (int s = s0; s < s1; s++)
