@@ -4,7 +4,8 @@ whole sequence in one kernel call with ``cell.run(xs, state)``."""
 import numpy as np
 
 from fastcell._checks import Frozen, as_input, shape_error
-from fastcell.recurrence import GRURecurrence, LSTMRecurrence, RNNRecurrence
+from fastcell.recurrence import GRURecurrence, LSTMRecurrence, RNNRecurrence, stored_value
+from fastcell.weight_formats import REDUCED_FORMATS
 from fastcell_c.stream import Stepper
 
 
@@ -49,7 +50,7 @@ class _Cell(Frozen):
         cfg = {"cell": self.kind, "module": "cell", "input_size": self.input_size,
                "hidden_size": self.hidden_size, "bias": self._rec.bias_ih is not None,
                "dtype": self.dtype.name, **self._extra_config()}
-        if self.weight_format in ("int8", "bf16"):
+        if self.weight_format in REDUCED_FORMATS:
             cfg["weight_format"] = self.weight_format
         return cfg
 
@@ -60,14 +61,15 @@ class _Cell(Frozen):
         # weight_ih, bias_hh, ... read straight from the (read-only) weights.
         rec = self.__dict__.get("_rec")
         if rec is not None:
-            if name in rec.stored():
-                return rec.parameters()[name]
+            stored = rec.stored()
+            if name in stored:
+                return stored_value(stored[name])  # dequantizes this one matrix only
             if name in ("bias_ih", "bias_hh"):
                 return None  # bias=False, as in PyTorch
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __repr__(self):
-        fmt = f", weight_format={self.weight_format!r}" if self.weight_format in ("int8", "bf16") else ""
+        fmt = f", weight_format={self.weight_format!r}" if self.weight_format in REDUCED_FORMATS else ""
         return f"{type(self).__name__}({self.input_size}, {self.hidden_size}, dtype={self.dtype.name}{fmt})"
 
     # -- argument handling --

@@ -23,6 +23,7 @@ import warnings
 
 import numpy as np
 
+from fastcell.quantization import quantize
 from fastcell.weight_formats import REDUCED_FORMATS
 from fastcell.weights_file import FormatError, load, save
 
@@ -190,7 +191,6 @@ def _info(args):
     model = load(args.model)
     cfg = model.config()
     stored = model._stored_state_dict()
-    n_params = sum(math.prod(v.shape) for v in stored.values())
     rows = [("file", f"{args.model} ({_bytes(os.path.getsize(args.model))})"),
             ("cell", _CELL_NAMES[cfg["cell"]]),
             ("module", f"{cfg['module']} ({type(model).__name__})"),
@@ -208,7 +208,7 @@ def _info(args):
     if "reset_after" in cfg:
         rows.append(("reset_after", f"{cfg['reset_after']} "
                                     f"({'PyTorch form' if cfg['reset_after'] else 'Cho et al. 2014 form'})"))
-    rows += [("bias", cfg["bias"]), ("parameters", f"{n_params:,}"), ("dtype", cfg["dtype"]),
+    rows += [("bias", cfg["bias"]), ("parameters", f"{_n_params(stored):,}"), ("dtype", cfg["dtype"]),
              ("weights", _FORMAT_NAMES.get(model.weight_format, model.weight_format)),
              ("in file", f"{_bytes(_stored_bytes(stored))} of weights"),
              ("in memory", f"{_bytes(model.weight_bytes)} of weights (as stored and as packed "
@@ -217,6 +217,11 @@ def _info(args):
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def _n_params(stored):
+    """Parameters of a model's weights as kept (shapes only: nothing dequantized to count them)."""
+    return sum(math.prod(v.shape) for v in stored.values())
 
 
 def _stored_bytes(stored):
@@ -271,7 +276,7 @@ def _run(args):
     # The time axis, for chunking; shapes are checked by the model itself.
     time_axis = 1 if (is_layer and cfg["batch_first"] and x.ndim == 3) else 0
     T = x.shape[time_axis] if x.ndim >= 1 else 0
-    n_params = sum(int(v.size) for v in model.state_dict().values())
+    n_params = _n_params(model._stored_state_dict())
     work = n_params * max(1, math.prod(x.shape[:-1]) if x.ndim else 1)
     progress = args.progress if args.progress is not None else (sys.stderr.isatty() and work >= _LONG_RUN)
     # Chunks carry the state across their boundary: exact for a one-directional model on full
@@ -366,18 +371,11 @@ def _export(args):
     else:
         model = _model_from_checkpoint(args)
     if args.weights:
-        model = _reduce(model, args.weights)
+        model = quantize(model, args.weights)
     save(model, args.dest)
-    n_params = sum(int(v.size) for v in model.state_dict().values())
-    print(f"wrote {args.dest}: {model!r}, {n_params:,} parameters, "
+    print(f"wrote {args.dest}: {model!r}, {_n_params(model._stored_state_dict()):,} parameters, "
           f"{_bytes(os.path.getsize(args.dest))}")
     return 0
-
-
-def _reduce(model, weights):
-    from fastcell.quantization import quantize
-
-    return quantize(model, weights)
 
 
 def _model_from_onnx(args):
@@ -441,7 +439,7 @@ def _quantize(args):
         raise CliError(f"{args.src}: its weights are already {model.weight_format}; quantize the "
                        "float file it came from")
     before = _stored_bytes(model._stored_state_dict())
-    reduced = _reduce(model, args.weights)
+    reduced = quantize(model, args.weights)
     save(reduced, args.dest)
     after = _stored_bytes(reduced._stored_state_dict())
     print(f"wrote {args.dest}: {reduced!r}, weights {before:,} -> {after:,} bytes "

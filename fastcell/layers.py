@@ -6,7 +6,7 @@ import numpy as np
 
 from fastcell._checks import FLOAT_DTYPES, Frozen, as_flag, as_input, shape_error, to_numpy
 from fastcell.recurrence import NONLINEARITIES, GRURecurrence, LSTMRecurrence, RNNRecurrence
-from fastcell.weight_formats import REDUCED_FORMATS, Reduced, reduce
+from fastcell.weight_formats import REDUCED_FORMATS, Reduced, is_matrix, reduce
 from fastcell_c.stream import Stepper
 
 
@@ -211,7 +211,7 @@ class _Layer(Frozen):
     def _convert(self, name, v):
         """A given parameter in this layer's form: its dtype, or a matrix in its reduced format
         (a float matrix is quantized; a Reduced one must be in this format already)."""
-        matrix = name.split("_l")[0] in ("weight_ih", "weight_hh", "weight_hr")
+        matrix = is_matrix(name)
         fmt = self._weight_format
         if isinstance(v, Reduced):
             if not matrix or v.format != fmt:

@@ -9,11 +9,9 @@ import numpy as np
 
 from fastcell.cells import _Cell
 from fastcell.layers import _Layer
-from fastcell.weight_formats import REDUCED_FORMATS, reduce
+from fastcell.weight_formats import REDUCED_FORMATS, is_matrix, reduce
 
 __all__ = ["quantize"]
-
-_MATRICES = ("weight_ih", "weight_hh", "weight_hr")
 
 
 def quantize(model, format):
@@ -34,7 +32,7 @@ def quantize(model, format):
     weights = {}
     for name, v in model.state_dict().items():
         v = np.asarray(v, dtype=np.float32)
-        weights[name] = reduce(v, format, name) if name.split("_l")[0] in _MATRICES else v
+        weights[name] = reduce(v, format, name) if is_matrix(name) else v
     if isinstance(model, _Layer):
         args = dict(model._constructor_args(), dtype=np.float32)
         return type(model)._from_weights(weights, weight_format=format, **args)

@@ -14,7 +14,7 @@ biases and peepholes, and keeps no float copy of its matrices.
 import numpy as np
 
 from fastcell._checks import as_flag, as_weight, check_same_dtype, shape_error
-from fastcell.weight_formats import Reduced
+from fastcell.weight_formats import REDUCED_FORMATS, Reduced
 from fastcell_c.gru import GRUKernel
 from fastcell_c.kernel import INT8_MAX_ROWS, LANES
 from fastcell_c.lstm import LSTMKernel
@@ -121,13 +121,13 @@ class Recurrence:
         """A bias or peephole: in a reduced recurrence, float32 whatever came (exactly
         representable for float32 input)."""
         a = as_weight(value, name, ndim)
-        if self.weight_format in ("int8", "bf16") and a.dtype != np.float32:
+        if self.weight_format in REDUCED_FORMATS and a.dtype != np.float32:
             a = as_weight(a.astype(np.float32), name, ndim)
         return a
 
     def _kernel_format(self, **scales):
         """The weight-format arguments of the kernels."""
-        if self.weight_format not in ("int8", "bf16"):
+        if self.weight_format not in REDUCED_FORMATS:
             return {"weight_format": self.weight_format}
         return {"weight_format": self.weight_format, **scales}
 

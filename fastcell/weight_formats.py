@@ -14,9 +14,16 @@ read the same values (fastcell_c/matmul.h, matmul_int8.h).
 
 import numpy as np
 
+MATRICES = ("weight_ih", "weight_hh", "weight_hr")  # what a reduced format reduces
 FLOAT_FORMATS = ("float32", "float64")
 REDUCED_FORMATS = ("int8", "bf16")
 FORMATS = FLOAT_FORMATS + REDUCED_FORMATS
+
+
+def is_matrix(name):
+    """Whether a parameter (PyTorch's name, with or without its layer suffix) is a weight matrix,
+    which a reduced format reduces; biases and peepholes stay float."""
+    return name.split("_l")[0] in MATRICES
 
 
 class Reduced:

@@ -48,7 +48,7 @@ import numpy as np
 
 from fastcell.cells import GRUCell, LSTMCell, PeepholeLSTMCell, RNNCell, _Cell
 from fastcell.layers import GRU, LSTM, RNN, PeepholeLSTM, _Layer
-from fastcell.weight_formats import FLOAT_FORMATS, FORMATS, REDUCED_FORMATS, Reduced
+from fastcell.weight_formats import FLOAT_FORMATS, FORMATS, REDUCED_FORMATS, Reduced, is_matrix
 
 __all__ = ["save", "load", "FormatError", "read_config", "expected_shapes", "expected_tensors"]
 
@@ -57,7 +57,6 @@ VERSION = "1"          # float files: every fastcell reads them
 REDUCED_VERSION = "2"  # files whose config has a weight_format (int8, bf16)
 SUPPORTED_VERSIONS = ("1", "2")
 SCALE_SUFFIX = ".scale"  # int8 "weight_ih_l0" keeps its per-row scales in "weight_ih_l0.scale"
-_MATRICES = ("weight_ih", "weight_hh", "weight_hr")
 
 # A fastcell header takes under a kilobyte per layer and direction (at most 8 tensors: an int8
 # LSTM with projection and its scales), so 1 MiB holds MAX_LAYERS bidirectional layers.
@@ -242,7 +241,7 @@ def expected_tensors(config):
     float_dtype = _ST_DTYPE[config["dtype"]]
     out = {}
     for name, shape in expected_shapes(config).items():
-        if fmt in REDUCED_FORMATS and _is_matrix(name):
+        if fmt in REDUCED_FORMATS and is_matrix(name):
             out[name] = (shape, _ST_MATRIX[fmt])
             if fmt == "int8":
                 out[name + SCALE_SUFFIX] = ((shape[0],), "F32")
@@ -250,9 +249,6 @@ def expected_tensors(config):
             out[name] = (shape, float_dtype)
     return out
 
-
-def _is_matrix(name):
-    return name.split("_l")[0] in _MATRICES
 
 
 def _weight_format(config):
@@ -503,7 +499,7 @@ def _check_against_config(entries, config, path):
             if dtype != want_dtype:
                 if n.endswith(SCALE_SUFFIX):
                     why = "int8 scales are float32"
-                elif fmt in REDUCED_FORMATS and _is_matrix(n):
+                elif fmt in REDUCED_FORMATS and is_matrix(n):
                     why = f"config weight_format {fmt}"
                 elif fmt in REDUCED_FORMATS:
                     why = f"biases and peepholes stay float32 in {fmt} models"
@@ -549,7 +545,7 @@ def _build(config, weights, path):
     fmt = _weight_format(config)
     try:
         if fmt in REDUCED_FORMATS:
-            weights = {n: Reduced(fmt, w, weights.get(n + SCALE_SUFFIX)) if _is_matrix(n) else w
+            weights = {n: Reduced(fmt, w, weights.get(n + SCALE_SUFFIX)) if is_matrix(n) else w
                        for n, w in weights.items() if not n.endswith(SCALE_SUFFIX)}
         if config["module"] == "layer":
             kwargs = {k: config[k] for k in ("input_size", "hidden_size", "num_layers", "bias",
