@@ -1,0 +1,549 @@
+# The stream pool: the states of up to `capacity` streams in one block, stepped by stream id. A
+# service opens a stream when a client arrives and closes it when the client leaves; each tick
+# steps whichever streams have a frame, in one GIL-free call that gathers their state rows,
+# runs the layers' fused products on them and writes the new rows back (DESIGN.md "Serving many
+# streams"). A row's numbers do not depend on which rows share its product (matmul.h), so a
+# pool step gives each stream exactly the bits of its own StreamState.
+cimport numpy as cnp
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy, memset
+
+import os
+import sys
+
+import numpy as np
+
+from fastcell_c._steps cimport Walk, make_walk
+from fastcell_c.kernel cimport Kernel, alloc_aligned, buffer_of, has_dims, is_array
+
+cnp.import_array()
+
+
+cdef extern from "pthread.h" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t*, void*)
+    int pthread_mutex_destroy(pthread_mutex_t*)
+    int pthread_mutex_lock(pthread_mutex_t*)
+    int pthread_mutex_trylock(pthread_mutex_t*)
+    int pthread_mutex_unlock(pthread_mutex_t*)
+
+
+cdef extern from "workers.h" nogil:
+    ctypedef void (*fc_task)(void* arg, int part, int nparts) noexcept nogil
+    ctypedef struct fc_workers:
+        int started
+    fc_workers* fc_workers_new(int nthreads)
+    void fc_workers_free(fc_workers* w)
+    void fc_workers_run(fc_workers* w, fc_task fn, void* arg, int nparts)
+
+
+# Rows gathered and stepped together: the chunk's states, [x h] rows and gate rows stay in L2
+# while the packed weights stream past them (the products block rows the same way, matmul.h).
+DEF CHUNK = 64
+# Fewer rows than this per thread cost more to hand over than to step.
+DEF ROWS_PER_THREAD = 8
+DEF SLOT_BITS = 32
+DEF GEN_MASK = 0x7FFFFFFF
+
+
+class PoolFullError(RuntimeError):
+    """StreamPool.open() on a pool whose every slot holds an open stream."""
+
+
+class StreamIdError(ValueError):
+    """A stream id that is not open in this pool: closed, never opened, from another pool, or
+    an old id of a slot that now serves a newer stream. `sid` is the id."""
+
+    def __init__(self, message, sid):
+        super().__init__(message)
+        self.sid = sid
+
+
+cdef struct StepJob:
+    Py_ssize_t n                # rows of the step
+    const int32_t* slots        # their slots, in row order
+    const char* x               # (n, I)
+    char* out                   # (n, H_out)
+    bint flip
+    void* pool                  # the StreamPool (borrowed: step() holds a reference)
+
+
+cdef void _step_part(void* arg, int part, int nparts) noexcept nogil:
+    """One thread's share of a step: a contiguous block of rows (a worker's entry point)."""
+    cdef StepJob* job = <StepJob*>arg
+    cdef Py_ssize_t per = (job.n + nparts - 1) // nparts
+    per = (per + 7) // 8 * 8                   # whole register tiles for every thread but the last
+    cdef Py_ssize_t r0 = part * per, r1 = min(job.n, (part + 1) * per)
+    if r0 < r1:
+        (<StreamPool>job.pool)._rows(job, part, r0, r1)
+
+
+cdef class StreamPool:
+    """The states of up to `capacity` streams of one unidirectional model, stepped by id.
+
+    StreamPool(model, capacity, threads=1). `sid = pool.open()` starts a stream at the zero
+    state; `pool.step(ids, x)` advances the streams `ids` (distinct, any subset, any order) by one
+    step of x (n, I) and returns their outputs (n, H_out) in the order of ids; `pool.close(sid)`
+    ends one. Ids are opaque ints carrying a slot and a generation: an id is valid from its
+    open() to its close(), and a reused slot refuses the old id.
+
+    With threads > 1 the rows of a step are split among that many native threads (the caller
+    and threads - 1 workers the pool owns). Every method is thread-safe: one lock per pool,
+    which a step holds for its whole (GIL-free) computation, so the steps, opens and closes of
+    one pool are serialized; separate pools run in parallel.
+    """
+    cdef readonly object model, dtype
+    cdef readonly Py_ssize_t capacity, threads, num_layers
+    cdef readonly Py_ssize_t input_size, hidden_size, output_size
+    cdef readonly bint has_cell_state
+    cdef tuple _kernels                 # keeps the kernels alive: _kptr points at them
+    cdef void** _kptr
+    cdef Py_ssize_t _isz                # bytes per number
+    cdef Py_ssize_t _row                # bytes of one slot: h of every layer, then c, padded
+    cdef char* _block                   # capacity slots
+    cdef uint32_t* _gen                 # a slot's current generation
+    cdef unsigned char* _live
+    cdef int32_t* _free                 # a stack of free slots
+    cdef Py_ssize_t _nfree
+    cdef uint64_t* _seen                # the step that last named a slot (duplicate check)
+    cdef uint64_t _tick
+    cdef int32_t* _slots                # one step's slots, in row order
+    cdef char** _hbuf                   # per thread: the chunk's h rows, layer by layer
+    cdef char** _cbuf                   # per thread: the chunk's c rows
+    cdef char** _work                   # per thread: the kernels' workspace for CHUNK rows
+    cdef void** _qwork                  # per thread and layer: the int8 products' scratch
+    cdef int _typenum
+    cdef bint _parity
+    cdef pthread_mutex_t _mu
+    cdef bint _mu_ok
+    cdef fc_workers* _workers
+
+    def __cinit__(self):
+        self._mu_ok = pthread_mutex_init(&self._mu, NULL) == 0
+
+    def __init__(self, model, capacity, threads=1):
+        if not self._mu_ok:
+            raise MemoryError("StreamPool: cannot create its lock")
+        if self._block != NULL:
+            raise RuntimeError("StreamPool: already initialised")
+        stepper = getattr(model, "_stepper", None)
+        if stepper is None:
+            if hasattr(model, "_require_stepper"):
+                model._require_stepper()    # raises: says why this layer cannot stream
+            raise TypeError(f"model: expected a fastcell model (a cell or unidirectional layers), "
+                            f"got {type(model).__name__}")
+        for name, v, lo in (("capacity", capacity, 1), ("threads", threads, 1)):
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{name}: expected an integer >= {lo}, got {v!r}")
+            if v < lo:
+                raise ValueError(f"{name}: expected an integer >= {lo}, got {v}")
+        if capacity > 2 ** 31 - 1:
+            raise ValueError(f"capacity: expected at most {2 ** 31 - 1} streams, got {capacity}")
+        if threads > 1024:
+            raise ValueError(f"threads: expected at most 1024, got {threads}")
+        self.model = model
+        self._kernels = tuple(stepper.kernels)
+        cdef Kernel k = self._kernels[0]
+        self.dtype = k.dtype
+        self._typenum = cnp.NPY_DOUBLE if k.is_double else cnp.NPY_FLOAT
+        self._isz = 8 if k.is_double else 4
+        self.num_layers = len(self._kernels)
+        self.input_size = stepper.input_size
+        self.hidden_size = stepper.hidden_size
+        self.output_size = stepper.output_size
+        self.has_cell_state = stepper.has_cell_state
+        self.capacity = capacity
+        self.threads = threads
+        cdef Py_ssize_t L = self.num_layers, elems
+        elems = L * (self.output_size + (self.hidden_size if self.has_cell_state else 0))
+        self._row = (elems * self._isz + 63) // 64 * 64
+        if capacity > sys.maxsize // (2 * self._row):
+            raise MemoryError(f"capacity: {capacity} streams need more memory than can be addressed")
+        # Not zeroed here: open() zeroes a slot's row, so untouched pages are never mapped.
+        self._block = alloc_aligned(capacity * self._row)
+        self._gen = <uint32_t*>malloc(capacity * sizeof(uint32_t))
+        self._live = <unsigned char*>malloc(capacity)
+        self._free = <int32_t*>malloc(capacity * sizeof(int32_t))
+        self._seen = <uint64_t*>malloc(capacity * sizeof(uint64_t))
+        self._slots = <int32_t*>malloc(capacity * sizeof(int32_t))
+        self._kptr = <void**>malloc(L * sizeof(void*))
+        self._hbuf = <char**>calloc(threads, sizeof(char*))     # NULLs: __dealloc__ frees them
+        self._cbuf = <char**>calloc(threads, sizeof(char*))
+        self._work = <char**>calloc(threads, sizeof(char*))
+        self._qwork = <void**>malloc(threads * L * sizeof(void*))
+        if (self._block == NULL or self._gen == NULL or self._live == NULL or self._free == NULL
+                or self._seen == NULL or self._slots == NULL or self._kptr == NULL
+                or self._hbuf == NULL or self._cbuf == NULL or self._work == NULL
+                or self._qwork == NULL):
+            raise MemoryError(f"capacity: {capacity} streams of {self._row} bytes each")
+        cdef Py_ssize_t i, t, l, work = 0
+        for l in range(L):
+            k = self._kernels[l]
+            self._kptr[l] = <void*>k
+            work = max(work, k.work_elems(1, CHUNK, False))
+        for t in range(threads):
+            self._hbuf[t] = alloc_aligned(L * CHUNK * self.output_size * self._isz)
+            self._cbuf[t] = alloc_aligned(L * CHUNK * self.hidden_size * self._isz)
+            self._work[t] = alloc_aligned(work * self._isz)
+            if self._hbuf[t] == NULL or self._cbuf[t] == NULL or self._work[t] == NULL:
+                raise MemoryError(f"threads: workspace for {threads} threads")
+            for l in range(L):
+                k = self._kernels[l]
+                # qwork_of for CHUNK rows also serves fewer: it lies past a smaller workspace too
+                self._qwork[t * L + l] = k.qwork_of(self._work[t], 1, CHUNK, False)
+        # A random first generation per pool: an id from another pool is refused (but for a
+        # 1 in 2^31 chance), not taken for the stream in this pool's slot of the same number.
+        cdef uint32_t salt = int.from_bytes(os.urandom(4), "little") & GEN_MASK
+        for i in range(capacity):
+            self._gen[i] = salt
+            self._live[i] = 0
+            self._seen[i] = 0
+            self._free[i] = <int32_t>(capacity - 1 - i)     # slot 0 is handed out first
+        self._nfree = capacity
+        self._tick = 0
+        if threads > 1:
+            self._workers = fc_workers_new(<int>threads)
+            if self._workers == NULL:
+                raise OSError(f"threads: cannot start {threads - 1} worker threads")
+
+    def __dealloc__(self):
+        cdef Py_ssize_t t
+        fc_workers_free(self._workers)          # joins the workers first: they read the rest
+        if self._hbuf != NULL:
+            for t in range(self.threads):
+                free(self._hbuf[t])
+                free(self._cbuf[t])
+                free(self._work[t])
+        free(self._block)
+        free(self._gen)
+        free(self._live)
+        free(self._free)
+        free(self._seen)
+        free(self._slots)
+        free(self._kptr)
+        free(self._hbuf)
+        free(self._cbuf)
+        free(self._work)
+        free(self._qwork)
+        if self._mu_ok:
+            pthread_mutex_destroy(&self._mu)
+
+    # -- the lock --
+
+    cdef inline void _lock(self):
+        """Takes the pool's lock, letting other Python threads run while it waits (the holder
+        may need the GIL to finish)."""
+        if pthread_mutex_trylock(&self._mu) != 0:
+            with nogil:
+                pthread_mutex_lock(&self._mu)
+
+    cdef inline void _unlock(self):
+        pthread_mutex_unlock(&self._mu)
+
+    # -- ids --
+
+    cdef inline Py_ssize_t _slot_of(self, int64_t sid) noexcept nogil:
+        """sid's slot when sid is open in this pool, else -1."""
+        cdef int64_t slot = sid & ((<int64_t>1 << SLOT_BITS) - 1)
+        if sid < 0 or slot >= self.capacity or not self._live[slot]:
+            return -1
+        if <uint32_t>(sid >> SLOT_BITS) != self._gen[slot]:
+            return -1
+        return <Py_ssize_t>slot
+
+    cdef Py_ssize_t _checked_slot(self, object sid, str name) except -1:
+        """The slot of an open stream id (lock held), or StreamIdError naming the argument."""
+        if isinstance(sid, (bool, np.bool_)) or not isinstance(sid, (int, np.integer)):
+            raise TypeError(f"{name}: expected a stream id (an int from open()), got {sid!r}")
+        cdef Py_ssize_t slot = -1
+        if -2 ** 63 <= sid < 2 ** 63:
+            slot = self._slot_of(<int64_t>sid)
+        if slot < 0:
+            raise StreamIdError(f"{name}: stream {sid} is not open in this pool (closed, never "
+                                "opened, from another pool, or its slot now serves a newer "
+                                "stream)", sid)
+        return slot
+
+    def open(self):
+        """A new stream at the zero state; returns its id."""
+        cdef Py_ssize_t slot
+        self._lock()
+        try:
+            if self._nfree == 0:
+                raise PoolFullError(f"StreamPool: all {self.capacity} streams are open; close "
+                                    "one or make a larger pool")
+            self._nfree -= 1
+            slot = self._free[self._nfree]
+            self._gen[slot] = (self._gen[slot] + 1) & GEN_MASK
+            memset(self._block + slot * self._row, 0, self._row)
+            self._live[slot] = 1
+            return (<int64_t>self._gen[slot] << SLOT_BITS) | slot
+        finally:
+            self._unlock()
+
+    def close(self, sid):
+        """Ends the stream: its id is refused from now on and its slot may serve a new stream."""
+        cdef Py_ssize_t slot
+        self._lock()
+        try:
+            slot = self._checked_slot(sid, "sid")
+            self._live[slot] = 0
+            memset(self._block + slot * self._row, 0, self._row)   # nothing of it stays behind
+            self._free[self._nfree] = <int32_t>slot
+            self._nfree += 1
+        finally:
+            self._unlock()
+
+    def reset(self, sid):
+        """Back to the zero state, in place (the id stays valid)."""
+        self._lock()
+        try:
+            memset(self._block + self._checked_slot(sid, "sid") * self._row, 0, self._row)
+        finally:
+            self._unlock()
+
+    def is_open(self, sid):
+        """Whether sid is an open stream of this pool."""
+        if isinstance(sid, (bool, np.bool_)) or not isinstance(sid, (int, np.integer)):
+            return False
+        if not -2 ** 63 <= sid < 2 ** 63:
+            return False
+        self._lock()
+        try:
+            return self._slot_of(<int64_t>sid) >= 0
+        finally:
+            self._unlock()
+
+    def __len__(self):
+        return self.capacity - self._nfree
+
+    def open_ids(self):
+        """The ids of every open stream, int64, in slot order."""
+        cdef Py_ssize_t i, n = 0
+        self._lock()
+        try:
+            ids = np.empty(self.capacity - self._nfree, np.int64)
+            for i in range(self.capacity):
+                if self._live[i]:
+                    ids[n] = (<int64_t>self._gen[i] << SLOT_BITS) | i
+                    n += 1
+            return ids
+        finally:
+            self._unlock()
+
+    # -- one stream's state --
+
+    def get_state(self, sid):
+        """(h, c): copies of the stream's state, h (num_layers, H_out) and c (num_layers, H) for
+        the LSTMs, else None."""
+        cdef Py_ssize_t L = self.num_layers, slot
+        cdef char* row
+        h = np.empty((L, self.output_size), self.dtype)
+        c = np.empty((L, self.hidden_size), self.dtype) if self.has_cell_state else None
+        self._lock()
+        try:
+            slot = self._checked_slot(sid, "sid")
+            row = self._block + slot * self._row
+            memcpy(cnp.PyArray_DATA(<cnp.ndarray>h), row, L * self.output_size * self._isz)
+            if c is not None:
+                memcpy(cnp.PyArray_DATA(<cnp.ndarray>c), row + L * self.output_size * self._isz,
+                       L * self.hidden_size * self._isz)
+        finally:
+            self._unlock()
+        return h, c
+
+    def set_state(self, sid, h, c=None):
+        """Writes the stream's state: h (num_layers, H_out) and, for the LSTMs, c
+        (num_layers, H) (either may be (H,) for one layer)."""
+        cdef Py_ssize_t L = self.num_layers, slot
+        cdef char* row
+        hs = self._state_arg(h, "h", self.output_size)
+        if self.has_cell_state:
+            if c is None:
+                raise TypeError("c: expected the cell state of an LSTM stream, got None")
+            cs = self._state_arg(c, "c", self.hidden_size)
+        elif c is not None:
+            raise TypeError(f"c: this model has no cell state, got {type(c).__name__}")
+        self._lock()
+        try:
+            slot = self._checked_slot(sid, "sid")
+            row = self._block + slot * self._row
+            memcpy(row, cnp.PyArray_DATA(<cnp.ndarray>hs), L * self.output_size * self._isz)
+            if self.has_cell_state:
+                memcpy(row + L * self.output_size * self._isz, cnp.PyArray_DATA(<cnp.ndarray>cs),
+                       L * self.hidden_size * self._isz)
+        finally:
+            self._unlock()
+
+    cdef object _state_arg(self, object v, str name, Py_ssize_t width):
+        L = self.num_layers
+        try:
+            a = np.asarray(v)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name}: expected a real array, got {type(v).__name__} ({exc})") from None
+        if a.dtype.kind not in "biuf":
+            raise TypeError(f"{name}: expected real numbers, got an array of dtype {a.dtype}")
+        if a.shape != (L, width) and not (L == 1 and a.shape == (width,)):
+            want = f"({L}, {width})" + (f" or ({width},)" if L == 1 else "")
+            raise ValueError(f"{name}: expected shape {want}, got {a.shape}")
+        return np.ascontiguousarray(a, dtype=self.dtype).reshape(L, width)
+
+    # -- the step --
+
+    def step(self, ids, x, out=None):
+        """y = step(ids, x, out=None): advances the streams `ids` (int64 (n,), distinct, open)
+        by one step of x (n, I); returns their outputs (n, H_out), row i for ids[i], in a new
+        array or in `out`. Everything is checked before any state changes."""
+        cdef Py_ssize_t n, I = self.input_size, Ho = self.output_size, i, slot
+        if not (is_array(ids, cnp.NPY_INT64, 1) and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>ids)):
+            ids = self._ids_arg(ids)
+        n = cnp.PyArray_DIM(<cnp.ndarray>ids, 0)
+        if not has_dims(x, self._typenum, 2, n, I, -1, False):
+            x = self._x_arg(x, n)
+        cdef cnp.npy_intp dims[2]
+        dims[0] = n
+        dims[1] = Ho
+        if out is None:
+            out = cnp.PyArray_EMPTY(2, dims, self._typenum, 0)
+        elif not has_dims(out, self._typenum, 2, n, Ho, -1, True):
+            buffer_of(out, "out", self._typenum, (n, Ho), True)
+        cdef const int64_t* idp = <const int64_t*>cnp.PyArray_DATA(<cnp.ndarray>ids)
+        cdef const char* xp = <const char*>cnp.PyArray_DATA(<cnp.ndarray>x)
+        cdef char* op = <char*>cnp.PyArray_DATA(<cnp.ndarray>out)
+        # Rows are read and written chunk by chunk: out may be x itself, not a part of it.
+        if (op != xp and op < xp + n * I * self._isz and xp < op + n * Ho * self._isz):
+            raise ValueError("out: overlaps x; pass x itself or a separate array")
+        if n == 0:
+            return out
+        cdef StepJob job
+        cdef Py_ssize_t nparts
+        cdef Py_ssize_t bad = -1
+        cdef uint64_t tick
+        self._lock()
+        try:
+            # Every id checked before any state changes: a refused step changes nothing.
+            self._tick += 1
+            tick = self._tick
+            with nogil:
+                for i in range(n):
+                    slot = self._slot_of(idp[i])
+                    if slot < 0 or self._seen[slot] == tick:
+                        bad = i
+                        break
+                    self._seen[slot] = tick
+                    self._slots[i] = <int32_t>slot
+            if bad >= 0:
+                self._refuse(ids, bad)
+            job.n = n
+            job.slots = self._slots
+            job.x = xp
+            job.out = op
+            job.flip = self._parity
+            job.pool = <void*>self
+            self._parity = not self._parity
+            nparts = min(self.threads, max(1, n // ROWS_PER_THREAD))
+            with nogil:
+                if nparts == 1:
+                    _step_part(&job, 0, 1)
+                else:
+                    fc_workers_run(self._workers, _step_part, &job, <int>nparts)
+        finally:
+            self._unlock()
+        return out
+
+    cdef void _refuse(self, object ids, Py_ssize_t bad) except *:
+        sid = int(ids[bad])
+        if -2 ** 63 <= sid < 2 ** 63 and self._slot_of(<int64_t>sid) >= 0:
+            first = int(np.flatnonzero(np.asarray(ids)[:bad] == sid)[0])
+            raise ValueError(f"ids: stream {sid} appears twice (ids[{first}] and ids[{bad}]); a "
+                             "step advances each stream once")
+        raise StreamIdError(f"ids[{bad}]: stream {sid} is not open in this pool (closed, never "
+                            "opened, from another pool, or its slot now serves a newer stream)",
+                            sid)
+
+    cdef object _ids_arg(self, object ids):
+        if ids is None:
+            raise TypeError("ids: expected an int64 array of stream ids, got None")
+        try:
+            a = np.asarray(ids)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"ids: expected an int64 array of stream ids, got "
+                            f"{type(ids).__name__} ({exc})") from None
+        if a.ndim != 1:
+            raise ValueError(f"ids: expected shape (n,), got {a.shape}")
+        if a.size == 0:
+            return np.empty(0, np.int64)
+        if a.dtype.kind not in "iu" or a.dtype == np.bool_:
+            raise TypeError(f"ids: expected integer stream ids, got an array of dtype {a.dtype}")
+        if a.dtype.kind == "u" and a.size and a.max() > np.iinfo(np.int64).max:
+            raise StreamIdError(f"ids: stream {int(a.max())} is not open in this pool",
+                                int(a.max()))
+        return np.ascontiguousarray(a, dtype=np.int64)
+
+    cdef object _x_arg(self, object x, Py_ssize_t n):
+        if x is None:
+            raise TypeError("x: expected an array, got None")
+        if hasattr(x, "detach") and not isinstance(x, np.ndarray):
+            x = x.detach().cpu().numpy()
+        try:
+            a = np.asarray(x)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"x: expected a real array, got {type(x).__name__} ({exc})") from None
+        if a.dtype.kind not in "biuf":
+            raise TypeError(f"x: expected real numbers, got an array of dtype {a.dtype}")
+        if a.shape != (n, self.input_size):
+            raise ValueError(f"x: expected shape ({n}, {self.input_size}) for {n} ids, got "
+                             f"{a.shape}")
+        return np.ascontiguousarray(a, dtype=self.dtype)
+
+    cdef void _rows(self, const StepJob* job, int part, Py_ssize_t r0,
+                    Py_ssize_t r1) noexcept nogil:
+        """Steps rows [r0, r1) of the job with thread `part`'s buffers, CHUNK rows at a time:
+        gather their state rows, run each layer as a StreamState step of that many rows does,
+        write the rows back and the last layer's h to out."""
+        cdef Py_ssize_t L = self.num_layers, Ho = self.output_size, H = self.hidden_size
+        cdef Py_ssize_t isz = self._isz, hb = Ho * isz, cbytes = H * isz
+        cdef char* hbuf = self._hbuf[part]
+        cdef char* cbuf = self._cbuf[part] if self.has_cell_state else NULL
+        cdef char* work = self._work[part]
+        cdef Py_ssize_t r, m, j, l
+        cdef char* row
+        cdef const char* src
+        cdef Walk w
+        r = r0
+        while r < r1:
+            m = min(CHUNK, r1 - r)
+            for j in range(m):
+                row = self._block + job.slots[r + j] * self._row
+                for l in range(L):
+                    memcpy(hbuf + (l * CHUNK + j) * hb, row + l * hb, hb)
+                    if cbuf != NULL:
+                        memcpy(cbuf + (l * CHUNK + j) * cbytes, row + L * hb + l * cbytes, cbytes)
+            src = job.x + r * self.input_size * isz
+            for l in range(L):
+                w = make_walk(1, m, False, 0, NULL, NULL, False)
+                w.flip = job.flip
+                w.qwork = self._qwork[part * L + l]
+                (<Kernel>self._kptr[l]).run_walk(
+                    &w, src, hbuf + l * CHUNK * hb,
+                    NULL if cbuf == NULL else cbuf + l * CHUNK * cbytes, NULL, work)
+                src = hbuf + l * CHUNK * hb     # the next layer reads this layer's new h
+            for j in range(m):
+                row = self._block + job.slots[r + j] * self._row
+                for l in range(L):
+                    memcpy(row + l * hb, hbuf + (l * CHUNK + j) * hb, hb)
+                    if cbuf != NULL:
+                        memcpy(row + L * hb + l * cbytes, cbuf + (l * CHUNK + j) * cbytes, cbytes)
+                memcpy(job.out + (r + j) * hb, hbuf + ((L - 1) * CHUNK + j) * hb, hb)
+            r += m
+
+    def __reduce__(self):
+        raise TypeError("StreamPool cannot be pickled: its streams live in this process. Pickle "
+                        "the model and, if needed, each stream's get_state(), then open() and "
+                        "set_state() them in a new pool")
+
+    def __repr__(self):
+        return (f"StreamPool({type(self.model).__name__}, capacity={self.capacity}, "
+                f"threads={self.threads}, open={len(self)}, dtype={np.dtype(self.dtype).name})")
