@@ -26,6 +26,7 @@ _LAZY = {
     "quantize": "fastcell.quantization",
     "from_onnx": "fastcell.onnx_import",   # reading .onnx files needs the onnx package (an extra)
     "onnx_nodes": "fastcell.onnx_import",
+    "Batcher": "fastcell.batcher",
 }
 
 __all__ = [
