@@ -1,0 +1,250 @@
+"""examples/stream_server.py: a WebSocket service, one connection = one stream of a StreamPool.
+
+Real clients over TCP (websockets): each client's replies must equal, bit for bit, its frames
+stepped through a StreamState of its own, while other clients disconnect mid-stream or send bad
+messages. The server runs in this process, on an event loop of its own thread (so the test sees
+its pool), and as the command-line program in a subprocess (port 0, SIGINT / SIGTERM).
+"""
+
+import asyncio
+import importlib.util
+import json
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+
+import numpy as np
+import pytest
+
+import fastcell
+from conftest import ENV, ROOT, hang_guard
+
+websockets = pytest.importorskip("websockets", minversion="12")
+from websockets.asyncio.client import connect  # noqa: E402
+from websockets.exceptions import ConnectionClosed  # noqa: E402
+
+SCRIPT = ROOT / "examples" / "stream_server.py"
+_spec = importlib.util.spec_from_file_location("stream_server", SCRIPT)
+stream_server = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(stream_server)
+
+I, H = 128, 128   # Silero-size: the real frame of the service
+TIMEOUT = 20   # seconds for any one client or server operation (never reached when all is well)
+
+
+def reference(model, frames):
+    state = model.new_state(1)
+    return np.array([model.step(x, state) for x in frames])
+
+
+class InThread:
+    """serve() on an event loop of its own thread; stop() closes the server and the batcher."""
+
+    def __init__(self, model, **kwargs):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop")
+        self.thread.start()
+        self.server = self.call(stream_server.serve(model, "127.0.0.1", 0, **kwargs))
+        self.url = f"ws://127.0.0.1:{self.server.port}"
+
+    def call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(TIMEOUT)
+
+    def stop(self):
+        try:
+            self.call(self.server.aclose())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(TIMEOUT)
+            self.loop.close()
+        assert not self.server.batcher._thread.is_alive()
+
+
+@pytest.fixture
+def served(request):
+    servers = []
+
+    def start(model, **kwargs):
+        servers.append(InThread(model, **kwargs))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def streams_left(server):
+    """len(server.pool) once the handlers of the clients that left have closed their streams
+    (they do so just after the client sees its connection closed)."""
+    for _ in range(int(TIMEOUT / 0.01)):
+        if len(server.pool) == 0:
+            break
+        threading.Event().wait(0.01)
+    return len(server.pool)
+
+
+async def good_client(url, frames, rng):
+    """Sends the frames in bursts of 1-4 (pipelined), reading each burst's replies after it."""
+    replies = []
+    async with connect(url, compression=None, open_timeout=TIMEOUT) as ws:
+        t = 0
+        while t < len(frames):
+            burst = frames[t:t + int(rng.integers(1, 5))]
+            for x in burst:
+                await ws.send(x.tobytes())
+            for _ in burst:
+                replies.append(np.frombuffer(await ws.recv(), "<f4"))
+            t += len(burst)
+    return np.array(replies)
+
+
+async def leaving_client(url, frames, abort):
+    """Reads a few replies, then leaves with frames in flight: a close, or a dropped TCP link."""
+    async with connect(url, compression=None, open_timeout=TIMEOUT) as ws:
+        for x in frames[:3]:
+            await ws.send(x.tobytes())
+        for _ in range(2):
+            await ws.recv()
+        # Fewer unread replies than the client's queue holds (16), or its close handshake would
+        # wait for close_timeout: the client stops reading its socket when that queue is full.
+        for x in frames[3:10]:
+            await ws.send(x.tobytes())
+        if abort:
+            ws.transport.abort()
+            return
+    # the context manager closed it (1000) without reading the replies still coming
+
+
+async def bad_client(url, frames, message):
+    """Two good frames, then a bad message: two exact replies, the error, and the close."""
+    async with connect(url, compression=None, open_timeout=TIMEOUT) as ws:
+        for x in frames[:2]:
+            await ws.send(x.tobytes())
+        await ws.send(message)
+        replies = [np.frombuffer(await ws.recv(), "<f4") for _ in range(2)]
+        error = await ws.recv()
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()
+    return np.array(replies), error, closed.value.rcvd.code
+
+
+def test_200_clients_get_their_own_stream_exactly(served, rng, caplog):
+    model = stream_server.random_model(3, I, H)
+    srv = served(model, capacity=256)
+    n_good, n_leave, n_bad = 200, 30, 20
+    frames = [rng.standard_normal((int(rng.integers(10, 21)), I)).astype(np.float32)
+              for _ in range(n_good + n_leave + n_bad)]
+    bad_messages = [np.zeros(I + 1, np.float32).tobytes(), b"\0" * 3, "hello", b""]
+
+    async def main():
+        jobs = [good_client(srv.url, frames[k], np.random.default_rng(k)) for k in range(n_good)]
+        jobs += [leaving_client(srv.url, frames[n_good + k], abort=k % 2 == 1) for k in range(n_leave)]
+        jobs += [bad_client(srv.url, frames[n_good + n_leave + k], bad_messages[k % 4])
+                 for k in range(n_bad)]
+        return await asyncio.wait_for(asyncio.gather(*jobs), TIMEOUT)
+
+    with caplog.at_level(logging.WARNING), hang_guard(60):
+        got = asyncio.run(main())
+        for k in range(n_good):
+            assert np.array_equal(got[k], reference(model, frames[k])), k
+        for k in range(n_bad):
+            replies, error, code = got[n_good + n_leave + k]
+            message = bad_messages[k % 4]
+            assert np.array_equal(replies, reference(model, frames[n_good + n_leave + k][:2]))
+            want = f"error: expected a binary frame of {I} little-endian float32 values ({4 * I} bytes), got "
+            if isinstance(message, str):
+                assert error == want + "a text message" and code == 1003
+            else:
+                assert error == want + f"{len(message)} bytes" and code == 1008
+        assert streams_left(srv.server) == 0
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []   # nothing escaped
+
+
+def test_a_full_pool_refuses_with_a_message(served, rng):
+    model = stream_server.random_model(4, I, H)
+    srv = served(model, capacity=3, max_delay=0)
+    x = rng.standard_normal((2, I)).astype(np.float32)
+
+    async def main():
+        async with connect(srv.url, open_timeout=TIMEOUT) as first:
+            others = [await connect(srv.url, open_timeout=TIMEOUT) for _ in range(2)]
+            async with connect(srv.url, open_timeout=TIMEOUT) as refused:
+                assert await refused.recv() == ("error: server full: all 3 streams are in use; "
+                                                 "try again later")
+                with pytest.raises(ConnectionClosed) as closed:
+                    await refused.recv()
+                assert closed.value.rcvd.code == 1013
+            await first.send(x[0].tobytes())   # the streams that are open still work
+            assert np.array_equal(np.frombuffer(await first.recv(), "<f4"), reference(model, x[:1])[0])
+            stats = json.loads(await asyncio.to_thread(
+                lambda: urllib.request.urlopen(srv.url.replace("ws:", "http:") + "/stats",
+                                               timeout=TIMEOUT).read()))
+            assert stats == {"streams": 3, "capacity": 3, "pending": 0}
+            await others[0].close()
+            for _ in range(200):   # its handler closes its stream: a new client gets it
+                if len(srv.server.pool) < 3:
+                    break
+                await asyncio.sleep(0.01)
+            async with connect(srv.url, open_timeout=TIMEOUT) as late:
+                await late.send(x[1].tobytes())
+                assert np.array_equal(np.frombuffer(await late.recv(), "<f4"),
+                                      reference(model, x[1:])[0])
+            await others[1].close()
+
+    with hang_guard(30):
+        asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+        assert streams_left(srv.server) == 0
+
+
+@pytest.mark.parametrize("how", ["seed, SIGTERM", "model file, SIGINT"])
+def test_the_command_line_program(how, tmp_path, rng):
+    if how.startswith("seed"):
+        model = stream_server.random_model(7, 4, 6)
+        args, stop = ["--seed", "7", "--input-size", "4", "--hidden-size", "6"], signal.SIGTERM
+    else:
+        model = fastcell.GRU(4, 6, num_layers=2)
+        fastcell.save(model, tmp_path / "gru.safetensors")
+        args, stop = [tmp_path / "gru.safetensors"], signal.SIGINT
+    proc = subprocess.Popen([sys.executable, SCRIPT, *map(str, args), "--port", "0", "--capacity", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        with hang_guard(30):
+            line = proc.stdout.readline()
+            assert line.startswith("listening on ws://127.0.0.1:"), (line, proc.stderr.read())
+            url = line.split()[-1]
+            frames = rng.standard_normal((3, 12, 4)).astype(np.float32)
+
+            async def main():
+                got = await asyncio.gather(
+                    *(good_client(url, f, np.random.default_rng(k)) for k, f in enumerate(frames)))
+                async with connect(url, open_timeout=TIMEOUT) as staying:
+                    await staying.send(frames[0, 0].tobytes())
+                    await staying.recv()
+                    proc.send_signal(stop)       # a client still connected: told, not dropped
+                    with pytest.raises(ConnectionClosed) as closed:
+                        await staying.recv()
+                return got, closed.value.rcvd.code
+
+            got, code = asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+            for f, g in zip(frames, got):
+                assert np.array_equal(g, reference(model, f))
+            assert code == 1001                  # going away
+            out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0 and err == "" and out == "", (proc.returncode, out, err)
+
+
+def test_a_bad_model_file_is_one_line(tmp_path):
+    bad = tmp_path / "nope.safetensors"
+    bad.write_bytes(b"not a model")
+    r = subprocess.run([sys.executable, SCRIPT, bad, "--port", "0"], capture_output=True, text=True,
+                       env=ENV, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("stream_server: error: ") and str(bad) in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
