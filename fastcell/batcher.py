@@ -47,7 +47,8 @@ class Batcher:
     the future resolves to that stream's output row, a new (output_size,) array. A frame is
     checked when submitted and a bad one raises there (it never reaches a tick). A frame of a
     stream the pool no longer knows gets the pool's StreamIdError (a ValueError whose ``sid``
-    names it) on its future; the other streams of that tick are stepped as usual. Any other error
+    names it, ``sids`` every such id of the tick) on its future; the other streams of that tick
+    are stepped as usual. Any other error
     of a step is set on the futures of that tick, and the batcher keeps running.
 
     max_batch: most streams stepped in one tick (None: no limit). max_delay: seconds a frame may
@@ -288,17 +289,22 @@ class Batcher:
             try:
                 y = self.pool.step(np.array(ids, np.int64), x, self._y[:n])
             except Exception as exc:
-                bad = getattr(exc, "sid", None) if isinstance(exc, ValueError) else None
-                if bad is None or bad not in ids:
+                # StreamIdError names every id of the step that is not open (sids; sid, the
+                # first): those streams fail (this frame and all they have queued); the step
+                # changed no state, so the others are stepped again without them.
+                bad = ()
+                if isinstance(exc, ValueError):
+                    bad = getattr(exc, "sids", None) or (getattr(exc, "sid", None),)
+                    bad = [sid for sid in dict.fromkeys(bad) if sid in ids]
+                if not bad:
                     for fut in futs:
                         fut.set_exception(exc)
                     return True
-                # StreamIdError: that stream fails (this frame and all it has queued); the step
-                # changed no state, so the others are stepped again without it.
-                i = ids.index(bad)
-                del ids[i], frames[i]
-                futs.pop(i).set_exception(exc)
-                self._fail_stream(bad, exc)
+                for sid in bad:
+                    i = ids.index(sid)
+                    del ids[i], frames[i]
+                    futs.pop(i).set_exception(exc)
+                    self._fail_stream(sid, exc)
                 continue
             for fut, row in zip(futs, y):
                 fut.set_result(row.copy())   # the caller's own row: the buffer is reused

@@ -54,11 +54,21 @@ class PoolFullError(RuntimeError):
 
 class StreamIdError(ValueError):
     """A stream id that is not open in this pool: closed, never opened, from another pool, or
-    an old id of a slot that now serves a newer stream. `sid` is the id."""
+    an old id of a slot that now serves a newer stream. `sid` is the (first) such id; `sids`,
+    every such id of the call, in order."""
 
-    def __init__(self, message, sid):
+    def __init__(self, message, sid, sids=None):
         super().__init__(message)
         self.sid = sid
+        self.sids = (sid,) if sids is None else tuple(sids)
+
+
+cdef inline void _take(pthread_mutex_t* m):
+    """Takes a pool lock, letting other Python threads run while it waits (its holder may need
+    the GIL to finish)."""
+    if pthread_mutex_trylock(m) != 0:
+        with nogil:
+            pthread_mutex_lock(m)
 
 
 cdef struct StepJob:
@@ -116,12 +126,14 @@ cdef class StreamPool:
     cdef void** _qwork                  # per thread and layer: the int8 products' scratch
     cdef int _typenum
     cdef bint _parity
-    cdef pthread_mutex_t _mu
+    cdef pthread_mutex_t _mu            # the streams' states: step, close, reset, get/set_state
+    cdef pthread_mutex_t _ids_mu        # which slots are open (_live, _gen, _free): held briefly
     cdef bint _mu_ok
     cdef fc_workers* _workers
 
     def __cinit__(self):
-        self._mu_ok = pthread_mutex_init(&self._mu, NULL) == 0
+        self._mu_ok = (pthread_mutex_init(&self._mu, NULL) == 0
+                       and pthread_mutex_init(&self._ids_mu, NULL) == 0)
 
     def __init__(self, model, capacity, threads=1):
         if not self._mu_ok:
@@ -229,18 +241,13 @@ cdef class StreamPool:
         free(self._qwork)
         if self._mu_ok:
             pthread_mutex_destroy(&self._mu)
+            pthread_mutex_destroy(&self._ids_mu)
 
-    # -- the lock --
-
-    cdef inline void _lock(self):
-        """Takes the pool's lock, letting other Python threads run while it waits (the holder
-        may need the GIL to finish)."""
-        if pthread_mutex_trylock(&self._mu) != 0:
-            with nogil:
-                pthread_mutex_lock(&self._mu)
-
-    cdef inline void _unlock(self):
-        pthread_mutex_unlock(&self._mu)
+    # -- the locks --
+    # Two, always taken in this order: _mu for the streams' states, which a step holds for its
+    # whole computation, then _ids_mu for the table of open slots, which every call holds only
+    # while it checks or changes that table. open() takes _ids_mu alone: the slot it hands out
+    # is free, so no step can be using it, and an open never waits for a step.
 
     # -- ids --
 
@@ -266,10 +273,23 @@ cdef class StreamPool:
                                 "stream)", sid)
         return slot
 
+    cdef Py_ssize_t _hold(self, object sid, str name) except -1:
+        """Takes _mu and returns sid's slot: the stream stays open and no step touches it until
+        _mu is released. Raises, holding nothing, when sid is not open."""
+        _take(&self._mu)
+        _take(&self._ids_mu)
+        try:
+            return self._checked_slot(sid, name)
+        except BaseException:
+            pthread_mutex_unlock(&self._mu)
+            raise
+        finally:
+            pthread_mutex_unlock(&self._ids_mu)
+
     def open(self):
         """A new stream at the zero state; returns its id."""
         cdef Py_ssize_t slot
-        self._lock()
+        _take(&self._ids_mu)
         try:
             if self._nfree == 0:
                 raise PoolFullError(f"StreamPool: all {self.capacity} streams are open; close "
@@ -281,28 +301,26 @@ cdef class StreamPool:
             self._live[slot] = 1
             return (<int64_t>self._gen[slot] << SLOT_BITS) | slot
         finally:
-            self._unlock()
+            pthread_mutex_unlock(&self._ids_mu)
 
     def close(self, sid):
         """Ends the stream: its id is refused from now on and its slot may serve a new stream."""
-        cdef Py_ssize_t slot
-        self._lock()
+        cdef Py_ssize_t slot = self._hold(sid, "sid")
         try:
-            slot = self._checked_slot(sid, "sid")
-            self._live[slot] = 0
             memset(self._block + slot * self._row, 0, self._row)   # nothing of it stays behind
+            _take(&self._ids_mu)
+            self._live[slot] = 0
             self._free[self._nfree] = <int32_t>slot
             self._nfree += 1
+            pthread_mutex_unlock(&self._ids_mu)
         finally:
-            self._unlock()
+            pthread_mutex_unlock(&self._mu)
 
     def reset(self, sid):
         """Back to the zero state, in place (the id stays valid)."""
-        self._lock()
-        try:
-            memset(self._block + self._checked_slot(sid, "sid") * self._row, 0, self._row)
-        finally:
-            self._unlock()
+        cdef Py_ssize_t slot = self._hold(sid, "sid")
+        memset(self._block + slot * self._row, 0, self._row)
+        pthread_mutex_unlock(&self._mu)
 
     def is_open(self, sid):
         """Whether sid is an open stream of this pool."""
@@ -310,11 +328,11 @@ cdef class StreamPool:
             return False
         if not -2 ** 63 <= sid < 2 ** 63:
             return False
-        self._lock()
+        _take(&self._ids_mu)
         try:
             return self._slot_of(<int64_t>sid) >= 0
         finally:
-            self._unlock()
+            pthread_mutex_unlock(&self._ids_mu)
 
     def __len__(self):
         return self.capacity - self._nfree
@@ -322,7 +340,7 @@ cdef class StreamPool:
     def open_ids(self):
         """The ids of every open stream, int64, in slot order."""
         cdef Py_ssize_t i, n = 0
-        self._lock()
+        _take(&self._ids_mu)
         try:
             ids = np.empty(self.capacity - self._nfree, np.int64)
             for i in range(self.capacity):
@@ -331,7 +349,7 @@ cdef class StreamPool:
                     n += 1
             return ids
         finally:
-            self._unlock()
+            pthread_mutex_unlock(&self._ids_mu)
 
     # -- one stream's state --
 
@@ -342,16 +360,15 @@ cdef class StreamPool:
         cdef char* row
         h = np.empty((L, self.output_size), self.dtype)
         c = np.empty((L, self.hidden_size), self.dtype) if self.has_cell_state else None
-        self._lock()
+        slot = self._hold(sid, "sid")
         try:
-            slot = self._checked_slot(sid, "sid")
             row = self._block + slot * self._row
             memcpy(cnp.PyArray_DATA(<cnp.ndarray>h), row, L * self.output_size * self._isz)
             if c is not None:
                 memcpy(cnp.PyArray_DATA(<cnp.ndarray>c), row + L * self.output_size * self._isz,
                        L * self.hidden_size * self._isz)
         finally:
-            self._unlock()
+            pthread_mutex_unlock(&self._mu)
         return h, c
 
     def set_state(self, sid, h, c=None):
@@ -366,16 +383,15 @@ cdef class StreamPool:
             cs = self._state_arg(c, "c", self.hidden_size)
         elif c is not None:
             raise TypeError(f"c: this model has no cell state, got {type(c).__name__}")
-        self._lock()
+        slot = self._hold(sid, "sid")
         try:
-            slot = self._checked_slot(sid, "sid")
             row = self._block + slot * self._row
             memcpy(row, cnp.PyArray_DATA(<cnp.ndarray>hs), L * self.output_size * self._isz)
             if self.has_cell_state:
                 memcpy(row + L * self.output_size * self._isz, cnp.PyArray_DATA(<cnp.ndarray>cs),
                        L * self.hidden_size * self._isz)
         finally:
-            self._unlock()
+            pthread_mutex_unlock(&self._mu)
 
     cdef object _state_arg(self, object v, str name, Py_ssize_t width):
         L = self.num_layers
@@ -421,21 +437,26 @@ cdef class StreamPool:
         cdef Py_ssize_t nparts
         cdef Py_ssize_t bad = -1
         cdef uint64_t tick
-        self._lock()
+        _take(&self._mu)
         try:
-            # Every id checked before any state changes: a refused step changes nothing.
-            self._tick += 1
-            tick = self._tick
-            with nogil:
-                for i in range(n):
-                    slot = self._slot_of(idp[i])
-                    if slot < 0 or self._seen[slot] == tick:
-                        bad = i
-                        break
-                    self._seen[slot] = tick
-                    self._slots[i] = <int32_t>slot
-            if bad >= 0:
-                self._refuse(ids, bad)
+            # Every id checked before any state changes: a refused step changes nothing. Once
+            # checked, the streams stay open until _mu is released (close() takes it).
+            _take(&self._ids_mu)
+            try:
+                self._tick += 1
+                tick = self._tick
+                with nogil:
+                    for i in range(n):
+                        slot = self._slot_of(idp[i])
+                        if slot < 0 or self._seen[slot] == tick:
+                            bad = i
+                            break
+                        self._seen[slot] = tick
+                        self._slots[i] = <int32_t>slot
+                if bad >= 0:
+                    self._refuse(idp, n, bad)
+            finally:
+                pthread_mutex_unlock(&self._ids_mu)
             job.n = n
             job.slots = self._slots
             job.x = xp
@@ -450,18 +471,26 @@ cdef class StreamPool:
                 else:
                     fc_workers_run(self._workers, _step_part, &job, <int>nparts)
         finally:
-            self._unlock()
+            pthread_mutex_unlock(&self._mu)
         return out
 
-    cdef void _refuse(self, object ids, Py_ssize_t bad) except *:
-        sid = int(ids[bad])
-        if -2 ** 63 <= sid < 2 ** 63 and self._slot_of(<int64_t>sid) >= 0:
-            first = int(np.flatnonzero(np.asarray(ids)[:bad] == sid)[0])
-            raise ValueError(f"ids: stream {sid} appears twice (ids[{first}] and ids[{bad}]); a "
-                             "step advances each stream once")
-        raise StreamIdError(f"ids[{bad}]: stream {sid} is not open in this pool (closed, never "
-                            "opened, from another pool, or its slot now serves a newer stream)",
-                            sid)
+    cdef void _refuse(self, const int64_t* ids, Py_ssize_t n, Py_ssize_t bad) except *:
+        """Raises for a step whose ids[bad] failed the check: StreamIdError naming every id
+        that is not open (so a caller drops them all at once), else the duplicate."""
+        cdef Py_ssize_t i, first = -1
+        closed = [i for i in range(n) if self._slot_of(ids[i]) < 0]
+        if closed:
+            i = closed[0]
+            raise StreamIdError(f"ids[{i}]: stream {ids[i]} is not open in this pool (closed, "
+                                "never opened, from another pool, or its slot now serves a newer "
+                                f"stream){f'; {len(closed)} ids in all' if len(closed) > 1 else ''}",
+                                ids[i], [ids[i] for i in closed])
+        for i in range(bad):
+            if ids[i] == ids[bad]:
+                first = i
+                break
+        raise ValueError(f"ids: stream {ids[bad]} appears twice (ids[{first}] and ids[{bad}]); a "
+                         "step advances each stream once")
 
     cdef object _ids_arg(self, object ids):
         if ids is None:

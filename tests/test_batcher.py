@@ -131,12 +131,14 @@ def test_max_batch_is_respected(rng):
     assert sum(len(ids) for ids in proxy.steps) == 60
 
 
-def test_a_closed_stream_fails_alone(rng):
+def test_closed_streams_fail_alone(rng):
+    """Two streams closed under a waiting tick: one refused step names both (StreamIdError.sids),
+    they fail, and the others are stepped without them."""
     model = make_model("lstm_2_layers", rng)
     pool = fastcell.StreamPool(model, 8)
     proxy = Recording(pool)
-    a, b, c = (pool.open() for _ in range(3))
-    xs = rng.standard_normal((3, 4, I)).astype(np.float32)
+    a, b, c, d = (pool.open() for _ in range(4))
+    xs = rng.standard_normal((4, 4, I)).astype(np.float32)
     with hang_guard(20), fastcell.Batcher(proxy) as batcher:
         proxy.gate = threading.Event()
         first = batcher.submit(a, xs[0, 0])
@@ -144,16 +146,19 @@ def test_a_closed_stream_fails_alone(rng):
         fa = [batcher.submit(a, x) for x in xs[0, 1:]]
         fb = [batcher.submit(b, x) for x in xs[1]]
         fc = [batcher.submit(c, x) for x in xs[2]]
+        fd = [batcher.submit(d, x) for x in xs[3]]
         pool.close(b)
+        pool.close(d)
         proxy.gate.set()
         assert np.array_equal(results([first] + fa), reference(model, xs[0]))
         assert np.array_equal(results(fc), reference(model, xs[2]))
-        for f in fb:
-            with pytest.raises(fastcell.StreamIdError) as err:
-                f.result(timeout=WAIT)
-            assert err.value.sid == b
-    assert [a, b, c] in proxy.steps and [a, c] in proxy.steps   # refused, then stepped without b
-    assert sum(b in ids for ids in proxy.steps) == 1           # b's later frames never tried
+        for sid, futs in ((b, fb), (d, fd)):
+            for f in futs:
+                with pytest.raises(fastcell.StreamIdError) as err:
+                    f.result(timeout=WAIT)
+                assert err.value.sid == b and err.value.sids == (b, d)
+    assert [a, b, c, d] in proxy.steps and [a, c] in proxy.steps   # refused once, then without
+    assert sum(b in ids or d in ids for ids in proxy.steps) == 1    # their later frames never tried
 
 
 def test_bad_frames_and_ids_are_refused_at_submit(rng):

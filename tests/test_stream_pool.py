@@ -166,6 +166,12 @@ def test_ids_are_refused_outside_open_to_close(rng):
             pool.set_state(sid, np.zeros(5), np.zeros(5))
         assert not pool.is_open(sid)
     assert isinstance(fastcell.StreamIdError("m", 1), ValueError)
+    with pytest.raises(fastcell.StreamIdError, match=r"ids\[1\]: .* 2 ids in all") as e:
+        pool.step([a, stale, b2, foreign], np.ones((4, 3), np.float32))
+    assert e.value.sid == stale and e.value.sids == (stale, foreign)
+    with pytest.raises(fastcell.StreamIdError) as e:     # not open beats a duplicate
+        pool.step([a, a, stale], np.ones((3, 3), np.float32))
+    assert e.value.sids == (stale,)
     with pytest.raises(ValueError, match=r"appears twice \(ids\[0\] and ids\[2\]\)"):
         pool.step([a, b2, a], np.ones((3, 3), np.float32))
     with pytest.raises(TypeError, match="sid: expected a stream id"):
