@@ -30,6 +30,25 @@ cdef extern from "pthread.h" nogil:
     int pthread_mutex_unlock(pthread_mutex_t*)
 
 
+cdef extern from *:
+    """
+    /* Asks for the state rows of the next chunk while this one computes: a stream's row was
+       last touched a whole frame period ago, so it comes from L3 or memory. */
+    static inline void fc_prefetch_rows(const char *block, const int32_t *slots, Py_ssize_t m,
+                                        Py_ssize_t row) {
+        for (Py_ssize_t j = 0; j < m; j++)
+            for (Py_ssize_t b = 0; b < row; b += 64)
+                __builtin_prefetch(block + slots[j] * row + b, 0, 2);
+    }
+    static inline Py_ssize_t fc_claim(Py_ssize_t *next, Py_ssize_t k) {
+        return __atomic_fetch_add(next, k, __ATOMIC_RELAXED);
+    }
+    """
+    Py_ssize_t fc_claim(Py_ssize_t* next, Py_ssize_t k) noexcept nogil
+    void fc_prefetch_rows(const char* block, const int32_t* slots, Py_ssize_t m,
+                          Py_ssize_t row) noexcept nogil
+
+
 cdef extern from "workers.h" nogil:
     ctypedef void (*fc_task)(void* arg, int part, int nparts) noexcept nogil
     ctypedef struct fc_workers:
@@ -42,8 +61,10 @@ cdef extern from "workers.h" nogil:
 # Rows gathered and stepped together: the chunk's states, [x h] rows and gate rows stay in L2
 # while the packed weights stream past them (the products block rows the same way, matmul.h).
 DEF CHUNK = 64
-# Fewer rows than this per thread cost more to hand over than to step.
-DEF ROWS_PER_THREAD = 8
+# Threads take chunks from a shared counter, so a worker that wakes late only takes fewer: a
+# step is cut into at least this many chunks per thread (of no fewer than MIN_CHUNK rows).
+DEF CHUNKS_PER_THREAD = 4
+DEF MIN_CHUNK = 16
 DEF SLOT_BITS = 32
 DEF GEN_MASK = 0x7FFFFFFF
 
@@ -78,16 +99,20 @@ cdef struct StepJob:
     char* out                   # (n, H_out)
     bint flip
     void* pool                  # the StreamPool (borrowed: step() holds a reference)
+    Py_ssize_t unit             # rows per chunk
+    Py_ssize_t next             # the first row no thread has claimed (atomic)
 
 
 cdef void _step_part(void* arg, int part, int nparts) noexcept nogil:
-    """One thread's share of a step: a contiguous block of rows (a worker's entry point)."""
+    """One thread's share of a step (a worker's entry point): chunks claimed from the shared
+    counter until none is left, each next one claimed first so its rows load meanwhile."""
     cdef StepJob* job = <StepJob*>arg
-    cdef Py_ssize_t per = (job.n + nparts - 1) // nparts
-    per = (per + 7) // 8 * 8                   # whole register tiles for every thread but the last
-    cdef Py_ssize_t r0 = part * per, r1 = min(job.n, (part + 1) * per)
-    if r0 < r1:
-        (<StreamPool>job.pool)._rows(job, part, r0, r1)
+    cdef Py_ssize_t r = fc_claim(&job.next, job.unit), r2
+    while r < job.n:
+        r2 = fc_claim(&job.next, job.unit)
+        (<StreamPool>job.pool)._rows(job, part, r, min(job.unit, job.n - r),
+                                     r2, min(job.unit, job.n - r2))
+        r = r2
 
 
 cdef class StreamPool:
@@ -464,7 +489,11 @@ cdef class StreamPool:
             job.flip = self._parity
             job.pool = <void*>self
             self._parity = not self._parity
-            nparts = min(self.threads, max(1, n // ROWS_PER_THREAD))
+            job.next = 0
+            nparts = min(self.threads, max(1, n // MIN_CHUNK))
+            job.unit = min(CHUNK, max(MIN_CHUNK, (n // (nparts * CHUNKS_PER_THREAD) + 7) // 8 * 8))
+            if nparts == 1:
+                job.unit = CHUNK
             with nogil:
                 if nparts == 1:
                     _step_part(&job, 0, 1)
@@ -527,46 +556,45 @@ cdef class StreamPool:
                              f"{a.shape}")
         return np.ascontiguousarray(a, dtype=self.dtype)
 
-    cdef void _rows(self, const StepJob* job, int part, Py_ssize_t r0,
-                    Py_ssize_t r1) noexcept nogil:
-        """Steps rows [r0, r1) of the job with thread `part`'s buffers, CHUNK rows at a time:
-        gather their state rows, run each layer as a StreamState step of that many rows does,
-        write the rows back and the last layer's h to out."""
+    cdef void _rows(self, const StepJob* job, int part, Py_ssize_t r, Py_ssize_t m,
+                    Py_ssize_t r_next, Py_ssize_t m_next) noexcept nogil:
+        """Steps the m <= CHUNK rows from r of the job with thread `part`'s buffers: gathers
+        their state rows, runs each layer as a StreamState step of m rows does, writes the rows
+        back and the last layer's h to out. Asks for the state rows of the m_next rows from
+        r_next (this thread's next chunk) meanwhile."""
         cdef Py_ssize_t L = self.num_layers, Ho = self.output_size, H = self.hidden_size
         cdef Py_ssize_t isz = self._isz, hb = Ho * isz, cbytes = H * isz
         cdef char* hbuf = self._hbuf[part]
         cdef char* cbuf = self._cbuf[part] if self.has_cell_state else NULL
         cdef char* work = self._work[part]
-        cdef Py_ssize_t r, m, j, l
+        cdef Py_ssize_t j, l
         cdef char* row
         cdef const char* src
         cdef Walk w
-        r = r0
-        while r < r1:
-            m = min(CHUNK, r1 - r)
-            for j in range(m):
-                row = self._block + job.slots[r + j] * self._row
-                for l in range(L):
-                    memcpy(hbuf + (l * CHUNK + j) * hb, row + l * hb, hb)
-                    if cbuf != NULL:
-                        memcpy(cbuf + (l * CHUNK + j) * cbytes, row + L * hb + l * cbytes, cbytes)
-            src = job.x + r * self.input_size * isz
+        if m_next > 0:
+            fc_prefetch_rows(self._block, job.slots + r_next, m_next, self._row)
+        for j in range(m):
+            row = self._block + job.slots[r + j] * self._row
             for l in range(L):
-                w = make_walk(1, m, False, 0, NULL, NULL, False)
-                w.flip = job.flip
-                w.qwork = self._qwork[part * L + l]
-                (<Kernel>self._kptr[l]).run_walk(
-                    &w, src, hbuf + l * CHUNK * hb,
-                    NULL if cbuf == NULL else cbuf + l * CHUNK * cbytes, NULL, work)
-                src = hbuf + l * CHUNK * hb     # the next layer reads this layer's new h
-            for j in range(m):
-                row = self._block + job.slots[r + j] * self._row
-                for l in range(L):
-                    memcpy(row + l * hb, hbuf + (l * CHUNK + j) * hb, hb)
-                    if cbuf != NULL:
-                        memcpy(row + L * hb + l * cbytes, cbuf + (l * CHUNK + j) * cbytes, cbytes)
-                memcpy(job.out + (r + j) * hb, hbuf + ((L - 1) * CHUNK + j) * hb, hb)
-            r += m
+                memcpy(hbuf + (l * CHUNK + j) * hb, row + l * hb, hb)
+                if cbuf != NULL:
+                    memcpy(cbuf + (l * CHUNK + j) * cbytes, row + L * hb + l * cbytes, cbytes)
+        src = job.x + r * self.input_size * isz
+        for l in range(L):
+            w = make_walk(1, m, False, 0, NULL, NULL, False)
+            w.flip = job.flip
+            w.qwork = self._qwork[part * L + l]
+            (<Kernel>self._kptr[l]).run_walk(
+                &w, src, hbuf + l * CHUNK * hb,
+                NULL if cbuf == NULL else cbuf + l * CHUNK * cbytes, NULL, work)
+            src = hbuf + l * CHUNK * hb     # the next layer reads this layer's new h
+        for j in range(m):
+            row = self._block + job.slots[r + j] * self._row
+            for l in range(L):
+                memcpy(row + l * hb, hbuf + (l * CHUNK + j) * hb, hb)
+                if cbuf != NULL:
+                    memcpy(row + L * hb + l * cbytes, cbuf + (l * CHUNK + j) * cbytes, cbytes)
+            memcpy(job.out + (r + j) * hb, hbuf + ((L - 1) * CHUNK + j) * hb, hb)
 
     def __reduce__(self):
         raise TypeError("StreamPool cannot be pickled: its streams live in this process. Pickle "
