@@ -599,7 +599,11 @@ def write_markdown(path, rows, cold, machine, parity, args, elapsed, threads=())
     L.append("- " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()))
     L.append(f"- {machine['os']}")
     L.append("")
-    Path(path).write_text("\n".join(L))
+    # bench/serve.py's section (between its markers) comes from its own run: carry it over.
+    from bench.serve import section_of, splice
+
+    old = Path(path).read_text() if Path(path).exists() else ""
+    Path(path).write_text(splice("\n".join(L), section_of(old)))
 
 
 CHART_COLORS = {"pytorch": "#ee4c2c", "onnxruntime": "#5a5a5a", "floor": "#1f77b4",
