@@ -65,6 +65,10 @@ DEF CHUNK = 64
 # step is cut into at least this many chunks per thread (of no fewer than MIN_CHUNK rows).
 DEF CHUNKS_PER_THREAD = 4
 DEF MIN_CHUNK = 16
+# A step of fewer rows than this per thread runs on the calling thread alone: handing rows to a
+# worker costs tens of microseconds on a VM, as much as stepping them. Under load a serving
+# loop's ticks grow past it by themselves, and then the workers join.
+DEF ROWS_PER_THREAD = 32
 DEF SLOT_BITS = 32
 DEF GEN_MASK = 0x7FFFFFFF
 
@@ -490,7 +494,7 @@ cdef class StreamPool:
             job.pool = <void*>self
             self._parity = not self._parity
             job.next = 0
-            nparts = min(self.threads, max(1, n // MIN_CHUNK))
+            nparts = min(self.threads, max(1, n // ROWS_PER_THREAD))
             job.unit = min(CHUNK, max(MIN_CHUNK, (n // (nparts * CHUNKS_PER_THREAD) + 7) // 8 * 8))
             if nparts == 1:
                 job.unit = CHUNK
