@@ -317,20 +317,21 @@ cdef class StreamPool:
 
     def open(self):
         """A new stream at the zero state; returns its id."""
-        cdef Py_ssize_t slot
+        cdef Py_ssize_t slot = -1
+        cdef int64_t sid = 0
         _take(&self._ids_mu)
-        try:
-            if self._nfree == 0:
-                raise PoolFullError(f"StreamPool: all {self.capacity} streams are open; close "
-                                    "one or make a larger pool")
-            self._nfree -= 1
+        if self._nfree > 0:        # no Python object is made under the lock: a garbage
+            self._nfree -= 1       # collection there could run a finalizer that calls the pool
             slot = self._free[self._nfree]
             self._gen[slot] = (self._gen[slot] + 1) & GEN_MASK
             memset(self._block + slot * self._row, 0, self._row)
             self._live[slot] = 1
-            return (<int64_t>self._gen[slot] << SLOT_BITS) | slot
-        finally:
-            pthread_mutex_unlock(&self._ids_mu)
+            sid = (<int64_t>self._gen[slot] << SLOT_BITS) | slot
+        pthread_mutex_unlock(&self._ids_mu)
+        if slot < 0:
+            raise PoolFullError(f"StreamPool: all {self.capacity} streams are open; close one or "
+                                "make a larger pool")
+        return sid
 
     def close(self, sid):
         """Ends the stream: its id is refused from now on and its slot may serve a new stream."""
@@ -458,8 +459,12 @@ cdef class StreamPool:
         cdef const char* xp = <const char*>cnp.PyArray_DATA(<cnp.ndarray>x)
         cdef char* op = <char*>cnp.PyArray_DATA(<cnp.ndarray>out)
         # Rows are read and written chunk by chunk: out may be x itself, not a part of it.
-        if (op != xp and op < xp + n * I * self._isz and xp < op + n * Ho * self._isz):
-            raise ValueError("out: overlaps x; pass x itself or a separate array")
+        # (x itself only when rows are the same width: a wider out row would overwrite rows of x
+        # that a later chunk still has to read)
+        if ((op != xp or I != Ho) and op < xp + n * I * self._isz
+                and xp < op + n * Ho * self._isz):
+            raise ValueError("out: overlaps x; pass a separate array (or x itself when "
+                             "output_size == input_size)")
         if n == 0:
             return out
         cdef StepJob job

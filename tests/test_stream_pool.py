@@ -222,6 +222,11 @@ def test_step_arguments(rng):
     x2 = rng.standard_normal((3, 4)).astype(np.float32)
     want2 = np.stack([model.step(x2[i], ref[i]) for i in range(3)])
     assert pool.step(ids, x2, out=x2) is x2 and np.array_equal(x2, want2)
+    gru = fastcell.StreamPool(fastcell.GRU(3, 8), 200)    # out rows wider than x rows
+    g_ids = [gru.open() for _ in range(150)]
+    buf = np.zeros(150 * 8, np.float32)
+    with pytest.raises(ValueError, match="out: overlaps x"):
+        gru.step(g_ids, buf[:450].reshape(150, 3), out=buf.reshape(150, 8))
     big = np.zeros((4, 4), np.float32)
     with pytest.raises(ValueError, match="out: overlaps x"):
         pool.step(ids, big[:3], out=big[1:])
