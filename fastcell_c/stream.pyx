@@ -169,16 +169,9 @@ cdef class Stepper:
 
     cdef object _coerce(self, x):
         """Anything else array-like: converted (a copy), with the errors a caller can act on."""
-        if x is None:
-            raise TypeError("x: expected an array, got None")
-        if hasattr(x, "detach") and not isinstance(x, np.ndarray):
-            x = x.detach().cpu().numpy()
-        try:
-            a = np.asarray(x)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"x: expected a real array, got {type(x).__name__} ({exc})") from None
-        if a.dtype.kind not in "biuf":
-            raise TypeError(f"x: expected real numbers, got an array of dtype {a.dtype}")
+        from fastcell._checks import to_numpy   # here, not at import: fastcell imports us
+
+        a = to_numpy(x, "x")
         if a.ndim not in (1, 2):
             raise ValueError(f"x: expected shape (B, {self.input_size}) or ({self.input_size},), "
                              f"got {a.shape}")

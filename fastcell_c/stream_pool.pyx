@@ -424,13 +424,10 @@ cdef class StreamPool:
             pthread_mutex_unlock(&self._mu)
 
     cdef object _state_arg(self, object v, str name, Py_ssize_t width):
+        from fastcell._checks import to_numpy   # here, not at import: fastcell imports us
+
         L = self.num_layers
-        try:
-            a = np.asarray(v)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"{name}: expected a real array, got {type(v).__name__} ({exc})") from None
-        if a.dtype.kind not in "biuf":
-            raise TypeError(f"{name}: expected real numbers, got an array of dtype {a.dtype}")
+        a = to_numpy(v, name)
         if a.shape != (L, width) and not (L == 1 and a.shape == (width,)):
             want = f"({L}, {width})" + (f" or ({width},)" if L == 1 else "")
             raise ValueError(f"{name}: expected shape {want}, got {a.shape}")
@@ -550,16 +547,9 @@ cdef class StreamPool:
         return np.ascontiguousarray(a, dtype=np.int64)
 
     cdef object _x_arg(self, object x, Py_ssize_t n):
-        if x is None:
-            raise TypeError("x: expected an array, got None")
-        if hasattr(x, "detach") and not isinstance(x, np.ndarray):
-            x = x.detach().cpu().numpy()
-        try:
-            a = np.asarray(x)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"x: expected a real array, got {type(x).__name__} ({exc})") from None
-        if a.dtype.kind not in "biuf":
-            raise TypeError(f"x: expected real numbers, got an array of dtype {a.dtype}")
+        from fastcell._checks import to_numpy   # here, not at import: fastcell imports us
+
+        a = to_numpy(x, "x")
         if a.shape != (n, self.input_size):
             raise ValueError(f"x: expected shape ({n}, {self.input_size}) for {n} ids, got "
                              f"{a.shape}")
