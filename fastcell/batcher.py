@@ -108,24 +108,7 @@ class Batcher:
             frame = self._frame(frame)
         if type(sid) is not int or not _SID_MIN <= sid <= _SID_MAX:
             sid = self._sid(sid)
-        fut = Future()
-        entry = (frame, fut)
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("submit: the Batcher is closed")
-            queues = self._queues
-            q = queues.get(sid)
-            if q is None:            # the common case: the stream's only waiting frame
-                if not queues:
-                    self._since = monotonic()
-                queues[sid] = entry
-                if self._sleeping and (self._sleeping == _IDLE or len(queues) >= self._limit):
-                    self._wake.notify()
-            elif type(q) is tuple:
-                queues[sid] = deque((q, entry))
-            else:
-                q.append(entry)      # the stream is already served in its turn: no wake-up
-        return fut
+        return self._enqueue(sid, frame, "submit")
 
     def submit_async(self, sid, frame):
         """``await batcher.submit_async(sid, frame)``: submit() for asyncio code (call it in the
@@ -140,23 +123,30 @@ class Batcher:
         this get StreamIdError."""
         if type(sid) is not int or not _SID_MIN <= sid <= _SID_MAX:
             sid = self._sid(sid)
+        return self._enqueue(sid, None, "close_stream")
+
+    def _enqueue(self, sid, frame, caller):
+        """Queues (frame, future) behind the stream's waiting entries (frame None: a close) and
+        wakes the worker when it should act now: when it is idle, when max_batch streams are
+        waiting, or for a close (it may be waiting out max_delay)."""
         fut = Future()
-        entry = (None, fut)
+        entry = (frame, fut)
         with self._lock:
             if self._closed:
-                raise RuntimeError("close_stream: the Batcher is closed")
+                raise RuntimeError(f"{caller}: the Batcher is closed")
             queues = self._queues
             q = queues.get(sid)
-            if q is None:
+            if q is None:            # the common case: the stream's only waiting entry
                 if not queues:
                     self._since = monotonic()
                 queues[sid] = entry
-                if self._sleeping:
+                if self._sleeping and (frame is None or self._sleeping == _IDLE
+                                       or len(queues) >= self._limit):
                     self._wake.notify()
             elif type(q) is tuple:
                 queues[sid] = deque((q, entry))
             else:
-                q.append(entry)
+                q.append(entry)      # the stream is already served in its turn: no wake-up
         return fut
 
     def close(self):
