@@ -11,6 +11,7 @@ from libc.string cimport memcpy, memset
 
 import os
 import sys
+import weakref
 
 import numpy as np
 
@@ -71,6 +72,26 @@ DEF MIN_CHUNK = 16
 DEF ROWS_PER_THREAD = 32
 DEF SLOT_BITS = 32
 DEF GEN_MASK = 0x7FFFFFFF
+
+
+def max_threads():
+    """The most threads a pool (or a model) may use: the CPUs this process may run on
+    (os.sched_getaffinity where the OS has it, else os.cpu_count()). More threads than cores
+    only wait for each other: every step waits for its slowest part. FASTCELL_MAX_THREADS (an
+    integer) overrides it, e.g. to test oversubscription on a small machine."""
+    env = os.environ.get("FASTCELL_MAX_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"FASTCELL_MAX_THREADS: expected an integer >= 1, got {env!r}") from None
+        if n >= 1:
+            return n
+        raise ValueError(f"FASTCELL_MAX_THREADS: expected an integer >= 1, got {env!r}")
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 class PoolFullError(RuntimeError):
@@ -159,6 +180,7 @@ cdef class StreamPool:
     cdef pthread_mutex_t _ids_mu        # which slots are open (_live, _gen, _free): held briefly
     cdef bint _mu_ok
     cdef fc_workers* _workers
+    cdef object __weakref__             # the fork hooks keep a weak set of live pools
 
     def __cinit__(self):
         self._mu_ok = (pthread_mutex_init(&self._mu, NULL) == 0
@@ -182,8 +204,10 @@ cdef class StreamPool:
                 raise ValueError(f"{name}: expected an integer >= {lo}, got {v}")
         if capacity > 2 ** 31 - 1:
             raise ValueError(f"capacity: expected at most {2 ** 31 - 1} streams, got {capacity}")
-        if threads > 1024:
-            raise ValueError(f"threads: expected at most 1024, got {threads}")
+        limit = max_threads()
+        if threads > limit:
+            raise ValueError(f"threads: expected at most {limit} (the CPUs this process may run "
+                             f"on; more only wait for each other), got {threads}")
         self.model = model
         self._kernels = tuple(stepper.kernels)
         cdef Kernel k = self._kernels[0]
@@ -248,6 +272,7 @@ cdef class StreamPool:
             self._workers = fc_workers_new(<int>threads)
             if self._workers == NULL:
                 raise OSError(f"threads: cannot start {threads - 1} worker threads")
+        _live_pools.add(self)
 
     def __dealloc__(self):
         cdef Py_ssize_t t
@@ -289,31 +314,33 @@ cdef class StreamPool:
             return -1
         return <Py_ssize_t>slot
 
-    cdef Py_ssize_t _checked_slot(self, object sid, str name) except -1:
-        """The slot of an open stream id (lock held), or StreamIdError naming the argument."""
+    cdef int64_t _sid_value(self, object sid, str name, bint* valid) except? -1:
+        """sid as an int64 (valid[0] False when it cannot be one of this pool's ids), or
+        TypeError naming the argument. Checked before any lock is taken."""
         if isinstance(sid, (bool, np.bool_)) or not isinstance(sid, (int, np.integer)):
             raise TypeError(f"{name}: expected a stream id (an int from open()), got {sid!r}")
+        valid[0] = -2 ** 63 <= sid < 2 ** 63
+        return <int64_t>sid if valid[0] else 0
+
+    cdef Py_ssize_t _hold(self, object sid, str name) except -1:
+        """Takes _mu and returns sid's slot: the stream stays open and no step touches it until
+        _mu is released. Raises, holding nothing, when sid is not open. No Python object is made
+        while a lock is held: a garbage collection there could run a finalizer that calls this
+        pool on this thread and waits forever for the lock it holds."""
+        cdef bint valid
+        cdef int64_t v = self._sid_value(sid, name, &valid)
         cdef Py_ssize_t slot = -1
-        if -2 ** 63 <= sid < 2 ** 63:
-            slot = self._slot_of(<int64_t>sid)
+        _take(&self._mu)
+        _take(&self._ids_mu)
+        if valid:
+            slot = self._slot_of(v)
+        pthread_mutex_unlock(&self._ids_mu)
         if slot < 0:
+            pthread_mutex_unlock(&self._mu)
             raise StreamIdError(f"{name}: stream {sid} is not open in this pool (closed, never "
                                 "opened, from another pool, or its slot now serves a newer "
                                 "stream)", sid)
         return slot
-
-    cdef Py_ssize_t _hold(self, object sid, str name) except -1:
-        """Takes _mu and returns sid's slot: the stream stays open and no step touches it until
-        _mu is released. Raises, holding nothing, when sid is not open."""
-        _take(&self._mu)
-        _take(&self._ids_mu)
-        try:
-            return self._checked_slot(sid, name)
-        except BaseException:
-            pthread_mutex_unlock(&self._mu)
-            raise
-        finally:
-            pthread_mutex_unlock(&self._ids_mu)
 
     def open(self):
         """A new stream at the zero state; returns its id."""
@@ -358,11 +385,12 @@ cdef class StreamPool:
             return False
         if not -2 ** 63 <= sid < 2 ** 63:
             return False
+        cdef int64_t v = <int64_t>sid
+        cdef bint live
         _take(&self._ids_mu)
-        try:
-            return self._slot_of(<int64_t>sid) >= 0
-        finally:
-            pthread_mutex_unlock(&self._ids_mu)
+        live = self._slot_of(v) >= 0
+        pthread_mutex_unlock(&self._ids_mu)
+        return live
 
     def __len__(self):
         return self.capacity - self._nfree
@@ -370,16 +398,15 @@ cdef class StreamPool:
     def open_ids(self):
         """The ids of every open stream, int64, in slot order."""
         cdef Py_ssize_t i, n = 0
+        ids = np.empty(self.capacity, np.int64)     # made before the lock: see _hold
+        cdef int64_t* p = <int64_t*>cnp.PyArray_DATA(<cnp.ndarray>ids)
         _take(&self._ids_mu)
-        try:
-            ids = np.empty(self.capacity - self._nfree, np.int64)
-            for i in range(self.capacity):
-                if self._live[i]:
-                    ids[n] = (<int64_t>self._gen[i] << SLOT_BITS) | i
-                    n += 1
-            return ids
-        finally:
-            pthread_mutex_unlock(&self._ids_mu)
+        for i in range(self.capacity):
+            if self._live[i]:
+                p[n] = (<int64_t>self._gen[i] << SLOT_BITS) | i
+                n += 1
+        pthread_mutex_unlock(&self._ids_mu)
+        return ids[:n].copy()
 
     # -- one stream's state --
 
@@ -468,26 +495,28 @@ cdef class StreamPool:
         cdef Py_ssize_t nparts
         cdef Py_ssize_t bad = -1
         cdef uint64_t tick
+        if n > self.capacity:       # then some id is closed or repeated; a _slots entry each
+            self._refuse(idp, n, -1)
         _take(&self._mu)
         try:
             # Every id checked before any state changes: a refused step changes nothing. Once
-            # checked, the streams stay open until _mu is released (close() takes it).
+            # checked, the streams stay open until _mu is released (close() takes it). Nothing
+            # Python is made under the locks (see _hold): a refusal is raised after them.
             _take(&self._ids_mu)
-            try:
-                self._tick += 1
-                tick = self._tick
-                with nogil:
-                    for i in range(n):
-                        slot = self._slot_of(idp[i])
-                        if slot < 0 or self._seen[slot] == tick:
-                            bad = i
-                            break
-                        self._seen[slot] = tick
-                        self._slots[i] = <int32_t>slot
-                if bad >= 0:
-                    self._refuse(idp, n, bad)
-            finally:
-                pthread_mutex_unlock(&self._ids_mu)
+            self._tick += 1
+            tick = self._tick
+            with nogil:
+                for i in range(n):
+                    slot = self._slot_of(idp[i])
+                    if slot < 0 or self._seen[slot] == tick:
+                        bad = i
+                        break
+                    self._seen[slot] = tick
+                    self._slots[i] = <int32_t>slot
+            pthread_mutex_unlock(&self._ids_mu)
+            if bad >= 0:
+                pthread_mutex_unlock(&self._mu)
+                self._refuse(idp, n, bad)
             job.n = n
             job.slots = self._slots
             job.x = xp
@@ -510,20 +539,40 @@ cdef class StreamPool:
         return out
 
     cdef void _refuse(self, const int64_t* ids, Py_ssize_t n, Py_ssize_t bad) except *:
-        """Raises for a step whose ids[bad] failed the check: StreamIdError naming every id
-        that is not open (so a caller drops them all at once), else the duplicate."""
-        cdef Py_ssize_t i, first = -1
-        closed = [i for i in range(n) if self._slot_of(ids[i]) < 0]
-        if closed:
+        """Raises for a step whose ids[bad] failed the check (bad < 0: not known yet), holding
+        no lock: StreamIdError naming every id that is not open (so a caller drops them all at
+        once), else the first repeated one. Which ids are open is read under _ids_mu into C
+        memory, and the exception is made after it is released."""
+        cdef Py_ssize_t i, j, nclosed = 0, first = -1
+        closed_arr = np.empty(n, np.intp)
+        cdef Py_ssize_t* closed = <Py_ssize_t*>cnp.PyArray_DATA(<cnp.ndarray>closed_arr)
+        _take(&self._ids_mu)
+        for i in range(n):
+            if self._slot_of(ids[i]) < 0:
+                closed[nclosed] = i
+                nclosed += 1
+        pthread_mutex_unlock(&self._ids_mu)
+        if nclosed:
             i = closed[0]
             raise StreamIdError(f"ids[{i}]: stream {ids[i]} is not open in this pool (closed, "
                                 "never opened, from another pool, or its slot now serves a newer "
-                                f"stream){f'; {len(closed)} ids in all' if len(closed) > 1 else ''}",
-                                ids[i], [ids[i] for i in closed])
-        for i in range(bad):
-            if ids[i] == ids[bad]:
-                first = i
-                break
+                                f"stream){f'; {nclosed} ids in all' if nclosed > 1 else ''}",
+                                ids[i], [ids[closed[j]] for j in range(nclosed)])
+        if bad < 0:                 # every id open: some id is repeated
+            seen = {}
+            for i in range(n):
+                if ids[i] in seen:
+                    first, bad = seen[ids[i]], i
+                    break
+                seen[ids[i]] = i
+        else:
+            for i in range(bad):
+                if ids[i] == ids[bad]:
+                    first = i
+                    break
+        if first < 0:               # a stream was closed and its id reopened meanwhile
+            raise StreamIdError(f"ids: a stream of this step was closed while it was checked",
+                                ids[max(bad, 0)])
         raise ValueError(f"ids: stream {ids[bad]} appears twice (ids[{first}] and ids[{bad}]); a "
                          "step advances each stream once")
 
@@ -595,6 +644,20 @@ cdef class StreamPool:
                     memcpy(row + L * hb + l * cbytes, cbuf + (l * CHUNK + j) * cbytes, cbytes)
             memcpy(job.out + (r + j) * hb, hbuf + ((L - 1) * CHUNK + j) * hb, hb)
 
+    # -- fork --
+    # A process forked while another thread steps this pool would inherit _mu locked by a thread
+    # that does not exist there. So every lock of every pool is taken around the fork (the hooks
+    # below): the fork waits for a step in progress, and the child starts with the locks free
+    # (held by its one thread, which releases them) and steps on that thread alone (workers.h).
+
+    cdef void _fork_lock(self):
+        _take(&self._mu)         # releases the GIL while it waits: the stepping thread needs it
+        _take(&self._ids_mu)
+
+    cdef void _fork_unlock(self):
+        pthread_mutex_unlock(&self._ids_mu)
+        pthread_mutex_unlock(&self._mu)
+
     def __reduce__(self):
         raise TypeError("StreamPool cannot be pickled: its streams live in this process. Pickle "
                         "the model and, if needed, each stream's get_state(), then open() and "
@@ -603,3 +666,25 @@ cdef class StreamPool:
     def __repr__(self):
         return (f"StreamPool({type(self.model).__name__}, capacity={self.capacity}, "
                 f"threads={self.threads}, open={len(self)}, dtype={np.dtype(self.dtype).name})")
+
+
+_live_pools = weakref.WeakSet()
+_fork_locked = []
+
+
+def _before_fork():
+    pools = sorted(_live_pools, key=id)     # one order for every fork
+    for p in pools:
+        (<StreamPool>p)._fork_lock()
+        _fork_locked.append(p)
+
+
+def _after_fork():
+    for p in _fork_locked:
+        (<StreamPool>p)._fork_unlock()
+    _fork_locked.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork,
+                        after_in_child=_after_fork)
