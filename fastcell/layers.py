@@ -73,7 +73,7 @@ class _Layer(Frozen):
     @property
     def weight_bytes(self):
         """Bytes of weights this model keeps in memory (as given and as packed for the kernels)."""
-        return sum(r.resident_bytes() for r in self._recs)
+        return sum(r.resident_bytes() for r in self._weights[0])
 
     @property
     def output_size(self):
@@ -158,29 +158,43 @@ class _Layer(Frozen):
         for _, _, s in self._suffixes():
             w = {n[: -len(s)]: v for n, v in weights.items() if n.endswith(s)}
             recs.append(self._make(w, s))
-        # Replaced whole: a concurrent call sees the old weights or the new, never a mix.
-        self._recs, self._stepper = tuple(recs), self._make_stepper(recs)
+        # One reference, replaced whole: a call takes it once, so it computes every layer and
+        # direction with the old weights or with the new ones, never a mix.
+        self._weights = (tuple(recs), self._make_stepper(recs))
 
     def _make_stepper(self, recs):
-        return None if self.bidirectional or self.reverse else Stepper([r.kernel for r in recs])
+        if self.bidirectional or self.reverse:
+            return None
+        # The family is this layer: states made before a reload keep stepping, with new weights.
+        return Stepper([r.kernel for r in recs], self._family())
+
+    def _family(self):
+        return self.__dict__.setdefault("_state_family", _StateFamily())
 
     def __getstate__(self):
-        state = dict(self.__dict__)
-        del state["_stepper"]
+        recs, _ = self._weights
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_weights", "_state_family")}
+        state["_recs"] = recs
         return state
 
     def __setstate__(self, state):
+        recs = state.pop("_recs")
         self.__dict__.update(state)
-        self._stepper = self._make_stepper(self._recs)
+        self.__dict__["_weights"] = (recs, self._make_stepper(recs))
 
     # -- streaming --
 
+    @property
+    def _stepper(self):
+        return self._weights[1]
+
     def _require_stepper(self):
-        if self._stepper is None:
+        stepper = self._weights[1]
+        if stepper is None:
             which = "a bidirectional" if self.bidirectional else "a reverse (backwards in time)"
             raise ValueError(f"{type(self).__name__}: {which} layer needs the whole "
                              "sequence; call the layer on it instead of stepping")
-        return self._stepper
+        return stepper
 
     def new_state(self, batch=1):
         """A StreamState holding h (and c) of every layer for `batch` streams (zeros) and the
@@ -197,14 +211,14 @@ class _Layer(Frozen):
         """Every parameter under PyTorch's names, as read-only float NumPy arrays (a reduced
         format's matrices dequantized, computed now)."""
         out = {}
-        for rec, (_, _, s) in zip(self._recs, self._suffixes()):
+        for rec, (_, _, s) in zip(self._weights[0], self._suffixes()):
             out.update({n + s: v for n, v in rec.parameters().items()})
         return out
 
     def _stored_state_dict(self):
         """Every parameter as kept: float arrays and, in a reduced format, Reduced matrices."""
         out = {}
-        for rec, (_, _, s) in zip(self._recs, self._suffixes()):
+        for rec, (_, _, s) in zip(self._weights[0], self._suffixes()):
             out.update({n + s: v for n, v in rec.stored().items()})
         return out
 
@@ -315,6 +329,7 @@ class _Layer(Frozen):
         return states
 
     def _run(self, x, states, lengths, perm, T, B):
+        recs = self._weights[0]     # once: every layer and direction of this call from one set
         D, P = self.num_directions, self.output_size
         shape = (B, T, D * P) if self.batch_first else (T, B, D * P)
         inp = x
@@ -324,13 +339,19 @@ class _Layer(Frozen):
             for d in range(D):
                 i = k * D + d
                 bufs = [s[i] if perm is None else s[i][perm] for s in states]
-                self._recs[i].run(inp, bufs[0], bufs[1] if len(bufs) > 1 else None, out, d * P,
+                recs[i].run(inp, bufs[0], bufs[1] if len(bufs) > 1 else None, out, d * P,
                                   self.batch_first, d == 1 or self.reverse, lengths, perm)
                 if perm is not None:
                     for s, buf in zip(states, bufs):
                         s[i][perm] = buf
             inp = out
         return inp
+
+
+class _StateFamily:
+    """Names the StreamStates of one layer across its reloads (stream.Stepper's family)."""
+
+    __slots__ = ("__weakref__",)
 
 
 class RNN(_Layer):

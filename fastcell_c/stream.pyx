@@ -22,7 +22,9 @@ cdef class StreamState:
 
     Made by `model.new_state(batch)`; `h` is (num_layers, batch, H_out), `c` (num_layers, batch, H)
     for the LSTMs, else None: views you may read and write. A state serves one stream (or one
-    batch of streams) at a time: two threads must not step the same state at once.
+    batch of streams) at a time: two threads must not step the same state at once. It serves
+    the model that made it, also after that model loads new weights (load_state_dict): its next
+    step uses them.
     """
     cdef readonly object h, c
     cdef readonly Py_ssize_t batch
@@ -91,15 +93,21 @@ cdef class StreamState:
 
 
 cdef class Stepper:
-    """Advances StreamStates of a stack of unidirectional layers (or of one cell)."""
+    """Advances StreamStates of a stack of unidirectional layers (or of one cell).
+
+    family: an object naming the model this stepper computes for; a model that loads new weights
+    makes a new stepper of the same family (and the same shapes), whose steps take the states
+    its earlier steppers made. None: a family of its own."""
     cdef readonly tuple kernels
+    cdef readonly object family
     cdef readonly object dtype
     cdef readonly Py_ssize_t input_size, hidden_size, output_size
     cdef readonly bint has_cell_state
     cdef int typenum
 
-    def __init__(self, kernels):
+    def __init__(self, kernels, family=None):
         self.kernels = tuple(kernels)
+        self.family = self if family is None else family
         cdef Kernel first = self.kernels[0]
         cdef Kernel last = self.kernels[len(self.kernels) - 1]
         self.dtype = first.dtype
@@ -121,7 +129,7 @@ cdef class Stepper:
         array, or `out` filled in place, with no allocation at all."""
         cdef Py_ssize_t B, I = self.input_size, i
         cdef int nd
-        if state.owner is not self:
+        if state.owner is not self and state.owner.family is not self.family:
             raise ValueError("state: expected a state made by this model's new_state()")
         if not ((is_array(x, self.typenum, 2) or is_array(x, self.typenum, 1))
                 and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>x)):

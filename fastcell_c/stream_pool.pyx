@@ -644,6 +644,47 @@ cdef class StreamPool:
                     memcpy(row + L * hb + l * cbytes, cbuf + (l * CHUNK + j) * cbytes, cbytes)
             memcpy(job.out + (r + j) * hb, hbuf + ((L - 1) * CHUNK + j) * hb, hb)
 
+    # -- new weights --
+
+    def reload(self, model):
+        """Serves `model`'s weights from the next step on, keeping every stream's state: a model
+        of the same architecture (cell type, layers, sizes, dtype and weight format), such as
+        this pool's model after load_state_dict. A step runs with the old weights or the new
+        ones, never a mix; a step in progress finishes with the old ones."""
+        stepper = getattr(model, "_stepper", None)
+        if stepper is None:
+            raise TypeError(f"model: expected a fastcell model (a cell or unidirectional layers), "
+                            f"got {type(model).__name__}")
+        kernels = tuple(stepper.kernels)
+        cdef Py_ssize_t L = self.num_layers, l, t
+        cdef Kernel a, b
+        same = len(kernels) == L
+        for l in range(min(L, len(kernels))):
+            a, b = self._kernels[l], kernels[l]
+            same = same and (type(a) is type(b) and a.input_size == b.input_size
+                             and a.hidden_size == b.hidden_size and a.output_size == b.output_size
+                             and a.weight_format == b.weight_format and a.width == b.width
+                             and a.work_elems(1, CHUNK, False) == b.work_elems(1, CHUNK, False)
+                             and a.qwork_of(NULL, 1, CHUNK, False) == b.qwork_of(NULL, 1, CHUNK, False))
+        if not same:
+            raise ValueError(f"model: expected a model of this pool's architecture "
+                             f"({self.model!r}), got {model!r}")
+        cdef void** kptr = <void**>malloc(L * sizeof(void*))
+        if kptr == NULL:
+            raise MemoryError("reload")
+        for l in range(L):
+            kptr[l] = <void*>kernels[l]
+        # The old references live on in these locals until after the lock: a last reference
+        # dropped under it could run a finalizer (weakref.finalize of the old model, say).
+        old_kernels, old_model = self._kernels, self.model
+        cdef void** old_kptr
+        _take(&self._mu)
+        old_kptr, self._kptr = self._kptr, kptr
+        self._kernels = kernels
+        self.model = model
+        pthread_mutex_unlock(&self._mu)
+        free(old_kptr)
+
     # -- fork --
     # A process forked while another thread steps this pool would inherit _mu locked by a thread
     # that does not exist there. So every lock of every pool is taken around the fork (the hooks

@@ -476,12 +476,15 @@ def test_step_state_of_another_layer_count():
         two.step(np.zeros(I), one.new_state())
 
 
-def test_state_of_reloaded_layer_is_refused():
+def test_state_of_a_reloaded_layer_steps_with_the_new_weights():
     layer = make_layer("lstm", num_layers=2)
     state = layer.new_state()
-    layer.load_state_dict(layer.state_dict())
-    with pytest.raises(ValueError, match=exp("state")):
-        layer.step(np.zeros(I), state)
+    new = {n: v * 0.5 for n, v in layer.state_dict().items()}
+    layer.load_state_dict(new)
+    twin = make_layer("lstm", num_layers=2)
+    twin.load_state_dict(new)
+    expected = twin.step(np.ones(I), twin.new_state())
+    assert np.array_equal(layer.step(np.ones(I), state), expected)
 
 
 @stepper_names
