@@ -33,7 +33,7 @@ class _Cell(Frozen):
     weight_format = property(lambda self: self._rec.weight_format,
                              doc='How the weight matrices are stored: "float32", "float64", "int8" or "bf16".')
     weight_bytes = property(lambda self: self._rec.resident_bytes(),
-                            doc="Bytes of weights this model keeps in memory (as given and as packed).")
+                            doc="Bytes of weights this model keeps in memory (packed for its kernel).")
 
     kind = ""
 
@@ -61,11 +61,10 @@ class _Cell(Frozen):
         # weight_ih, bias_hh, ... read straight from the (read-only) weights.
         rec = self.__dict__.get("_rec")
         if rec is not None:
-            stored = rec.stored()
-            if name in stored:
-                return stored_value(stored[name])  # dequantizes this one matrix only
-            if name in ("bias_ih", "bias_hh"):
-                return None  # bias=False, as in PyTorch
+            if name in rec.matrices:
+                return stored_value(rec.matrix(name))  # unpacks this one matrix only
+            if name in ("bias_ih", "bias_hh", "weight_ph") and (name != "weight_ph" or self.kind == "peephole_lstm"):
+                return getattr(rec, name)  # None for bias=False, as in PyTorch
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __repr__(self):

@@ -72,7 +72,7 @@ class _Layer(Frozen):
 
     @property
     def weight_bytes(self):
-        """Bytes of weights this model keeps in memory (as given and as packed for the kernels)."""
+        """Bytes of weights this model keeps in memory (packed for its kernels)."""
         return sum(r.resident_bytes() for r in self._weights[0])
 
     @property

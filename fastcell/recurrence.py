@@ -1,83 +1,53 @@
-"""One direction of one recurrent layer: its validated weights, laid out once for its kernel, and
-the call into fastcell_c. Cells and layers are built from these.
+"""One direction of one recurrent layer: its validated weights, handed once to its kernel, and the
+call into fastcell_c. Cells and layers are built from these.
 
-Weights are kept twice: as given (PyTorch layout and names, for ``state_dict``) and in the form the
-kernel reads: transposed, so that a one-row product is a contiguous AXPY (fastcell_c/matmul.h), with
-each gate block padded with zero columns to a multiple of the SIMD width, and biases folded where
-the cell allows. All arrays are read-only, so one object serves many threads.
+The weight matrices are kept once, packed in the layout the kernel reads (fastcell_c/kernel.pyx:
+gate blocks side by side, each packed part padded to whole SIMD vectors, none for a matrix
+narrower than one); ``stored()`` and ``parameters()`` unpack them when asked. Biases and
+peepholes, small, are kept as given too (the kernel folds b_ih + b_hh, which cannot be split
+again). All arrays are read-only, so one object serves many threads.
 
 The weight matrices (W_ih, W_hh, W_hr) may be float32, float64, or ``Reduced`` (int8 or bf16,
 fastcell.weight_formats), all in one format; a reduced recurrence computes in float32 with float32
-biases and peepholes, and keeps no float copy of its matrices.
+biases and peepholes.
 """
 
 import numpy as np
 
-from fastcell._checks import as_flag, as_weight, check_same_dtype, shape_error
+from fastcell._checks import as_flag, as_weight, check_same_dtype, shape_error, to_numpy, FLOAT_DTYPES
 from fastcell.weight_formats import REDUCED_FORMATS, Reduced
 from fastcell_c.gru import GRUKernel
-from fastcell_c.kernel import INT8_MAX_ROWS, LANES
+from fastcell_c.kernel import INT8_MAX_ROWS
 from fastcell_c.lstm import LSTMKernel
 from fastcell_c.rnn import RNNKernel
 
 NONLINEARITIES = ("tanh", "relu")
 
 
-def padded(n):
-    return -(-n // LANES) * LANES
-
-
-def aligned_zeros(shape, dtype, align=64):
-    """Zeros whose data starts on an `align`-byte boundary (NumPy only promises 16): a vector load
-    that straddles two cache lines costs two, which halves the kernels' bandwidth from L2."""
-    dtype = np.dtype(dtype)
-    n = int(np.prod(shape))
-    raw = np.zeros(n * dtype.itemsize + align, np.uint8)
-    start = -raw.ctypes.data % align
-    return raw[start:start + n * dtype.itemsize].view(dtype).reshape(shape)
-
-
-def gate_columns(w, gates):
-    """(gates*H, K) in PyTorch layout -> (K, gates*padded(H)): transposed, each gate block padded,
-    64-byte aligned (every row too: its width is a multiple of LANES elements)."""
-    H = w.shape[0] // gates
-    Hp = padded(H)
-    out = aligned_zeros((w.shape[1], gates * Hp), w.dtype)
-    for g in range(gates):
-        out[:, g * Hp:g * Hp + H] = w[g * H:(g + 1) * H].T
-    return out
-
-
-def gate_vector(b, gates):
-    """(gates*H,) -> (gates*padded(H),), each gate block padded with zeros."""
-    return gate_columns(b[:, None], gates)[0]
-
-
 def as_matrix(value, name):
-    """A weight matrix: a Reduced one as it is, else as_weight (float32 or float64)."""
+    """A weight matrix for a kernel to pack: a Reduced one as it is, else a C-contiguous float32 or
+    float64 array (no copy where it is one already: the kernel keeps its packed copy only)."""
     if isinstance(value, Reduced):
         if value.format == "int8" and value.shape[1] > INT8_MAX_ROWS:
             raise ValueError(f"{name}: int8 weights take at most {INT8_MAX_ROWS} inputs per row (an "
                              f"int32 sum must not overflow), got {value.shape[1]}")
         return value
-    return as_weight(value, name, 2)
+    arr = to_numpy(value, name)
+    if arr.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name}: expected float32 or float64 weights, got {arr.dtype}; "
+            f"convert explicitly, e.g. np.asarray({name}, dtype=np.float32)"
+        )
+    if arr.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array, got shape {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
 
 
-def kernel_matrix(w, gates):
-    """What a kernel takes for one weight matrix: W^T with padded gate blocks in its own format
-    (bf16 as bit patterns), and int8's per-column scales padded alike (None otherwise)."""
+def kernel_matrix(w):
+    """(data, int8 per-row scales or None) of a matrix, as a kernel takes it (bf16 as its bits)."""
     if isinstance(w, Reduced):
-        return gate_columns(w.data, gates), (gate_vector(w.scale, gates) if w.scale is not None else None)
-    return gate_columns(w, gates), None
-
-
-def stored_value(w):
-    """A matrix as state_dict shows it: float as kept; a reduced one dequantized, when asked."""
-    if isinstance(w, Reduced):
-        out = w.dequantize()
-        out.flags.writeable = False
-        return out
-    return w
+        return w.data, w.scale
+    return w, None
 
 
 class Recurrence:
@@ -85,9 +55,10 @@ class Recurrence:
 
     gates = 0
     has_cell_state = False
+    matrices = ("weight_ih", "weight_hh")
 
     def __init__(self, weight_ih, weight_hh, bias_ih, bias_hh, suffix="", hidden_out=None):
-        self._arguments = {"suffix": suffix}
+        self.suffix = suffix
         w_ih = as_matrix(weight_ih, "weight_ih" + suffix)
         rows, I = w_ih.shape
         if rows == 0 or rows % self.gates or I == 0:
@@ -114,8 +85,8 @@ class Recurrence:
                     raise shape_error(name + suffix, (rows,), b.shape)
         check_same_dtype(self.dtype, **{"bias_ih" + suffix: b_ih, "bias_hh" + suffix: b_hh})
         self.input_size, self.hidden_size, self.output_size = I, H, hout
-        self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh = w_ih, w_hh, b_ih, b_hh
-        self._arguments.update(weight_ih=w_ih, weight_hh=w_hh, bias_ih=b_ih, bias_hh=b_hh)
+        self.bias_ih, self.bias_hh = b_ih, b_hh
+        self._given = {"weight_ih": w_ih, "weight_hh": w_hh}   # until the kernel has packed them
 
     def _vector(self, value, name, ndim):
         """A bias or peephole: in a reduced recurrence, float32 whatever came (exactly
@@ -125,11 +96,18 @@ class Recurrence:
             a = as_weight(a.astype(np.float32), name, ndim)
         return a
 
-    def _kernel_format(self, **scales):
-        """The weight-format arguments of the kernels."""
-        if self.weight_format not in REDUCED_FORMATS:
-            return {"weight_format": self.weight_format}
-        return {"weight_format": self.weight_format, **scales}
+    def _kernel_args(self, *names):
+        """The given matrices' data, then the weight-format keyword arguments of the kernels (the
+        int8 scales under scale_<ih|hh|hr>). The given matrices are let go: the kernel keeps
+        its packed copy only."""
+        given = self.__dict__.pop("_given")
+        data, fmt = [], {"weight_format": self.weight_format}
+        for name in names:
+            d, scale = kernel_matrix(given[name])
+            data.append(d)
+            if self.weight_format in REDUCED_FORMATS:
+                fmt["scale_" + name.split("_")[1]] = scale
+        return data, fmt
 
     def _folded_bias(self):
         """b_ih + b_hh (zeros without bias): what the kernels add to every gate row."""
@@ -143,13 +121,24 @@ class Recurrence:
         self.kernel.run(x, h, c, out, out_col, batch_first, reverse, lengths, perm)
 
     def resident_bytes(self):
-        """Bytes of weights kept: as given (or reduced) and as the kernel holds them."""
-        return sum(v.nbytes for v in self.stored().values()) + self.kernel.resident_bytes
+        """Bytes of weights kept: the kernel's (packed matrices, laid-out biases, int8 scales)
+        and the biases and peepholes as given."""
+        kept = [self.bias_ih, self.bias_hh, getattr(self, "weight_ph", None)]
+        return self.kernel.resident_bytes + sum(a.nbytes for a in kept if a is not None)
+
+    def matrix(self, name):
+        """One weight matrix as kept, unpacked now: a float array, or a Reduced one (read-only)."""
+        slot, segment = {"weight_ih": (0, 0), "weight_hh": (0, 1), "weight_hr": (1, 0)}[name]
+        data, scale = self.kernel.unpack(slot, segment)
+        if self.weight_format in REDUCED_FORMATS:
+            return Reduced(self.weight_format, data, scale)
+        data.flags.writeable = False
+        return data
 
     def stored(self):
         """The weights under PyTorch's names (without layer suffix), as kept: float arrays, or
-        Reduced matrices (weights_file saves these)."""
-        p = {"weight_ih": self.weight_ih, "weight_hh": self.weight_hh}
+        Reduced matrices (weights_file saves these); the matrices unpacked now."""
+        p = {name: self.matrix(name) for name in ("weight_ih", "weight_hh")}
         if self.bias_ih is not None:
             p["bias_ih"], p["bias_hh"] = self.bias_ih, self.bias_hh
         return p
@@ -159,9 +148,21 @@ class Recurrence:
         or dequantized from a reduced format (computed now, not kept)."""
         return {n: stored_value(v) for n, v in self.stored().items()}
 
+    def _options(self):
+        return {}
+
     def __reduce__(self):
         # The compiled kernel holds raw pointers: pickle the weights and rebuild it on load.
-        return (_rebuild, (type(self), self._arguments))
+        return (_rebuild, (type(self), {**self.stored(), **self._options(), "suffix": self.suffix}))
+
+
+def stored_value(w):
+    """A matrix as state_dict shows it: float as kept; a reduced one dequantized, when asked."""
+    if isinstance(w, Reduced):
+        out = w.dequantize()
+        out.flags.writeable = False
+        return out
+    return w
 
 
 def _rebuild(cls, arguments):
@@ -188,10 +189,12 @@ class RNNRecurrence(Recurrence):
             raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
         super().__init__(weight_ih, weight_hh, bias_ih, bias_hh, suffix)
         self.nonlinearity = nonlinearity
-        self._arguments["nonlinearity"] = nonlinearity
-        (w_ih, s_ih), (w_hh, s_hh) = kernel_matrix(self.weight_ih, 1), kernel_matrix(self.weight_hh, 1)
-        self.kernel = RNNKernel(w_ih, w_hh, gate_vector(self._folded_bias(), 1), self.hidden_size,
-                                nonlinearity == "relu", **self._kernel_format(scale_ih=s_ih, scale_hh=s_hh))
+        (w_ih, w_hh), fmt = self._kernel_args("weight_ih", "weight_hh")
+        self.kernel = RNNKernel(w_ih, w_hh, self._folded_bias(), self.hidden_size,
+                                nonlinearity == "relu", **fmt)
+
+    def _options(self):
+        return {"nonlinearity": self.nonlinearity}
 
 
 class GRURecurrence(Recurrence):
@@ -201,7 +204,6 @@ class GRURecurrence(Recurrence):
                  suffix=""):
         super().__init__(weight_ih, weight_hh, bias_ih, bias_hh, suffix)
         self.reset_after = as_flag(reset_after, "reset_after")
-        self._arguments["reset_after"] = self.reset_after
         H = self.hidden_size
         bias = self._folded_bias()
         b_hn = np.zeros(H, self.dtype)
@@ -209,9 +211,11 @@ class GRURecurrence(Recurrence):
             # b_hn sits inside r * (W_hn h + b_hn): it cannot be folded into b_in.
             bias[2 * H:] = self.bias_ih[2 * H:]
             b_hn = self.bias_hh[2 * H:]
-        (w_ih, s_ih), (w_hh, s_hh) = kernel_matrix(self.weight_ih, 3), kernel_matrix(self.weight_hh, 3)
-        self.kernel = GRUKernel(w_ih, w_hh, gate_vector(bias, 3), gate_vector(b_hn, 1), H,
-                                self.reset_after, **self._kernel_format(scale_ih=s_ih, scale_hh=s_hh))
+        (w_ih, w_hh), fmt = self._kernel_args("weight_ih", "weight_hh")
+        self.kernel = GRUKernel(w_ih, w_hh, bias, b_hn, H, self.reset_after, **fmt)
+
+    def _options(self):
+        return {"reset_after": self.reset_after}
 
 
 class LSTMRecurrence(Recurrence):
@@ -235,20 +239,23 @@ class LSTMRecurrence(Recurrence):
         if w_ph is not None and w_ph.shape != (3, H):
             raise shape_error("weight_ph" + suffix, (3, H), w_ph.shape)
         check_same_dtype(self.dtype, **{"weight_ph" + suffix: w_ph})
-        self.weight_hr, self.weight_ph = w_hr, w_ph
-        self._arguments.update(weight_hr=w_hr, weight_ph=w_ph)
+        self.weight_ph = w_ph
         self.proj_size = 0 if w_hr is None else w_hr.shape[0]
-        (w_ih, s_ih), (w_hh, s_hh) = kernel_matrix(self.weight_ih, 4), kernel_matrix(self.weight_hh, 4)
-        w_hr_t, s_hr = (None, None) if w_hr is None else kernel_matrix(w_hr, 1)
-        self.kernel = LSTMKernel(
-            w_ih, w_hh, gate_vector(self._folded_bias(), 4), H, w_hr_t,
-            None if w_ph is None else gate_vector(w_ph.reshape(-1), 3).reshape(3, -1),
-            **self._kernel_format(scale_ih=s_ih, scale_hh=s_hh, scale_hr=s_hr))
+        if w_hr is not None:
+            self._given["weight_hr"] = w_hr
+            self.matrices = ("weight_ih", "weight_hh", "weight_hr")
+        (w_ih, w_hh, *hr), fmt = self._kernel_args(*self.matrices)
+        self.kernel = LSTMKernel(w_ih, w_hh, self._folded_bias(), H, hr[0] if hr else None, w_ph,
+                                 **fmt)
+
+    @property
+    def weight_hr(self):
+        return self.matrix("weight_hr") if self.proj_size else None
 
     def stored(self):
-        p = super().stored()
-        if self.weight_hr is not None:
-            p["weight_hr"] = self.weight_hr
+        p = super().stored()            # PyTorch's order: weight_hr after the biases
+        if self.proj_size:
+            p["weight_hr"] = self.matrix("weight_hr")
         if self.weight_ph is not None:
             p["weight_ph"] = self.weight_ph
         return p

@@ -57,11 +57,11 @@ cdef extern from "matmul.h" nogil:
         int seg0, seg0p
         const void* wp
         fc_i8_mat i8
-    void fc_pack_t_f(int k, int n, const float* wt, int ldw, float* wp, int ks, int j0)
-    void fc_pack_t_d(int k, int n, const double* wt, int ldw, double* wp, int ks, int j0)
-    void fc_pack_t_h(int k, int n, const unsigned short* wt, int ldw, unsigned short* wp, int ks,
-                     int j0)
-    void fc_i8_pack(int rows, int n, const int8_t* wt, int ldw, int8_t* wp, int K4, int r0)
+    enum: FC_LAYOUT_F32, FC_LAYOUT_F64, FC_LAYOUT_BF16, FC_LAYOUT_I8
+    enum: FC_PANEL_BYTES
+    enum: FC_I8_PW
+    void fc_pack_rows(int layout, int unpack, void* rows, long ldw, int nr, int k, void* wp, int n,
+                      int ks, int j0, int c0)
     long fc_i8_work_bytes(const fc_i8_mat* w, long m)
     int fc_i8_k4(const fc_i8_mat* w)
     enum: FC_I8_MC

@@ -11,7 +11,7 @@ from libc.stdint cimport int64_t
 from libc.string cimport memcpy
 from cython cimport floating
 
-from fastcell_c._blas cimport fc_mat, matmul_p, matmul_t
+from fastcell_c._blas cimport FC_PANEL_BYTES, fc_mat, matmul_p, matmul_t
 
 
 cdef struct Walk:
@@ -66,15 +66,26 @@ cdef inline Py_ssize_t batch_of(const Walk* w, Py_ssize_t j) noexcept nogil:
     return j if w.perm == NULL else w.perm[j]
 
 
-cdef inline void project_inputs(Walk* w, const floating* x, int I, const floating* w_ih_t,
-                                const fc_mat* wm, int split, int gates, floating* G,
-                                floating* xp) noexcept nogil:
+cdef inline void blas_panels(int m, int n, int I, const floating* a, const fc_mat* wm,
+                             floating* c, int ldc) noexcept nogil:
+    """c[m, n] = a[m, I] @ W_ih for one packed matrix of a float format, by BLAS GEMMs that read
+    its panels in place (the W_ih rows of a panel: its first I rows, row stride its width): no
+    copy of the weights is kept for BLAS."""
+    cdef int PW = FC_PANEL_BYTES // sizeof(floating), o = 0, pw
+    cdef const floating* wp = <const floating*>wm.wp
+    while o < n:
+        pw = min(PW, n - o)
+        matmul_t(m, pw, I, a, I, wp + <Py_ssize_t>o * wm.ks, pw, False, c + o, ldc)
+        o += PW
+
+
+cdef inline void project_inputs(Walk* w, const floating* x, int I, const fc_mat* wm, int split,
+                                int gates, floating* G, floating* xp) noexcept nogil:
     """G = x @ W_ih^T for every row the walk will read: one GEMM (xp: packing space, lengths only).
 
     wm: the kernel's packed matrices (W_ih's rows first), wm[1] the columns from `split` on when
-    the kernel packs them apart, for fastcell's own products. w_ih_t: W_ih stored transposed,
-    (I, gates) with gates the padded gate-row width, for BLAS when the walk may use its threads
-    (w.use_blas; float formats only)."""
+    the kernel packs them apart. With w.use_blas (float formats only) BLAS with its threads reads
+    the same panels."""
     cdef Py_ssize_t s, j, n = w.B, r = 0
     cdef const floating* src = x
     if w.lengths == NULL:
@@ -89,7 +100,9 @@ cdef inline void project_inputs(Walk* w, const floating* x, int I, const floatin
                 r += 1
         src = xp
     if w.use_blas:
-        matmul_t(<int>r, gates, I, src, I, w_ih_t, gates, False, G, gates)
+        blas_panels(<int>r, split, I, src, &wm[0], G, gates)
+        if split < gates:
+            blas_panels(<int>r, gates - split, I, src, &wm[1], G + split, gates)
         return
     matmul_p(<int>r, split, I, src, I, &wm[0], 0, False, G, gates, False, w.qwork)
     if split < gates:
@@ -146,14 +159,14 @@ cdef inline void write_outputs(const Walk* w, Py_ssize_t s, const floating* h, P
 
 
 cdef inline bint input_products(Walk* w, const floating* x, int I, const floating* h, int hout,
-                                const floating* w_ih_t, const fc_mat* wm, int width,
-                                floating* G, floating* xp) noexcept nogil:
+                                const fc_mat* wm, int width, floating* G,
+                                floating* xp) noexcept nogil:
     """Before the time loop of a cell whose gates take x W_ih^T + h W_hh^T in one row: a single
     step does its whole product now (fused_step: returns True), anything else projects its
     inputs (project_inputs: returns False, step_product adds h W_hh^T at each step)."""
     if fused_step(w, x, I, h, hout, wm, width, G, xp):
         return True
-    project_inputs(w, x, I, w_ih_t, wm, width, width, G, xp)
+    project_inputs(w, x, I, wm, width, width, G, xp)
     return False
 
 

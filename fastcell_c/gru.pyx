@@ -12,20 +12,19 @@ from fastcell_c.gates cimport gru_reset_after, gru_reset_before_gates, gru_reset
 from fastcell_c.kernel cimport Kernel
 
 
-cdef void gru_walk(Walk* w, const floating* x, int I, int H, int Hp, bint reset_after,
-                   const floating* w_ih_t, const fc_mat* wm, int split,
-                   const floating* bias, const floating* b_hn, floating* h, floating* out,
+cdef void gru_walk(Walk* w, const floating* x, int I, int H, int S, int width,
+                   bint reset_after, const fc_mat* wm, int split, const floating* bias,
+                   const floating* b_hn, floating* h, floating* out,
                    floating* work) noexcept nogil:
-    """work: G (T*B, 3Hp), then R (B, 3Hp) for reset_after or r * h (B, Hp) for reset_before,
-    then the packing space. split: where wm's columns are packed apart (the kernel's split: the
-    r,z columns [0, 2Hp) in wm[0] and the n columns in wm[1] for reset_before, none for
-    reset_after)."""
-    cdef int width = 3 * Hp
+    """work: G (T*B, width), then R (B, width) for reset_after or r * h (B, H) for reset_before,
+    then the packing space. S: the gate blocks' stride. split: where wm's columns are packed
+    apart (the kernel's split: the r,z columns [0, 2S) in wm[0] and the n columns in wm[1] for
+    reset_before, none for reset_after)."""
     cdef Py_ssize_t s, j, ldg
     cdef floating* g
     cdef floating* G = work
     cdef floating* R = G + w.T * w.B * width
-    project_inputs(w, x, I, w_ih_t, wm, split, width, G, R + w.B * width)
+    project_inputs(w, x, I, wm, split, width, G, R + w.B * width)
     for s in range(w.T):
         begin_step(w, s)
         g = G + w.g_row * width
@@ -33,16 +32,16 @@ cdef void gru_walk(Walk* w, const floating* x, int I, int H, int Hp, bint reset_
         if reset_after:                                                      # R = h W_hh^T
             matmul_p(<int>w.n, width, H, h, H, wm, I, False, R, width, backward(w, s), w.qwork)
             for j in range(w.n):
-                gru_reset_after(H, Hp, g + j * ldg, R + j * width, bias, b_hn, h + j * H)
+                gru_reset_after(H, S, g + j * ldg, R + j * width, bias, b_hn, h + j * H)
         else:                                                                # G_rz += h W_hrz^T
             matmul_p(<int>w.n, split, H, h, H, &wm[0], I, True, g, <int>ldg, backward(w, s),
                      w.qwork)
             for j in range(w.n):
-                gru_reset_before_gates(H, Hp, g + j * ldg, bias, h + j * H, R + j * H)
+                gru_reset_before_gates(H, S, g + j * ldg, bias, h + j * H, R + j * H)
             matmul_p(<int>w.n, width - split, H, R, H, &wm[1], I, True, g + split, <int>ldg,
                      backward(w, s), w.qwork)                                # G_n += (r*h) W_hn^T
             for j in range(w.n):
-                gru_reset_before_update(H, Hp, g + j * ldg, bias, h + j * H)
+                gru_reset_before_update(H, S, g + j * ldg, bias, h + j * H)
         write_outputs(w, s, h, H, out)
 
 
@@ -50,29 +49,28 @@ cdef class GRUKernel(Kernel):
     cdef readonly bint reset_after
     cdef const char* b_hn
 
-    def __init__(self, weight_ih_t, weight_hh_t, bias, bias_hn, Py_ssize_t hidden_size,
+    def __init__(self, weight_ih, weight_hh, bias, bias_hn, Py_ssize_t hidden_size,
                  bint reset_after, **fmt):
         """bias: b_ih + b_hh, except that with reset_after its n block is b_in alone and b_hn
-        (padded,) comes separately (ignored for reset_before)."""
+        (H,) comes separately (ignored for reset_before)."""
         # Reset-before multiplies W_hh's r,z columns and its n columns apart: packed apart.
-        super().__init__(weight_ih_t, weight_hh_t, bias, hidden_size, 3, 0 if reset_after else 2,
+        super().__init__(weight_ih, weight_hh, bias, hidden_size, 3, 0 if reset_after else 2,
                          **fmt)
         self.reset_after = reset_after
-        self.b_hn = self._keep(bias_hn, "bias_hn", (self.padded,))
+        self.b_hn = self._keep(self.laid_out(bias_hn, 1, self.stride), "bias_hn", (self.stride,))
 
     cdef Py_ssize_t workspace(self, Py_ssize_t T, Py_ssize_t B, bint packed):
         return Kernel.workspace(self, T, B, packed) + B * self.width
 
     cdef void run_walk(self, Walk* w, const char* x, char* h, char* c, char* out,
                        char* work) noexcept nogil:
-        cdef int I = <int>self.input_size, H = <int>self.hidden_size, Hp = <int>self.padded
+        cdef int I = <int>self.input_size, H = <int>self.hidden_size, S = <int>self.stride
+        cdef int width = <int>self.width
         if self.is_double:
-            gru_walk(w, <const double*>x, I, H, Hp, self.reset_after, <const double*>self.w_ih_t,
-                     self.mats, <int>self.split,
-                     <const double*>self.bias,
-                     <const double*>self.b_hn, <double*>h, <double*>out, <double*>work)
+            gru_walk(w, <const double*>x, I, H, S, width, self.reset_after, self.mats,
+                     <int>self.split, <const double*>self.bias, <const double*>self.b_hn,
+                     <double*>h, <double*>out, <double*>work)
         else:
-            gru_walk(w, <const float*>x, I, H, Hp, self.reset_after, <const float*>self.w_ih_t,
-                     self.mats, <int>self.split,
-                     <const float*>self.bias,
-                     <const float*>self.b_hn, <float*>h, <float*>out, <float*>work)
+            gru_walk(w, <const float*>x, I, H, S, width, self.reset_after, self.mats,
+                     <int>self.split, <const float*>self.bias, <const float*>self.b_hn,
+                     <float*>h, <float*>out, <float*>work)

@@ -49,17 +49,18 @@ cdef void leave_blas(int previous) noexcept nogil
 
 
 cdef class Kernel:
-    cdef readonly Py_ssize_t input_size, hidden_size, output_size
-    cdef readonly Py_ssize_t padded      # a gate block's width: hidden_size rounded up to FC_LANES
-    cdef readonly Py_ssize_t width       # a gate row's width: gates * padded
+    cdef readonly Py_ssize_t input_size, hidden_size, output_size, gates
+    cdef readonly Py_ssize_t stride      # gate block g of a gate row starts at column g * stride
+    cdef readonly Py_ssize_t width       # a gate row's width (its packed parts, each padded)
     cdef readonly bint is_double, has_cell_state
     cdef readonly object dtype           # what the kernel computes in: float32 or float64
     cdef readonly str weight_format      # float32, float64, bf16 or int8
     cdef list _arrays                    # keeps alive the memory the pointers point into
-    cdef const char* w_ih_t              # (I, width): W_ih transposed, gate blocks padded (BLAS;
-                                         # float formats only, else NULL)
+    cdef list _packings                  # per slot: where unpack() finds the weights
+    cdef bint blas_ok                    # a float format: BLAS may read the packed panels
     cdef fc_mat mats[2]                  # W_ih^T over W_hh^T, packed (matmul.h): the columns
                                          # [0, split) and [split, width)
+    cdef fc_mat extra[1]                 # slot 1: a subclass's own matrix (LSTM: W_hr^T)
     cdef readonly Py_ssize_t ks          # input_size + output_size
     cdef readonly Py_ssize_t split       # columns [0, split) and [split, width) packed apart
     cdef readonly Py_ssize_t packed_bytes  # bytes of every packed matrix
@@ -68,10 +69,11 @@ cdef class Kernel:
     cdef const char* bias                # (width,)
 
     cdef const char* _keep(self, object a, str name, tuple shape) except NULL
-    cdef int _pack(self, fc_mat* mats, int slot, list segments, Py_ssize_t n,
-                   Py_ssize_t split) except -1
-    cdef void _int8_part(self, fc_mat* m, list segments, list rows, Py_ssize_t c0, Py_ssize_t c1,
-                         const int8_t* wp) except *
+    cdef Py_ssize_t _pack(self, fc_mat* mats, int slot, list segments, Py_ssize_t rows_per_gate,
+                          Py_ssize_t stride, list parts) except -1
+    cdef list _int8_part(self, fc_mat* m, list segments, list ks_of, list j0_of, Py_ssize_t g0,
+                         Py_ssize_t g1, Py_ssize_t pw, Py_ssize_t rows_per_gate,
+                         Py_ssize_t stride, const int8_t* wp)
     cdef Py_ssize_t workspace(self, Py_ssize_t T, Py_ssize_t B, bint packed)
     cdef Py_ssize_t work_elems(self, Py_ssize_t T, Py_ssize_t B, bint packed)
     cdef void* qwork_of(self, char* work, Py_ssize_t T, Py_ssize_t B, bint packed)

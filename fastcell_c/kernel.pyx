@@ -11,16 +11,26 @@ from libc.string cimport memset
 import numpy as np
 
 from fastcell_c._blas cimport (FC_FMT_BF16, FC_FMT_F32, FC_FMT_F64, FC_FMT_I8, FC_I8_MAX_ROWS,
-                               FC_I8_MC, SMALL_M, fc_i8_k4, fc_i8_pack, fc_i8_work_bytes, fc_mat,
-                               fc_pack_t_d, fc_pack_t_f, fc_pack_t_h)
+                               FC_I8_MC, FC_LANES, FC_LAYOUT_BF16, FC_LAYOUT_F32, FC_LAYOUT_F64,
+                               FC_LAYOUT_I8, SMALL_M, fc_i8_work_bytes, fc_mat, fc_pack_rows)
 from fastcell_c._steps cimport Walk, make_walk
 
 cnp.import_array()
 
-LANES = 16  # FC_LANES in matmul.h: gate blocks are padded to a multiple of it
+LANES = FC_LANES  # matmul.h: a packed part is a whole number of vectors of this many columns
 
-# Weight formats: what the packed matrices hold, the dtype the given (transposed, padded) weight
-# arrays have, and the dtype the kernel computes in. bf16 arrives as its 16-bit patterns.
+
+def aligned_zeros(shape, dtype, align=64):
+    """Zeros whose data starts on an `align`-byte boundary (NumPy only promises 16): a vector load
+    that straddles two cache lines costs two, which halves the kernels' bandwidth from L2."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape))
+    raw = np.zeros(n * dtype.itemsize + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start:start + n * dtype.itemsize].view(dtype).reshape(shape)
+
+# Weight formats: what the packed matrices hold, the dtype the given weight arrays have, and the
+# dtype the kernel computes in. bf16 arrives as its 16-bit patterns.
 FORMATS = {"float32": (FC_FMT_F32, np.float32, np.float32), "float64": (FC_FMT_F64, np.float64, np.float64),
            "bf16": (FC_FMT_BF16, np.uint16, np.float32), "int8": (FC_FMT_I8, np.int8, np.float32)}
 INT8_MAX_ROWS = FC_I8_MAX_ROWS
@@ -100,38 +110,45 @@ cdef char* buffer_of(object a, str name, int typenum, tuple shape, bint writable
 
 
 cdef class Kernel:
-    def __init__(self, weight_ih_t, weight_hh_t, bias, Py_ssize_t hidden_size, Py_ssize_t gates,
+    def __init__(self, weight_ih, weight_hh, bias, Py_ssize_t hidden_size, Py_ssize_t gates,
                  Py_ssize_t split_gates=0, str weight_format="float32", scale_ih=None,
                  scale_hh=None, int input_bits=16):
-        """weight_ih_t (I, gates*padded), weight_hh_t (H_out, gates*padded), bias (gates*padded,):
-        transposed, each gate block padded with zero columns (fastcell.recurrence lays them out),
-        in the dtype of weight_format (FORMATS); int8 adds the per-column weight scales
-        scale_ih, scale_hh (gates*padded,) float32 and quantizes x to input_bits (8 or 16) and h
-        to 8 bits per row (matmul_int8.h). Both are packed stacked (matmul.h); split_gates > 0:
-        the first split_gates gate blocks and the rest are packed apart, for a cell that
-        multiplies them separately. The bias is in the compute dtype."""
+        """weight_ih (gates*H, I), weight_hh (gates*H, H_out): PyTorch's layout (gate blocks of
+        H rows), C-contiguous, in the dtype of weight_format (FORMATS; bf16 as its 16-bit
+        patterns); int8 adds the per-row weight scales scale_ih, scale_hh (gates*H,) float32 and
+        quantizes x to input_bits (8 or 16) and h to 8 bits per row (matmul_int8.h). bias
+        (gates*H,): what every gate row adds, in the compute dtype.
+
+        The kernel keeps only its packed copy (matmul.h): a gate row has `width` columns, gate
+        block g at column g * stride; split_gates > 0: the first split_gates blocks and the rest
+        are packed apart (a cell that multiplies them separately). unpack() gives the weights
+        back. Padding: each packed part is a whole number of vectors (FC_LANES columns); a
+        matrix of fewer columns than that is packed unpadded (the narrow products)."""
         if weight_format not in FORMATS:
             raise ValueError(f"weight_format: expected one of {', '.join(FORMATS)}, got {weight_format!r}")
         self.weight_format = weight_format
         fmt, wdtype, cdtype = FORMATS[weight_format]
-        if weight_ih_t.dtype != wdtype:
-            raise TypeError(f"weight_ih_t: expected {np.dtype(wdtype)} for {weight_format}, got {weight_ih_t.dtype}")
         self.dtype = np.dtype(cdtype)
         self.is_double = self.dtype == np.float64
+        self.blas_ok = fmt in (FC_FMT_F32, FC_FMT_F64)
         self.hidden_size = hidden_size
-        self.padded = -(-hidden_size // LANES) * LANES
-        self.width = gates * self.padded
-        self.split = split_gates * self.padded if split_gates else self.width
-        self.input_size = weight_ih_t.shape[0]
-        self.output_size = weight_hh_t.shape[0]
+        self.gates = gates
+        self.input_size = weight_ih.shape[1]
+        self.output_size = weight_hh.shape[1]
         self.ks = self.input_size + self.output_size
         self._arrays = []
-        self.bias = self._keep(bias, "bias", (self.width,))
-        self.w_ih_t = NULL
-        if fmt in (FC_FMT_F32, FC_FMT_F64):
-            self.w_ih_t = self._keep(weight_ih_t, "weight_ih_t", (self.input_size, self.width))
-        self._pack(self.mats, 0, [(weight_ih_t, scale_ih, input_bits), (weight_hh_t, scale_hh, 8)],
-                   self.width, self.split)
+        self._packings = [None, None]
+        n = gates * hidden_size
+        # A split falls between vectors: with stride a multiple of LANES / 2, split_gates = 2
+        # blocks are whole vectors (the reset-before GRU, the one cell that splits).
+        self.stride = ((hidden_size + LANES // 2 - 1) // (LANES // 2) * (LANES // 2)
+                       if split_gates and n >= LANES else hidden_size)
+        parts = [(0, split_gates), (split_gates, gates)] if split_gates else [(0, gates)]
+        self.width = self._pack(self.mats, 0, [(weight_ih, scale_ih, input_bits),
+                                               (weight_hh, scale_hh, 8)],
+                                hidden_size, self.stride, parts)
+        self.split = self._packings[0]["parts"][0][3]      # the first part's width
+        self.bias = self._keep(self.laid_out(bias, gates), "bias", (self.width,))
 
     def __dealloc__(self):
         cdef int slot
@@ -149,99 +166,155 @@ cdef class Kernel:
         self._arrays.append(a)
         return p
 
-    cdef int _pack(self, fc_mat* mats, int slot, list segments, Py_ssize_t n,
-                   Py_ssize_t split) except -1:
-        """Packs the segments [(W^T (k_s, n) in the weight format, int8 scales (n,) or None,
-        int8 activation bits), ...] stacked, into matrices mats[0] (columns [0, split)) and,
-        when split < n, mats[1] (columns [split, n)), owned by the kernel in `slot` (0: W_ih over
-        W_hh, 1: W_hr). Each part is its own packed matrix, so a product over either part finds
-        its own panels (matmul.h, matmul_int8.h). bf16 packs each segment in row pairs, padded
-        to an even row count (matmul.h)."""
+    def laid_out(self, v, Py_ssize_t blocks, Py_ssize_t width=-1):
+        """A per-unit vector of `blocks` gate blocks of hidden_size values ((blocks * H,) or
+        (rows, blocks * H)) laid out as a gate row: block g at column g * stride, zeros between
+        (width: the row's, default the kernel's), in the compute dtype, 64-byte aligned."""
+        v = np.asarray(v, dtype=self.dtype)
+        H, S = self.hidden_size, self.stride
+        lead = v.shape[:-1]
+        out = aligned_zeros(lead + ((self.width if width < 0 else width),), self.dtype)
+        for g in range(blocks):
+            out[..., g * S:g * S + H] = v[..., g * H:(g + 1) * H]
+        return out
+
+    cdef Py_ssize_t _pack(self, fc_mat* mats, int slot, list segments, Py_ssize_t rows_per_gate,
+                          Py_ssize_t stride, list parts) except -1:
+        """Packs the segments [(W (gates * rows_per_gate, k_s) in PyTorch's layout and the
+        weight format, int8 per-row scales or None, int8 activation bits), ...] stacked (rows
+        of a packed matrix: the segments' inputs one after another), into one packed matrix per
+        part (gate blocks [g0, g1) of `parts`), owned by the kernel in `slot` (0: W_ih over
+        W_hh, 1: W_hr). Gate block g of a part starts at column (g - g0) * stride; each part is
+        padded to whole vectors unless its matrix is narrower than one. Returns the width (all
+        parts). bf16 packs each segment in row pairs, padded to an even row count (matmul.h);
+        int8 in quads, padded to a multiple of 4."""
         fmt, wdtype, _ = FORMATS[self.weight_format]
+        cdef int layout = {FC_FMT_F32: FC_LAYOUT_F32, FC_FMT_F64: FC_LAYOUT_F64,
+                           FC_FMT_BF16: FC_LAYOUT_BF16, FC_FMT_I8: FC_LAYOUT_I8}[fmt]
         cdef int typenum = {np.float32: cnp.NPY_FLOAT, np.float64: cnp.NPY_DOUBLE,
                             np.uint16: cnp.NPY_USHORT, np.int8: cnp.NPY_BYTE}[wdtype]
-        cdef Py_ssize_t itemsize = np.dtype(wdtype).itemsize, ks = 0, K4 = 0, j0, k4
-        cdef list ptrs = [], rows = []
-        cdef const char* wt
-        cdef Py_ssize_t pad = 2 if fmt == FC_FMT_BF16 else 1   # bf16: segments start on a pair
+        cdef Py_ssize_t itemsize = np.dtype(wdtype).itemsize, ks = 0, K4 = 0, rows, k, g
+        cdef Py_ssize_t gates = parts[len(parts) - 1][1], n_rows = gates * rows_per_gate
+        cdef Py_ssize_t pad = 2 if fmt == FC_FMT_BF16 else 4 if fmt == FC_FMT_I8 else 1
+        cdef list ks_of = [], j0_of = []
         for a, scale, bits in segments:
-            k = a.shape[0]
-            wt = buffer_of(a, "weights", typenum, (k, n), False)
-            ptrs.append(<size_t>wt)
-            rows.append(k)
-            ks += -(-k // pad) * pad
-            K4 += -(-k // 4) * 4
+            buffer_of(a, "weights", typenum, (n_rows, a.shape[1]), False)
+            k = a.shape[1]
             if fmt == FC_FMT_I8 and k > FC_I8_MAX_ROWS:
                 raise ValueError(f"weights: int8 products take at most {FC_I8_MAX_ROWS} inputs per "
                                  f"weight matrix (an int32 sum must not overflow), got {k}")
-        cdef Py_ssize_t nbytes = (K4 if fmt == FC_FMT_I8 else ks) * n * itemsize
+            ks_of.append(k)
+            j0_of.append(ks)
+            ks += (k + pad - 1) // pad * pad   # every segment starts on a pair (bf16) or quad (int8)
+        narrow = gates * rows_per_gate < LANES
+        widths, part_list, c = [], [], 0
+        for g0, g1 in parts:
+            w = (g1 - g0) * stride
+            if not narrow:
+                w = (w + LANES - 1) // LANES * LANES
+            part_list.append((g0, g1, c, w))
+            c += w
+        cdef Py_ssize_t n = c
+        cdef Py_ssize_t nbytes = ks * n * itemsize
         cdef char* wp = alloc_aligned(nbytes)
         if wp == NULL:
             raise MemoryError(f"packed weights of {ks} x {n}")
-        memset(wp, 0, nbytes)          # int8: the rows padding each segment to 4 stay zero
+        memset(wp, 0, nbytes)          # the padding stays zero
         free(self._owned[slot])
         self._owned[slot] = wp
         self.packed_bytes = nbytes if slot == 0 else self.packed_bytes + nbytes
-        cdef Py_ssize_t c0, c1, part = 0, si
-        cdef int nseg = len(segments)
-        for c0, c1 in ((0, split), (split, n)):
-            if c1 <= c0:
-                continue
+        cdef Py_ssize_t c0, pw, part, si
+        cdef char* pwp
+        cdef cnp.ndarray src
+        scales = []
+        for part in range(len(part_list)):
+            g0, g1, c0, pw = part_list[part]
+            pwp = wp + ks * c0 * itemsize
             mats[part].fmt = fmt
             mats[part].ks = <int>ks
-            mats[part].seg0 = rows[0]
-            mats[part].seg0p = -(-rows[0] // pad) * pad
-            j0 = 0
-            for si in range(nseg):
-                wt = <const char*><size_t>ptrs[si]
-                k = rows[si]
-                if fmt == FC_FMT_F64:
-                    fc_pack_t_d(<int>k, <int>(c1 - c0), <const double*>wt + c0, <int>n,
-                                <double*>wp + ks * c0, <int>ks, <int>j0)
-                elif fmt == FC_FMT_F32:
-                    fc_pack_t_f(<int>k, <int>(c1 - c0), <const float*>wt + c0, <int>n,
-                                <float*>wp + ks * c0, <int>ks, <int>j0)
-                elif fmt == FC_FMT_BF16:
-                    fc_pack_t_h(<int>k, <int>(c1 - c0), <const unsigned short*>wt + c0, <int>n,
-                                <unsigned short*>wp + ks * c0, <int>ks, <int>j0)
-                else:
-                    fc_i8_pack(<int>k, <int>(c1 - c0), <const int8_t*>wt + c0, <int>n,
-                               <int8_t*>wp + K4 * c0, <int>K4, <int>j0)
-                j0 += -(-k // 4) * 4 if fmt == FC_FMT_I8 else -(-k // pad) * pad
-            mats[part].wp = wp + (K4 if fmt == FC_FMT_I8 else ks) * c0 * itemsize
+            mats[part].seg0 = ks_of[0]
+            mats[part].seg0p = j0_of[1] if len(segments) > 1 else ks
+            mats[part].wp = pwp
+            for si in range(len(segments)):
+                src = segments[si][0]
+                k = ks_of[si]
+                for g in range(g0, g1):
+                    fc_pack_rows(layout, 0, <char*>cnp.PyArray_DATA(src) + g * rows_per_gate * k * itemsize,
+                                 k, <int>rows_per_gate, <int>k, pwp, <int>pw, <int>ks,
+                                 <int>j0_of[si], <int>((g - g0) * stride))
             if fmt == FC_FMT_I8:
-                self._int8_part(&mats[part], segments, rows, c0, c1, <const int8_t*>(wp + K4 * c0))
-            part += 1
-        return 0
+                scales.append(self._int8_part(&mats[part], segments, ks_of, j0_of, g0, g1, pw,
+                                              rows_per_gate, stride, <const int8_t*>pwp))
+        # What unpack() needs to find every weight again.
+        self._packings[slot] = {"layout": layout, "ks_of": ks_of, "j0_of": j0_of,
+                                "parts": part_list, "rows": rows_per_gate, "stride": stride,
+                                "ks": ks, "itemsize": itemsize, "scales": scales}
+        return n
 
-    cdef void _int8_part(self, fc_mat* m, list segments, list rows, Py_ssize_t c0, Py_ssize_t c1,
-                         const int8_t* wp) except *:
-        """The int8 fields of one part: segment sizes, activation bits, and pointers to its
-        columns' scales and column sums (kept alive by the kernel)."""
+    cdef list _int8_part(self, fc_mat* m, list segments, list ks_of, list j0_of, Py_ssize_t g0,
+                         Py_ssize_t g1, Py_ssize_t pw, Py_ssize_t rows_per_gate,
+                         Py_ssize_t stride, const int8_t* wp):
+        """The int8 fields of one part: segment sizes, activation bits, and its columns' scales
+        and column sums (kept alive by the kernel). Returns the scales, which unpack() reads."""
         cdef int si
-        if (c1 - c0) % LANES:   # every int8 kernel walks whole 16-column vectors (padded gate blocks)
-            raise ValueError(f"int8 weights: a packed part must be a multiple of {LANES} columns, "
-                             f"got {c1 - c0}")
+        cdef Py_ssize_t g, R = rows_per_gate
+        out = []
         m.i8.nseg = len(segments)
-        m.i8.n = <int>(c1 - c0)
+        m.i8.n = <int>pw
         m.i8.wp = wp
         for si in range(m.i8.nseg):
             a, scale, bits = segments[si]
             if bits not in (8, 16):
                 raise ValueError(f"input_bits: expected 8 or 16, got {bits}")
             if scale is None:
-                raise ValueError("int8 weights need their per-column scales")
-            sc = np.ascontiguousarray(scale[c0:c1], dtype=np.float32)
-            cs = np.ascontiguousarray(a[:, c0:c1].astype(np.int32).sum(axis=0), dtype=np.int32)
+                raise ValueError("int8 weights need their per-row scales")
+            sc = aligned_zeros((pw,), np.float32)
+            cs = aligned_zeros((pw,), np.int32)
+            sums = np.asarray(a).sum(axis=1, dtype=np.int32)
+            scale = np.asarray(scale, dtype=np.float32)
+            for g in range(g0, g1):
+                sc[(g - g0) * stride:(g - g0) * stride + R] = scale[g * R:(g + 1) * R]
+                cs[(g - g0) * stride:(g - g0) * stride + R] = sums[g * R:(g + 1) * R]
             self._arrays += [sc, cs]
-            m.i8.rows[si] = rows[si]
-            m.i8.k4[si] = -(-rows[si] // 4) * 4
+            out.append(sc)
+            m.i8.rows[si] = ks_of[si]
+            m.i8.k4[si] = (ks_of[si] + 3) // 4 * 4
             m.i8.bits[si] = bits
             m.i8.scale[si] = <const float*>cnp.PyArray_DATA(<cnp.ndarray>sc)
             m.i8.colsum[si] = <const int32_t*>cnp.PyArray_DATA(<cnp.ndarray>cs)
         cdef long q = fc_i8_work_bytes(&m.i8, FC_I8_MC)
         cdef Py_ssize_t elems = (q + 64) // 4 + 1
         self.q_elems = max(self.q_elems, elems)
+        return out
+
+    def unpack(self, int slot=0, int segment=0):
+        """The weights of one packed segment as they were given: slot 0, segment 0 W_ih, segment
+        1 W_hh; slot 1 W_hr. (W (gates * rows, k) in the weight format's dtype, int8's per-row
+        scales or None): new arrays, computed now (the kernel keeps the packed copy only)."""
+        if not 0 <= slot < 2 or self._packings[slot] is None:
+            raise ValueError(f"slot: this kernel packs nothing in slot {slot}")
+        info = self._packings[slot]
+        ks_of = info["ks_of"]
+        if not 0 <= segment < len(ks_of):
+            raise ValueError(f"segment: expected 0 to {len(ks_of) - 1}, got {segment}")
+        cdef Py_ssize_t R = info["rows"], stride = info["stride"], g0, g1, c0, pw
+        cdef Py_ssize_t k = ks_of[segment], g, part, itemsize = info["itemsize"]
+        cdef Py_ssize_t gates = info["parts"][len(info["parts"]) - 1][1]
+        out = np.empty((gates * R, k), FORMATS[self.weight_format][1])
+        int8 = info["layout"] == FC_LAYOUT_I8
+        scale = np.empty(gates * R, np.float32) if int8 else None
+        cdef const fc_mat* mats = &self.mats[0] if slot == 0 else &self.extra[0]
+        for part in range(len(info["parts"])):
+            g0, g1, c0, pw = info["parts"][part]
+            for g in range(g0, g1):
+                fc_pack_rows(info["layout"], 1,
+                             <char*>cnp.PyArray_DATA(<cnp.ndarray>out) + g * R * k * itemsize,
+                             k, <int>R, <int>k, <void*>mats[part].wp, <int>pw, <int>info["ks"],
+                             <int>info["j0_of"][segment], <int>((g - g0) * stride))
+                if int8:
+                    sc = info["scales"][part][segment]
+                    scale[g * R:(g + 1) * R] = sc[(g - g0) * stride:(g - g0) * stride + R]
+        return out, scale
 
     @property
     def resident_bytes(self):
@@ -332,7 +405,7 @@ cdef class Kernel:
         if work == NULL:
             raise MemoryError(f"workspace of {n} elements for T={T}, B={B}")
         cdef int previous
-        w.use_blas = self.w_ih_t != NULL and blas_pays(T * B)
+        w.use_blas = self.blas_ok and blas_pays(T * B)
         w.qwork = self.qwork_of(work, T, B, lp != NULL)
         try:
             with nogil:

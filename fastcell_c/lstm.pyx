@@ -12,15 +12,15 @@ from fastcell_c.gates cimport lstm_gates
 from fastcell_c.kernel cimport Kernel, buffer_of
 
 
-cdef void lstm_walk(Walk* w, const floating* x, int I, int H, int Hp, int P, int Pp,
-                    const floating* w_ih_t, const fc_mat* wm, const floating* bias,
-                    const fc_mat* w_hr, const floating* w_ph,
-                    floating* h, floating* c, floating* out, floating* work) noexcept nogil:
-    """h (B, H_out) and c (B, H) hold the initial state and receive the final one.
+cdef void lstm_walk(Walk* w, const floating* x, int I, int H, int S, int width, int P, int Pw,
+                    const fc_mat* wm, const floating* bias, const fc_mat* w_hr,
+                    const floating* w_ph, floating* h, floating* c, floating* out,
+                    floating* work) noexcept nogil:
+    """h (B, H_out) and c (B, H) hold the initial state and receive the final one. S: the gate
+    blocks' stride in a gate row of `width`; Pw: the width of a row of m W_hr^T.
 
-    work: G (T*B, 4Hp), then with P > 0 m = o * tanh(c) (B, H) and m W_hr^T (B, Pp), then the
+    work: G (T*B, width), then with P > 0 m = o * tanh(c) (B, H) and m W_hr^T (B, Pw), then the
     packing space."""
-    cdef int width = 4 * Hp
     cdef int hout = P if P > 0 else H
     cdef Py_ssize_t s, j, ldg
     cdef floating* g
@@ -28,54 +28,53 @@ cdef void lstm_walk(Walk* w, const floating* x, int I, int H, int Hp, int P, int
     cdef floating* m = G + w.T * w.B * width
     cdef floating* proj = m + w.B * H
     cdef floating* dst = m if P > 0 else h
-    cdef floating* xp = proj + w.B * Pp if P > 0 else m
-    cdef bint fused = input_products(w, x, I, h, hout, w_ih_t, wm, width, G, xp)
+    cdef floating* xp = proj + w.B * Pw if P > 0 else m
+    cdef bint fused = input_products(w, x, I, h, hout, wm, width, G, xp)
     for s in range(w.T):
         g = step_product(w, s, fused, G, width, h, hout, wm, I, &ldg)
         for j in range(w.n):
-            lstm_gates(H, Hp, g + j * ldg, bias, w_ph, c + j * H, dst + j * H)
+            lstm_gates(H, S, g + j * ldg, bias, w_ph, c + j * H, dst + j * H)
         if P > 0:                                                            # h = m W_hr^T
-            matmul_p(<int>w.n, Pp, H, m, H, w_hr, 0, False, proj, Pp, backward(w, s), w.qwork)
+            matmul_p(<int>w.n, Pw, H, m, H, w_hr, 0, False, proj, Pw, backward(w, s), w.qwork)
             for j in range(w.n):
-                memcpy(h + j * P, proj + j * Pp, P * sizeof(floating))
+                memcpy(h + j * P, proj + j * Pw, P * sizeof(floating))
         write_outputs(w, s, h, hout, out)
 
 
 cdef class LSTMKernel(Kernel):
-    cdef readonly Py_ssize_t proj_size, proj_padded
-    cdef fc_mat w_hr[1]          # W_hr^T packed, when proj_size > 0
+    cdef readonly Py_ssize_t proj_size, proj_width
     cdef const char* w_ph
 
-    def __init__(self, weight_ih_t, weight_hh_t, bias, Py_ssize_t hidden_size,
-                 weight_hr_t=None, weight_ph=None, scale_hr=None, **fmt):
-        """weight_hr_t: (H, P padded) W_hr transposed (in the weight format; int8: with its
-        per-column scale_hr), or None. weight_ph: (3, padded) in the compute dtype, or None.
+    def __init__(self, weight_ih, weight_hh, bias, Py_ssize_t hidden_size, weight_hr=None,
+                 weight_ph=None, scale_hr=None, **fmt):
+        """weight_hr: (P, H) W_hr in PyTorch's layout and the weight format (int8: with its
+        per-row scale_hr), or None. weight_ph: (3, H) in the compute dtype, or None.
         fmt: the weight format's arguments of Kernel."""
-        super().__init__(weight_ih_t, weight_hh_t, bias, hidden_size, 4, **fmt)
+        super().__init__(weight_ih, weight_hh, bias, hidden_size, 4, **fmt)
         self.has_cell_state = True
         self.w_ph = NULL
-        if weight_hr_t is not None:
+        if weight_hr is not None:
             self.proj_size = self.output_size
-            self.proj_padded = weight_hr_t.shape[1]
             # m = o * tanh(c) lies in (-1, 1): 8 bits serve it as they serve h
-            self._pack(self.w_hr, 1, [(weight_hr_t, scale_hr, 8)], self.proj_padded,
-                       self.proj_padded)
+            self.proj_width = self._pack(self.extra, 1, [(weight_hr, scale_hr, 8)],
+                                         self.proj_size, self.proj_size, [(0, 1)])
         if weight_ph is not None:
-            self.w_ph = self._keep(weight_ph, "weight_ph", (3, self.padded))
+            self.w_ph = self._keep(self.laid_out(weight_ph, 1, self.stride), "weight_ph",
+                                   (3, self.stride))
 
     cdef Py_ssize_t workspace(self, Py_ssize_t T, Py_ssize_t B, bint packed):
         return Kernel.workspace(self, T, B, packed) + (
-            B * (self.hidden_size + self.proj_padded) if self.proj_size else 0)
+            B * (self.hidden_size + self.proj_width) if self.proj_size else 0)
 
     cdef void run_walk(self, Walk* w, const char* x, char* h, char* c, char* out,
                        char* work) noexcept nogil:
-        cdef int I = <int>self.input_size, H = <int>self.hidden_size, Hp = <int>self.padded
-        cdef int P = <int>self.proj_size, Pp = <int>self.proj_padded
+        cdef int I = <int>self.input_size, H = <int>self.hidden_size, S = <int>self.stride
+        cdef int width = <int>self.width, P = <int>self.proj_size, Pw = <int>self.proj_width
         if self.is_double:
-            lstm_walk(w, <const double*>x, I, H, Hp, P, Pp, <const double*>self.w_ih_t,
-                      self.mats, <const double*>self.bias, self.w_hr, <const double*>self.w_ph,
+            lstm_walk(w, <const double*>x, I, H, S, width, P, Pw, self.mats,
+                      <const double*>self.bias, self.extra, <const double*>self.w_ph,
                       <double*>h, <double*>c, <double*>out, <double*>work)
         else:
-            lstm_walk(w, <const float*>x, I, H, Hp, P, Pp, <const float*>self.w_ih_t,
-                      self.mats, <const float*>self.bias, self.w_hr, <const float*>self.w_ph,
+            lstm_walk(w, <const float*>x, I, H, S, width, P, Pw, self.mats,
+                      <const float*>self.bias, self.extra, <const float*>self.w_ph,
                       <float*>h, <float*>c, <float*>out, <float*>work)

@@ -5,7 +5,8 @@
  *   fc_gemm_t: c[0:m, 0:n] = (beta ? c : 0) + a[0:m, 0:k] @ wt[0:k, 0:n]        (a few rows)
  * per x86 level; the kernels call them through the products over packed weights (fc_gemv_p,
  * fc_gemm_p: see "Packed weights" below), which run them on one panel at a time.
- * n must be a multiple of FC_LANES (the kernels pad every gate block to it). Each output sums its
+ * n must be a multiple of FC_LANES (a kernel pads each matrix to it, or calls the narrow products
+ * below for a matrix of fewer columns). Each output sums its
  * k terms in order j = 0..k-1 whatever the vector width, the number of rows or the panel order,
  * so these never change the bits: the FMA levels (AVX2, AVX-512) agree exactly; the baseline level
  * (no FMA: each product rounded on its own) differs in the last bits.
@@ -119,20 +120,6 @@
  * cyclic sweep larger than the cache would find nothing in it (LRU). */
 #define FC_PANEL_BYTES 256
 
-/* A packing of weights of type WT for products in T: panels of FC_PANEL_BYTES / sizeof(T)
- * columns (64 floats). bf16 weights have their own packing, in row pairs (below). */
-#define FC_DEFINE_PACK(NAME, T, WT)                                                  \
-    static void NAME(int k, int n, const WT *wt, int ldw, WT *wp, int ks, int j0)    \
-    {                                                                                \
-        const int PW = FC_PANEL_BYTES / (int)sizeof(T);                              \
-        for (int o = 0; o < n; o += PW) {                                            \
-            int pw = n - o < PW ? n - o : PW;                                        \
-            for (int j = 0; j < k; j++)                                              \
-                memcpy(wp + (long)o * ks + (long)(j0 + j) * pw, wt + (long)j * ldw + o,   \
-                       pw * sizeof(WT));                                             \
-        }                                                                            \
-    }
-
 /* Where a panel is 4 vectors (AVX-512), two panels at once, so that 8 accumulators hide the FMA
  * latency as in fc_gemv_t; but one at a time when only one panel of the product fits in L1
  * (16 KB < k * panel bytes <= 32 KB), so that the alternating order reuses it. Elsewhere one
@@ -200,8 +187,6 @@ FC_DEFINE_GEMV(fc_gemv_t_f_base, float, float, FC_LD, fc_vf4, 4, )
 FC_DEFINE_GEMV(fc_gemv_t_d_base, double, double, FC_LD, fc_vd2, 2, )
 FC_DEFINE_GEMM(fc_gemm_t_f_base, float, float, FC_LD, fc_vf4, 4, 2, )
 FC_DEFINE_GEMM(fc_gemm_t_d_base, double, double, FC_LD, fc_vd2, 2, 2, )
-FC_DEFINE_PACK(fc_pack_t_f, float, float)
-FC_DEFINE_PACK(fc_pack_t_d, double, double)
 FC_DEFINE_GEMV_P(fc_gemv_p_f_base, fc_gemv_t_f_base, float, float, FC_LD, fc_vf4, 4, )
 FC_DEFINE_GEMV_P(fc_gemv_p_d_base, fc_gemv_t_d_base, double, double, FC_LD, fc_vd2, 2, )
 FC_DEFINE_GEMM_P(fc_gemm_p_f_base, fc_gemm_t_f_base, float, float, )
@@ -247,22 +232,6 @@ FC_DEFINE_GEMM_P(fc_gemm_p_d_v4, fc_gemm_t_d_v4, double, double, FC_TARGET_V4)
 /* The rows of a product, as up to two runs (a segment each): inputs a[xo, xo + k) against the
  * packed rows from pair p on. */
 typedef struct { int n, xo[2], p[2], k[2]; } fc_runs;
-
-/* Rows [0, k) of wt (k x n, bf16 patterns) as packed rows [j0, j0 + k) of a pair packing of ks
- * rows (j0, ks even); the rows padding a segment are left as they are (zero: the caller clears). */
-static void fc_pack_t_h(int k, int n, const unsigned short *wt, int ldw, unsigned short *wp,
-                        int ks, int j0)
-{
-    const int PW = FC_PANEL_BYTES / (int)sizeof(float);
-    for (int o = 0; o < n; o += PW) {
-        int pw = n - o < PW ? n - o : PW;
-        for (int j = 0; j < k; j++) {
-            unsigned short *d = wp + (long)o * ks + (long)((j0 + j) >> 1) * 2 * pw + ((j0 + j) & 1);
-            const unsigned short *s = wt + (long)j * ldw + o;
-            for (int c = 0; c < pw; c++) d[2 * c] = s[c];
-        }
-    }
-}
 
 #define FC_LO(V, v) ((V)((v) << 16))           /* row 2p of a pair, as floats */
 #define FC_HI(V, v) ((V)((v) & 0xFFFF0000u))   /* row 2p + 1 */
@@ -432,10 +401,76 @@ FC_DEFINE_GEMM_P_H(fc_gemm_p_h_v3, fc_gemm_t_h_v3, FC_TARGET_V3)
 FC_DEFINE_GEMM_P_H(fc_gemm_p_h_v4, fc_gemm_t_h_v4, FC_TARGET_V4)
 #endif
 
+#include "matmul_int8.h"
+
+/* ---- Packing and unpacking ----
+ * Where input row j and output column c of a packed matrix of n columns live, in elements of the
+ * stored type: float formats in panels of PW columns, rows one after another (above); bf16 in
+ * panels of FC_PANEL_BYTES / 4 columns holding row pairs (above); int8 in panels of FC_I8_PW
+ * columns holding row quads (matmul_int8.h). ks: the packing's rows (bf16: even; int8: K4). */
+enum { FC_LAYOUT_F32 = 0, FC_LAYOUT_F64 = 1, FC_LAYOUT_BF16 = 2, FC_LAYOUT_I8 = 3 };
+
+static inline long fc_packed_at(int layout, int n, int ks, int j, int c)
+{
+    int PW = layout == FC_LAYOUT_F64 ? FC_PANEL_BYTES / 8
+           : layout == FC_LAYOUT_I8 ? FC_I8_PW : FC_PANEL_BYTES / 4;
+    int o = c / PW * PW, pw = n - o < PW ? n - o : PW;
+    if (layout == FC_LAYOUT_BF16) return (long)o * ks + (long)(j >> 1) * 2 * pw + 2 * (c - o) + (j & 1);
+    if (layout == FC_LAYOUT_I8) return (long)o * ks + (long)(j >> 2) * pw * 4 + (c - o) * 4 + (j & 3);
+    return (long)o * ks + (long)j * pw + (c - o);
+}
+
+/* Packs nr rows of a matrix in PyTorch's layout (row r: one output's k weights, row stride ldw
+ * elements) as the columns c0 .. c0 + nr - 1, packed rows j0 .. j0 + k - 1, of a packing of n
+ * columns and ks rows (of elements of esize bytes: 4, 8, 2 or 1). unpack does the reverse. The
+ * packing starts zeroed: what no row fills (padding) stays zero. */
+#define FC_PACK_LOOP(T)                                                                  \
+    for (int r = 0; r < nr; r++) {                                                       \
+        T *row = (T *)rows + (long)r * ldw;                                              \
+        for (int j = 0; j < k; j++) {                                                    \
+            long at = fc_packed_at(layout, n, ks, j0 + j, c0 + r);                       \
+            if (unpack) row[j] = ((const T *)wp)[at];                                    \
+            else ((T *)wp)[at] = row[j];                                                 \
+        }                                                                                \
+    }
+static void fc_pack_rows(int layout, int unpack, void *rows, long ldw, int nr, int k, void *wp,
+                         int n, int ks, int j0, int c0)
+{
+    switch (layout) {
+    case FC_LAYOUT_F64: FC_PACK_LOOP(double) break;
+    case FC_LAYOUT_F32: FC_PACK_LOOP(float) break;
+    case FC_LAYOUT_BF16: FC_PACK_LOOP(unsigned short) break;
+    default: FC_PACK_LOOP(int8_t) break;
+    }
+}
+
+/* ---- Narrow matrices ----
+ * A matrix of fewer than FC_LANES columns (a tiny hidden size) is packed unpadded, as one panel
+ * of n columns, and multiplied here in plain C: padded to a vector, an RNN of hidden size 1
+ * would keep 16 times its weights. Each output sums its k terms in order, with FMA at the FMA
+ * levels and a rounded product and sum at the baseline, as the vector products do. */
+#define FC_DEFINE_NARROW(NAME, T, WT, WEIGHT, MADD, ATTR)                                     ATTR static void NAME(int m, int n, const fc_runs *R, const T *a, int lda, const WT *wp,                            int ks, int beta, T *c, int ldc)                               {                                                                                        for (int i = 0; i < m; i++) {                                                            T acc[FC_LANES];                                                                     T *ci = c + (long)i * ldc;                                                           for (int o = 0; o < n; o++) acc[o] = beta ? ci[o] : (T)0;                            for (int q = 0; q < R->n; q++) {                                                         const T *ai = a + (long)i * lda + R->xo[q];                                          for (int j = 0; j < R->k[q]; j++) {                                                      int jr = R->p[q] + j;      /* the packed row */                                      for (int o = 0; o < n; o++) acc[o] = MADD(ai[j], WEIGHT, acc[o]);                 }                                                                                }                                                                                    for (int o = 0; o < n; o++) ci[o] = acc[o];                                      }                                                                                    (void)ks;                                                                        }
+#define FC_MADD_ROUNDED(x, w, acc) ((acc) + (x) * (w))
+#define FC_W_PLAIN (wp[(long)jr * n + o])
+#define FC_W_BF16 ({ unsigned u_ = (unsigned)wp[(long)(jr >> 1) * 2 * n + 2 * o + (jr & 1)] << 16; \
+                     float f_; memcpy(&f_, &u_, 4); f_; })
+FC_DEFINE_NARROW(fc_narrow_f_base, float, float, FC_W_PLAIN, FC_MADD_ROUNDED, )
+FC_DEFINE_NARROW(fc_narrow_d_base, double, double, FC_W_PLAIN, FC_MADD_ROUNDED, )
+FC_DEFINE_NARROW(fc_narrow_h_base, float, unsigned short, FC_W_BF16, FC_MADD_ROUNDED, )
+#ifdef FC_DISPATCH
+#define FC_MADD_F(x, w, acc) __builtin_fmaf((x), (w), (acc))
+#define FC_MADD_D(x, w, acc) __builtin_fma((x), (w), (acc))
+FC_DEFINE_NARROW(fc_narrow_f_v3, float, float, FC_W_PLAIN, FC_MADD_F, FC_TARGET_V3)
+FC_DEFINE_NARROW(fc_narrow_d_v3, double, double, FC_W_PLAIN, FC_MADD_D, FC_TARGET_V3)
+FC_DEFINE_NARROW(fc_narrow_h_v3, float, unsigned short, FC_W_BF16, FC_MADD_F, FC_TARGET_V3)
+#define fc_narrow_f_v4 fc_narrow_f_v3
+#define fc_narrow_d_v4 fc_narrow_d_v3
+#define fc_narrow_h_v4 fc_narrow_h_v3
+#endif
+
 /* ---- One packed matrix in any weight format, and the products over it ----
  * The cell walks see only this: which format a matrix holds is decided at load (recurrence.py)
  * and switched on here, once per product. */
-#include "matmul_int8.h"
 
 enum { FC_FMT_F32 = 0, FC_FMT_F64 = 1, FC_FMT_BF16 = 2, FC_FMT_I8 = 3 };
 
@@ -477,11 +512,17 @@ static inline void fc_matmul_f(int m, int n, int k, const float *a, int lda, con
     } else if (w->fmt == FC_FMT_BF16) {
         const unsigned short *wp = (const unsigned short *)w->wp;
         fc_runs R = fc_bf16_runs(w, j0, k);
-        if (m == 1) FC_CALL_BEST(fc_gemv_p_h, (&R, n, a, wp, w->ks, beta, c, backward));
+        if (n < FC_LANES) {
+            for (int q = 0; q < R.n; q++) R.p[q] *= 2;   /* pairs -> packed rows */
+            FC_CALL_BEST(fc_narrow_h, (m, n, &R, a, lda, wp, w->ks, beta, c, ldc));
+        } else if (m == 1) FC_CALL_BEST(fc_gemv_p_h, (&R, n, a, wp, w->ks, beta, c, backward));
         else FC_CALL_BEST(fc_gemm_p_h, (m, n, &R, a, lda, wp, w->ks, beta, c, ldc));
     } else {
         const float *wp = (const float *)w->wp;
-        if (m == 1) FC_CALL_BEST(fc_gemv_p_f, (k, n, a, wp, w->ks, j0, beta, c, backward));
+        if (n < FC_LANES) {
+            fc_runs R = {1, {0, 0}, {j0, 0}, {k, 0}};
+            FC_CALL_BEST(fc_narrow_f, (m, n, &R, a, lda, wp, w->ks, beta, c, ldc));
+        } else if (m == 1) FC_CALL_BEST(fc_gemv_p_f, (k, n, a, wp, w->ks, j0, beta, c, backward));
         else FC_CALL_BEST(fc_gemm_p_f, (m, n, k, a, lda, wp, w->ks, j0, beta, c, ldc));
     }
 }
@@ -492,7 +533,10 @@ static inline void fc_matmul_d(int m, int n, int k, const double *a, int lda, co
     (void)work;
     if (m <= 0 || n <= 0) return;
     const double *wp = (const double *)w->wp;
-    if (m == 1) FC_CALL_BEST(fc_gemv_p_d, (k, n, a, wp, w->ks, j0, beta, c, backward));
+    if (n < FC_LANES) {
+        fc_runs R = {1, {0, 0}, {j0, 0}, {k, 0}};
+        FC_CALL_BEST(fc_narrow_d, (m, n, &R, a, lda, wp, w->ks, beta, c, ldc));
+    } else if (m == 1) FC_CALL_BEST(fc_gemv_p_d, (k, n, a, wp, w->ks, j0, beta, c, backward));
     else FC_CALL_BEST(fc_gemm_p_d, (m, n, k, a, lda, wp, w->ks, j0, beta, c, ldc));
 }
 

@@ -27,7 +27,8 @@
  *
  * Int32 overflow: |acc| <= 255 * 128 * k, safe for k <= 65536 rows per segment (checked at load).
  *
- * Layout: panels of FC_I8_PW columns (the last one narrower, a multiple of 16), each panel the
+ * Layout: panels of FC_I8_PW columns (the last one narrower, a multiple of 16, or for a narrow
+ * matrix of fewer than 16 columns its one unpadded panel), each panel the
  * rows' quads one after another: quad q of the panel of columns [o, o + pw) is pw * 4 bytes at
  * wp + o * K4 + q * pw * 4, column j's 4 bytes (rows 4q..4q+3) at offset (j - o) * 4. One
  * 64-byte load gives 16 columns x 4 rows, what vpdpbusd multiplies by 4 broadcast activation
@@ -65,23 +66,6 @@ typedef struct {
 } fc_i8_mat;
 
 static inline int fc_i8_k4(const fc_i8_mat *w) { return w->k4[0] + (w->nseg > 1 ? w->k4[1] : 0); }
-
-/* Pack one segment, (rows, n) int8 stored row-major with row stride ldw (W^T: row = input),
- * into the panels at row offset r0 (a multiple of 4) of a packing of K4 rows; pads stay zero
- * (wp must start zeroed). */
-static void fc_i8_pack(int rows, int n, const int8_t *wt, int ldw, int8_t *wp, int K4, int r0)
-{
-    for (int o = 0; o < n; o += FC_I8_PW) {
-        int pw = n - o < FC_I8_PW ? n - o : FC_I8_PW;
-        int8_t *panel = wp + (long)o * K4;
-        for (int i = 0; i < rows; i++) {
-            int r = r0 + i;
-            int8_t *dst = panel + (long)(r >> 2) * pw * 4 + (r & 3);
-            const int8_t *src = wt + (long)i * ldw + o;
-            for (int j = 0; j < pw; j++) dst[j * 4] = src[j];
-        }
-    }
-}
 
 /* ---- activation quantization (scalar C: k values per row, a small part of the work) ---- */
 
@@ -255,6 +239,35 @@ static void fc_i8_panel_base(int m, int pw, int nq, int bits, const uint8_t *qa,
 }
 
 #ifdef FC_DISPATCH
+/* fc_i8_panel_base with the FMA levels' float steps (fc_i8_kernel512's): for a narrow matrix
+ * (fewer than 16 columns, packed unpadded) at those levels. */
+FC_TARGET_V3 static void fc_i8_dequant_fma(int rows, int pw, int bits, const int32_t *acc,
+                                           const int32_t *cs, const float *sw, const float *sa,
+                                           int add, float *c, long ldc)
+{
+    for (int r = 0; r < rows; r++) {
+        const int32_t *hi = acc + (long)r * (bits / 8) * FC_I8_PW;
+        const int32_t *lo = hi + FC_I8_PW;
+        float s = sa[r];
+        float *out = c + (long)r * ldc;
+        for (int j = 0; j < pw; j++) {
+            float t = (float)(hi[j] - 128 * cs[j]);
+            if (bits == 16) t = __builtin_fmaf(t, 256.0f, (float)lo[j]);
+            float p = sw[j] * s;
+            out[j] = add ? __builtin_fmaf(t, p, out[j]) : t * p;
+        }
+    }
+}
+
+static void fc_i8_panel_narrow_fma(int m, int pw, int nq, int bits, const uint8_t *qa, long lq,
+                                   const int8_t *w, const int32_t *cs, const float *sw,
+                                   const float *sa, int add, float *c, long ldc)
+{
+    int32_t acc[2 * FC_I8_MC * FC_I8_PW] __attribute__((aligned(64)));
+    fc_i8_tile_base(m * (bits / 8), pw, nq, qa, lq, w, acc);
+    fc_i8_dequant_fma(m, pw, bits, acc, cs, sw, sa, add, c, ldc);
+}
+
 static inline int32_t fc_i8_quad(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
 
 /* acc += x . w in place: as an intrinsic, GCC 12 copies the accumulators between registers
@@ -571,7 +584,9 @@ static void fc_i8_matmul(int m, int s0, int s1, const float *a, long lda, const 
     fc_i8_quantize_fn quantize = fc_i8_quantize_base;
     fc_i8_panel_fn panel_fn = fc_i8_panel_base;
 #ifdef FC_DISPATCH
-    switch (fc_int8_path()) {
+    if (w->n < 16) {     /* narrow: packed unpadded, the SIMD panels take whole vectors */
+        if (fc_int8_path() > 0) panel_fn = fc_i8_panel_narrow_fma;
+    } else switch (fc_int8_path()) {
     case 3: panel_fn = fc_i8_panel_vnni512; quantize = fc_i8_quantize_vnni512; break;
     case 2: panel_fn = fc_i8_panel_avxvnni; quantize = fc_i8_quantize_avxvnni; break;
     case 1: panel_fn = fc_i8_panel_avx2; quantize = fc_i8_quantize_avx2; break;

@@ -9,15 +9,15 @@ from fastcell_c.gates cimport rnn_update
 from fastcell_c.kernel cimport Kernel
 
 
-cdef void rnn_walk(Walk* w, const floating* x, int I, int H, int Hp, bint relu,
-                   const floating* w_ih_t, const fc_mat* wm, const floating* bias,
-                   floating* h, floating* out, floating* G) noexcept nogil:
+cdef void rnn_walk(Walk* w, const floating* x, int I, int H, int width, bint relu,
+                   const fc_mat* wm, const floating* bias, floating* h, floating* out,
+                   floating* G) noexcept nogil:
     cdef Py_ssize_t s, j, ldg
     cdef floating* g
-    cdef floating* xp = G + w.T * w.B * Hp
-    cdef bint fused = input_products(w, x, I, h, H, w_ih_t, wm, Hp, G, xp)
+    cdef floating* xp = G + w.T * w.B * width
+    cdef bint fused = input_products(w, x, I, h, H, wm, width, G, xp)
     for s in range(w.T):
-        g = step_product(w, s, fused, G, Hp, h, H, wm, I, &ldg)
+        g = step_product(w, s, fused, G, width, h, H, wm, I, &ldg)
         for j in range(w.n):
             rnn_update(relu, H, g + j * ldg, bias, h + j * H)
         write_outputs(w, s, h, H, out)
@@ -26,17 +26,17 @@ cdef void rnn_walk(Walk* w, const floating* x, int I, int H, int Hp, bint relu,
 cdef class RNNKernel(Kernel):
     cdef readonly bint relu
 
-    def __init__(self, weight_ih_t, weight_hh_t, bias, Py_ssize_t hidden_size, bint relu, **fmt):
+    def __init__(self, weight_ih, weight_hh, bias, Py_ssize_t hidden_size, bint relu, **fmt):
         """fmt: the weight format's arguments of Kernel (weight_format, scale_ih, scale_hh)."""
-        super().__init__(weight_ih_t, weight_hh_t, bias, hidden_size, 1, **fmt)
+        super().__init__(weight_ih, weight_hh, bias, hidden_size, 1, **fmt)
         self.relu = relu
 
     cdef void run_walk(self, Walk* w, const char* x, char* h, char* c, char* out,
                        char* work) noexcept nogil:
-        cdef int I = <int>self.input_size, H = <int>self.hidden_size, Hp = <int>self.padded
+        cdef int I = <int>self.input_size, H = <int>self.hidden_size, width = <int>self.width
         if self.is_double:
-            rnn_walk(w, <const double*>x, I, H, Hp, self.relu, <const double*>self.w_ih_t,
-                     self.mats, <const double*>self.bias, <double*>h, <double*>out, <double*>work)
+            rnn_walk(w, <const double*>x, I, H, width, self.relu, self.mats,
+                     <const double*>self.bias, <double*>h, <double*>out, <double*>work)
         else:
-            rnn_walk(w, <const float*>x, I, H, Hp, self.relu, <const float*>self.w_ih_t,
-                     self.mats, <const float*>self.bias, <float*>h, <float*>out, <float*>work)
+            rnn_walk(w, <const float*>x, I, H, width, self.relu, self.mats,
+                     <const float*>self.bias, <float*>h, <float*>out, <float*>work)

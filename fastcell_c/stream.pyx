@@ -162,7 +162,7 @@ cdef class Stepper:
         cdef int previous
         for i in range(len(self.kernels)):
             k = <Kernel>self.kernels[i]
-            w.use_blas = use_blas and k.w_ih_t != NULL     # float formats only
+            w.use_blas = use_blas and k.blas_ok            # float formats only
             w.qwork = k.qwork_of(state.work, 1, B, False)
             with nogil:
                 previous = enter_blas() if w.use_blas else -1
