@@ -27,6 +27,7 @@ class _Layer(Frozen):
     gates = 0
     has_cell_state = False
     reverse = False  # a class default too, so layers pickled before the option existed load
+    _initial = None  # likewise: no initial state (zeros)
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  bidirectional=False, dtype=np.float32, proj_size=0, reverse=False):
@@ -56,6 +57,7 @@ class _Layer(Frozen):
         self._weight_format = self.__dict__.pop("_initial_format", None) or dt.name
         if self._weight_format in REDUCED_FORMATS and dt != np.float32:
             raise TypeError(f"dtype: {self._weight_format} weights compute in float32, got {dt}")
+        self._initial = self._checked_initial(self.__dict__.pop("_initial_given", None))
         self._init_random()
         self._frozen = True
 
@@ -80,6 +82,39 @@ class _Layer(Frozen):
         """H_out: the size of h and of each direction's output."""
         return self.proj_size or self.hidden_size
 
+    @property
+    def initial_state(self):
+        """Where a call starts when hx is None, and where new streams start (new_state, reset,
+        a StreamPool's open): None for zeros, as torch.nn; else h_0 (D*L, H_out), or for the
+        LSTMs an (h_0, c_0) pair with c_0 (D*L, H), the same for every sequence of a batch (a
+        learned initial state, kept with the weights: an ONNX file's constant initial_h)."""
+        init = self._initial
+        if init is None:
+            return None
+        return init if self.has_cell_state else init[0]
+
+    def _checked_initial(self, value):
+        """The given initial state as a tuple of read-only (D*L, size) arrays, or None."""
+        if value is None:
+            return None
+        n = self.num_layers * self.num_directions
+        sizes = [("h_0", self.output_size)] + ([("c_0", self.hidden_size)] if self.has_cell_state else [])
+        if self.has_cell_state:
+            if not isinstance(value, (tuple, list)) or len(value) != 2:
+                raise TypeError(f"initial_state: expected an (h_0, c_0) pair, got {type(value).__name__}")
+            given = list(value)
+        else:
+            given = [value]
+        out = []
+        for (name, size), v in zip(sizes, given):
+            a = as_input(v, f"initial_state {name}", self.dtype)
+            if a.shape != (n, size):
+                raise shape_error(f"initial_state {name}", (n, size), a.shape)
+            a = np.array(a, self.dtype, copy=True)
+            a.flags.writeable = False
+            out.append(a)
+        return tuple(out)
+
     def config(self):
         """Everything needed to rebuild this layer (the weight file's metadata)."""
         cfg = {"cell": self.kind, "module": "layer", "input_size": self.input_size, "hidden_size": self.hidden_size,
@@ -87,13 +122,16 @@ class _Layer(Frozen):
                "bidirectional": self.bidirectional, "dtype": self.dtype.name, **self._extra_config()}
         if self.reverse:  # only when set, so every other layer's config is as before
             cfg["reverse"] = True
+        if self._initial is not None:   # likewise: its tensors go in the file beside the weights
+            cfg["initial_state"] = True
         if self._weight_format in REDUCED_FORMATS:
             cfg["weight_format"] = self._weight_format
         return cfg
 
     def _constructor_args(self):
         """The keyword arguments that build this layer's architecture again."""
-        return {k: v for k, v in self.config().items() if k not in ("cell", "module", "weight_format")}
+        return {k: v for k, v in self.config().items()
+                if k not in ("cell", "module", "weight_format", "initial_state")}
 
     def _extra_config(self):
         return {}
@@ -133,12 +171,14 @@ class _Layer(Frozen):
     # -- weights --
 
     @classmethod
-    def _from_weights(cls, weights, weight_format=None, **config):
+    def _from_weights(cls, weights, weight_format=None, initial_state=None, **config):
         """A layer built straight with these weights (fastcell.load, quantize): no random init
-        first. weight_format: a reduced format the weights are in (None: the dtype's)."""
+        first. weight_format: a reduced format the weights are in (None: the dtype's);
+        initial_state: see the property."""
         layer = cls.__new__(cls)
         layer._initial_weights = weights
         layer._initial_format = weight_format
+        layer._initial_given = initial_state
         layer.__init__(**config)
         return layer
 
@@ -166,7 +206,7 @@ class _Layer(Frozen):
         if self.bidirectional or self.reverse:
             return None
         # The family is this layer: states made before a reload keep stepping, with new weights.
-        return Stepper([r.kernel for r in recs], self._family())
+        return Stepper([r.kernel for r in recs], self._family(), self._initial)
 
     def _family(self):
         return self.__dict__.setdefault("_state_family", _StateFamily())
@@ -261,7 +301,8 @@ class _Layer(Frozen):
         """output, h_n = layer(x, hx, lengths) (LSTMs: output, (h_n, c_n)), as torch.nn.
 
         x: (T, B, I), (B, T, I) with batch_first, or unbatched (T, I). hx: h_0 (D*L, B, H_out)
-        (unbatched (D*L, H_out)), or (h_0, c_0) for the LSTMs; None means zeros. lengths: B
+        (unbatched (D*L, H_out)), or (h_0, c_0) for the LSTMs; None means zeros (or the layer's
+        initial_state, where it has one). lengths: B
         sequence lengths of a padded batch, as pack_padded_sequence(x, lengths,
         enforce_sorted=False): outputs past a length are zero, h_n is taken at each sequence's last
         step, and the output has max(lengths) steps, as pad_packed_sequence returns.
@@ -312,6 +353,8 @@ class _Layer(Frozen):
         n = self.num_layers * self.num_directions
         sizes = [("h_0", self.output_size)] + ([("c_0", self.hidden_size)] if self.has_cell_state else [])
         if hx is None:
+            if self._initial is not None:
+                return [np.repeat(a[:, None, :], B, axis=1) for a in self._initial]
             return [np.zeros((n, B, size), self.dtype) for _, size in sizes]
         if self.has_cell_state:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:

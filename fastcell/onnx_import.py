@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fastcell.recurrence import packed_bytes
 from fastcell.weights_file import FormatError, _open_regular
 
 __all__ = ["onnx_nodes", "from_onnx", "onnx_outputs", "OnnxNode"]
@@ -139,8 +140,9 @@ def from_onnx(source, node=None):
     input_forget=1), a weight that is not a constant. ValueError for a ``node`` that matches none.
     """
     model = _Model(source)
+    i = model.select(node)      # a `node` that matches none: ValueError, not the file's fault
     with model.errors():
-        return model.layer(model.select(node))
+        return model.layer(i)
 
 
 def onnx_outputs(layer, X, sequence_lens=None, initial_h=None, initial_c=None):
@@ -150,7 +152,8 @@ def onnx_outputs(layer, X, sequence_lens=None, initial_h=None, initial_c=None):
     Shapes for layout 0 (``batch_first=False``): X [T, B, I], initial_h/c and Y_h/Y_c [D, B, H],
     Y [T, D, B, H]; for layout 1: X [B, T, I], initial_h/c and Y_h/Y_c [B, D, H], Y [B, T, D, H].
     sequence_lens [B] are the layer's ``lengths`` (each in [1, T]); Y is zero past each sequence's
-    end and keeps all T steps. A missing initial_h or initial_c is zeros.
+    end and keeps all T steps. A missing initial_h or initial_c is the layer's initial state: the
+    constant the file held for it, else zeros.
     """
     if getattr(layer, "num_layers", None) != 1:
         raise ValueError(f"layer: expected a one-layer fastcell RNN, GRU or LSTM (as from_onnx "
@@ -168,10 +171,13 @@ def onnx_outputs(layer, X, sequence_lens=None, initial_h=None, initial_c=None):
         raise ValueError("initial_c: only for LSTMs")
     hx = None
     if any(v is not None for v in given):
+        init = layer.initial_state
+        init = (init,) if init is not None and not layer.has_cell_state else init
         states = []
-        for name, v in zip(names, given):
+        for i, (name, v) in enumerate(zip(names, given)):
             if v is None:
-                states.append(np.zeros((D, B, H), layer.dtype))
+                default = np.zeros((D, H), layer.dtype) if init is None else init[i]
+                states.append(np.repeat(np.asarray(default)[:, None, :], B, axis=1))
                 continue
             v = np.asarray(v)
             want = (B, D, H) if layout else (D, B, H)
@@ -199,6 +205,10 @@ def onnx_outputs(layer, X, sequence_lens=None, initial_h=None, initial_c=None):
 
 class _Bad(Exception):
     """What is wrong with the file; the entry points raise it as FormatError naming the file."""
+
+
+class _NotConstant(FormatError):
+    """A value computed from a graph input or by an op fastcell does not fold: a run-time value."""
 
 
 class _Model:
@@ -253,11 +263,17 @@ class _Model:
 
     @contextlib.contextmanager
     def errors(self):
-        """_Bad raised inside becomes FormatError naming the file."""
+        """Whatever goes wrong inside while reading the file becomes FormatError naming it: _Bad,
+        and any other error a malformed file provokes (a string that is not UTF-8, say); but
+        MemoryError stays itself."""
         try:
             yield
+        except (FormatError, MemoryError):
+            raise
         except _Bad as exc:
             raise self.fail(str(exc)) from None
+        except Exception as exc:
+            raise self.fail(f"a malformed model ({type(exc).__name__}: {_short(exc)})") from None
 
     def _walk(self, scope, depth):
         if depth > MAX_GRAPH_DEPTH:
@@ -317,7 +333,8 @@ class _Model:
         n = len(self.nodes)
 
         def listing():
-            text = "; ".join(self.describe(i).describe() for i in range(min(n, 12)))
+            with self.errors():
+                text = "; ".join(self.describe(i).describe() for i in range(min(n, 12)))
             return text + (f"; and {n - 12} more" if n > 12 else "")
 
         if node is None:
@@ -436,9 +453,21 @@ class _Model:
             if P is not None:
                 weights["weight_ph" + s] = np.ascontiguousarray(
                     P[d].reshape(3, H)[list(_PEEPHOLE_ORDER)])
+        # The built model keeps its packed weights; one far larger than the file's own tensors
+        # (which folding can make) is refused before anything is allocated for it.
+        split = 2 if op == "GRU" and not reset_after else 0
+        model_bytes = D * packed_bytes(G, H, I, H, W.dtype.itemsize, split)
+        model_bytes += sum(v.nbytes for v in (B, P) if v is not None)
+        budget = FOLD_BASE_BYTES + FOLD_FACTOR * self.read_bytes
+        if model_bytes > budget:
+            raise fail(f"its weights would take {model_bytes} bytes in memory, more than "
+                       f"{budget} bytes, far more than the file's tensors hold "
+                       f"({self.read_bytes} bytes)")
+        initial = self._initial_state(node, inputs, scope, op, D, H, layout, W.dtype, fail)
         config = {"input_size": I, "hidden_size": H, "num_layers": 1, "bias": B is not None,
                   "batch_first": layout == 1, "bidirectional": D == 2,
-                  "reverse": direction == "reverse", "dtype": W.dtype}
+                  "reverse": direction == "reverse", "dtype": W.dtype,
+                  "initial_state": initial}
         if op == "RNN":
             cls, config["nonlinearity"] = fastcell.RNN, nonlinearity
         elif op == "GRU":
@@ -446,6 +475,50 @@ class _Model:
         else:
             cls = fastcell.PeepholeLSTM if P is not None else fastcell.LSTM
         return cls._from_weights(weights, **config)
+
+    def _constant_input(self, name, scope, role):
+        """A run-time input's value when the file makes it a constant, else None (a graph
+        input, or computed at run time: the layer takes it at call time)."""
+        if not name:
+            return None
+        try:
+            return self.value(name, scope, role)
+        except _NotConstant:
+            return None
+
+    def _initial_state(self, node, inputs, scope, op, D, H, layout, dtype, fail):
+        """The node's constant initial_h (and initial_c) as the layer's initial state, or None.
+        Nothing in the file is dropped: a constant sequence_lens, or a constant state that
+        differs between the batch's sequences, is refused."""
+        lens = self._constant_input(inputs[4], scope, "sequence_lens")
+        if lens is not None:
+            raise fail(f"input sequence_lens is a constant in the file ({lens.size} values): "
+                       "fastcell takes the lengths at call time (layer(x, lengths=...)); make "
+                       "sequence_lens a graph input, or drop it if every sequence is full")
+        names = ("initial_h", "initial_c") if op == "LSTM" else ("initial_h",)
+        given = [self._constant_input(inputs[5 + i], scope, n) for i, n in enumerate(names)]
+        if all(v is None for v in given):
+            return None
+        states = []
+        for name, v in zip(names, given):
+            if v is None:
+                states.append(np.zeros((D, H), dtype))
+                continue
+            if v.dtype != dtype:
+                raise fail(f"input {name} is a constant of dtype {v.dtype}, expected {dtype} like W")
+            want = "[batch, num_directions, hidden_size]" if layout else \
+                "[num_directions, batch, hidden_size]"
+            d_axis, b_axis = (1, 0) if layout else (0, 1)
+            if v.ndim != 3 or v.shape[d_axis] != D or v.shape[2] != H or v.shape[b_axis] == 0:
+                raise fail(f"input {name} is a constant of shape {list(v.shape)}, expected {want} "
+                           f"with num_directions {D} and hidden_size {H}")
+            per_batch = v.transpose(1, 0, 2) if layout else v     # [D, batch, H]
+            if not np.array_equal(per_batch, np.broadcast_to(per_batch[:, :1], per_batch.shape)):
+                raise fail(f"input {name} is a constant that differs between the {per_batch.shape[1]} "
+                           "sequences of a batch: fastcell keeps one initial state per direction, "
+                           "the same for every sequence; pass per-sequence states as hx at call time")
+            states.append(np.ascontiguousarray(per_batch[:, 0]))
+        return tuple(states) if op == "LSTM" else states[0]
 
     def _activations(self, op, attrs, D, where, fail):
         """The RNN's nonlinearity ("tanh" or "relu"); for GRU and LSTM, checks the defaults."""
@@ -483,8 +556,9 @@ class _Model:
             return self._memo[key]
         kind = entry[0]
         if kind == "input":
-            raise self.fail(f"{role} depends on the graph input {name!r} of {owner.path}: fastcell "
-                            "needs the weights as constants (initializers or constant nodes)")
+            raise _NotConstant(f"{self.label}: {role} depends on the graph input {name!r} of "
+                               f"{owner.path}: fastcell needs the weights as constants "
+                               "(initializers or constant nodes)")
         if kind == "sparse":
             raise self.fail(f"{role}: {name!r} is a sparse initializer; fastcell reads dense ones")
         if kind == "initializer":
@@ -499,9 +573,9 @@ class _Model:
             raise self.fail(f"{role}: {name!r} depends on itself (a cycle in the graph)")
         label = f"{_text(node.op_type)} node {_text(node.name) or '(unnamed)'!r}"
         if node.domain not in ("", "ai.onnx") or node.op_type not in _FOLDABLE:
-            raise self.fail(f"{role}: {name!r} comes from a {label} (domain "
-                            f"{_text(node.domain) or 'ai.onnx'!r}); fastcell folds only constants "
-                            f"and {', '.join(_FOLDABLE[1:])} of constants")
+            raise _NotConstant(f"{self.label}: {role}: {name!r} comes from a {label} (domain "
+                               f"{_text(node.domain) or 'ai.onnx'!r}); fastcell folds only "
+                               f"constants and {', '.join(_FOLDABLE[1:])} of constants")
         self._busy.add(key)
         try:
             args = [self.value(i, owner, role, depth + 1) if i else None for i in node.input]
@@ -701,9 +775,10 @@ _ATTR_TYPE_NAMES = {0: "UNDEFINED", 1: "FLOAT", 2: "INT", 3: "STRING", 4: "TENSO
 def _attributes(node, where):
     out = {}
     for a in node.attribute:
-        if a.name in out:
-            raise _Bad(f"{where}: two attributes named {a.name!r}")
-        out[a.name] = a
+        name = _text(a.name)    # bytes where the file's name is not UTF-8
+        if name in out:
+            raise _Bad(f"{where}: two attributes named {name!r}")
+        out[name] = a
     return out
 
 

@@ -35,5 +35,6 @@ def quantize(model, format):
         weights[name] = reduce(v, format, name) if is_matrix(name) else v
     if isinstance(model, _Layer):
         args = dict(model._constructor_args(), dtype=np.float32)
-        return type(model)._from_weights(weights, weight_format=format, **args)
+        return type(model)._from_weights(weights, weight_format=format,
+                                         initial_state=model.initial_state, **args)
     return type(model)(**weights, **model._extra_config())

@@ -17,7 +17,7 @@ import numpy as np
 from fastcell._checks import as_flag, as_weight, check_same_dtype, shape_error, to_numpy, FLOAT_DTYPES
 from fastcell.weight_formats import REDUCED_FORMATS, Reduced
 from fastcell_c.gru import GRUKernel
-from fastcell_c.kernel import INT8_MAX_ROWS
+from fastcell_c.kernel import INT8_MAX_ROWS, LANES
 from fastcell_c.lstm import LSTMKernel
 from fastcell_c.rnn import RNNKernel
 
@@ -41,6 +41,19 @@ def as_matrix(value, name):
     if arr.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D array, got shape {arr.shape}")
     return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
+
+
+def packed_bytes(gates, hidden_size, input_size, hidden_out, itemsize, split_gates=0):
+    """The bytes a kernel's packed W_ih over W_hh will take (fastcell_c/kernel.pyx's layout): the
+    rows I + H_out times the gate row's width (each part padded to whole vectors of LANES, none
+    narrower than one vector), for a check before anything is built."""
+    n = gates * hidden_size
+    if n < LANES:
+        return (input_size + hidden_out) * n * itemsize
+    stride = -(-hidden_size // (LANES // 2)) * (LANES // 2) if split_gates else hidden_size
+    parts = [split_gates, gates - split_gates] if split_gates else [gates]
+    width = sum(-(-g * stride // LANES) * LANES for g in parts)
+    return (input_size + hidden_out) * width * itemsize
 
 
 def kernel_matrix(w):

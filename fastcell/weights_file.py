@@ -57,6 +57,7 @@ VERSION = "1"          # float files: every fastcell reads them
 REDUCED_VERSION = "2"  # files whose config has a weight_format (int8, bf16)
 SUPPORTED_VERSIONS = ("1", "2")
 SCALE_SUFFIX = ".scale"  # int8 "weight_ih_l0" keeps its per-row scales in "weight_ih_l0.scale"
+INITIAL_NAMES = ("initial_h", "initial_c")  # a layer's initial state, with "initial_state": true
 
 # A fastcell header takes under a kilobyte per layer and direction (at most 8 tensors: an int8
 # LSTM with projection and its scales), so 1 MiB holds MAX_LAYERS bidirectional layers.
@@ -114,7 +115,7 @@ def save(model, path):
                if type(model).__module__.startswith("torch") else ""))
     config = model.config()
     _check_config(config)  # never write a file that load would refuse
-    tensors = _file_tensors(model._stored_state_dict())
+    tensors = _file_tensors({**model._stored_state_dict(), **_initial_tensors(model)})
     expected = expected_tensors(config)
     got = {name: (a.shape, dtype) for name, dtype, a in tensors}
     if got != expected:  # a model whose weights disagree with its own config: a fastcell bug
@@ -141,6 +142,14 @@ def save(model, path):
         if isinstance(exc, OSError) and exc.errno is not None:
             raise type(exc)(exc.errno, exc.strerror, path) from None  # name path, not tmp
         raise
+
+
+def _initial_tensors(model):
+    """A layer's initial state as tensors ("initial_h", and "initial_c" for the LSTMs)."""
+    init = getattr(model, "_initial", None)
+    if init is None:
+        return {}
+    return dict(zip(INITIAL_NAMES, init))
 
 
 def _file_tensors(stored):
@@ -247,6 +256,11 @@ def expected_tensors(config):
                 out[name + SCALE_SUFFIX] = ((shape[0],), "F32")
         else:
             out[name] = (shape, float_dtype)
+    if config.get("initial_state"):
+        n = config["num_layers"] * (2 if config["bidirectional"] else 1)
+        out["initial_h"] = ((n, config.get("proj_size", 0) or config["hidden_size"]), float_dtype)
+        if config["cell"] in ("lstm", "peephole_lstm"):
+            out["initial_c"] = ((n, config["hidden_size"]), float_dtype)
     return out
 
 
@@ -413,9 +427,12 @@ def _check_config(config):
                 problems.append(f"config {key!r} is {_name(v)}, expected an integer in [{low}, {high}]")
         elif isinstance(kind, tuple) and v not in kind:
             problems.append(f"config {key!r} is {_name(v)}, expected one of {list(kind)}")
-    optional = ("weight_format", "reverse") if layer else ("weight_format",)
+    optional = ("weight_format", "reverse", "initial_state") if layer else ("weight_format",)
     problems += [f"config has an unexpected key {_name(k)} for a {config['cell']} {config['module']}"
                  for k in config if k not in spec and k not in optional]
+    if layer and "initial_state" in config and not isinstance(config["initial_state"], bool):
+        problems.append(f"config 'initial_state' is {_name(config['initial_state'])}, expected "
+                        "true or false")
     if layer and "reverse" in config:  # optional: absent, the layer runs forward in time
         if not isinstance(config["reverse"], bool):
             problems.append(f"config 'reverse' is {_name(config['reverse'])}, expected true or false")
@@ -552,8 +569,12 @@ def _build(config, weights, path):
                                              "batch_first", "bidirectional")}
             kwargs.update({k: config[k] for k in _LAYER_EXTRA[kind]})
             kwargs["reverse"] = config.get("reverse", False)
+            init = tuple(weights.pop(n) for n in INITIAL_NAMES if n in weights) or None
+            if init is not None and len(init) == 1:
+                init = init[0]
             return _LAYERS[kind]._from_weights(
-                weights, weight_format=fmt if fmt in REDUCED_FORMATS else None, **kwargs, dtype=dtype)
+                weights, weight_format=fmt if fmt in REDUCED_FORMATS else None,
+                initial_state=init, **kwargs, dtype=dtype)
         extra = {k: config[k] for k in _CELL_EXTRA[kind]}
         return _CELLS[kind](**weights, **extra)
     except (ValueError, TypeError) as exc:  # the checks above should make this unreachable

@@ -59,15 +59,22 @@ cdef class StreamState:
         self.work = alloc_aligned(n * owner.dtype.itemsize)
         if self.work == NULL:
             raise MemoryError(f"stream workspace for batch={batch}")
+        self.reset()
 
     def __dealloc__(self):
         free(self.work)
 
     def reset(self):
-        """Back to the zero state, in place."""
-        self.h[...] = 0
+        """Back to the model's initial state (zeros, or its initial_state), in place."""
+        init = self.owner.initial
+        if init is None:
+            self.h[...] = 0
+            if self.c is not None:
+                self.c[...] = 0
+            return
+        self.h[...] = init[0][:, None, :]
         if self.c is not None:
-            self.c[...] = 0
+            self.c[...] = init[1][:, None, :]
 
     def copy(self):
         """An independent state with the same h (and c)."""
@@ -100,14 +107,17 @@ cdef class Stepper:
     its earlier steppers made. None: a family of its own."""
     cdef readonly tuple kernels
     cdef readonly object family
+    cdef readonly object initial      # None (zeros), or (h (L, H_out),) / (h, c (L, H)): where
+                                      # new states start
     cdef readonly object dtype
     cdef readonly Py_ssize_t input_size, hidden_size, output_size
     cdef readonly bint has_cell_state
     cdef int typenum
 
-    def __init__(self, kernels, family=None):
+    def __init__(self, kernels, family=None, initial=None):
         self.kernels = tuple(kernels)
         self.family = self if family is None else family
+        self.initial = None if initial is None else tuple(initial)
         cdef Kernel first = self.kernels[0]
         cdef Kernel last = self.kernels[len(self.kernels) - 1]
         self.dtype = first.dtype
@@ -118,7 +128,7 @@ cdef class Stepper:
         self.has_cell_state = first.has_cell_state
 
     def __reduce__(self):
-        return (Stepper, (self.kernels,))
+        return (Stepper, (self.kernels, None, self.initial))
 
     def new_state(self, batch=1):
         return StreamState(self, batch)

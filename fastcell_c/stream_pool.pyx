@@ -163,6 +163,7 @@ cdef class StreamPool:
     cdef Py_ssize_t _isz                # bytes per number
     cdef Py_ssize_t _row                # bytes of one slot: h of every layer, then c, padded
     cdef char* _block                   # capacity slots
+    cdef char* _start                   # one slot's row at the model's initial state (NULL: zeros)
     cdef uint32_t* _gen                 # a slot's current generation
     cdef unsigned char* _live
     cdef int32_t* _free                 # a stack of free slots
@@ -234,6 +235,7 @@ cdef class StreamPool:
         self._seen = <uint64_t*>malloc(capacity * sizeof(uint64_t))
         self._slots = <int32_t*>malloc(capacity * sizeof(int32_t))
         self._kptr = <void**>malloc(L * sizeof(void*))
+        self._start = self._start_row(stepper)
         self._hbuf = <char**>calloc(threads, sizeof(char*))     # NULLs: __dealloc__ frees them
         self._cbuf = <char**>calloc(threads, sizeof(char*))
         self._work = <char**>calloc(threads, sizeof(char*))
@@ -289,6 +291,7 @@ cdef class StreamPool:
         free(self._seen)
         free(self._slots)
         free(self._kptr)
+        free(self._start)
         free(self._hbuf)
         free(self._cbuf)
         free(self._work)
@@ -342,8 +345,30 @@ cdef class StreamPool:
                                 "stream)", sid)
         return slot
 
+    cdef char* _start_row(self, stepper) except? NULL:
+        """A slot's row at the stepper's initial state (malloc'd), or NULL for zeros."""
+        if stepper.initial is None:
+            return NULL
+        cdef char* row = <char*>calloc(1, self._row)
+        if row == NULL:
+            raise MemoryError("the initial state's row")
+        cdef Py_ssize_t off = 0
+        for a in stepper.initial:
+            a = np.ascontiguousarray(a, dtype=self.dtype)
+            memcpy(row + off, cnp.PyArray_DATA(<cnp.ndarray>a), a.nbytes)
+            off += a.nbytes
+        return row
+
+    cdef inline void _begin(self, Py_ssize_t slot) noexcept nogil:
+        """A slot's state back where every stream starts: zeros, or the model's initial state."""
+        if self._start == NULL:
+            memset(self._block + slot * self._row, 0, self._row)
+        else:
+            memcpy(self._block + slot * self._row, self._start, self._row)
+
     def open(self):
-        """A new stream at the zero state; returns its id."""
+        """A new stream at the model's initial state (zeros, or its initial_state); returns its
+        id."""
         cdef Py_ssize_t slot = -1
         cdef int64_t sid = 0
         _take(&self._ids_mu)
@@ -351,7 +376,7 @@ cdef class StreamPool:
             self._nfree -= 1       # collection there could run a finalizer that calls the pool
             slot = self._free[self._nfree]
             self._gen[slot] = (self._gen[slot] + 1) & GEN_MASK
-            memset(self._block + slot * self._row, 0, self._row)
+            self._begin(slot)
             self._live[slot] = 1
             sid = (<int64_t>self._gen[slot] << SLOT_BITS) | slot
         pthread_mutex_unlock(&self._ids_mu)
@@ -374,9 +399,10 @@ cdef class StreamPool:
             pthread_mutex_unlock(&self._mu)
 
     def reset(self, sid):
-        """Back to the zero state, in place (the id stays valid)."""
+        """Back to the initial state (zeros, or the model's initial_state), in place (the id
+        stays valid)."""
         cdef Py_ssize_t slot = self._hold(sid, "sid")
-        memset(self._block + slot * self._row, 0, self._row)
+        self._begin(slot)
         pthread_mutex_unlock(&self._mu)
 
     def is_open(self, sid):
@@ -669,8 +695,10 @@ cdef class StreamPool:
         if not same:
             raise ValueError(f"model: expected a model of this pool's architecture "
                              f"({self.model!r}), got {model!r}")
+        cdef char* start = self._start_row(stepper)
         cdef void** kptr = <void**>malloc(L * sizeof(void*))
         if kptr == NULL:
+            free(start)
             raise MemoryError("reload")
         for l in range(L):
             kptr[l] = <void*>kernels[l]
@@ -678,12 +706,15 @@ cdef class StreamPool:
         # dropped under it could run a finalizer (weakref.finalize of the old model, say).
         old_kernels, old_model = self._kernels, self.model
         cdef void** old_kptr
+        cdef char* old_start
         _take(&self._mu)
         old_kptr, self._kptr = self._kptr, kptr
+        old_start, self._start = self._start, start
         self._kernels = kernels
         self.model = model
         pthread_mutex_unlock(&self._mu)
         free(old_kptr)
+        free(old_start)
 
     # -- fork --
     # A process forked while another thread steps this pool would inherit _mu locked by a thread

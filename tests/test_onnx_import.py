@@ -1024,3 +1024,76 @@ def test_weight_files_check_the_reverse_key(tmp_path):
         weights_file._check_config(dict(fastcell.RNNCell(np.zeros((4, 3), np.float32),
                                                          np.zeros((4, 4), np.float32)).config(), reverse=True))
     weights_file._check_config(json.loads(json.dumps(dict(cfg, reverse=False))))  # accepted
+
+
+# ---- constant run-time inputs: kept as the layer's initial state, or refused ----
+
+def constants_in_the_file(case, names):
+    """The case's model with its feed entries `names` stored as initializers (constants)."""
+    case.weights.update({n: case.feed.pop(n) for n in names})
+    return case.model()
+
+
+@pytest.mark.parametrize("op", ["RNN", "GRU", "LSTM"])
+@pytest.mark.parametrize("direction,layout", [("forward", 0), ("bidirectional", 1), ("reverse", 0)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_constant_initial_state_becomes_the_layers_initial_state(op, direction, layout, batch,
+                                                                   tmp_path, rng):
+    case = Case(op, rng, I=3, H=17, batch=batch, T=6, direction=direction, layout=layout,
+                init=True)
+    names = ["initial_h", "initial_c"] if op == "LSTM" else ["initial_h"]
+    # one state per direction, the same for every sequence of the batch (a learned one)
+    axis = 0 if layout else 1
+    for n in names:
+        case.feed[n] = np.repeat(np.take(case.feed[n], [0], axis=axis), batch, axis=axis)
+    model = constants_in_the_file(case, names)
+    layer, got = case.fastcell(model)
+    want = case.ort(model) if layout == 0 else case.spec()
+    assert max_diff(got, want) <= 1e-5
+    init = layer.initial_state if op == "LSTM" else (layer.initial_state,)
+    for a, n in zip(init, names):
+        given = case.weights[n]
+        assert np.array_equal(a, given[0] if layout else given[:, 0])
+    # kept in its file
+    fastcell.save(layer, tmp_path / "m.safetensors")
+    again = fastcell.load(tmp_path / "m.safetensors")
+    assert max_diff(onnx_outputs(again, **case.feed), got) == 0
+    if direction == "forward":
+        # new streams start there too: a state's step, a pool's open and reset
+        x = case.feed["X"][:, 0]                 # layout 0: (T, I) of the first sequence
+        state = again.new_state()
+        pool = fastcell.StreamPool(again, 4)
+        sid = pool.open()
+        ref = layer(x)[0]
+        for t in range(x.shape[0]):
+            y = again.step(x[t], state)
+            assert np.array_equal(pool.step(np.array([sid]), x[t:t + 1])[0], y)
+            assert np.array_equal(y, ref[t])
+        state.reset()
+        pool.reset(sid)
+        assert np.array_equal(again.step(x[0], state), pool.step(np.array([sid]), x[:1])[0])
+
+
+def test_constant_states_that_differ_between_sequences_are_refused(rng):
+    case = Case("LSTM", rng, I=3, H=4, batch=2, init=True)
+    with pytest.raises(FormatError, match="input initial_c is a constant that differs between the 2"):
+        fastcell.from_onnx(constants_in_the_file(case, ["initial_c"]))
+
+
+def test_a_constant_sequence_lens_is_refused(rng):
+    case = Case("GRU", rng, I=3, H=4, batch=2, lengths=True)
+    with pytest.raises(FormatError, match="input sequence_lens is a constant in the file"):
+        fastcell.from_onnx(constants_in_the_file(case, ["sequence_lens"]))
+
+
+def test_run_time_states_stay_call_arguments(rng):
+    # initial_h as a graph input, or computed from one: the layer takes it at call time
+    case = Case("RNN", rng, I=3, H=4, batch=2, init=True)
+    assert fastcell.from_onnx(case.model()).initial_state is None
+
+
+def test_an_attribute_name_that_is_not_utf8_is_a_format_error(rng):
+    case = Case("GRU", rng, I=3, H=4, attrs={"linear_before_reset": 1})
+    data = case.model().replace(b"linear_before_reset", b"\xff\xfenear_before_reset")
+    with pytest.raises(FormatError, match="linear_before_reset|attribute"):
+        fastcell.from_onnx(data)
