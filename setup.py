@@ -29,7 +29,7 @@ directives = {
     "embedsignature": True,
 }
 
-KERNELS = ["kernel", "rnn", "gru", "lstm", "stream", "stream_pool", "blas_floor"]
+KERNELS = ["platform", "kernel", "rnn", "gru", "lstm", "stream", "stream_pool", "blas_floor"]
 HEADERS = sorted(str(p) for p in Path("fastcell_c").glob("*.h"))
 
 extensions = [
@@ -39,7 +39,7 @@ extensions = [
         include_dirs=["fastcell_c", np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=compile_args,
-        depends=HEADERS,  # the C headers: an edit to one rebuilds every kernel
+        depends=HEADERS,  # the C headers: an edit to one rebuilds every module
     )
     for name in KERNELS
 ]

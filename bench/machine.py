@@ -12,7 +12,7 @@ from pathlib import Path
 
 VENDORS = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD", "HygonGenuine": "Hygon"}
 
-# The flags that decide which of fastcell's kernels run (dispatch.h), in /proc/cpuinfo's spelling.
+# The flags that decide which of fastcell's kernels run (cpu.h), in /proc/cpuinfo's spelling.
 SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
               "avx512_bf16", "amx_tile")
 

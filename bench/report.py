@@ -305,7 +305,7 @@ def machine_info():
     from threadpoolctl import threadpool_info
 
     import fastcell
-    from fastcell_c.kernel import simd_level
+    from fastcell_c.platform import simd_level
 
     cpu = bench.machine.read_cpuinfo()
     simd = bench.machine.simd_flags(cpu) + [f"fastcell kernels: {simd_level()}"]

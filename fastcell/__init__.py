@@ -12,6 +12,7 @@ from fastcell._blas_threads import set_blas_threads  # noqa: E402
 from fastcell._version import __version__  # noqa: E402
 from fastcell.cells import GRUCell, LSTMCell, PeepholeLSTMCell, RNNCell  # noqa: E402
 from fastcell.layers import GRU, LSTM, RNN, PeepholeLSTM, StateDictError  # noqa: E402
+from fastcell_c.platform import simd_level  # noqa: E402
 from fastcell_c.stream_pool import PoolFullError, StreamIdError, StreamPool  # noqa: E402
 
 _blas_threads.install()
@@ -32,7 +33,7 @@ _LAZY = {
 __all__ = [
     "__version__", "RNNCell", "GRUCell", "LSTMCell", "PeepholeLSTMCell",
     "RNN", "GRU", "LSTM", "PeepholeLSTM", "StateDictError", "set_blas_threads",
-    "StreamPool", "StreamIdError", "PoolFullError", *_LAZY,
+    "StreamPool", "StreamIdError", "PoolFullError", "simd_level", *_LAZY,
 ]
 
 

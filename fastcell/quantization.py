@@ -1,7 +1,7 @@
 """``quantize(model, format)``: the same model with its weight matrices in a reduced format.
 
 int8 keeps one float32 scale per output row (and quantizes the activations of every product per
-row: fastcell_c/matmul_int8.h); bf16 rounds each weight to nearest even. Biases and peepholes
+row: fastcell_c/products_int8.h); bf16 rounds each weight to nearest even. Biases and peepholes
 stay float32, and the model computes in float32 as before: same class, same calls.
 """
 

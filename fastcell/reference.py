@@ -6,7 +6,7 @@ computes in the dtype of its arguments. ``None`` biases mean zero.
 
 The weight matrices may also be ``fastcell.weight_formats.Reduced`` (int8, bf16): the reference then
 computes what the kernels compute with them (``matmul``): bf16 weights are their float values;
-int8 products quantize each row of their activations as the kernels do (fastcell_c/matmul_int8.h),
+int8 products quantize each row of their activations as the kernels do (fastcell_c/products_int8.h),
 16 bits for a layer's input x and 8 bits for h, r * h and the projection's input, and sum exactly.
 """
 

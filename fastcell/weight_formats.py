@@ -3,7 +3,7 @@
 A ``Reduced`` holds one weight matrix in PyTorch's layout (gate rows x inputs) in a reduced
 format; it is what a quantized model keeps instead of the float32 matrix (no float copy is kept
 beside it: ``dequantize()`` computes one when asked, for ``state_dict()``). The compiled products
-read the same values (fastcell_c/matmul.h, matmul_int8.h).
+read the same values (fastcell_c/products.h, products_int8.h).
 
 - int8: ``q = rint(w / s)`` in [-127, 127] with one scale ``s`` per row (a zero row has s = 1 and
   q = 0); the value is ``q * s``. quantize_int8 takes, per row, the s >= max |w_row| / 127 (no

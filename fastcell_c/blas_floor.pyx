@@ -3,7 +3,7 @@
 # the benchmark reports a cell's step time over this one's (bench/, DESIGN.md "Measuring").
 from cython cimport floating
 
-from fastcell_c._blas cimport matmul_wt
+from fastcell_c.blas cimport matmul_wt
 
 
 cdef void floor_run(Py_ssize_t T, int B, int N, int H, const floating* w, const floating* h,

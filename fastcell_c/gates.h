@@ -1,12 +1,12 @@
 /* The fused gate passes of gates_impl.h, instantiated for float and double at every x86 level of
- * dispatch.h, and one entry point per pass and type that calls the CPU's best. */
+ * cpu.h; platform.h's table holds the CPU's best of each. */
 #ifndef FASTCELL_GATES_H
 #define FASTCELL_GATES_H
 
 #include <stddef.h>
 
 #include "activations.h"
-#include "dispatch.h"
+#include "cpu.h"
 
 #define FC_CAT_(a, b) a##b
 #define FC_CAT(a, b) FC_CAT_(a, b)
@@ -59,24 +59,5 @@
 #undef FC_SIG
 #undef FC_TANH
 #undef FC_ATTR
-
-/* The entry points: fc_<pass>_f and fc_<pass>_d. */
-#define FC_ENTRY(NAME, PARAMS, ARGS) \
-    static inline void NAME PARAMS { FC_CALL_BEST(NAME, ARGS); }
-#define FC_ENTRIES(T, S)                                                                       \
-    FC_ENTRY(fc_rnn_tanh##S, (ptrdiff_t H, const T *g, const T *b, T *h), (H, g, b, h))        \
-    FC_ENTRY(fc_rnn_relu##S, (ptrdiff_t H, const T *g, const T *b, T *h), (H, g, b, h))        \
-    FC_ENTRY(fc_gru_reset_after##S, (ptrdiff_t H, ptrdiff_t Hp, const T *g, const T *r_h,      \
-             const T *b, const T *b_hn, T *h), (H, Hp, g, r_h, b, b_hn, h))                    \
-    FC_ENTRY(fc_gru_reset_before_gates##S, (ptrdiff_t H, ptrdiff_t Hp, T *g, const T *b,       \
-             const T *h, T *rh), (H, Hp, g, b, h, rh))                                         \
-    FC_ENTRY(fc_gru_reset_before_update##S, (ptrdiff_t H, ptrdiff_t Hp, const T *g,            \
-             const T *b, T *h), (H, Hp, g, b, h))                                              \
-    FC_ENTRY(fc_lstm_gates##S, (ptrdiff_t H, ptrdiff_t Hp, const T *g, const T *b, T *c,       \
-             T *h), (H, Hp, g, b, c, h))                                                       \
-    FC_ENTRY(fc_peephole_gates##S, (ptrdiff_t H, ptrdiff_t Hp, const T *g, const T *b,         \
-             const T *p, T *c, T *h), (H, Hp, g, b, p, c, h))
-FC_ENTRIES(float, _f)
-FC_ENTRIES(double, _d)
 
 #endif

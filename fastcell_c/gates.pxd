@@ -1,79 +1,78 @@
-# The fused gate passes of gates.h (C, restrict pointers, dispatched per x86 level), fused over
-# float and double for the Cython kernels.
+# The fused gate passes (gates.h: C, restrict pointers, one per x86 level, the CPU's best picked
+# once by fastcell_c.platform), over float and double for the cell walks. A kernel keeps the
+# passes it calls (Kernel.passes, from platform.gate_pass): each call here is one indirect call.
 from cython cimport floating
 
-
-cdef extern from "gates.h" nogil:
-    void fc_rnn_tanh_f(Py_ssize_t H, const float* g, const float* b, float* h)
-    void fc_rnn_tanh_d(Py_ssize_t H, const double* g, const double* b, double* h)
-    void fc_rnn_relu_f(Py_ssize_t H, const float* g, const float* b, float* h)
-    void fc_rnn_relu_d(Py_ssize_t H, const double* g, const double* b, double* h)
-    void fc_gru_reset_after_f(Py_ssize_t H, Py_ssize_t Hp, const float* g, const float* r_h,
-                              const float* b, const float* b_hn, float* h)
-    void fc_gru_reset_after_d(Py_ssize_t H, Py_ssize_t Hp, const double* g, const double* r_h,
-                              const double* b, const double* b_hn, double* h)
-    void fc_gru_reset_before_gates_f(Py_ssize_t H, Py_ssize_t Hp, float* g, const float* b,
-                                     const float* h, float* rh)
-    void fc_gru_reset_before_gates_d(Py_ssize_t H, Py_ssize_t Hp, double* g, const double* b,
-                                     const double* h, double* rh)
-    void fc_gru_reset_before_update_f(Py_ssize_t H, Py_ssize_t Hp, const float* g,
-                                      const float* b, float* h)
-    void fc_gru_reset_before_update_d(Py_ssize_t H, Py_ssize_t Hp, const double* g,
-                                      const double* b, double* h)
-    void fc_lstm_gates_f(Py_ssize_t H, Py_ssize_t Hp, const float* g, const float* b, float* c,
-                         float* h)
-    void fc_lstm_gates_d(Py_ssize_t H, Py_ssize_t Hp, const double* g, const double* b,
-                         double* c, double* h)
-    void fc_peephole_gates_f(Py_ssize_t H, Py_ssize_t Hp, const float* g, const float* b,
-                             const float* p, float* c, float* h)
-    void fc_peephole_gates_d(Py_ssize_t H, Py_ssize_t Hp, const double* g, const double* b,
-                             const double* p, double* c, double* h)
+ctypedef void (*rnn_f)(Py_ssize_t, const float*, const float*, float*) noexcept nogil
+ctypedef void (*rnn_d)(Py_ssize_t, const double*, const double*, double*) noexcept nogil
+ctypedef void (*gru_ra_f)(Py_ssize_t, Py_ssize_t, const float*, const float*, const float*,
+                          const float*, float*) noexcept nogil
+ctypedef void (*gru_ra_d)(Py_ssize_t, Py_ssize_t, const double*, const double*, const double*,
+                          const double*, double*) noexcept nogil
+ctypedef void (*gru_rbg_f)(Py_ssize_t, Py_ssize_t, float*, const float*, const float*,
+                           float*) noexcept nogil
+ctypedef void (*gru_rbg_d)(Py_ssize_t, Py_ssize_t, double*, const double*, const double*,
+                           double*) noexcept nogil
+ctypedef void (*gru_rbu_f)(Py_ssize_t, Py_ssize_t, const float*, const float*, float*) noexcept nogil
+ctypedef void (*gru_rbu_d)(Py_ssize_t, Py_ssize_t, const double*, const double*,
+                           double*) noexcept nogil
+ctypedef void (*lstm_f)(Py_ssize_t, Py_ssize_t, const float*, const float*, float*,
+                        float*) noexcept nogil
+ctypedef void (*lstm_d)(Py_ssize_t, Py_ssize_t, const double*, const double*, double*,
+                        double*) noexcept nogil
+ctypedef void (*peephole_f)(Py_ssize_t, Py_ssize_t, const float*, const float*, const float*,
+                            float*, float*) noexcept nogil
+ctypedef void (*peephole_d)(Py_ssize_t, Py_ssize_t, const double*, const double*, const double*,
+                            double*, double*) noexcept nogil
 
 
-cdef inline void rnn_update(bint relu, Py_ssize_t H, const floating* g, const floating* b,
+cdef inline void rnn_update(const void* fn, Py_ssize_t H, const floating* g, const floating* b,
                             floating* h) noexcept nogil:
+    """h = tanh or relu(g + b): fn is the kernel's FC_RNN_TANH or FC_RNN_RELU pass."""
     if floating is float:
-        (fc_rnn_relu_f if relu else fc_rnn_tanh_f)(H, g, b, h)
+        (<rnn_f>fn)(H, g, b, h)
     else:
-        (fc_rnn_relu_d if relu else fc_rnn_tanh_d)(H, g, b, h)
+        (<rnn_d>fn)(H, g, b, h)
 
 
-cdef inline void gru_reset_after(Py_ssize_t H, Py_ssize_t Hp, const floating* g,
+cdef inline void gru_reset_after(const void* fn, Py_ssize_t H, Py_ssize_t S, const floating* g,
                                  const floating* r_h, const floating* b, const floating* b_hn,
                                  floating* h) noexcept nogil:
     if floating is float:
-        fc_gru_reset_after_f(H, Hp, g, r_h, b, b_hn, h)
+        (<gru_ra_f>fn)(H, S, g, r_h, b, b_hn, h)
     else:
-        fc_gru_reset_after_d(H, Hp, g, r_h, b, b_hn, h)
+        (<gru_ra_d>fn)(H, S, g, r_h, b, b_hn, h)
 
 
-cdef inline void gru_reset_before_gates(Py_ssize_t H, Py_ssize_t Hp, floating* g,
+cdef inline void gru_reset_before_gates(const void* fn, Py_ssize_t H, Py_ssize_t S, floating* g,
                                         const floating* b, const floating* h,
                                         floating* rh) noexcept nogil:
     if floating is float:
-        fc_gru_reset_before_gates_f(H, Hp, g, b, h, rh)
+        (<gru_rbg_f>fn)(H, S, g, b, h, rh)
     else:
-        fc_gru_reset_before_gates_d(H, Hp, g, b, h, rh)
+        (<gru_rbg_d>fn)(H, S, g, b, h, rh)
 
 
-cdef inline void gru_reset_before_update(Py_ssize_t H, Py_ssize_t Hp, const floating* g,
-                                         const floating* b, floating* h) noexcept nogil:
+cdef inline void gru_reset_before_update(const void* fn, Py_ssize_t H, Py_ssize_t S,
+                                         const floating* g, const floating* b,
+                                         floating* h) noexcept nogil:
     if floating is float:
-        fc_gru_reset_before_update_f(H, Hp, g, b, h)
+        (<gru_rbu_f>fn)(H, S, g, b, h)
     else:
-        fc_gru_reset_before_update_d(H, Hp, g, b, h)
+        (<gru_rbu_d>fn)(H, S, g, b, h)
 
 
-cdef inline void lstm_gates(Py_ssize_t H, Py_ssize_t Hp, const floating* g, const floating* b,
-                            const floating* p, floating* c, floating* h) noexcept nogil:
-    """p: the peepholes (3, Hp), or NULL for the plain LSTM."""
+cdef inline void lstm_gates(const void* fn, Py_ssize_t H, Py_ssize_t S, const floating* g,
+                            const floating* b, const floating* p, floating* c,
+                            floating* h) noexcept nogil:
+    """p: the peepholes (3, S) with fn the FC_PEEPHOLE_GATES pass, or NULL with FC_LSTM_GATES."""
     if floating is float:
         if p == NULL:
-            fc_lstm_gates_f(H, Hp, g, b, c, h)
+            (<lstm_f>fn)(H, S, g, b, c, h)
         else:
-            fc_peephole_gates_f(H, Hp, g, b, p, c, h)
+            (<peephole_f>fn)(H, S, g, b, p, c, h)
     else:
         if p == NULL:
-            fc_lstm_gates_d(H, Hp, g, b, c, h)
+            (<lstm_d>fn)(H, S, g, b, c, h)
         else:
-            fc_peephole_gates_d(H, Hp, g, b, p, c, h)
+            (<peephole_d>fn)(H, S, g, b, p, c, h)

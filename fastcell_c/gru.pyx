@@ -6,14 +6,18 @@
 #   that makes r * h, a product for n into G (beta = 1), and a pass that updates h.
 from cython cimport floating
 
-from fastcell_c._blas cimport fc_mat, matmul_p
-from fastcell_c._steps cimport Walk, backward, begin_step, project_inputs, write_outputs
+from fastcell_c.packed cimport (FC_GRU_RESET_AFTER, FC_GRU_RESET_BEFORE_GATES,
+                                FC_GRU_RESET_BEFORE_UPDATE, fc_mat)
+from fastcell_c.platform cimport gate_pass
+from fastcell_c.products cimport matmul_p
+from fastcell_c.walk cimport Walk, backward, begin_step, project_inputs, write_outputs
 from fastcell_c.gates cimport gru_reset_after, gru_reset_before_gates, gru_reset_before_update
 from fastcell_c.kernel cimport Kernel
 
 
 cdef void gru_walk(Walk* w, const floating* x, int I, int H, int S, int width,
-                   bint reset_after, const fc_mat* wm, int split, const floating* bias,
+                   bint reset_after, const void** gates, const fc_mat* wm, int split,
+                   const floating* bias,
                    const floating* b_hn, floating* h, floating* out,
                    floating* work) noexcept nogil:
     """work: G (T*B, width), then R (B, width) for reset_after or r * h (B, H) for reset_before,
@@ -32,16 +36,16 @@ cdef void gru_walk(Walk* w, const floating* x, int I, int H, int S, int width,
         if reset_after:                                                      # R = h W_hh^T
             matmul_p(<int>w.n, width, H, h, H, wm, I, False, R, width, backward(w, s), w.qwork)
             for j in range(w.n):
-                gru_reset_after(H, S, g + j * ldg, R + j * width, bias, b_hn, h + j * H)
+                gru_reset_after(gates[0], H, S, g + j * ldg, R + j * width, bias, b_hn, h + j * H)
         else:                                                                # G_rz += h W_hrz^T
             matmul_p(<int>w.n, split, H, h, H, &wm[0], I, True, g, <int>ldg, backward(w, s),
                      w.qwork)
             for j in range(w.n):
-                gru_reset_before_gates(H, S, g + j * ldg, bias, h + j * H, R + j * H)
+                gru_reset_before_gates(gates[0], H, S, g + j * ldg, bias, h + j * H, R + j * H)
             matmul_p(<int>w.n, width - split, H, R, H, &wm[1], I, True, g + split, <int>ldg,
                      backward(w, s), w.qwork)                                # G_n += (r*h) W_hn^T
             for j in range(w.n):
-                gru_reset_before_update(H, S, g + j * ldg, bias, h + j * H)
+                gru_reset_before_update(gates[1], H, S, g + j * ldg, bias, h + j * H)
         write_outputs(w, s, h, H, out)
 
 
@@ -57,6 +61,11 @@ cdef class GRUKernel(Kernel):
         super().__init__(weight_ih, weight_hh, bias, hidden_size, 3, 0 if reset_after else 2,
                          **fmt)
         self.reset_after = reset_after
+        if reset_after:
+            self.passes[0] = gate_pass(FC_GRU_RESET_AFTER, self.is_double)
+        else:
+            self.passes[0] = gate_pass(FC_GRU_RESET_BEFORE_GATES, self.is_double)
+            self.passes[1] = gate_pass(FC_GRU_RESET_BEFORE_UPDATE, self.is_double)
         self.b_hn = self._keep(self.laid_out(bias_hn, 1, self.stride), "bias_hn", (self.stride,))
 
     cdef Py_ssize_t workspace(self, Py_ssize_t T, Py_ssize_t B, bint packed):
@@ -67,10 +76,10 @@ cdef class GRUKernel(Kernel):
         cdef int I = <int>self.input_size, H = <int>self.hidden_size, S = <int>self.stride
         cdef int width = <int>self.width
         if self.is_double:
-            gru_walk(w, <const double*>x, I, H, S, width, self.reset_after, self.mats,
+            gru_walk(w, <const double*>x, I, H, S, width, self.reset_after, self.passes, self.mats,
                      <int>self.split, <const double*>self.bias, <const double*>self.b_hn,
                      <double*>h, <double*>out, <double*>work)
         else:
-            gru_walk(w, <const float*>x, I, H, S, width, self.reset_after, self.mats,
+            gru_walk(w, <const float*>x, I, H, S, width, self.reset_after, self.passes, self.mats,
                      <int>self.split, <const float*>self.bias, <const float*>self.b_hn,
                      <float*>h, <float*>out, <float*>work)

@@ -3,8 +3,8 @@
 cimport numpy as cnp
 from libc.stdint cimport int8_t
 
-from fastcell_c._blas cimport fc_mat
-from fastcell_c._steps cimport Walk
+from fastcell_c.packed cimport fc_mat
+from fastcell_c.walk cimport Walk
 
 
 cdef extern from "stdlib.h" nogil:
@@ -58,7 +58,7 @@ cdef class Kernel:
     cdef list _arrays                    # keeps alive the memory the pointers point into
     cdef list _packings                  # per slot: where unpack() finds the weights
     cdef bint blas_ok                    # a float format: BLAS may read the packed panels
-    cdef fc_mat mats[2]                  # W_ih^T over W_hh^T, packed (matmul.h): the columns
+    cdef fc_mat mats[2]                  # W_ih^T over W_hh^T, packed (products.h): the columns
                                          # [0, split) and [split, width)
     cdef fc_mat extra[1]                 # slot 1: a subclass's own matrix (LSTM: W_hr^T)
     cdef readonly Py_ssize_t ks          # input_size + output_size
@@ -67,6 +67,7 @@ cdef class Kernel:
     cdef Py_ssize_t q_elems              # the int8 products' scratch, in elements of dtype
     cdef char* _owned[2]                 # packed copies, freed with the kernel
     cdef const char* bias                # (width,)
+    cdef const void* passes[2]           # the gate passes the walk calls (platform.gate_pass)
 
     cdef const char* _keep(self, object a, str name, tuple shape) except NULL
     cdef Py_ssize_t _pack(self, fc_mat* mats, int slot, list segments, Py_ssize_t rows_per_gate,

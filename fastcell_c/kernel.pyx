@@ -10,14 +10,15 @@ from libc.string cimport memset
 
 import numpy as np
 
-from fastcell_c._blas cimport (FC_FMT_BF16, FC_FMT_F32, FC_FMT_F64, FC_FMT_I8, FC_I8_MAX_ROWS,
-                               FC_I8_MC, FC_LANES, FC_LAYOUT_BF16, FC_LAYOUT_F32, FC_LAYOUT_F64,
-                               FC_LAYOUT_I8, SMALL_M, fc_i8_work_bytes, fc_mat, fc_pack_rows)
-from fastcell_c._steps cimport Walk, make_walk
+from fastcell_c.blas cimport SMALL_M
+from fastcell_c.packed cimport (FC_FMT_BF16, FC_FMT_F32, FC_FMT_F64, FC_FMT_I8, FC_I8_MAX_ROWS,
+                                FC_I8_MC, FC_LANES, fc_mat)
+from fastcell_c.platform cimport i8_work_bytes, mm_for, pack_rows
+from fastcell_c.walk cimport Walk, make_walk
 
 cnp.import_array()
 
-LANES = FC_LANES  # matmul.h: a packed part is a whole number of vectors of this many columns
+LANES = FC_LANES  # packed.h: a packed part is a whole number of vectors of this many columns
 
 
 def aligned_zeros(shape, dtype, align=64):
@@ -61,7 +62,7 @@ cdef void leave_blas(int previous) noexcept nogil:
 
 cdef bint blas_pays(Py_ssize_t rows) noexcept nogil:
     """Whether a projection of this many rows goes to BLAS: only with more than one BLAS thread
-    (set_blas_threads), since single-threaded fastcell's own GEMM is as fast (_blas.pxd)."""
+    (set_blas_threads), since single-threaded fastcell's own GEMM is as fast (blas.pxd)."""
     return _blas_threads > 1 and rows > SMALL_M
 
 
@@ -79,16 +80,6 @@ def set_blas_threads(int n):
         raise ValueError(f"n: expected an integer >= 1, got {n}")
     previous, _blas_threads = _blas_threads, n
     return previous
-
-
-cdef extern from "dispatch.h" nogil:
-    int fc_x86_level()
-
-
-def simd_level():
-    """The SIMD level the kernels run at: 4 (AVX-512), 3 (AVX2 + FMA) or 1 (baseline), the CPU's
-    best unless FASTCELL_ISA (base, v3 or v4) caps it."""
-    return {4: "v4", 3: "v3"}.get(fc_x86_level(), "base")
 
 
 def blas_thread_control_installed():
@@ -116,10 +107,10 @@ cdef class Kernel:
         """weight_ih (gates*H, I), weight_hh (gates*H, H_out): PyTorch's layout (gate blocks of
         H rows), C-contiguous, in the dtype of weight_format (FORMATS; bf16 as its 16-bit
         patterns); int8 adds the per-row weight scales scale_ih, scale_hh (gates*H,) float32 and
-        quantizes x to input_bits (8 or 16) and h to 8 bits per row (matmul_int8.h). bias
+        quantizes x to input_bits (8 or 16) and h to 8 bits per row (products_int8.h). bias
         (gates*H,): what every gate row adds, in the compute dtype.
 
-        The kernel keeps only its packed copy (matmul.h): a gate row has `width` columns, gate
+        The kernel keeps only its packed copy (products.h): a gate row has `width` columns, gate
         block g at column g * stride; split_gates > 0: the first split_gates blocks and the rest
         are packed apart (a cell that multiplies them separately). unpack() gives the weights
         back. Padding: each packed part is a whole number of vectors (FC_LANES columns); a
@@ -172,7 +163,7 @@ cdef class Kernel:
         (width: the row's, default the kernel's), in the compute dtype, 64-byte aligned."""
         v = np.asarray(v, dtype=self.dtype)
         H, S = self.hidden_size, self.stride
-        lead = v.shape[:-1]
+        lead = v.shape[:v.ndim - 1]
         out = aligned_zeros(lead + ((self.width if width < 0 else width),), self.dtype)
         for g in range(blocks):
             out[..., g * S:g * S + H] = v[..., g * H:(g + 1) * H]
@@ -186,11 +177,11 @@ cdef class Kernel:
         part (gate blocks [g0, g1) of `parts`), owned by the kernel in `slot` (0: W_ih over
         W_hh, 1: W_hr). Gate block g of a part starts at column (g - g0) * stride; each part is
         padded to whole vectors unless its matrix is narrower than one. Returns the width (all
-        parts). bf16 packs each segment in row pairs, padded to an even row count (matmul.h);
+        parts). bf16 packs each segment in row pairs, padded to an even row count (products.h);
         int8 in quads, padded to a multiple of 4."""
         fmt, wdtype, _ = FORMATS[self.weight_format]
-        cdef int layout = {FC_FMT_F32: FC_LAYOUT_F32, FC_FMT_F64: FC_LAYOUT_F64,
-                           FC_FMT_BF16: FC_LAYOUT_BF16, FC_FMT_I8: FC_LAYOUT_I8}[fmt]
+        cdef int layout = {FC_FMT_F32: FC_FMT_F32, FC_FMT_F64: FC_FMT_F64,
+                           FC_FMT_BF16: FC_FMT_BF16, FC_FMT_I8: FC_FMT_I8}[fmt]
         cdef int typenum = {np.float32: cnp.NPY_FLOAT, np.float64: cnp.NPY_DOUBLE,
                             np.uint16: cnp.NPY_USHORT, np.int8: cnp.NPY_BYTE}[wdtype]
         cdef Py_ssize_t itemsize = np.dtype(wdtype).itemsize, ks = 0, K4 = 0, rows, k, g
@@ -235,11 +226,12 @@ cdef class Kernel:
             mats[part].seg0 = ks_of[0]
             mats[part].seg0p = j0_of[1] if len(segments) > 1 else ks
             mats[part].wp = pwp
+            mats[part].mm = mm_for(fmt)
             for si in range(len(segments)):
                 src = segments[si][0]
                 k = ks_of[si]
                 for g in range(g0, g1):
-                    fc_pack_rows(layout, 0, <char*>cnp.PyArray_DATA(src) + g * rows_per_gate * k * itemsize,
+                    pack_rows(layout, 0, <char*>cnp.PyArray_DATA(src) + g * rows_per_gate * k * itemsize,
                                  k, <int>rows_per_gate, <int>k, pwp, <int>pw, <int>ks,
                                  <int>j0_of[si], <int>((g - g0) * stride))
             if fmt == FC_FMT_I8:
@@ -282,7 +274,7 @@ cdef class Kernel:
             m.i8.bits[si] = bits
             m.i8.scale[si] = <const float*>cnp.PyArray_DATA(<cnp.ndarray>sc)
             m.i8.colsum[si] = <const int32_t*>cnp.PyArray_DATA(<cnp.ndarray>cs)
-        cdef long q = fc_i8_work_bytes(&m.i8, FC_I8_MC)
+        cdef long q = i8_work_bytes(&m.i8, FC_I8_MC)
         cdef Py_ssize_t elems = (q + 64) // 4 + 1
         self.q_elems = max(self.q_elems, elems)
         return out
@@ -301,13 +293,13 @@ cdef class Kernel:
         cdef Py_ssize_t k = ks_of[segment], g, part, itemsize = info["itemsize"]
         cdef Py_ssize_t gates = info["parts"][len(info["parts"]) - 1][1]
         out = np.empty((gates * R, k), FORMATS[self.weight_format][1])
-        int8 = info["layout"] == FC_LAYOUT_I8
+        int8 = info["layout"] == FC_FMT_I8
         scale = np.empty(gates * R, np.float32) if int8 else None
         cdef const fc_mat* mats = &self.mats[0] if slot == 0 else &self.extra[0]
         for part in range(len(info["parts"])):
             g0, g1, c0, pw = info["parts"][part]
             for g in range(g0, g1):
-                fc_pack_rows(info["layout"], 1,
+                pack_rows(info["layout"], 1,
                              <char*>cnp.PyArray_DATA(<cnp.ndarray>out) + g * R * k * itemsize,
                              k, <int>R, <int>k, <void*>mats[part].wp, <int>pw, <int>info["ks"],
                              <int>info["j0_of"][segment], <int>((g - g0) * stride))
@@ -349,7 +341,7 @@ cdef class Kernel:
         h (B, H_out), c (B, H) (LSTM only): the initial state in processing order, overwritten
         with the final one. out: None, or (T, B, W) ((B, T, W)) whose H_out columns from out_col
         receive the outputs; rows past a sequence's length are left alone. lengths, perm: int64
-        (B,), see _steps.pxd; lengths non-increasing in [1, T].
+        (B,), see walk.pxd; lengths non-increasing in [1, T].
         """
         # Each check is a few C comparisons when the array is right (has_dims); buffer_of then
         # only runs to name what is wrong.

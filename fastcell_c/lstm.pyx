@@ -6,14 +6,16 @@ cimport numpy as cnp
 from libc.string cimport memcpy
 from cython cimport floating
 
-from fastcell_c._blas cimport fc_mat, matmul_p
-from fastcell_c._steps cimport Walk, backward, input_products, step_product, write_outputs
+from fastcell_c.packed cimport FC_LSTM_GATES, FC_PEEPHOLE_GATES, fc_mat
+from fastcell_c.platform cimport gate_pass
+from fastcell_c.products cimport matmul_p
+from fastcell_c.walk cimport Walk, backward, input_products, step_product, write_outputs
 from fastcell_c.gates cimport lstm_gates
 from fastcell_c.kernel cimport Kernel, buffer_of
 
 
 cdef void lstm_walk(Walk* w, const floating* x, int I, int H, int S, int width, int P, int Pw,
-                    const fc_mat* wm, const floating* bias, const fc_mat* w_hr,
+                    const void* gates, const fc_mat* wm, const floating* bias, const fc_mat* w_hr,
                     const floating* w_ph, floating* h, floating* c, floating* out,
                     floating* work) noexcept nogil:
     """h (B, H_out) and c (B, H) hold the initial state and receive the final one. S: the gate
@@ -33,7 +35,7 @@ cdef void lstm_walk(Walk* w, const floating* x, int I, int H, int S, int width, 
     for s in range(w.T):
         g = step_product(w, s, fused, G, width, h, hout, wm, I, &ldg)
         for j in range(w.n):
-            lstm_gates(H, S, g + j * ldg, bias, w_ph, c + j * H, dst + j * H)
+            lstm_gates(gates, H, S, g + j * ldg, bias, w_ph, c + j * H, dst + j * H)
         if P > 0:                                                            # h = m W_hr^T
             matmul_p(<int>w.n, Pw, H, m, H, w_hr, 0, False, proj, Pw, backward(w, s), w.qwork)
             for j in range(w.n):
@@ -61,6 +63,8 @@ cdef class LSTMKernel(Kernel):
         if weight_ph is not None:
             self.w_ph = self._keep(self.laid_out(weight_ph, 1, self.stride), "weight_ph",
                                    (3, self.stride))
+        self.passes[0] = gate_pass(FC_LSTM_GATES if weight_ph is None else FC_PEEPHOLE_GATES,
+                                  self.is_double)
 
     cdef Py_ssize_t workspace(self, Py_ssize_t T, Py_ssize_t B, bint packed):
         return Kernel.workspace(self, T, B, packed) + (
@@ -71,10 +75,10 @@ cdef class LSTMKernel(Kernel):
         cdef int I = <int>self.input_size, H = <int>self.hidden_size, S = <int>self.stride
         cdef int width = <int>self.width, P = <int>self.proj_size, Pw = <int>self.proj_width
         if self.is_double:
-            lstm_walk(w, <const double*>x, I, H, S, width, P, Pw, self.mats,
+            lstm_walk(w, <const double*>x, I, H, S, width, P, Pw, self.passes[0], self.mats,
                       <const double*>self.bias, self.extra, <const double*>self.w_ph,
                       <double*>h, <double*>c, <double*>out, <double*>work)
         else:
-            lstm_walk(w, <const float*>x, I, H, S, width, P, Pw, self.mats,
+            lstm_walk(w, <const float*>x, I, H, S, width, P, Pw, self.passes[0], self.mats,
                       <const float*>self.bias, self.extra, <const float*>self.w_ph,
                       <float*>h, <float*>c, <float*>out, <float*>work)

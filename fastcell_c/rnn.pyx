@@ -3,13 +3,14 @@
 # (streaming) does x W_ih^T + h W_hh^T in one product instead (fused_step).
 from cython cimport floating
 
-from fastcell_c._blas cimport fc_mat
-from fastcell_c._steps cimport Walk, input_products, step_product, write_outputs
+from fastcell_c.packed cimport FC_RNN_RELU, FC_RNN_TANH, fc_mat
+from fastcell_c.platform cimport gate_pass
+from fastcell_c.walk cimport Walk, input_products, step_product, write_outputs
 from fastcell_c.gates cimport rnn_update
 from fastcell_c.kernel cimport Kernel
 
 
-cdef void rnn_walk(Walk* w, const floating* x, int I, int H, int width, bint relu,
+cdef void rnn_walk(Walk* w, const floating* x, int I, int H, int width, const void* gates,
                    const fc_mat* wm, const floating* bias, floating* h, floating* out,
                    floating* G) noexcept nogil:
     cdef Py_ssize_t s, j, ldg
@@ -19,7 +20,7 @@ cdef void rnn_walk(Walk* w, const floating* x, int I, int H, int width, bint rel
     for s in range(w.T):
         g = step_product(w, s, fused, G, width, h, H, wm, I, &ldg)
         for j in range(w.n):
-            rnn_update(relu, H, g + j * ldg, bias, h + j * H)
+            rnn_update(gates, H, g + j * ldg, bias, h + j * H)
         write_outputs(w, s, h, H, out)
 
 
@@ -30,13 +31,14 @@ cdef class RNNKernel(Kernel):
         """fmt: the weight format's arguments of Kernel (weight_format, scale_ih, scale_hh)."""
         super().__init__(weight_ih, weight_hh, bias, hidden_size, 1, **fmt)
         self.relu = relu
+        self.passes[0] = gate_pass(FC_RNN_RELU if relu else FC_RNN_TANH, self.is_double)
 
     cdef void run_walk(self, Walk* w, const char* x, char* h, char* c, char* out,
                        char* work) noexcept nogil:
         cdef int I = <int>self.input_size, H = <int>self.hidden_size, width = <int>self.width
         if self.is_double:
-            rnn_walk(w, <const double*>x, I, H, width, self.relu, self.mats,
+            rnn_walk(w, <const double*>x, I, H, width, self.passes[0], self.mats,
                      <const double*>self.bias, <double*>h, <double*>out, <double*>work)
         else:
-            rnn_walk(w, <const float*>x, I, H, width, self.relu, self.mats,
+            rnn_walk(w, <const float*>x, I, H, width, self.passes[0], self.mats,
                      <const float*>self.bias, <float*>h, <float*>out, <float*>work)

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from fastcell_c._steps cimport Walk, make_walk
+from fastcell_c.walk cimport Walk, make_walk
 from fastcell_c.kernel cimport (Kernel, alloc_aligned, blas_pays, buffer_of, enter_blas,
                                 has_dims, is_array, leave_blas)
 

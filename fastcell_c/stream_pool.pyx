@@ -2,7 +2,7 @@
 # service opens a stream when a client arrives and closes it when the client leaves; each tick
 # steps whichever streams have a frame, in one GIL-free call that gathers their state rows,
 # runs the layers' fused products on them and writes the new rows back (DESIGN.md "Serving many
-# streams"). A row's numbers do not depend on which rows share its product (matmul.h), so a
+# streams"). A row's numbers do not depend on which rows share its product (products.h), so a
 # pool step gives each stream exactly the bits of its own StreamState.
 cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
@@ -15,7 +15,7 @@ import weakref
 
 import numpy as np
 
-from fastcell_c._steps cimport Walk, make_walk
+from fastcell_c.walk cimport Walk, make_walk
 from fastcell_c.kernel cimport Kernel, alloc_aligned, buffer_of, has_dims, is_array
 
 cnp.import_array()
@@ -60,7 +60,7 @@ cdef extern from "workers.h" nogil:
 
 
 # Rows gathered and stepped together: the chunk's states, [x h] rows and gate rows stay in L2
-# while the packed weights stream past them (the products block rows the same way, matmul.h).
+# while the packed weights stream past them (the products block rows the same way, products.h).
 DEF CHUNK = 64
 # Threads take chunks from a shared counter, so a worker that wakes late only takes fewer: a
 # step is cut into at least this many chunks per thread (of no fewer than MIN_CHUNK rows).

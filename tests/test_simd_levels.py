@@ -1,4 +1,4 @@
-"""Every SIMD level the kernels are compiled for (dispatch.h), run on this machine through
+"""Every SIMD level the kernels are compiled for (cpu.h), run on this machine through
 FASTCELL_ISA, against the CPU's best: AVX2 + FMA and AVX-512 give the same bits (the same sums in
 the same order, each step fused-multiply-added); the baseline level, for CPUs without FMA, rounds
 every product on its own, so it may differ in the last bits, and only there. The same holds for
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastcell_c.kernel import simd_level
+from fastcell_c.platform import simd_level
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = {"base": 1, "v3": 3, "v4": 4, "v4,novnni": 4}
@@ -24,7 +24,7 @@ SCRIPT = r"""
 import sys
 import numpy as np
 import fastcell
-from fastcell_c.kernel import simd_level
+from fastcell_c.platform import simd_level
 
 out = {"level": np.array(simd_level())}
 rng = np.random.default_rng(7)

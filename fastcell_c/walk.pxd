@@ -11,7 +11,9 @@ from libc.stdint cimport int64_t
 from libc.string cimport memcpy
 from cython cimport floating
 
-from fastcell_c._blas cimport FC_PANEL_BYTES, fc_mat, matmul_p, matmul_t
+from fastcell_c.blas cimport matmul_t
+from fastcell_c.packed cimport FC_PANEL_BYTES, fc_mat
+from fastcell_c.products cimport matmul_p
 
 
 cdef struct Walk:
@@ -112,7 +114,7 @@ cdef inline void project_inputs(Walk* w, const floating* x, int I, const fc_mat*
 
 cdef inline bint backward(const Walk* w, Py_ssize_t s) noexcept nogil:
     """Whether step s's products take their panels backward: alternate steps alternate, so each
-    starts on the weights the previous one left in cache (matmul.h)."""
+    starts on the weights the previous one left in cache (products.h)."""
     return (s + w.flip) & 1
 
 

@@ -41,7 +41,8 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "dispatch.h"
+#include "cpu.h"
+#include "packed.h"
 
 #ifdef FC_DISPATCH
 #include <immintrin.h>
@@ -49,21 +50,7 @@
 #define FC_TARGET_AVXVNNI __attribute__((target("arch=x86-64-v3,avxvnni")))
 #endif
 
-#define FC_I8_PW 64
-#define FC_I8_MC 64   /* rows per block: their bytes stay in L1/L2 across the panels */
 #define FC_I8_TINY 1e-30f   /* a row below this is zero: 127 / amax would overflow near FLT_MIN */
-#define FC_I8_MAX_ROWS 65536
-
-typedef struct {
-    int nseg;                  /* 1 or 2 */
-    int rows[2];               /* the segments' rows (inputs) */
-    int k4[2];                 /* ... each padded to a multiple of 4 */
-    int bits[2];               /* activation bits of each segment: 8 or 16 */
-    int n;                     /* columns */
-    const int8_t *wp;          /* the panels */
-    const float *scale[2];     /* per column weight scale of each segment */
-    const int32_t *colsum[2];  /* per column sum of each segment's int8 weights */
-} fc_i8_mat;
 
 static inline int fc_i8_k4(const fc_i8_mat *w) { return w->k4[0] + (w->nseg > 1 ? w->k4[1] : 0); }
 
@@ -564,6 +551,24 @@ typedef int (*fc_i8_quantize_fn)(int, int, int, int, const float *, long, uint8_
 typedef void (*fc_i8_panel_fn)(int, int, int, int, const uint8_t *, long, const int8_t *,
                                const int32_t *, const float *, const float *, int, float *, long);
 
+/* The int8 path's functions, for platform.h's table. */
+static void fc_i8_pick(int path, fc_i8_quantize_fn *quantize, fc_i8_panel_fn *panel,
+                       fc_i8_panel_fn *narrow)
+{
+    *quantize = fc_i8_quantize_base;
+    *panel = *narrow = fc_i8_panel_base;
+#ifdef FC_DISPATCH
+    if (path > 0) *narrow = fc_i8_panel_narrow_fma;
+    switch (path) {
+    case 3: *panel = fc_i8_panel_vnni512; *quantize = fc_i8_quantize_vnni512; break;
+    case 2: *panel = fc_i8_panel_avxvnni; *quantize = fc_i8_quantize_avxvnni; break;
+    case 1: *panel = fc_i8_panel_avx2; *quantize = fc_i8_quantize_avx2; break;
+    }
+#else
+    (void)path;
+#endif
+}
+
 /* Scratch bytes a product of m rows needs (fc_i8_matmul's `work`): room for 2 bytes per
  * activation (the AVX2 path's words; the other paths use k4 of them per 8-bit row). */
 static inline long fc_i8_work_bytes(const fc_i8_mat *w, long m)
@@ -581,17 +586,11 @@ static inline long fc_i8_work_bytes(const fc_i8_mat *w, long m)
 static void fc_i8_matmul(int m, int s0, int s1, const float *a, long lda, const fc_i8_mat *w,
                          int beta, float *c, long ldc, int backward, uint8_t *work)
 {
-    fc_i8_quantize_fn quantize = fc_i8_quantize_base;
-    fc_i8_panel_fn panel_fn = fc_i8_panel_base;
-#ifdef FC_DISPATCH
-    if (w->n < 16) {     /* narrow: packed unpadded, the SIMD panels take whole vectors */
-        if (fc_int8_path() > 0) panel_fn = fc_i8_panel_narrow_fma;
-    } else switch (fc_int8_path()) {
-    case 3: panel_fn = fc_i8_panel_vnni512; quantize = fc_i8_quantize_vnni512; break;
-    case 2: panel_fn = fc_i8_panel_avxvnni; quantize = fc_i8_quantize_avxvnni; break;
-    case 1: panel_fn = fc_i8_panel_avx2; quantize = fc_i8_quantize_avx2; break;
-    }
-#endif
+    /* narrow: packed unpadded, the SIMD panels take whole vectors; the bytes of the baseline
+     * quantizer are those of every level's */
+    int narrow = w->n < FC_LANES;
+    fc_i8_quantize_fn quantize = narrow ? fc_i8_quantize_base : fc_table.i8_quantize;
+    fc_i8_panel_fn panel_fn = narrow ? fc_table.i8_panel_narrow : fc_table.i8_panel;
     int K4 = fc_i8_k4(w), n = w->n;
     for (int i0 = 0; i0 < m; i0 += FC_I8_MC) {
         int mb = m - i0 < FC_I8_MC ? m - i0 : FC_I8_MC;

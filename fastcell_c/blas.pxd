@@ -1,7 +1,6 @@
 # One thin row-major wrapper over scipy.linalg.cython_blas, fused over float and double.
 # Row-major callers are served by swapping operands (C^T = W A^T in column-major), never by copying.
 from cython cimport floating
-from libc.stdint cimport int8_t, int32_t
 from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
 
 
@@ -39,40 +38,7 @@ cdef inline void matmul_wt(int m, int n, int k,
                   &beta, c, &ldc)
 
 
-cdef extern from "matmul.h" nogil:
-    enum: FC_LANES
-    enum: FC_FMT_F32, FC_FMT_F64, FC_FMT_BF16, FC_FMT_I8
-    ctypedef struct fc_i8_mat:
-        int nseg
-        int rows[2]
-        int k4[2]
-        int bits[2]
-        int n
-        const int8_t* wp
-        const float* scale[2]
-        const int32_t* colsum[2]
-    ctypedef struct fc_mat:
-        int fmt
-        int ks
-        int seg0, seg0p
-        const void* wp
-        fc_i8_mat i8
-    enum: FC_LAYOUT_F32, FC_LAYOUT_F64, FC_LAYOUT_BF16, FC_LAYOUT_I8
-    enum: FC_PANEL_BYTES
-    enum: FC_I8_PW
-    void fc_pack_rows(int layout, int unpack, void* rows, long ldw, int nr, int k, void* wp, int n,
-                      int ks, int j0, int c0)
-    long fc_i8_work_bytes(const fc_i8_mat* w, long m)
-    int fc_i8_k4(const fc_i8_mat* w)
-    enum: FC_I8_MC
-    enum: FC_I8_MAX_ROWS
-    void fc_matmul_f(int m, int n, int k, const float* a, int lda, const fc_mat* w, int j0,
-                     int beta, float* c, int ldc, int backward, void* work)
-    void fc_matmul_d(int m, int n, int k, const double* a, int lda, const fc_mat* w, int j0,
-                     int beta, double* c, int ldc, int backward, void* work)
-
-
-# fastcell's own GEMV/GEMM on packed weights (matmul_p) does every product: single-threaded it is as
+# fastcell's own GEMV/GEMM on packed weights (products.pxd: matmul_p) does every product: single-threaded it is as
 # fast as OpenBLAS's SGEMM even for a projection of 3200 rows, and BLAS would pack the weights anew
 # on every call (a third of a projection's time at T = 100, B = 1, H = 256). BLAS is called only
 # for what its threads can speed up: an input projection of more than SMALL_M rows when the user
@@ -105,16 +71,3 @@ cdef inline void matmul_t(int m, int n, int k,
     else:
         dgemm(&notrans, &notrans, &n, &m, &k, &one, <double*>wt, &ldw, <double*>a, &lda,
               &beta, c, &ldc)
-
-
-cdef inline void matmul_p(int m, int n, int k, const floating* a, int lda, const fc_mat* w,
-                          int j0, bint accumulate, floating* c, int ldc, bint backward,
-                          void* work) noexcept nogil:
-    """c[m, n] (+)= a[m, k] @ W[j0:j0 + k, 0:n] for a packed matrix in any weight format
-    (matmul.h), any m (k >= 1). backward: one row's product takes its panels in reverse order
-    (same bits); a sequence alternates it from step to step to reuse the cache. work: the int8
-    format's scratch (Kernel.qwork_of)."""
-    if floating is float:
-        fc_matmul_f(m, n, k, a, lda, w, j0, accumulate, c, ldc, backward, work)
-    else:
-        fc_matmul_d(m, n, k, a, lda, w, j0, accumulate, c, ldc, backward, work)

@@ -14,22 +14,22 @@
  * Why not BLAS: a BLAS GEMV call costs more than the whole product at H = 64, and a BLAS GEMM
  * packs the weight matrix again on every call, which at B = 16 costs more than the arithmetic;
  * these weights are laid out once, at load. With row blocks (FC_MC) the GEMM keeps up with
- * OpenBLAS even on projections of thousands of rows; BLAS is left only its threads (_blas.pxd).
+ * OpenBLAS even on projections of thousands of rows; BLAS is left only its threads (blas.pxd).
  *
  * One body (GCC vector extensions), instantiated per x86 level with that level's natural vector
- * width: x86-64-v4 (AVX-512, 16 floats), x86-64-v3 (AVX2 + FMA, 8), baseline (SSE2, 4); picked
- * at run time (dispatch.h), so the default build stays portable. For one row this beats a BLAS GEMV call
+ * width: x86-64-v4 (AVX-512, 16 floats), x86-64-v3 (AVX2 + FMA, 8), baseline (SSE2, 4); the
+ * CPU's best is picked once, into platform.h's table, so the default build stays portable. For one row this beats a BLAS GEMV call
  * several times at H <= 256: no interface overhead, and up to 8 independent accumulators hide the
  * FMA latency.
  */
-#ifndef FASTCELL_MATMUL_H
-#define FASTCELL_MATMUL_H
+#ifndef FASTCELL_PRODUCTS_H
+#define FASTCELL_PRODUCTS_H
 
 #include <string.h>
 
-#include "dispatch.h"
+#include "cpu.h"
+#include "packed.h"
 
-#define FC_LANES 16   /* gate blocks are padded to a multiple of this many elements */
 
 /* NB accumulators of W lanes over outputs [o, o + NB*W): one pass over the k rows of that panel;
  * NB = 8, then 4, 2, 1 for what is left, so a small n still makes one pass per panel. */
@@ -118,7 +118,6 @@
  * starts on the panels the previous one ended with, which are still in cache: L1 keeps about a
  * third of a 64 KB W_hh (0.53 -> 0.39 us) and L2 half of a 4 MB one (161 -> 104 us), where a
  * cyclic sweep larger than the cache would find nothing in it (LRU). */
-#define FC_PANEL_BYTES 256
 
 /* Where a panel is 4 vectors (AVX-512), two panels at once, so that 8 accumulators hide the FMA
  * latency as in fc_gemv_t; but one at a time when only one panel of the product fits in L1
@@ -229,9 +228,6 @@ FC_DEFINE_GEMM_P(fc_gemm_p_d_v4, fc_gemm_t_d_v4, double, double, FC_TARGET_V4)
  * take such a last row alone: a padding weight must never meet a value past the end of the
  * segment's inputs (0 * NaN is NaN, and even an added +0 turns a -0 sum into +0). */
 
-/* The rows of a product, as up to two runs (a segment each): inputs a[xo, xo + k) against the
- * packed rows from pair p on. */
-typedef struct { int n, xo[2], p[2], k[2]; } fc_runs;
 
 #define FC_LO(V, v) ((V)((v) << 16))           /* row 2p of a pair, as floats */
 #define FC_HI(V, v) ((V)((v) & 0xFFFF0000u))   /* row 2p + 1 */
@@ -401,22 +397,20 @@ FC_DEFINE_GEMM_P_H(fc_gemm_p_h_v3, fc_gemm_t_h_v3, FC_TARGET_V3)
 FC_DEFINE_GEMM_P_H(fc_gemm_p_h_v4, fc_gemm_t_h_v4, FC_TARGET_V4)
 #endif
 
-#include "matmul_int8.h"
+#include "products_int8.h"
 
 /* ---- Packing and unpacking ----
  * Where input row j and output column c of a packed matrix of n columns live, in elements of the
  * stored type: float formats in panels of PW columns, rows one after another (above); bf16 in
  * panels of FC_PANEL_BYTES / 4 columns holding row pairs (above); int8 in panels of FC_I8_PW
- * columns holding row quads (matmul_int8.h). ks: the packing's rows (bf16: even; int8: K4). */
-enum { FC_LAYOUT_F32 = 0, FC_LAYOUT_F64 = 1, FC_LAYOUT_BF16 = 2, FC_LAYOUT_I8 = 3 };
-
+ * columns holding row quads (products_int8.h). ks: the packing's rows (bf16: even; int8: K4). */
 static inline long fc_packed_at(int layout, int n, int ks, int j, int c)
 {
-    int PW = layout == FC_LAYOUT_F64 ? FC_PANEL_BYTES / 8
-           : layout == FC_LAYOUT_I8 ? FC_I8_PW : FC_PANEL_BYTES / 4;
+    int PW = layout == FC_FMT_F64 ? FC_PANEL_BYTES / 8
+           : layout == FC_FMT_I8 ? FC_I8_PW : FC_PANEL_BYTES / 4;
     int o = c / PW * PW, pw = n - o < PW ? n - o : PW;
-    if (layout == FC_LAYOUT_BF16) return (long)o * ks + (long)(j >> 1) * 2 * pw + 2 * (c - o) + (j & 1);
-    if (layout == FC_LAYOUT_I8) return (long)o * ks + (long)(j >> 2) * pw * 4 + (c - o) * 4 + (j & 3);
+    if (layout == FC_FMT_BF16) return (long)o * ks + (long)(j >> 1) * 2 * pw + 2 * (c - o) + (j & 1);
+    if (layout == FC_FMT_I8) return (long)o * ks + (long)(j >> 2) * pw * 4 + (c - o) * 4 + (j & 3);
     return (long)o * ks + (long)j * pw + (c - o);
 }
 
@@ -437,9 +431,9 @@ static void fc_pack_rows(int layout, int unpack, void *rows, long ldw, int nr, i
                          int n, int ks, int j0, int c0)
 {
     switch (layout) {
-    case FC_LAYOUT_F64: FC_PACK_LOOP(double) break;
-    case FC_LAYOUT_F32: FC_PACK_LOOP(float) break;
-    case FC_LAYOUT_BF16: FC_PACK_LOOP(unsigned short) break;
+    case FC_FMT_F64: FC_PACK_LOOP(double) break;
+    case FC_FMT_F32: FC_PACK_LOOP(float) break;
+    case FC_FMT_BF16: FC_PACK_LOOP(unsigned short) break;
     default: FC_PACK_LOOP(int8_t) break;
     }
 }
@@ -469,18 +463,8 @@ FC_DEFINE_NARROW(fc_narrow_h_v3, float, unsigned short, FC_W_BF16, FC_MADD_F, FC
 #endif
 
 /* ---- One packed matrix in any weight format, and the products over it ----
- * The cell walks see only this: which format a matrix holds is decided at load (recurrence.py)
- * and switched on here, once per product. */
-
-enum { FC_FMT_F32 = 0, FC_FMT_F64 = 1, FC_FMT_BF16 = 2, FC_FMT_I8 = 3 };
-
-typedef struct {
-    int fmt;
-    int ks;             /* float formats: rows of the packing (bf16: padded, even) */
-    int seg0, seg0p;    /* bf16: the first segment's rows, and its packed (padded) rows */
-    const void *wp;     /* float formats: the panels */
-    fc_i8_mat i8;       /* int8: the panels, scales and column sums */
-} fc_mat;
+ * The cell walks see only this (through platform.pyx): which format a matrix holds is decided at
+ * load (fastcell_c/kernel.pyx) and switched on here, once per product. */
 
 /* Rows [j0, j0 + k) of a bf16 pair packing as runs: j0 is 0 or the second segment's first row
  * (rows count unpadded, as in a); a product from 0 past the first segment spans both. */
@@ -499,45 +483,66 @@ static inline fc_runs fc_bf16_runs(const fc_mat *w, int j0, int k)
     return R;
 }
 
-/* c[0:m, 0:n] (+)= a[0:m, 0:k] @ W[j0:j0 + k, 0:n] over a float32-computing matrix (float32,
- * bf16 or int8 weights). For int8, rows [j0, j0 + k) are whole segments. work: int8's scratch. */
-static inline void fc_matmul_f(int m, int n, int k, const float *a, int lda, const fc_mat *w,
-                               int j0, int beta, float *c, int ldc, int backward, void *work)
-{
-    if (m <= 0 || n <= 0) return;
-    if (w->fmt == FC_FMT_I8) {
-        int s0 = j0 == 0 ? 0 : 1;
-        int s1 = j0 + k > w->i8.rows[0] && w->i8.nseg > 1 ? 2 : 1;
-        fc_i8_matmul(m, s0, s1, a, lda, &w->i8, beta, c, ldc, backward, (uint8_t *)work);
-    } else if (w->fmt == FC_FMT_BF16) {
-        const unsigned short *wp = (const unsigned short *)w->wp;
-        fc_runs R = fc_bf16_runs(w, j0, k);
-        if (n < FC_LANES) {
-            for (int q = 0; q < R.n; q++) R.p[q] *= 2;   /* pairs -> packed rows */
-            FC_CALL_BEST(fc_narrow_h, (m, n, &R, a, lda, wp, w->ks, beta, c, ldc));
-        } else if (m == 1) FC_CALL_BEST(fc_gemv_p_h, (&R, n, a, wp, w->ks, beta, c, backward));
-        else FC_CALL_BEST(fc_gemm_p_h, (m, n, &R, a, lda, wp, w->ks, beta, c, ldc));
-    } else {
-        const float *wp = (const float *)w->wp;
-        if (n < FC_LANES) {
-            fc_runs R = {1, {0, 0}, {j0, 0}, {k, 0}};
-            FC_CALL_BEST(fc_narrow_f, (m, n, &R, a, lda, wp, w->ks, beta, c, ldc));
-        } else if (m == 1) FC_CALL_BEST(fc_gemv_p_f, (k, n, a, wp, w->ks, j0, beta, c, backward));
-        else FC_CALL_BEST(fc_gemm_p_f, (m, n, k, a, lda, wp, w->ks, j0, beta, c, ldc));
+/* The product over one packed matrix, per format and level: a matrix narrower than a vector
+ * through the narrow products, one row through the GEMV, more through the GEMM, each called
+ * directly. For int8, rows [j0, j0 + k) are whole segments; work: its scratch. */
+#define FC_DEFINE_MM(LVL)                                                                \
+    static void fc_mm_f32_##LVL(int m, int n, int k, const void *a_, int lda, const fc_mat *w, \
+                                int j0, int beta, void *c_, int ldc, int backward, void *work) \
+    {                                                                                    \
+        const float *a = (const float *)a_, *wp = (const float *)w->wp;                  \
+        float *c = (float *)c_;                                                          \
+        (void)work;                                                                      \
+        if (m <= 0 || n <= 0) return;                                                    \
+        if (n < FC_LANES) {                                                              \
+            fc_runs R = {1, {0, 0}, {j0, 0}, {k, 0}};                                    \
+            fc_narrow_f_##LVL(m, n, &R, a, lda, wp, w->ks, beta, c, ldc);                \
+        } else if (m == 1) fc_gemv_p_f_##LVL(k, n, a, wp, w->ks, j0, beta, c, backward);  \
+        else fc_gemm_p_f_##LVL(m, n, k, a, lda, wp, w->ks, j0, beta, c, ldc);            \
+    }                                                                                    \
+    static void fc_mm_f64_##LVL(int m, int n, int k, const void *a_, int lda, const fc_mat *w, \
+                                int j0, int beta, void *c_, int ldc, int backward, void *work) \
+    {                                                                                    \
+        const double *a = (const double *)a_, *wp = (const double *)w->wp;               \
+        double *c = (double *)c_;                                                        \
+        (void)work;                                                                      \
+        if (m <= 0 || n <= 0) return;                                                    \
+        if (n < FC_LANES) {                                                              \
+            fc_runs R = {1, {0, 0}, {j0, 0}, {k, 0}};                                    \
+            fc_narrow_d_##LVL(m, n, &R, a, lda, wp, w->ks, beta, c, ldc);                \
+        } else if (m == 1) fc_gemv_p_d_##LVL(k, n, a, wp, w->ks, j0, beta, c, backward);  \
+        else fc_gemm_p_d_##LVL(m, n, k, a, lda, wp, w->ks, j0, beta, c, ldc);            \
+    }                                                                                    \
+    static void fc_mm_bf16_##LVL(int m, int n, int k, const void *a_, int lda, const fc_mat *w, \
+                                 int j0, int beta, void *c_, int ldc, int backward, void *work) \
+    {                                                                                    \
+        const float *a = (const float *)a_;                                              \
+        const unsigned short *wp = (const unsigned short *)w->wp;                        \
+        float *c = (float *)c_;                                                          \
+        (void)work;                                                                      \
+        if (m <= 0 || n <= 0) return;                                                    \
+        fc_runs R = fc_bf16_runs(w, j0, k);                                              \
+        if (n < FC_LANES) {                                                              \
+            for (int q = 0; q < R.n; q++) R.p[q] *= 2;   /* pairs -> packed rows */      \
+            fc_narrow_h_##LVL(m, n, &R, a, lda, wp, w->ks, beta, c, ldc);                \
+        } else if (m == 1) fc_gemv_p_h_##LVL(&R, n, a, wp, w->ks, beta, c, backward);     \
+        else fc_gemm_p_h_##LVL(m, n, &R, a, lda, wp, w->ks, beta, c, ldc);               \
     }
-}
+FC_DEFINE_MM(base)
+#ifdef FC_DISPATCH
+FC_DEFINE_MM(v3)
+FC_DEFINE_MM(v4)
+#endif
 
-static inline void fc_matmul_d(int m, int n, int k, const double *a, int lda, const fc_mat *w,
-                               int j0, int beta, double *c, int ldc, int backward, void *work)
+static void fc_mm_i8(int m, int n, int k, const void *a, int lda, const fc_mat *w, int j0,
+                     int beta, void *c, int ldc, int backward, void *work)
 {
-    (void)work;
-    if (m <= 0 || n <= 0) return;
-    const double *wp = (const double *)w->wp;
-    if (n < FC_LANES) {
-        fc_runs R = {1, {0, 0}, {j0, 0}, {k, 0}};
-        FC_CALL_BEST(fc_narrow_d, (m, n, &R, a, lda, wp, w->ks, beta, c, ldc));
-    } else if (m == 1) FC_CALL_BEST(fc_gemv_p_d, (k, n, a, wp, w->ks, j0, beta, c, backward));
-    else FC_CALL_BEST(fc_gemm_p_d, (m, n, k, a, lda, wp, w->ks, j0, beta, c, ldc));
+    (void)n;
+    if (m <= 0 || w->i8.n <= 0) return;
+    int s0 = j0 == 0 ? 0 : 1;
+    int s1 = j0 + k > w->i8.rows[0] && w->i8.nseg > 1 ? 2 : 1;
+    fc_i8_matmul(m, s0, s1, (const float *)a, lda, &w->i8, beta, (float *)c, ldc, backward,
+                 (uint8_t *)work);
 }
 
 #endif
