@@ -13,7 +13,7 @@ from fastcell._version import __version__  # noqa: E402
 from fastcell.cells import GRUCell, LSTMCell, PeepholeLSTMCell, RNNCell  # noqa: E402
 from fastcell.layers import GRU, LSTM, RNN, PeepholeLSTM, StateDictError  # noqa: E402
 from fastcell_c.platform import simd_level  # noqa: E402
-from fastcell_c.stream_pool import PoolFullError, StreamIdError, StreamPool  # noqa: E402
+from fastcell.serving.pool import PoolFullError, StreamIdError, StreamPool  # noqa: E402
 
 _blas_threads.install()
 

@@ -5,24 +5,9 @@ Every error names the argument, what was expected and what came.
 
 import numpy as np
 
+from fastcell_c.kernel import to_numpy  # noqa: F401  (the compiled layer's, shared)
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_REAL_KINDS = "biuf"  # bool, signed, unsigned, float
-
-
-def to_numpy(value, name):
-    """Any array-like (NumPy, nested lists, a CPU torch tensor, even one that requires grad) as an
-    ndarray, without importing torch."""
-    if value is None:
-        raise TypeError(f"{name}: expected an array, got None")
-    try:
-        if hasattr(value, "detach") and hasattr(value, "cpu") and not isinstance(value, np.ndarray):
-            value = value.detach().cpu().numpy()
-        arr = np.asarray(value)
-    except (ValueError, TypeError, RuntimeError) as exc:  # ragged lists, bfloat16 tensors, ...
-        raise TypeError(f"{name}: expected a real array, got {type(value).__name__} ({exc})") from None
-    if arr.dtype.kind not in _REAL_KINDS:
-        raise TypeError(f"{name}: expected real numbers, got an array of dtype {arr.dtype}")
-    return arr
 
 
 def as_weight(value, name, ndim):

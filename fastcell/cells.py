@@ -135,6 +135,9 @@ class _Cell(Frozen):
         self._rec.run(x, *self._h_c(states))
         return self._result(states, unbatched)
 
+    def _require_stepper(self):
+        return self._stepper
+
     def new_state(self, batch=1):
         """A StreamState for `batch` streams (zeros), to advance with step()."""
         return self._stepper.new_state(batch)

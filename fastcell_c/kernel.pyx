@@ -21,6 +21,26 @@ cnp.import_array()
 LANES = FC_LANES  # packed.h: a packed part is a whole number of vectors of this many columns
 
 
+_REAL_KINDS = "biuf"  # bool, signed, unsigned, float
+
+
+def to_numpy(value, name):
+    """Any array-like (NumPy, nested lists, a CPU torch tensor, even one that requires grad) as an
+    ndarray, without importing torch; TypeError naming the argument for anything else."""
+    if value is None:
+        raise TypeError(f"{name}: expected an array, got None")
+    try:
+        if hasattr(value, "detach") and hasattr(value, "cpu") and not isinstance(value, np.ndarray):
+            value = value.detach().cpu().numpy()
+        arr = np.asarray(value)
+    except (ValueError, TypeError, RuntimeError) as exc:  # ragged lists, bfloat16 tensors, ...
+        raise TypeError(f"{name}: expected a real array, got {type(value).__name__} ({exc})") from None
+    if arr.dtype.kind not in _REAL_KINDS:
+        raise TypeError(f"{name}: expected real numbers, got an array of dtype {arr.dtype}")
+    return arr
+
+
+
 def aligned_zeros(shape, dtype, align=64):
     """Zeros whose data starts on an `align`-byte boundary (NumPy only promises 16): a vector load
     that straddles two cache lines costs two, which halves the kernels' bandwidth from L2."""

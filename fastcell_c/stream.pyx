@@ -11,6 +11,7 @@ import sys
 import numpy as np
 
 from fastcell_c.walk cimport Walk, make_walk
+from fastcell_c.kernel import to_numpy
 from fastcell_c.kernel cimport (Kernel, alloc_aligned, blas_pays, buffer_of, enter_blas,
                                 has_dims, is_array, leave_blas)
 
@@ -26,11 +27,6 @@ cdef class StreamState:
     the model that made it, also after that model loads new weights (load_state_dict): its next
     step uses them.
     """
-    cdef readonly object h, c
-    cdef readonly Py_ssize_t batch
-    cdef readonly Stepper owner
-    cdef char* work
-    cdef bint parity     # alternates the panel order of successive steps (cache reuse, same bits)
 
     def __cinit__(self, Stepper owner, batch):
         if isinstance(batch, (bool, np.bool_)) or not isinstance(batch, (int, np.integer)):
@@ -105,14 +101,6 @@ cdef class Stepper:
     family: an object naming the model this stepper computes for; a model that loads new weights
     makes a new stepper of the same family (and the same shapes), whose steps take the states
     its earlier steppers made. None: a family of its own."""
-    cdef readonly tuple kernels
-    cdef readonly object family
-    cdef readonly object initial      # None (zeros), or (h (L, H_out),) / (h, c (L, H)): where
-                                      # new states start
-    cdef readonly object dtype
-    cdef readonly Py_ssize_t input_size, hidden_size, output_size
-    cdef readonly bint has_cell_state
-    cdef int typenum
 
     def __init__(self, kernels, family=None, initial=None):
         self.kernels = tuple(kernels)
@@ -187,8 +175,6 @@ cdef class Stepper:
 
     cdef object _coerce(self, x):
         """Anything else array-like: converted (a copy), with the errors a caller can act on."""
-        from fastcell._checks import to_numpy   # here, not at import: fastcell imports us
-
         a = to_numpy(x, "x")
         if a.ndim not in (1, 2):
             raise ValueError(f"x: expected shape (B, {self.input_size}) or ({self.input_size},), "

@@ -16,7 +16,9 @@ import weakref
 import numpy as np
 
 from fastcell_c.walk cimport Walk, make_walk
+from fastcell_c.kernel import to_numpy
 from fastcell_c.kernel cimport Kernel, alloc_aligned, buffer_of, has_dims, is_array
+from fastcell_c.stream cimport Stepper
 
 cnp.import_array()
 
@@ -123,7 +125,7 @@ cdef struct StepJob:
     const char* x               # (n, I)
     char* out                   # (n, H_out)
     bint flip
-    void* pool                  # the StreamPool (borrowed: step() holds a reference)
+    void* pool                  # the StatePool (borrowed: step() holds a reference)
     Py_ssize_t unit             # rows per chunk
     Py_ssize_t next             # the first row no thread has claimed (atomic)
 
@@ -135,15 +137,17 @@ cdef void _step_part(void* arg, int part, int nparts) noexcept nogil:
     cdef Py_ssize_t r = fc_claim(&job.next, job.unit), r2
     while r < job.n:
         r2 = fc_claim(&job.next, job.unit)
-        (<StreamPool>job.pool)._rows(job, part, r, min(job.unit, job.n - r),
+        (<StatePool>job.pool)._rows(job, part, r, min(job.unit, job.n - r),
                                      r2, min(job.unit, job.n - r2))
         r = r2
 
 
-cdef class StreamPool:
-    """The states of up to `capacity` streams of one unidirectional model, stepped by id.
+cdef class StatePool:
+    """The states of up to `capacity` streams of one unidirectional model, stepped by id: the
+    compiled half of fastcell.StreamPool, which hands it the model's Stepper (its kernels and
+    initial state).
 
-    StreamPool(model, capacity, threads=1). `sid = pool.open()` starts a stream at the zero
+    StatePool(stepper, capacity, threads=1). `sid = pool.open()` starts a stream at the initial
     state; `pool.step(ids, x)` advances the streams `ids` (distinct, any subset, any order) by one
     step of x (n, I) and returns their outputs (n, H_out) in the order of ids; `pool.close(sid)`
     ends one. Ids are opaque ints carrying a slot and a generation: an id is valid from its
@@ -154,7 +158,7 @@ cdef class StreamPool:
     which a step holds for its whole (GIL-free) computation, so the steps, opens and closes of
     one pool are serialized; separate pools run in parallel.
     """
-    cdef readonly object model, dtype
+    cdef readonly object dtype
     cdef readonly Py_ssize_t capacity, threads, num_layers
     cdef readonly Py_ssize_t input_size, hidden_size, output_size
     cdef readonly bint has_cell_state
@@ -187,17 +191,11 @@ cdef class StreamPool:
         self._mu_ok = (pthread_mutex_init(&self._mu, NULL) == 0
                        and pthread_mutex_init(&self._ids_mu, NULL) == 0)
 
-    def __init__(self, model, capacity, threads=1):
+    def __init__(self, Stepper stepper not None, capacity, threads=1):
         if not self._mu_ok:
             raise MemoryError("StreamPool: cannot create its lock")
         if self._block != NULL:
             raise RuntimeError("StreamPool: already initialised")
-        stepper = getattr(model, "_stepper", None)
-        if stepper is None:
-            if hasattr(model, "_require_stepper"):
-                model._require_stepper()    # raises: says why this layer cannot stream
-            raise TypeError(f"model: expected a fastcell model (a cell or unidirectional layers), "
-                            f"got {type(model).__name__}")
         for name, v, lo in (("capacity", capacity, 1), ("threads", threads, 1)):
             if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
                 raise TypeError(f"{name}: expected an integer >= {lo}, got {v!r}")
@@ -209,7 +207,6 @@ cdef class StreamPool:
         if threads > limit:
             raise ValueError(f"threads: expected at most {limit} (the CPUs this process may run "
                              f"on; more only wait for each other), got {threads}")
-        self.model = model
         self._kernels = tuple(stepper.kernels)
         cdef Kernel k = self._kernels[0]
         self.dtype = k.dtype
@@ -477,8 +474,6 @@ cdef class StreamPool:
             pthread_mutex_unlock(&self._mu)
 
     cdef object _state_arg(self, object v, str name, Py_ssize_t width):
-        from fastcell._checks import to_numpy   # here, not at import: fastcell imports us
-
         L = self.num_layers
         a = to_numpy(v, name)
         if a.shape != (L, width) and not (L == 1 and a.shape == (width,)):
@@ -622,8 +617,6 @@ cdef class StreamPool:
         return np.ascontiguousarray(a, dtype=np.int64)
 
     cdef object _x_arg(self, object x, Py_ssize_t n):
-        from fastcell._checks import to_numpy   # here, not at import: fastcell imports us
-
         a = to_numpy(x, "x")
         if a.shape != (n, self.input_size):
             raise ValueError(f"x: expected shape ({n}, {self.input_size}) for {n} ids, got "
@@ -672,15 +665,11 @@ cdef class StreamPool:
 
     # -- new weights --
 
-    def reload(self, model):
-        """Serves `model`'s weights from the next step on, keeping every stream's state: a model
-        of the same architecture (cell type, layers, sizes, dtype and weight format), such as
-        this pool's model after load_state_dict. A step runs with the old weights or the new
-        ones, never a mix; a step in progress finishes with the old ones."""
-        stepper = getattr(model, "_stepper", None)
-        if stepper is None:
-            raise TypeError(f"model: expected a fastcell model (a cell or unidirectional layers), "
-                            f"got {type(model).__name__}")
+    def swap(self, Stepper stepper not None):
+        """Steps with `stepper`'s kernels from the next step on, keeping every stream's state: a
+        stepper of the same architecture (cell type, layers, sizes, dtype and weight format).
+        A step runs with the old kernels or the new ones, never a mix; a step in progress
+        finishes with the old ones. ValueError for another architecture."""
         kernels = tuple(stepper.kernels)
         cdef Py_ssize_t L = self.num_layers, l, t
         cdef Kernel a, b
@@ -693,8 +682,8 @@ cdef class StreamPool:
                              and a.work_elems(1, CHUNK, False) == b.work_elems(1, CHUNK, False)
                              and a.qwork_of(NULL, 1, CHUNK, False) == b.qwork_of(NULL, 1, CHUNK, False))
         if not same:
-            raise ValueError(f"model: expected a model of this pool's architecture "
-                             f"({self.model!r}), got {model!r}")
+            raise ValueError("stepper: expected this pool's architecture (cell type, layers, "
+                             "sizes, dtype and weight format)")
         cdef char* start = self._start_row(stepper)
         cdef void** kptr = <void**>malloc(L * sizeof(void*))
         if kptr == NULL:
@@ -702,16 +691,15 @@ cdef class StreamPool:
             raise MemoryError("reload")
         for l in range(L):
             kptr[l] = <void*>kernels[l]
-        # The old references live on in these locals until after the lock: a last reference
-        # dropped under it could run a finalizer (weakref.finalize of the old model, say).
-        old_kernels, old_model = self._kernels, self.model
+        # The old reference lives on in this local until after the lock: a last reference
+        # dropped under it could run a finalizer (weakref.finalize of a kernel's owner, say).
+        old_kernels = self._kernels
         cdef void** old_kptr
         cdef char* old_start
         _take(&self._mu)
         old_kptr, self._kptr = self._kptr, kptr
         old_start, self._start = self._start, start
         self._kernels = kernels
-        self.model = model
         pthread_mutex_unlock(&self._mu)
         free(old_kptr)
         free(old_start)
@@ -735,9 +723,6 @@ cdef class StreamPool:
                         "the model and, if needed, each stream's get_state(), then open() and "
                         "set_state() them in a new pool")
 
-    def __repr__(self):
-        return (f"StreamPool({type(self.model).__name__}, capacity={self.capacity}, "
-                f"threads={self.threads}, open={len(self)}, dtype={np.dtype(self.dtype).name})")
 
 
 _live_pools = weakref.WeakSet()
@@ -747,13 +732,13 @@ _fork_locked = []
 def _before_fork():
     pools = sorted(_live_pools, key=id)     # one order for every fork
     for p in pools:
-        (<StreamPool>p)._fork_lock()
+        (<StatePool>p)._fork_lock()
         _fork_locked.append(p)
 
 
 def _after_fork():
     for p in _fork_locked:
-        (<StreamPool>p)._fork_unlock()
+        (<StatePool>p)._fork_unlock()
     _fork_locked.clear()
 
 

@@ -153,7 +153,7 @@ print(children)
 
 def test_more_threads_than_cores_are_refused(monkeypatch):
     monkeypatch.delenv("FASTCELL_MAX_THREADS", raising=False)
-    from fastcell_c.stream_pool import max_threads
+    from fastcell.serving.pool import max_threads
 
     n = max_threads()
     assert 1 <= n <= (os.cpu_count() or 1)
