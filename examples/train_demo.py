@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 import fastcell.torch
-from fastcell.bridge import from_torch
+from fastcell import from_torch
 from fastcell.demo import MODEL_NAMES, TASK, make_task, save_demo_model
 
 HIDDEN = 64

@@ -3,30 +3,30 @@
 Never imports torch: the PyTorch bridge imports it lazily, only when called.
 """
 
-from fastcell import _scipy_blas
+from fastcell import blas
 
-_scipy_blas.preload()  # before the kernels import it: see _scipy_blas.py
+blas.preload()  # before the kernels import it: see blas.py
 
-from fastcell import _blas_threads  # noqa: E402
-from fastcell._blas_threads import set_blas_threads  # noqa: E402
 from fastcell._version import __version__  # noqa: E402
-from fastcell.cells import GRUCell, LSTMCell, PeepholeLSTMCell, RNNCell  # noqa: E402
-from fastcell.layers import GRU, LSTM, RNN, PeepholeLSTM, StateDictError  # noqa: E402
+from fastcell.blas import set_blas_threads  # noqa: E402
+from fastcell.models import (GRU, LSTM, RNN, GRUCell, LSTMCell, PeepholeLSTM,  # noqa: E402
+                             PeepholeLSTMCell, RNNCell, StateDictError)
 from fastcell_c.platform import simd_level  # noqa: E402
 from fastcell.serving.pool import PoolFullError, StreamIdError, StreamPool  # noqa: E402
 
-_blas_threads.install()
+blas.install()
 
 # Loaded on first use, so `import fastcell` stays light (cold start) and never pulls in torch.
 _LAZY = {
-    "save": "fastcell.weights_file",
-    "load": "fastcell.weights_file",
-    "FormatError": "fastcell.weights_file",
-    "from_torch": "fastcell.bridge",
-    "from_state_dict": "fastcell.bridge",
-    "quantize": "fastcell.quantization",
-    "from_onnx": "fastcell.onnx_import",   # reading .onnx files needs the onnx package (an extra)
-    "onnx_nodes": "fastcell.onnx_import",
+    "save": "fastcell.io.weights_file",
+    "load": "fastcell.io.weights_file",
+    "FormatError": "fastcell.io.weights_file",
+    "from_torch": "fastcell.convert.torch_modules",
+    "from_state_dict": "fastcell.convert.state_dict",
+    "quantize": "fastcell.models.quantize",
+    "from_onnx": "fastcell.convert.onnx_import",   # reading .onnx files needs the onnx package
+    "onnx_nodes": "fastcell.convert.onnx_import",
+    "onnx_outputs": "fastcell.convert.onnx_import",
     "Batcher": "fastcell.batcher",
 }
 

@@ -29,7 +29,7 @@ from time import monotonic, sleep
 
 import numpy as np
 
-from fastcell._checks import to_numpy
+from fastcell.checks import to_numpy
 
 __all__ = ["Batcher"]
 

@@ -10,22 +10,20 @@
 
 Errors print one line to stderr and exit with status 2. Only ``export`` of a PyTorch checkpoint
 imports torch, and it reads the checkpoint with ``torch.load(..., weights_only=True)``: nothing
-else is unpickled. A file named ``*.onnx`` is read with the onnx package (fastcell.onnx_import).
+else is unpickled. A file named ``*.onnx`` is read with the onnx package (fastcell.convert.onnx_import).
 """
 
 import argparse
 import math
 import os
-import re
 import sys
 import time
-import warnings
 
 import numpy as np
 
-from fastcell.quantization import quantize
-from fastcell.weight_formats import REDUCED_FORMATS
-from fastcell.weights_file import FormatError, load, save
+from fastcell.formats.reduced import REDUCED_FORMATS
+from fastcell.io.weights_file import FormatError, load, save
+from fastcell.models.quantize import quantize
 
 # Progress is drawn for runs of at least this many multiply-adds (tens of milliseconds).
 _LONG_RUN = 10**8
@@ -161,7 +159,7 @@ def _onnx_import():
         importlib.import_module("onnx")
     except ImportError:
         raise CliError("reading .onnx files needs the onnx package: pip install 'fastcell[onnx]'") from None
-    from fastcell import onnx_import
+    from fastcell.convert import onnx_import
 
     return onnx_import
 
@@ -360,8 +358,6 @@ class _Progress:
 
 # ---- export ----
 
-_NESTED_KEYS = ("state_dict", "model_state_dict", "model")
-
 
 def _export(args):
     if _is_onnx(args.src):
@@ -397,34 +393,19 @@ def _model_from_onnx(args):
 def _model_from_checkpoint(args):
     """The fastcell model of a PyTorch checkpoint (args.src) holding a state_dict, with the
     command's overrides."""
+    from fastcell.convert.checkpoint import read_state_dict
+    from fastcell.convert.state_dict import from_state_dict
+
     try:
-        import torch
+        sd, notes = read_state_dict(args.src, args.prefix)
     except ImportError:
         raise CliError("export needs PyTorch to read the checkpoint: pip install torch") from None
-    import pickle
-
-    try:
-        # weights_only=True: a restricted unpickler that builds tensors and plain containers
-        # only, so a checkpoint cannot run code. Never retried without it.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's pickle-protocol notes are noise here
-            obj = torch.load(args.src, weights_only=True, map_location="cpu")
-    except OSError:
+    except ValueError as exc:
+        if str(exc).startswith("prefix "):      # the option's name on the command line
+            raise CliError(f"--{exc}") from None
         raise
-    except pickle.UnpicklingError as exc:
-        raise CliError(
-            f"{args.src}: refused by torch.load(weights_only=True), which builds only tensors and "
-            f"plain containers ({_why(str(exc))}); fastcell never unpickles anything else. If "
-            "it is a whole module saved with torch.save(model), save its weights instead with "
-            "torch.save(model.state_dict(), PATH) and export that file") from None
-    except Exception as exc:  # torch's zip reader raises RuntimeError and others on non-checkpoints
-        raise CliError(f"{args.src}: not a PyTorch checkpoint ({_one_line(exc)[:200]})") from None
-
-    sd = _state_dict(obj, args, torch)
-    try:
-        from fastcell.bridge import from_state_dict
-    except ImportError as exc:
-        raise CliError(f"the PyTorch bridge is not available ({exc})") from None
+    for note in notes:
+        print(f"fastcell export: {note}", file=sys.stderr)
     overrides = {k: v for k, v in (("nonlinearity", args.nonlinearity),
                                    ("reset_after", args.reset_after),
                                    ("batch_first", args.batch_first)) if v is not None}
@@ -445,55 +426,6 @@ def _quantize(args):
     print(f"wrote {args.dest}: {reduced!r}, weights {before:,} -> {after:,} bytes "
           f"({_bytes(os.path.getsize(args.dest))} file)")
     return 0
-
-
-def _why(message):
-    """The informative part of torch's weights_only refusal: the object it would have built."""
-    m = re.search(r"GLOBAL ([\w.]+)", message)
-    if m:
-        return f"the file asks for the Python object {m.group(1)}"
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
-    reason = next((ln for ln in lines if "Unsupported" in ln), lines[0] if lines else "no reason given")
-    return reason.removeprefix("WeightsUnpickler error: ")[:200]
-
-
-def _state_dict(obj, args, torch):
-    """The name -> tensor mapping to export, from a state_dict, a checkpoint dict holding one under
-    a usual key, and --prefix."""
-    def is_sd(d):
-        return isinstance(d, dict) and d and all(isinstance(v, torch.Tensor) for v in d.values())
-
-    if isinstance(obj, dict) and not is_sd(obj):
-        nested = [k for k in _NESTED_KEYS if is_sd(obj.get(k))]
-        if nested:
-            print(f"fastcell export: using the state_dict under {nested[0]!r}", file=sys.stderr)
-            obj = obj[nested[0]]
-    if not is_sd(obj):
-        if isinstance(obj, dict):
-            other = [f"{k} ({type(v).__name__})" for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-            raise CliError(f"{args.src}: expected a state_dict (names to tensors), got a dict with "
-                           f"non-tensor entries: {', '.join(map(str, other[:5]))}"
-                           if obj else f"{args.src}: the checkpoint is an empty dict")
-        raise CliError(f"{args.src}: expected a state_dict (names to tensors), got "
-                       f"{type(obj).__name__}; save one with torch.save(model.state_dict(), PATH)")
-    sd = {str(k): v for k, v in obj.items()}
-    if args.prefix:
-        sd = {k[len(args.prefix):]: v for k, v in sd.items() if k.startswith(args.prefix)}
-        if not sd:
-            raise CliError(f"--prefix {args.prefix!r}: no entry starts with it; the entries are "
-                           f"{', '.join(list(obj)[:6])}{' ...' if len(obj) > 6 else ''}")
-        return sd
-    prefixes = sorted({k.rsplit(".", 1)[0] + "." for k in sd if "." in k})
-    if len(prefixes) == 1 and all("." in k for k in sd):
-        # One submodule, e.g. everything under "lstm." or DataParallel's "module.".
-        print(f"fastcell export: using the entries under {prefixes[0]!r}", file=sys.stderr)
-        return {k[len(prefixes[0]):]: v for k, v in sd.items()}
-    if prefixes:
-        recurrent = [p for p in prefixes if p + "weight_hh" in sd or p + "weight_hh_l0" in sd]
-        raise CliError(f"{args.src}: the checkpoint holds several modules "
-                       f"({', '.join(prefixes[:6])}{' ...' if len(prefixes) > 6 else ''}); choose "
-                       f"the recurrent one with --prefix, e.g. --prefix {(recurrent or prefixes)[0]}")
-    return sd
 
 
 # ---- demo ----

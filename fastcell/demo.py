@@ -95,7 +95,7 @@ def save_demo_model(path, layer, readout, task):
     its linear readout (``{"weight": (K, H), "bias": (K,)}`` arrays, or anything with those
     attributes, e.g. an nn.Linear) and the task parameters (a dict of numbers, strings, booleans
     and dicts of those) to NAME.readout.npz beside it. Returns the two paths."""
-    from fastcell.weights_file import save
+    from fastcell.io.weights_file import save
 
     arrays = {}
     for name in ("weight", "bias"):
@@ -116,7 +116,7 @@ def load_demo_model(path, readout=None):
     """(layer, readout_weight, readout_bias, task) from the files save_demo_model wrote; ``path``
     is the NAME.safetensors file, read with fastcell.load, ``readout`` its NAME.readout.npz
     (by default the one beside it), read with np.load(allow_pickle=False)."""
-    from fastcell.weights_file import load
+    from fastcell.io.weights_file import load
 
     extra = os.fspath(readout) if readout is not None else readout_path(path)
     layer = load(path)
@@ -241,7 +241,7 @@ def fastcell_step_latency(layer, xs, repeats=5):
 
 def _cell_of(layer):
     """The fastcell cell with a one-layer, one-direction layer's weights."""
-    from fastcell.bridge import from_state_dict
+    from fastcell.convert.state_dict import from_state_dict
 
     cfg = layer.config()
     weights = {n[: -len("_l0")]: v for n, v in layer.state_dict().items()}
@@ -276,7 +276,7 @@ def torch_compare(name, layer, inputs, outputs, xs, repeats=5):
     """
     import torch
 
-    from fastcell.bridge import from_state_dict
+    from fastcell.convert.state_dict import from_state_dict
 
     module, cell = _torch_twins(name, layer)
     cfg = layer.config()

@@ -4,7 +4,7 @@ Written to be read, not to be fast. Every function takes PyTorch-layout weights 
 blocks in SPEC.md's order), a batch of inputs ``x`` of shape (B, I) and states of shape (B, H), and
 computes in the dtype of its arguments. ``None`` biases mean zero.
 
-The weight matrices may also be ``fastcell.weight_formats.Reduced`` (int8, bf16): the reference then
+The weight matrices may also be ``fastcell.formats.reduced.Reduced`` (int8, bf16): the reference then
 computes what the kernels compute with them (``matmul``): bf16 weights are their float values;
 int8 products quantize each row of their activations as the kernels do (fastcell_c/products_int8.h),
 16 bits for a layer's input x and 8 bits for h, r * h and the projection's input, and sum exactly.
@@ -12,7 +12,7 @@ int8 products quantize each row of their activations as the kernels do (fastcell
 
 import numpy as np
 
-from fastcell.weight_formats import Reduced
+from fastcell.formats.reduced import Reduced
 
 INPUT_BITS = 16   # int8 products: activation bits of x (a layer's input)
 HIDDEN_BITS = 8   # ... of h, r * h (reset-before GRU) and o * tanh(c) (LSTM projection)

@@ -158,7 +158,7 @@ def hang_guard(seconds=10):
 def load_or_refuse(path):
     """fastcell.load(path), or None where it raised FormatError naming the path; a hang or any
     other exception fails the test."""
-    from fastcell.weights_file import FormatError, load
+    from fastcell.io.weights_file import FormatError, load
 
     with hang_guard(10):
         try:

@@ -5,7 +5,7 @@ import pytest
 
 import fastcell
 from fastcell import reference as ref
-from fastcell.recurrence import LSTMRecurrence
+from fastcell.models.recurrence import LSTMRecurrence
 from conftest import TOL, VARIANTS, init_weights, make_cell, max_abs, max_diff, torch_or_skip
 
 DTYPES = [np.float32, np.float64]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fastcell
-from fastcell.weights_file import load, save
+from fastcell.io.weights_file import load, save
 from conftest import ENV, fails, fastcell_cmd, ok
 
 
@@ -186,8 +186,8 @@ def torch_or_skip():
 
 
 def bridge_or_skip():
-    if importlib.util.find_spec("fastcell.bridge") is None:
-        pytest.skip("fastcell.bridge is not there yet")
+    if importlib.util.find_spec("fastcell.convert.state_dict") is None:
+        pytest.skip("fastcell.convert.state_dict is not there yet")
 
 
 def torch_module(torch, kind):

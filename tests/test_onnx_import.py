@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import fastcell  # noqa: E402
 from fastcell import FormatError  # noqa: E402
-from fastcell.onnx_import import onnx_outputs  # noqa: E402
+from fastcell.convert.onnx_import import onnx_outputs  # noqa: E402
 from conftest import hang_guard, max_diff  # noqa: E402
 
 GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
@@ -1012,7 +1012,7 @@ def test_the_reverse_option_round_trips_and_refuses_what_it_cannot_do(tmp_path, 
 def test_weight_files_check_the_reverse_key(tmp_path):
     import json
 
-    from fastcell import weights_file
+    from fastcell.io import weights_file
 
     cfg = fastcell.RNN(3, 4).config()
     for reverse, bidirectional, fragment in (("yes", False, "'reverse' is 'yes', expected true or false"),

@@ -1,4 +1,4 @@
-"""fastcell.bridge (from_torch, from_state_dict) and fastcell.torch (the PyTorch peephole LSTM)."""
+"""fastcell.convert (from_torch, from_state_dict) and fastcell.torch (the PyTorch peephole LSTM)."""
 
 import itertools
 import re
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import fastcell
-from fastcell.bridge import from_state_dict, from_torch
+from fastcell import from_state_dict, from_torch
 from conftest import TOL
 
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections:UserWarning",
@@ -404,7 +404,7 @@ def test_from_torch_without_torch_imported_refuses_plain_objects():
     # No torch in sight: refused by type, torch not imported to find out.
     import subprocess
     import sys
-    code = ("import sys; sys.modules['torch'] = None; from fastcell.bridge import from_torch\n"
+    code = ("import sys; sys.modules['torch'] = None; from fastcell import from_torch\n"
             "try:\n    from_torch(object())\nexcept TypeError as e:\n    print('TypeError', e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("TypeError from_torch: unsupported module type builtins.object")
@@ -650,7 +650,8 @@ def test_peephole_cell_parity(dtype, rng):
 def test_import_fastcell_does_not_import_torch():
     import subprocess
     import sys
-    code = ("import sys, fastcell, fastcell.bridge, fastcell.demo; "
+    code = ("import sys, fastcell, fastcell.convert.torch_modules, fastcell.convert.state_dict, "
+            "fastcell.demo; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

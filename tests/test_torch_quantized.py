@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fastcell
-from fastcell.weight_formats import Reduced
+from fastcell.formats.reduced import Reduced
 from conftest import TOL
 
 torch = pytest.importorskip("torch")

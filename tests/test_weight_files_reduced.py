@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastcell
-from fastcell import weights_file as wf
-from fastcell.layers import _Layer
-from fastcell.weight_formats import Reduced
-from fastcell.weights_file import FormatError, load, save
+from fastcell.io import weights_file as wf
+from fastcell.models.layers import _Layer
+from fastcell.formats.reduced import Reduced
+from fastcell.io.weights_file import FormatError, load, save
 from conftest import ENV, ROOT, VARIANTS, fails, fastcell_cmd, load_or_refuse, init_weights, ok
 from conftest import make_cell as cell_from_weights
 
@@ -801,7 +801,7 @@ def torch_state_dict(tmp_path, module_name, **kwargs):
 ])
 def test_export_with_weights(tmp_path, in_process, fmt, module_name, kwargs, extra):
     module = torch_state_dict(tmp_path, module_name, **kwargs)
-    from fastcell.bridge import from_state_dict
+    from fastcell.convert.state_dict import from_state_dict
 
     out = ok(in_process("export", "sd.pt", "m.safetensors", "--weights", fmt, *extra, cwd=tmp_path))
     assert "wrote m.safetensors" in out and f"weight_format='{fmt}'" in out

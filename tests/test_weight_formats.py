@@ -21,7 +21,7 @@ import pytest
 
 import fastcell
 from fastcell import reference
-from fastcell.weight_formats import Reduced, bf16_to_float, float_to_bf16, quantize_int8
+from fastcell.formats.reduced import Reduced, bf16_to_float, float_to_bf16, quantize_int8
 
 from conftest import VARIANTS, make_cell
 
@@ -214,8 +214,8 @@ def test_each_sequence_alone_gives_its_batch_bits(layer_pair):
 def test_batch_first_gives_the_same_bits(layer_pair):
     _, q, fmt = layer_pair
     x = np.random.default_rng(6).standard_normal((8, 3, q.input_size)).astype(np.float32)
-    args = dict(q._constructor_args(), batch_first=True)
-    bf = type(q)._from_weights(q._stored_state_dict(), weight_format=fmt, **args)
+    args = dict(q.constructor_args(), batch_first=True)
+    bf = type(q)(**args, weights=q._stored_state_dict())
     np.testing.assert_array_equal(bf(x.transpose(1, 0, 2))[0].transpose(1, 0, 2), q(x)[0])
 
 

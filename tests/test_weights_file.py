@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastcell
-from fastcell import weights_file as wf
-from fastcell.weights_file import FormatError, load, save
+from fastcell.io import weights_file as wf
+from fastcell.io.weights_file import FormatError, load, save
 from conftest import VARIANTS, load_or_refuse, init_weights
 from conftest import make_cell as cell_from_weights
 

@@ -8,21 +8,19 @@ peepholes, small, are kept as given too (the kernel folds b_ih + b_hh, which can
 again). All arrays are read-only, so one object serves many threads.
 
 The weight matrices (W_ih, W_hh, W_hr) may be float32, float64, or ``Reduced`` (int8 or bf16,
-fastcell.weight_formats), all in one format; a reduced recurrence computes in float32 with float32
+fastcell.formats.reduced), all in one format; a reduced recurrence computes in float32 with float32
 biases and peepholes.
 """
 
 import numpy as np
 
-from fastcell._checks import as_flag, as_weight, check_same_dtype, shape_error, to_numpy, FLOAT_DTYPES
-from fastcell.weight_formats import REDUCED_FORMATS, Reduced
+from fastcell import spec
+from fastcell.checks import FLOAT_DTYPES, as_flag, as_weight, check_same_dtype, shape_error, to_numpy
+from fastcell.formats.reduced import REDUCED_FORMATS, Reduced
 from fastcell_c.gru import GRUKernel
 from fastcell_c.kernel import INT8_MAX_ROWS, LANES
 from fastcell_c.lstm import LSTMKernel
 from fastcell_c.rnn import RNNKernel
-
-NONLINEARITIES = ("tanh", "relu")
-
 
 def as_matrix(value, name):
     """A weight matrix for a kernel to pack: a Reduced one as it is, else a C-contiguous float32 or
@@ -194,11 +192,11 @@ def check_same_format(fmt, **weights):
 
 
 class RNNRecurrence(Recurrence):
-    gates = 1
+    gates = spec.GATES["rnn"]
 
     def __init__(self, weight_ih, weight_hh, bias_ih=None, bias_hh=None, nonlinearity="tanh",
                  suffix=""):
-        if nonlinearity not in NONLINEARITIES:
+        if nonlinearity not in spec.NONLINEARITIES:
             raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
         super().__init__(weight_ih, weight_hh, bias_ih, bias_hh, suffix)
         self.nonlinearity = nonlinearity
@@ -211,7 +209,7 @@ class RNNRecurrence(Recurrence):
 
 
 class GRURecurrence(Recurrence):
-    gates = 3
+    gates = spec.GATES["gru"]
 
     def __init__(self, weight_ih, weight_hh, bias_ih=None, bias_hh=None, reset_after=True,
                  suffix=""):
@@ -234,7 +232,7 @@ class GRURecurrence(Recurrence):
 class LSTMRecurrence(Recurrence):
     """weight_hr (P, H): PyTorch's projection (h has size P). weight_ph (3, H): peepholes."""
 
-    gates = 4
+    gates = spec.GATES["lstm"]
     has_cell_state = True
 
     def __init__(self, weight_ih, weight_hh, bias_ih=None, bias_hh=None, weight_hr=None,

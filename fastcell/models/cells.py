@@ -3,9 +3,9 @@ whole sequence in one kernel call with ``cell.run(xs, state)``."""
 
 import numpy as np
 
-from fastcell._checks import Frozen, as_input, shape_error
-from fastcell.recurrence import GRURecurrence, LSTMRecurrence, RNNRecurrence, stored_value
-from fastcell.weight_formats import REDUCED_FORMATS
+from fastcell.checks import Frozen, as_input, shape_error
+from fastcell.formats.reduced import REDUCED_FORMATS
+from fastcell.models.recurrence import GRURecurrence, LSTMRecurrence, RNNRecurrence, stored_value
 from fastcell_c.stream import Stepper
 
 

@@ -7,9 +7,10 @@ stay float32, and the model computes in float32 as before: same class, same call
 
 import numpy as np
 
-from fastcell.cells import _Cell
-from fastcell.layers import _Layer
-from fastcell.weight_formats import REDUCED_FORMATS, is_matrix, reduce
+from fastcell.formats.reduced import REDUCED_FORMATS, reduce
+from fastcell.models.cells import _Cell
+from fastcell.models.layers import _Layer
+from fastcell.spec import is_matrix
 
 __all__ = ["quantize"]
 
@@ -34,7 +35,6 @@ def quantize(model, format):
         v = np.asarray(v, dtype=np.float32)
         weights[name] = reduce(v, format, name) if is_matrix(name) else v
     if isinstance(model, _Layer):
-        args = dict(model._constructor_args(), dtype=np.float32)
-        return type(model)._from_weights(weights, weight_format=format,
-                                         initial_state=model.initial_state, **args)
+        args = dict(model.constructor_args(), dtype=np.float32)
+        return type(model)(**args, weights=weights, initial_state=model.initial_state)
     return type(model)(**weights, **model._extra_config())

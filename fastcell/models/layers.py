@@ -4,9 +4,11 @@ over layers and directions only, never over time."""
 
 import numpy as np
 
-from fastcell._checks import FLOAT_DTYPES, Frozen, as_flag, as_input, shape_error, to_numpy
-from fastcell.recurrence import NONLINEARITIES, GRURecurrence, LSTMRecurrence, RNNRecurrence
-from fastcell.weight_formats import REDUCED_FORMATS, Reduced, is_matrix, reduce
+from fastcell import spec
+from fastcell.checks import (FLOAT_DTYPES, Frozen, as_flag, as_input, as_int, shape_error,
+                             to_numpy)
+from fastcell.formats.reduced import REDUCED_FORMATS, Reduced, reduce
+from fastcell.models.recurrence import GRURecurrence, LSTMRecurrence, RNNRecurrence
 from fastcell_c.stream import Stepper
 
 
@@ -30,11 +32,10 @@ class _Layer(Frozen):
     _initial = None  # likewise: no initial state (zeros)
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 bidirectional=False, dtype=np.float32, proj_size=0, reverse=False):
-        for name, v, low in (("input_size", input_size, 1), ("hidden_size", hidden_size, 1),
-                             ("num_layers", num_layers, 1), ("proj_size", proj_size, 0)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-                raise ValueError(f"{name}: expected an integer >= {low}, got {v!r}")
+                 bidirectional=False, dtype=np.float32, proj_size=0, reverse=False, *,
+                 weights=None, initial_state=None):
+        input_size, hidden_size = as_int(input_size, "input_size"), as_int(hidden_size, "hidden_size")
+        num_layers, proj_size = as_int(num_layers, "num_layers"), as_int(proj_size, "proj_size", 0)
         if proj_size and proj_size >= hidden_size:
             raise ValueError(f"proj_size: expected 0 or less than hidden_size={hidden_size}, got {proj_size}")
         try:
@@ -54,11 +55,14 @@ class _Layer(Frozen):
                              "is for a one-directional layer that runs backwards in time")
         self.dtype = dt
         # A reduced weight format (int8, bf16) comes only with its weights (quantize, load).
-        self._weight_format = self.__dict__.pop("_initial_format", None) or dt.name
+        self._weight_format = _format_of(weights) or dt.name
         if self._weight_format in REDUCED_FORMATS and dt != np.float32:
             raise TypeError(f"dtype: {self._weight_format} weights compute in float32, got {dt}")
-        self._initial = self._checked_initial(self.__dict__.pop("_initial_given", None))
-        self._init_random()
+        self._initial = self._checked_initial(initial_state)
+        if weights is None:
+            self._init_random()
+        else:
+            self.load_state_dict(weights)
         self._frozen = True
 
     # -- configuration --
@@ -128,8 +132,9 @@ class _Layer(Frozen):
             cfg["weight_format"] = self._weight_format
         return cfg
 
-    def _constructor_args(self):
-        """The keyword arguments that build this layer's architecture again."""
+    def constructor_args(self):
+        """The keyword arguments that build this layer's architecture again (give them with
+        weights= and initial_state= to build it with given weights)."""
         return {k: v for k, v in self.config().items()
                 if k not in ("cell", "module", "weight_format", "initial_state")}
 
@@ -137,26 +142,12 @@ class _Layer(Frozen):
         return {}
 
     def _suffixes(self):
-        for k in range(self.num_layers):
-            for d in range(self.num_directions):
-                yield k, d, f"_l{k}" + ("_reverse" if d else "")
+        return spec.suffixes(self.num_layers, self.num_directions)
 
     def expected_shapes(self):
         """{name: shape} of every parameter, under PyTorch's state_dict names."""
-        G, H, P = self.gates * self.hidden_size, self.hidden_size, self.output_size
-        shapes = {}
-        for k, _, s in self._suffixes():
-            layer_in = self.input_size if k == 0 else self.num_directions * P
-            shapes["weight_ih" + s] = (G, layer_in)
-            shapes["weight_hh" + s] = (G, P)
-            if self.bias:
-                shapes["bias_ih" + s] = (G,)
-                shapes["bias_hh" + s] = (G,)
-            shapes.update(self._extra_shapes(s))
-        return shapes
-
-    def _extra_shapes(self, suffix):
-        return {}
+        return spec.layer_shapes(self.kind, self.input_size, self.hidden_size, self.num_layers,
+                                 self.bias, self.bidirectional, self.proj_size)
 
     def __repr__(self):
         args = [str(self.input_size), str(self.hidden_size)]
@@ -170,23 +161,7 @@ class _Layer(Frozen):
 
     # -- weights --
 
-    @classmethod
-    def _from_weights(cls, weights, weight_format=None, initial_state=None, **config):
-        """A layer built straight with these weights (fastcell.load, quantize): no random init
-        first. weight_format: a reduced format the weights are in (None: the dtype's);
-        initial_state: see the property."""
-        layer = cls.__new__(cls)
-        layer._initial_weights = weights
-        layer._initial_format = weight_format
-        layer._initial_given = initial_state
-        layer.__init__(**config)
-        return layer
-
     def _init_random(self):
-        initial = self.__dict__.pop("_initial_weights", None)
-        if initial is not None:
-            self.load_state_dict(initial)
-            return
         # PyTorch's default initialisation, so a fresh layer behaves like a fresh torch layer.
         rng = np.random.default_rng()
         k = 1 / np.sqrt(self.hidden_size)
@@ -265,7 +240,7 @@ class _Layer(Frozen):
     def _convert(self, name, v):
         """A given parameter in this layer's form: its dtype, or a matrix in its reduced format
         (a float matrix is quantized; a Reduced one must be in this format already)."""
-        matrix = is_matrix(name)
+        matrix = spec.is_matrix(name)
         fmt = self._weight_format
         if isinstance(v, Reduced):
             if not matrix or v.format != fmt:
@@ -391,6 +366,16 @@ class _Layer(Frozen):
         return inp
 
 
+def _format_of(weights):
+    """The reduced format of given weights (their Reduced matrices'), or None for float ones."""
+    if weights is None or not hasattr(weights, "values"):
+        return None
+    formats = {v.format for v in weights.values() if isinstance(v, Reduced)}
+    if len(formats) > 1:
+        raise TypeError(f"weights: expected one weight format, got {sorted(formats)}")
+    return formats.pop() if formats else None
+
+
 class _StateFamily:
     """Names the StreamStates of one layer across its reloads (stream.Stepper's family)."""
 
@@ -400,15 +385,16 @@ class _StateFamily:
 class RNN(_Layer):
     """torch.nn.RNN: h_t = tanh or relu(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)."""
 
-    kind, gates = "rnn", 1
+    kind, gates = "rnn", spec.GATES["rnn"]
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
-                 batch_first=False, bidirectional=False, dtype=np.float32, reverse=False):
-        if nonlinearity not in NONLINEARITIES:
+                 batch_first=False, bidirectional=False, dtype=np.float32, reverse=False, *,
+                 weights=None, initial_state=None):
+        if nonlinearity not in spec.NONLINEARITIES:
             raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dtype,
-                         reverse=reverse)
+                         reverse=reverse, weights=weights, initial_state=initial_state)
 
     def _extra_config(self):
         return {"nonlinearity": self.nonlinearity}
@@ -420,13 +406,14 @@ class RNN(_Layer):
 class GRU(_Layer):
     """torch.nn.GRU (reset_after=True), or the reset-before GRU of Cho et al. 2014."""
 
-    kind, gates = "gru", 3
+    kind, gates = "gru", spec.GATES["gru"]
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 bidirectional=False, reset_after=True, dtype=np.float32, reverse=False):
+                 bidirectional=False, reset_after=True, dtype=np.float32, reverse=False, *,
+                 weights=None, initial_state=None):
         self.reset_after = as_flag(reset_after, "reset_after")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dtype,
-                         reverse=reverse)
+                         reverse=reverse, weights=weights, initial_state=initial_state)
 
     def _extra_config(self):
         return {"reset_after": self.reset_after}
@@ -438,18 +425,16 @@ class GRU(_Layer):
 class LSTM(_Layer):
     """torch.nn.LSTM, with proj_size (LSTMP): returns output, (h_n, c_n)."""
 
-    kind, gates, has_cell_state = "lstm", 4, True
+    kind, gates, has_cell_state = "lstm", spec.GATES["lstm"], True
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 bidirectional=False, proj_size=0, dtype=np.float32, reverse=False):
+                 bidirectional=False, proj_size=0, dtype=np.float32, reverse=False, *,
+                 weights=None, initial_state=None):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional,
-                         dtype, proj_size, reverse)
+                         dtype, proj_size, reverse, weights=weights, initial_state=initial_state)
 
     def _extra_config(self):
         return {"proj_size": self.proj_size}
-
-    def _extra_shapes(self, s):
-        return {"weight_hr" + s: (self.proj_size, self.hidden_size)} if self.proj_size else {}
 
     def _make(self, w, s):
         return LSTMRecurrence(**w, suffix=s)
@@ -459,15 +444,13 @@ class PeepholeLSTM(_Layer):
     """LSTM with diagonal peepholes weight_ph_l{k} (3, H), rows p_i, p_f, p_o (SPEC.md); the
     PyTorch twin to train it is fastcell.torch.PeepholeLSTM."""
 
-    kind, gates, has_cell_state = "peephole_lstm", 4, True
+    kind, gates, has_cell_state = "peephole_lstm", spec.GATES["peephole_lstm"], True
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 bidirectional=False, dtype=np.float32, reverse=False):
+                 bidirectional=False, dtype=np.float32, reverse=False, *, weights=None,
+                 initial_state=None):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dtype,
-                         reverse=reverse)
-
-    def _extra_shapes(self, s):
-        return {"weight_ph" + s: (3, self.hidden_size)}
+                         reverse=reverse, weights=weights, initial_state=initial_state)
 
     def _make(self, w, s):
         return LSTMRecurrence(**w, suffix=s)

@@ -7,7 +7,7 @@
 
 Tensors carry PyTorch's state_dict names. The config names the module, cell type, sizes and
 ``dtype`` (float32 or float64: what the model computes in), and, for a reduced model,
-``weight_format`` (fastcell.weight_formats; "float32" or "float64" are also accepted there when
+``weight_format`` (fastcell.formats.reduced; "float32" or "float64" are also accepted there when
 they equal ``dtype``). A layer that runs backwards in time (ONNX's direction="reverse") has
 ``"reverse": true``; the key is absent otherwise, so older readers refuse such a file rather than
 run it forwards. What each tensor holds:
@@ -46,9 +46,10 @@ import threading
 
 import numpy as np
 
-from fastcell.cells import GRUCell, LSTMCell, PeepholeLSTMCell, RNNCell, _Cell
-from fastcell.layers import GRU, LSTM, RNN, PeepholeLSTM, _Layer
-from fastcell.weight_formats import FLOAT_FORMATS, FORMATS, REDUCED_FORMATS, Reduced, is_matrix
+from fastcell import spec
+from fastcell.formats.reduced import FLOAT_FORMATS, FORMATS, REDUCED_FORMATS, Reduced
+from fastcell.models import CELLS, LAYERS, is_model
+from fastcell.spec import is_matrix
 
 __all__ = ["save", "load", "FormatError", "read_config", "expected_shapes", "expected_tensors"]
 
@@ -79,13 +80,10 @@ _ST_DTYPE = {"float32": "F32", "float64": "F64"}
 _ST_MATRIX = {"int8": "I8", "bf16": "BF16"}  # a reduced matrix's dtype; bf16 read as its bits
 _NP_DTYPE = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "I8": np.dtype("i1"), "BF16": np.dtype("<u2")}
 
-_LAYERS = {"rnn": RNN, "gru": GRU, "lstm": LSTM, "peephole_lstm": PeepholeLSTM}
-_CELLS = {"rnn": RNNCell, "gru": GRUCell, "lstm": LSTMCell, "peephole_lstm": PeepholeLSTMCell}
-_GATES = {"rnn": 1, "gru": 3, "lstm": 4, "peephole_lstm": 4}
 
 # The config keys of each (module, cell): name -> kind ("size", "size0", "layers", "bool",
 # "dtype", or a tuple of allowed strings).
-_COMMON = {"cell": tuple(_GATES), "module": ("layer", "cell"), "input_size": "size",
+_COMMON = {"cell": spec.KINDS, "module": ("layer", "cell"), "input_size": "size",
            "hidden_size": "size", "bias": "bool", "dtype": tuple(_ST_DTYPE)}
 _LAYER_KEYS = {"num_layers": "layers", "batch_first": "bool", "bidirectional": "bool"}
 _CELL_EXTRA = {"rnn": {"nonlinearity": ("tanh", "relu")}, "gru": {"reset_after": "bool"},
@@ -95,7 +93,7 @@ _LAYER_EXTRA = {**_CELL_EXTRA, "lstm": {"proj_size": "size0"}}
 
 class FormatError(ValueError):
     """A file fastcell cannot read: not a valid fastcell weight file, or an ONNX model it cannot
-    import (fastcell.onnx_import); the message says what is wrong."""
+    import (fastcell.convert.onnx_import); the message says what is wrong."""
 
 
 # ---- writing ----
@@ -107,7 +105,7 @@ def save(model, path):
     version 2 files holding the int8 data and its scales, or the bf16 bits, exactly as kept.
     The file is written next to ``path`` and renamed over it, so a reader never sees half a file.
     """
-    if not isinstance(model, (_Layer, _Cell)):
+    if not is_model(model):
         raise TypeError(
             "save: expected a fastcell model (RNN, GRU, LSTM, PeepholeLSTM or one of their cells), "
             f"got {type(model).__module__}.{type(model).__qualname__}"
@@ -194,7 +192,7 @@ def load(path):
     file, OSError when the file cannot be opened. Imports neither torch nor pickle.
     """
     path = os.fspath(path)
-    with _open_regular(path) as f:
+    with open_regular(path) as f:
         config, entries, data_start = _read_header(f, path)
         weights = _read_tensors(f, path, entries, data_start)
     _check_scales(weights, path)
@@ -205,7 +203,7 @@ def read_config(path):
     """The config of a fastcell file, after the same checks as ``load`` but without reading the
     tensors' bytes."""
     path = os.fspath(path)
-    with _open_regular(path) as f:
+    with open_regular(path) as f:
         return _read_header(f, path)[0]
 
 
@@ -215,31 +213,12 @@ def expected_shapes(config):
     Pure arithmetic on the config (nothing is allocated), so it can be checked before any model
     is built. Equals ``model.expected_shapes()`` for layers.
     """
-    G = _GATES[config["cell"]] * config["hidden_size"]
-    H, I = config["hidden_size"], config["input_size"]
-    peephole = config["cell"] == "peephole_lstm"
     if config["module"] == "cell":
-        shapes = {"weight_ih": (G, I), "weight_hh": (G, H)}
-        if config["bias"]:
-            shapes["bias_ih"] = shapes["bias_hh"] = (G,)
-        if peephole:
-            shapes["weight_ph"] = (3, H)
-        return shapes
-    P = config.get("proj_size", 0) or H
-    D = 2 if config["bidirectional"] else 1
-    shapes = {}
-    for k in range(config["num_layers"]):
-        for d in range(D):
-            s = f"_l{k}" + ("_reverse" if d else "")
-            shapes["weight_ih" + s] = (G, I if k == 0 else D * P)
-            shapes["weight_hh" + s] = (G, P)
-            if config["bias"]:
-                shapes["bias_ih" + s] = shapes["bias_hh" + s] = (G,)
-            if config.get("proj_size", 0):
-                shapes["weight_hr" + s] = (config["proj_size"], H)
-            if peephole:
-                shapes["weight_ph" + s] = (3, H)
-    return shapes
+        return spec.cell_shapes(config["cell"], config["input_size"], config["hidden_size"],
+                                config["bias"])
+    return spec.layer_shapes(config["cell"], config["input_size"], config["hidden_size"],
+                             config["num_layers"], config["bias"], config["bidirectional"],
+                             config.get("proj_size", 0))
 
 
 def expected_tensors(config):
@@ -270,7 +249,7 @@ def _weight_format(config):
     return config.get("weight_format", config["dtype"])
 
 
-class _open_regular:
+class open_regular:
     """open(path, "rb") for a regular file. A missing file or a directory stays an OSError; a FIFO
     or a device is refused (opened non-blocking, so a FIFO cannot stall the loader)."""
 
@@ -572,10 +551,8 @@ def _build(config, weights, path):
             init = tuple(weights.pop(n) for n in INITIAL_NAMES if n in weights) or None
             if init is not None and len(init) == 1:
                 init = init[0]
-            return _LAYERS[kind]._from_weights(
-                weights, weight_format=fmt if fmt in REDUCED_FORMATS else None,
-                initial_state=init, **kwargs, dtype=dtype)
+            return LAYERS[kind](**kwargs, dtype=dtype, weights=weights, initial_state=init)
         extra = {k: config[k] for k in _CELL_EXTRA[kind]}
-        return _CELLS[kind](**weights, **extra)
+        return CELLS[kind](**weights, **extra)
     except (ValueError, TypeError) as exc:  # the checks above should make this unreachable
         raise _fail(path, f"cannot build the {kind} {config['module']}: {exc}") from None

@@ -5,9 +5,25 @@ Every error names the argument, what was expected and what came.
 
 import numpy as np
 
-from fastcell_c.kernel import to_numpy  # noqa: F401  (the compiled layer's, shared)
+from fastcell_c.kernel import as_int, to_numpy  # noqa: F401  (the compiled layer's, shared)
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def float_array(value, name):
+    """A tensor or array as a NumPy array, refusing dtypes fastcell does not compute in (a torch
+    bfloat16 tensor has no NumPy view at all) with a message naming the entry."""
+    dt = getattr(value, "dtype", None)
+    if dt is not None and not isinstance(value, np.ndarray) and hasattr(value, "detach"):
+        dname = str(dt).replace("torch.", "")
+        if dname not in ("float32", "float64"):
+            raise TypeError(f"{name}: fastcell computes in float32 or float64, got a {dname} tensor; "
+                            "convert first, e.g. tensor.float()")
+    arr = to_numpy(value, name)
+    if arr.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: fastcell computes in float32 or float64, got {arr.dtype}; "
+                        f"convert first, e.g. np.asarray({name}, dtype=np.float32)")
+    return arr
 
 
 def as_weight(value, name, ndim):

@@ -3,7 +3,8 @@
 A ``Reduced`` holds one weight matrix in PyTorch's layout (gate rows x inputs) in a reduced
 format; it is what a quantized model keeps instead of the float32 matrix (no float copy is kept
 beside it: ``dequantize()`` computes one when asked, for ``state_dict()``). The compiled products
-read the same values (fastcell_c/products.h, products_int8.h).
+read the same values (fastcell_c/products.h, products_int8.h). Which parameters are matrices,
+which a reduced format reduces: fastcell.spec.MATRICES.
 
 - int8: ``q = rint(w / s)`` in [-127, 127] with one scale ``s`` per row (a zero row has s = 1 and
   q = 0); the value is ``q * s``. quantize_int8 takes, per row, the s >= max |w_row| / 127 (no
@@ -14,16 +15,9 @@ read the same values (fastcell_c/products.h, products_int8.h).
 
 import numpy as np
 
-MATRICES = ("weight_ih", "weight_hh", "weight_hr")  # what a reduced format reduces
 FLOAT_FORMATS = ("float32", "float64")
 REDUCED_FORMATS = ("int8", "bf16")
 FORMATS = FLOAT_FORMATS + REDUCED_FORMATS
-
-
-def is_matrix(name):
-    """Whether a parameter (PyTorch's name, with or without its layer suffix) is a weight matrix,
-    which a reduced format reduces; biases and peepholes stay float."""
-    return name.split("_l")[0] in MATRICES
 
 
 class Reduced:
