@@ -41,6 +41,16 @@ def to_numpy(value, name):
 
 
 
+def as_int(value, name, low=1):
+    """A count argument: an integer >= low (not a bool, not a float), as a Python int; else
+    TypeError or ValueError naming the argument, what it expects and what came."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an integer >= {low}, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name}: expected an integer >= {low}, got {value}")
+    return int(value)
+
+
 def aligned_zeros(shape, dtype, align=64):
     """Zeros whose data starts on an `align`-byte boundary (NumPy only promises 16): a vector load
     that straddles two cache lines costs two, which halves the kernels' bandwidth from L2."""

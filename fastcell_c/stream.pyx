@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 from fastcell_c.walk cimport Walk, make_walk
-from fastcell_c.kernel import to_numpy
+from fastcell_c.kernel import as_int, to_numpy
 from fastcell_c.kernel cimport (Kernel, alloc_aligned, blas_pays, buffer_of, enter_blas,
                                 has_dims, is_array, leave_blas)
 
@@ -29,10 +29,7 @@ cdef class StreamState:
     """
 
     def __cinit__(self, Stepper owner, batch):
-        if isinstance(batch, (bool, np.bool_)) or not isinstance(batch, (int, np.integer)):
-            raise TypeError(f"batch: expected an integer >= 1, got {batch!r}")
-        if batch < 1:
-            raise ValueError(f"batch: expected an integer >= 1, got {batch}")
+        batch = as_int(batch, "batch")
         cdef Kernel k
         cdef Py_ssize_t n = 0
         # Bytes one stream needs (h, c and the largest workspace): a batch whose total does not

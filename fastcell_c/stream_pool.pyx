@@ -16,7 +16,7 @@ import weakref
 import numpy as np
 
 from fastcell_c.walk cimport Walk, make_walk
-from fastcell_c.kernel import to_numpy
+from fastcell_c.kernel import as_int, to_numpy
 from fastcell_c.kernel cimport Kernel, alloc_aligned, buffer_of, has_dims, is_array
 from fastcell_c.stream cimport Stepper
 
@@ -196,11 +196,7 @@ cdef class StatePool:
             raise MemoryError("StreamPool: cannot create its lock")
         if self._block != NULL:
             raise RuntimeError("StreamPool: already initialised")
-        for name, v, lo in (("capacity", capacity, 1), ("threads", threads, 1)):
-            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-                raise TypeError(f"{name}: expected an integer >= {lo}, got {v!r}")
-            if v < lo:
-                raise ValueError(f"{name}: expected an integer >= {lo}, got {v}")
+        capacity, threads = as_int(capacity, "capacity"), as_int(threads, "threads")
         if capacity > 2 ** 31 - 1:
             raise ValueError(f"capacity: expected at most {2 ** 31 - 1} streams, got {capacity}")
         limit = max_threads()
