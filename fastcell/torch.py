@@ -12,12 +12,14 @@ autograd differentiates through it. Importing it imports torch; ``import fastcel
 """
 
 import math
-import numbers
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from fastcell import spec
+from fastcell.checks import as_int
 
 __all__ = ["PeepholeLSTM", "PeepholeLSTMCell", "peephole_lstm_cell"]
 
@@ -42,12 +44,6 @@ def peephole_lstm_cell(gates_x, h, c, weight_hh, weight_ph, bias_hh=None):
     return o * torch.tanh(c_t), c_t
 
 
-def _check_size(name, value, low=1):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 class PeepholeLSTMCell(nn.Module):
     """An LSTM cell with diagonal peepholes, called like ``torch.nn.LSTMCell``.
 
@@ -59,8 +55,8 @@ class PeepholeLSTMCell(nn.Module):
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
         super().__init__()
-        input_size = _check_size("input_size", input_size)
-        hidden_size = _check_size("hidden_size", hidden_size)
+        input_size = as_int(input_size, "input_size")
+        hidden_size = as_int(hidden_size, "hidden_size")
         self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bool(bias)
         kw = {"device": device, "dtype": dtype}
         G, H = 4 * hidden_size, hidden_size
@@ -122,9 +118,9 @@ class PeepholeLSTM(nn.Module):
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  bidirectional=False, dtype=None, device=None):
         super().__init__()
-        input_size = _check_size("input_size", input_size)
-        hidden_size = _check_size("hidden_size", hidden_size)
-        num_layers = _check_size("num_layers", num_layers)
+        input_size = as_int(input_size, "input_size")
+        hidden_size = as_int(hidden_size, "hidden_size")
+        num_layers = as_int(num_layers, "num_layers")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.bidirectional = bool(bias), bool(batch_first), bool(bidirectional)
         kw = {"device": device, "dtype": dtype}
@@ -147,7 +143,7 @@ class PeepholeLSTM(nn.Module):
 
     @staticmethod
     def _suffix(k, d):
-        return f"_l{k}" + ("_reverse" if d else "")
+        return spec.suffix(k, d)
 
     def reset_parameters(self):
         k = 1.0 / math.sqrt(self.hidden_size)

@@ -1,20 +1,16 @@
-"""The two cells PyTorch does not ship, written with torch ops straight from SPEC.md's equations,
-to test fastcell against PyTorch arithmetic where nn has no module."""
+"""The two cells PyTorch does not ship, in torch ops, to test fastcell against PyTorch arithmetic
+where nn has no module: the peephole LSTM of fastcell.torch (which ships it to train with), and
+the reset-before GRU, written here from docs/SPEC.md's equations (fastcell.torch has none)."""
 
 import torch
 
 
 def peephole_lstm_cell(x, h, c, weight_ih, weight_hh, weight_ph, bias_ih=None, bias_hh=None):
-    gates = x @ weight_ih.T + h @ weight_hh.T
-    if bias_ih is not None:
-        gates = gates + bias_ih + bias_hh
-    gi, gf, gg, go = gates.chunk(4, dim=-1)
-    p_i, p_f, p_o = weight_ph
-    i = torch.sigmoid(gi + p_i * c)
-    f = torch.sigmoid(gf + p_f * c)
-    c_t = f * c + i * torch.tanh(gg)
-    o = torch.sigmoid(go + p_o * c_t)
-    return o * torch.tanh(c_t), c_t
+    """fastcell.torch's peephole step (the one copy of its equations in torch) on a raw x."""
+    from fastcell.torch import peephole_lstm_cell as step
+
+    gates_x = x @ weight_ih.T + (0 if bias_ih is None else bias_ih)
+    return step(gates_x, h, c, weight_hh, weight_ph, bias_hh)
 
 
 def gru_reset_before_cell(x, h, weight_ih, weight_hh, bias_ih=None, bias_hh=None):
