@@ -1,7 +1,7 @@
-"""The equations of SPEC.md in plain NumPy: the executable spec every compiled path is tested against.
+"""The equations of docs/SPEC.md in plain NumPy: the executable spec every compiled path is tested against.
 
 Written to be read, not to be fast. Every function takes PyTorch-layout weights (gate blocks as row
-blocks in SPEC.md's order), a batch of inputs ``x`` of shape (B, I) and states of shape (B, H), and
+blocks in docs/SPEC.md's order), a batch of inputs ``x`` of shape (B, I) and states of shape (B, H), and
 computes in the dtype of its arguments. ``None`` biases mean zero.
 
 The weight matrices may also be ``fastcell.formats.reduced.Reduced`` (int8, bf16): the reference then

@@ -6,7 +6,7 @@ layer with ``torch.nn.LSTM``'s constructor, call and shapes) and ``fastcell.torc
 diagonal peepholes p_i, p_f, p_o, so ``fastcell.from_torch(module)`` and
 ``fastcell.PeepholeLSTM.load_state_dict(module.state_dict())`` take them as they are.
 
-The equations are SPEC.md's: the input and forget gates see c_{t-1}, the output gate sees c_t.
+The equations are docs/SPEC.md's: the input and forget gates see c_{t-1}, the output gate sees c_t.
 This module is a readable training reference, not an engine: it loops over time in Python and
 autograd differentiates through it. Importing it imports torch; ``import fastcell`` does not.
 """
@@ -27,7 +27,7 @@ __all__ = ["PeepholeLSTM", "PeepholeLSTMCell", "peephole_lstm_cell"]
 def peephole_lstm_cell(gates_x, h, c, weight_hh, weight_ph, bias_hh=None):
     """One step. ``gates_x`` is W_ih x + b_ih (B, 4H), already computed; returns (h_t, c_t).
 
-    Gate blocks i, f, g, o (SPEC.md):
+    Gate blocks i, f, g, o (docs/SPEC.md):
         i = σ(W_ii x + b_ii + W_hi h + b_hi + p_i ⊙ c_{t-1})
         f = σ(W_if x + b_if + W_hf h + b_hf + p_f ⊙ c_{t-1})
         g = tanh(W_ig x + b_ig + W_hg h + b_hg)

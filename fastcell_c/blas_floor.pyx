@@ -1,6 +1,6 @@
 # The benchmark floor: T steps of the bare recurrent product y += h W^T and nothing else (no input
 # projection, no gates, no output copy). Any recurrent kernel must do at least this per step, so
-# the benchmark reports a cell's step time over this one's (bench/, DESIGN.md "Measuring").
+# the benchmark reports a cell's step time over this one's (bench/, docs/DESIGN.md "Measuring").
 from cython cimport floating
 
 from fastcell_c.blas cimport matmul_wt

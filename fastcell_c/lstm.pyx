@@ -1,5 +1,5 @@
 # The LSTM kernel: nn.LSTM's cell, PyTorch's projection (LSTMP) and the diagonal peephole LSTM of
-# SPEC.md. Per step: one GEMV/GEMM adds h W_hh^T into the gate rows (beta = 1), one fused pass
+# docs/SPEC.md. Per step: one GEMV/GEMM adds h W_hh^T into the gate rows (beta = 1), one fused pass
 # computes the gates and updates c and h in place. A single step (streaming) does x W_ih^T +
 # h W_hh^T in one product instead (fused_step).
 cimport numpy as cnp

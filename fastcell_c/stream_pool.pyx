@@ -1,8 +1,8 @@
 # The stream pool: the states of up to `capacity` streams in one block, stepped by stream id. A
 # service opens a stream when a client arrives and closes it when the client leaves; each tick
 # steps whichever streams have a frame, in one GIL-free call that gathers their state rows,
-# runs the layers' fused products on them and writes the new rows back (DESIGN.md "Serving many
-# streams"). A row's numbers do not depend on which rows share its product (products.h), so a
+# runs the layers' fused products on them and writes the new rows back (docs/DESIGN.md, "The path
+# of a pool tick"). A row's numbers do not depend on which rows share its product (products.h), so a
 # pool step gives each stream exactly the bits of its own StreamState.
 cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t

@@ -15,7 +15,7 @@ os.environ.setdefault("FASTCELL_MAX_THREADS", "8")
 
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
 
-# Every cell variant of SPEC.md: (name, gates, fastcell keyword arguments).
+# Every cell variant of docs/SPEC.md: (name, gates, fastcell keyword arguments).
 VARIANTS = {
     "rnn_tanh": (1, {"nonlinearity": "tanh"}),
     "rnn_relu": (1, {"nonlinearity": "relu"}),

@@ -1,4 +1,4 @@
-"""The cells' public contract (README.md, SPEC.md): argument errors, input conversions,
+"""The cells' public contract (README.md, docs/SPEC.md): argument errors, input conversions,
 immutability of the model, the caller's arrays left alone, empty sequences and batches,
 unbatched shapes, pickling, and an import that does not pull in torch."""
 

@@ -1,4 +1,4 @@
-"""Every cell, step and sequence, against PyTorch and against fastcell.reference (SPEC.md)."""
+"""Every cell, step and sequence, against PyTorch and against fastcell.reference (docs/SPEC.md)."""
 
 import numpy as np
 import pytest
@@ -27,7 +27,7 @@ def random_state(rng, variant, batch_shape, hidden, dtype, zero=False):
 
 
 def close(got, want, dtype):
-    """SPEC.md's tolerance, as an absolute error for outputs of unit scale; relative beyond that
+    """docs/SPEC.md's tolerance, as an absolute error for outputs of unit scale; relative beyond that
     (a relu RNN can integrate to magnitude 50, where one float32 ulp is 4e-6)."""
     scale = max(1.0, max_abs(want))
     return max_diff(got, want) <= TOL[dtype] * scale

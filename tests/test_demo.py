@@ -318,7 +318,7 @@ def test_demo_main_with_torch(capsys):
     _, speed = check_table(text)
     for r in speed.values():
         assert float(r["PyTorch us/step"]) > 0
-        # float32 outputs over 105 steps: as close as PyTorch's float32 is to float64 (SPEC.md's
+        # float32 outputs over 105 steps: as close as PyTorch's float32 is to float64 (docs/SPEC.md's
         # 1e-5 is for default-initialised weights; a trained RNN amplifies rounding).
         assert float(r["max |diff|"]) <= max(1e-5, 4 * float(r["PyTorch f32 error"]))
 

@@ -1,4 +1,4 @@
-"""fastcell.RNN / GRU / LSTM against torch.nn over the layer options of SPEC.md "Layers"."""
+"""fastcell.RNN / GRU / LSTM against torch.nn over the layer options of docs/SPEC.md "Layers"."""
 
 import itertools
 import pickle

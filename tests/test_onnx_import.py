@@ -286,7 +286,7 @@ def test_optional_attributes_left_out_and_initializers_that_are_also_inputs(rng)
     assert max_diff(case.fastcell()[1], case.spec()) <= 1e-5
 
 
-# ---- gate orders, pinned (SPEC.md "Other conventions") ----
+# ---- gate orders, pinned (docs/SPEC.md "Other frameworks' conventions") ----
 
 def _labelled(D, G, H, cols):
     """Each ONNX gate block k of direction d holds the value 10*d + k + 1."""

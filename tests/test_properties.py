@@ -1,4 +1,4 @@
-"""Property tests: every cell variant against fastcell.reference (SPEC.md) over random sizes,
+"""Property tests: every cell variant against fastcell.reference (docs/SPEC.md) over random sizes,
 dtypes, batch layouts, initial states and bias/no-bias, plus step-by-step versus whole-sequence.
 
 Weights are drawn with NumPy from a Hypothesis-drawn seed (PyTorch's default initialisation,
@@ -45,7 +45,7 @@ def reference_run(variant, w, xs, state):
 
 
 def assert_close(got, want, dtype, what):
-    """SPEC.md's tolerance, scaled by max(1, max|want|) as tests/test_cells.py's close()."""
+    """docs/SPEC.md's tolerance, scaled by max(1, max|want|) as tests/test_cells.py's close()."""
     tol = TOL[dtype] * max(1.0, max_abs(want))
     diff = max_diff(got, want)
     assert diff <= tol, f"{what}: max abs diff {diff:.3g} > {tol:.3g}"

@@ -500,7 +500,7 @@ def test_peephole_cell_matches_layer_step():
 
 
 def test_peephole_equations_against_reference():
-    """The module computes SPEC.md's equations (fastcell.reference.lstm_cell with weight_ph)."""
+    """The module computes docs/SPEC.md's equations (fastcell.reference.lstm_cell with weight_ph)."""
     torch = _torch()
     fct = _fct()
     from fastcell import reference as ref
@@ -616,7 +616,7 @@ def test_peephole_layer_parity(num_layers, bidirectional, batch_first, mode, hx,
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_peephole_parity_long_sequence(dtype, rng):
-    """SPEC.md's contract holds over T = 1000 with PyTorch's initialisation and unit inputs."""
+    """docs/SPEC.md's contract holds over T = 1000 with PyTorch's initialisation and unit inputs."""
     torch = _torch()
     fct = _fct()
     tdt = torch.float64 if dtype == np.float64 else torch.float32

@@ -1,4 +1,4 @@
-"""The weight file (DESIGN.md "The weight file"; issue 5 "Bad files"): an exact round trip for
+"""The weight file (docs/DESIGN.md "The weight file"; issue 5 "Bad files"): an exact round trip for
 every model, loading without torch or pickle, and FormatError with the reason for every hostile
 file, in bounded time and memory, including a Hypothesis fuzz over mutated valid files."""
 

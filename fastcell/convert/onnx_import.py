@@ -1,7 +1,7 @@
 """Recurrent layers from ONNX files: ``onnx_nodes`` lists the RNN, GRU and LSTM nodes of a model
 (also inside If, Loop and Scan bodies), ``from_onnx`` turns one into a fastcell layer.
 
-What an ONNX node stores, and what fastcell takes (SPEC.md, "Other conventions"):
+What an ONNX node stores, and what fastcell takes (docs/SPEC.md, "Other frameworks' conventions"):
 
     ONNX input    shape              gate blocks          fastcell (PyTorch names, per direction)
     W             [D, G*H, I]        LSTM i, o, f, c      weight_ih (G*H, I), blocks i, f, g, o

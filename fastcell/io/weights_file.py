@@ -1,4 +1,4 @@
-"""The weight file: safetensors with fastcell's config in the metadata (DESIGN.md "The weight file").
+"""The weight file: safetensors with fastcell's config in the metadata (docs/DESIGN.md "The weight file").
 
     8 bytes    N, the header length (unsigned little-endian)
     N bytes    JSON: {"__metadata__": {"format": "fastcell", "version": "1", "config": "<json>"},

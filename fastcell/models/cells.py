@@ -1,4 +1,4 @@
-"""The four cells of SPEC.md, called like PyTorch's nn.*Cell: one step with ``cell(x, hx)``, a
+"""The four cells of docs/SPEC.md, called like PyTorch's nn.*Cell: one step with ``cell(x, hx)``, a
 whole sequence in one kernel call with ``cell.run(xs, state)``."""
 
 import numpy as np
@@ -196,7 +196,7 @@ class LSTMCell(_Cell):
 
 
 class PeepholeLSTMCell(_Cell):
-    """LSTM with diagonal peepholes weight_ph (3, H), rows p_i, p_f, p_o (SPEC.md)."""
+    """LSTM with diagonal peepholes weight_ph (3, H), rows p_i, p_f, p_o (docs/SPEC.md)."""
 
     def __init__(self, weight_ih, weight_hh, weight_ph, bias_ih=None, bias_hh=None):
         if weight_ph is None:

@@ -441,7 +441,7 @@ class LSTM(_Layer):
 
 
 class PeepholeLSTM(_Layer):
-    """LSTM with diagonal peepholes weight_ph_l{k} (3, H), rows p_i, p_f, p_o (SPEC.md); the
+    """LSTM with diagonal peepholes weight_ph_l{k} (3, H), rows p_i, p_f, p_o (docs/SPEC.md); the
     PyTorch twin to train it is fastcell.torch.PeepholeLSTM."""
 
     kind, gates, has_cell_state = "peephole_lstm", spec.GATES["peephole_lstm"], True
