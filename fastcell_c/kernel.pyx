@@ -13,7 +13,7 @@ import numpy as np
 from fastcell_c.blas cimport SMALL_M
 from fastcell_c.packed cimport (FC_FMT_BF16, FC_FMT_F32, FC_FMT_F64, FC_FMT_I8, FC_I8_MAX_ROWS,
                                 FC_I8_MC, FC_LANES, fc_mat)
-from fastcell_c.platform cimport i8_work_bytes, mm_for, pack_rows
+from fastcell_c.platform cimport cols_for, i8_work_bytes, mm_for, pack_rows
 from fastcell_c.walk cimport Walk, make_walk
 
 cnp.import_array()
@@ -49,6 +49,34 @@ def as_int(value, name, low=1):
     if value < low:
         raise ValueError(f"{name}: expected an integer >= {low}, got {value}")
     return int(value)
+
+
+def gate_layout(Py_ssize_t gates, Py_ssize_t hidden_size, Py_ssize_t split_gates=0):
+    """(stride, [part widths]) of a gate row: gate block g starts at column g * stride, and the
+    blocks [0, split_gates) and the rest (or all, without a split) form packed parts of whole
+    vectors of LANES columns.
+
+    A hidden size of at least LANES gets a stride of whole vectors: then any LANES units own
+    whole vectors of every gate, so threads can split a step by hidden units on the one packed
+    copy (at most 31/16 of the weights, at H = 17). A smaller one is not padded per gate (an LSTM
+    of H = 1 would keep 16 times its weights): its gate row is padded whole, and one narrower
+    than a vector not at all. The reset-before GRU's split falls between vectors: stride a
+    multiple of LANES / 2."""
+    cdef Py_ssize_t n = gates * hidden_size, stride, g0, g1
+    if n < LANES:
+        stride = hidden_size
+    elif hidden_size >= LANES:
+        stride = (hidden_size + LANES - 1) // LANES * LANES
+    elif split_gates:
+        stride = (hidden_size + LANES // 2 - 1) // (LANES // 2) * (LANES // 2)
+    else:
+        stride = hidden_size
+    parts = [(0, split_gates), (split_gates, gates)] if split_gates else [(0, gates)]
+    widths = []
+    for g0, g1 in parts:
+        w = (g1 - g0) * stride
+        widths.append(w if n < LANES else (w + LANES - 1) // LANES * LANES)
+    return stride, widths
 
 
 def aligned_zeros(shape, dtype, align=64):
@@ -159,15 +187,11 @@ cdef class Kernel:
         self.ks = self.input_size + self.output_size
         self._arrays = []
         self._packings = [None, None]
-        n = gates * hidden_size
-        # A split falls between vectors: with stride a multiple of LANES / 2, split_gates = 2
-        # blocks are whole vectors (the reset-before GRU, the one cell that splits).
-        self.stride = ((hidden_size + LANES // 2 - 1) // (LANES // 2) * (LANES // 2)
-                       if split_gates and n >= LANES else hidden_size)
+        self.stride, widths = gate_layout(gates, hidden_size, split_gates)
         parts = [(0, split_gates), (split_gates, gates)] if split_gates else [(0, gates)]
         self.width = self._pack(self.mats, 0, [(weight_ih, scale_ih, input_bits),
                                                (weight_hh, scale_hh, 8)],
-                                hidden_size, self.stride, parts)
+                                hidden_size, self.stride, [p + (w,) for p, w in zip(parts, widths)])
         self.split = self._packings[0]["parts"][0][3]      # the first part's width
         self.bias = self._keep(self.laid_out(bias, gates), "bias", (self.width,))
 
@@ -204,14 +228,12 @@ cdef class Kernel:
         """Packs the segments [(W (gates * rows_per_gate, k_s) in PyTorch's layout and the
         weight format, int8 per-row scales or None, int8 activation bits), ...] stacked (rows
         of a packed matrix: the segments' inputs one after another), into one packed matrix per
-        part (gate blocks [g0, g1) of `parts`), owned by the kernel in `slot` (0: W_ih over
-        W_hh, 1: W_hr). Gate block g of a part starts at column (g - g0) * stride; each part is
-        padded to whole vectors unless its matrix is narrower than one. Returns the width (all
-        parts). bf16 packs each segment in row pairs, padded to an even row count (products.h);
+        part (gate blocks [g0, g1) of `parts`, with its width: gate_layout), owned by the kernel
+        in `slot` (0: W_ih over W_hh, 1: W_hr). Gate block g of a part starts at column
+        (g - g0) * stride. Returns the width (all parts). bf16 packs each segment in row pairs, padded to an even row count (products.h);
         int8 in quads, padded to a multiple of 4."""
         fmt, wdtype, _ = FORMATS[self.weight_format]
-        cdef int layout = {FC_FMT_F32: FC_FMT_F32, FC_FMT_F64: FC_FMT_F64,
-                           FC_FMT_BF16: FC_FMT_BF16, FC_FMT_I8: FC_FMT_I8}[fmt]
+        cdef int layout = fmt            # the format is the packed layout (packed.h)
         cdef int typenum = {np.float32: cnp.NPY_FLOAT, np.float64: cnp.NPY_DOUBLE,
                             np.uint16: cnp.NPY_USHORT, np.int8: cnp.NPY_BYTE}[wdtype]
         cdef Py_ssize_t itemsize = np.dtype(wdtype).itemsize, ks = 0, K4 = 0, rows, k, g
@@ -227,12 +249,8 @@ cdef class Kernel:
             ks_of.append(k)
             j0_of.append(ks)
             ks += (k + pad - 1) // pad * pad   # every segment starts on a pair (bf16) or quad (int8)
-        narrow = gates * rows_per_gate < LANES
-        widths, part_list, c = [], [], 0
-        for g0, g1 in parts:
-            w = (g1 - g0) * stride
-            if not narrow:
-                w = (w + LANES - 1) // LANES * LANES
+        part_list, c = [], 0
+        for g0, g1, w in parts:
             part_list.append((g0, g1, c, w))
             c += w
         cdef Py_ssize_t n = c
@@ -256,7 +274,9 @@ cdef class Kernel:
             mats[part].seg0 = ks_of[0]
             mats[part].seg0p = j0_of[1] if len(segments) > 1 else ks
             mats[part].wp = pwp
+            mats[part].n = <int>pw
             mats[part].mm = mm_for(fmt)
+            mats[part].cols = cols_for(fmt)
             for si in range(len(segments)):
                 src = segments[si][0]
                 k = ks_of[si]

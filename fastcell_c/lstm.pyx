@@ -11,6 +11,7 @@ from fastcell_c.platform cimport gate_pass
 from fastcell_c.products cimport matmul_p
 from fastcell_c.walk cimport Walk, backward, input_products, step_product, write_outputs
 from fastcell_c.gates cimport lstm_gates
+from fastcell_c.kernel import gate_layout
 from fastcell_c.kernel cimport Kernel, buffer_of
 
 
@@ -58,8 +59,9 @@ cdef class LSTMKernel(Kernel):
         if weight_hr is not None:
             self.proj_size = self.output_size
             # m = o * tanh(c) lies in (-1, 1): 8 bits serve it as they serve h
+            stride, widths = gate_layout(1, self.proj_size)
             self.proj_width = self._pack(self.extra, 1, [(weight_hr, scale_hr, 8)],
-                                         self.proj_size, self.proj_size, [(0, 1)])
+                                         self.proj_size, stride, [(0, 1, widths[0])])
         if weight_ph is not None:
             self.w_ph = self._keep(self.laid_out(weight_ph, 1, self.stride), "weight_ph",
                                    (3, self.stride))

@@ -35,13 +35,19 @@ typedef struct {
 typedef struct fc_mat fc_mat;
 typedef void (*fc_mm_fn)(int m, int n, int k, const void *a, int lda, const fc_mat *w, int j0,
                          int beta, void *c, int ldc, int backward, void *work);
+/* The product over columns [c0, c1) only (c0, c1 multiples of FC_LANES, or 0 and n): c still
+ * points at column 0. A thread that owns some hidden units computes their columns alone. */
+typedef void (*fc_cols_fn)(int m, int c0, int c1, int k, const void *a, int lda, const fc_mat *w,
+                           int j0, int beta, void *c, int ldc, int backward, void *work);
 struct fc_mat {
     int fmt;
+    int n;              /* columns */
     int ks;             /* rows of the packing (bf16: each segment padded to even; int8: to 4) */
     int seg0, seg0p;    /* bf16: the first segment's rows, and its packed (padded) rows */
     const void *wp;     /* float formats: the panels */
     fc_i8_mat i8;       /* int8: the panels, scales and column sums */
     fc_mm_fn mm;        /* the product over this matrix */
+    fc_cols_fn cols;    /* ... over some of its columns */
 };
 
 /* The fused gate passes, by name (platform.h's fc_gate_pass). */

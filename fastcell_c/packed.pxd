@@ -24,10 +24,15 @@ cdef extern from "packed.h" nogil:
     ctypedef struct fc_mat
     ctypedef void (*fc_mm_fn)(int m, int n, int k, const void* a, int lda, const fc_mat* w,
                               int j0, int beta, void* c, int ldc, int backward, void* work)
+    ctypedef void (*fc_cols_fn)(int m, int c0, int c1, int k, const void* a, int lda,
+                                const fc_mat* w, int j0, int beta, void* c, int ldc, int backward,
+                                void* work)
     ctypedef struct fc_mat:
         int fmt
+        int n
         int ks
         int seg0, seg0p
         const void* wp
         fc_i8_mat i8
         fc_mm_fn mm
+        fc_cols_fn cols

@@ -31,15 +31,17 @@ typedef struct { int n, xo[2], p[2], k[2]; } fc_runs;
 typedef struct {
     int level;          /* 4: AVX-512, 3: AVX2 + FMA, 1: baseline */
     int int8_path;      /* 3: AVX-512 VNNI, 2: AVX-VNNI, 1: AVX2, 0: baseline */
-    /* the product over a packed matrix, per weight format (FC_FMT_*; products.h) */
+    /* the product over a packed matrix, and over some of its columns, per weight format
+     * (FC_FMT_*; products.h) */
     fc_mm_fn mm[4];
+    fc_cols_fn cols[4];
     /* int8: activations quantized per row, then one panel of one segment */
     int (*i8_quantize)(int m, int k, int k4, int bits, const float *a, long lda, uint8_t *qa,
                        float *scale);
-    void (*i8_panel)(int m, int pw, int nq, int bits, const uint8_t *qa, long lq,
+    void (*i8_panel)(int m, int pw, int ldq, int nq, int bits, const uint8_t *qa, long lq,
                      const int8_t *w, const int32_t *cs, const float *sw, const float *sa,
                      int add, float *c, long ldc);
-    void (*i8_panel_narrow)(int m, int pw, int nq, int bits, const uint8_t *qa, long lq,
+    void (*i8_panel_narrow)(int m, int pw, int ldq, int nq, int bits, const uint8_t *qa, long lq,
                             const int8_t *w, const int32_t *cs, const float *sw, const float *sa,
                             int add, float *c, long ldc);
     /* the fused gate passes (gates_impl.h) */
@@ -75,6 +77,10 @@ static void fc_platform_init(void)
     fc_table.mm[FC_FMT_F64] = FC_PICK(fc_mm_f64);
     fc_table.mm[FC_FMT_BF16] = FC_PICK(fc_mm_bf16);
     fc_table.mm[FC_FMT_I8] = fc_mm_i8;     /* its panels through the table: one call per panel */
+    fc_table.cols[FC_FMT_F32] = FC_PICK(fc_cols_f32);
+    fc_table.cols[FC_FMT_F64] = FC_PICK(fc_cols_f64);
+    fc_table.cols[FC_FMT_BF16] = FC_PICK(fc_cols_bf16);
+    fc_table.cols[FC_FMT_I8] = fc_cols_i8;
     fc_i8_pick(fc_table.int8_path, &fc_table.i8_quantize, &fc_table.i8_panel,
                &fc_table.i8_panel_narrow);
     FC_PICK_GATES(_f)
@@ -100,6 +106,7 @@ static void *fc_gate_pass(int which, int is_double)
 }
 
 static inline fc_mm_fn fc_platform_mm(int fmt) { return fc_table.mm[fmt & 3]; }
+static inline fc_cols_fn fc_platform_cols(int fmt) { return fc_table.cols[fmt & 3]; }
 static inline int fc_platform_level(void) { return fc_table.level; }
 static inline int fc_platform_int8_path(void) { return fc_table.int8_path; }
 

@@ -3,14 +3,15 @@
 # the CPU's best of each, filled once at import (platform.h). Everything else reaches them through
 # the functions below (cimported: one indirect call), so a kernel exists once in the process and
 # no call tests the level again.
-from fastcell_c.packed cimport fc_i8_mat, fc_mm_fn
+from fastcell_c.packed cimport fc_cols_fn, fc_i8_mat, fc_mm_fn
 
 
 cdef extern from "platform.h" nogil:
     void fc_platform_init()
     int fc_platform_level()
     int fc_platform_int8_path()
-    fc_mm_fn fc_platform_mm "fc_platform_mm"(int fmt)
+    fc_mm_fn fc_platform_mm(int fmt)
+    fc_cols_fn fc_platform_cols(int fmt)
     void* fc_gate_pass(int which, int is_double)
     void fc_pack_rows(int layout, int unpack, void* rows, long ldw, int nr, int k, void* wp,
                       int n, int ks, int j0, int c0)
@@ -34,6 +35,11 @@ def int8_path():
 cdef fc_mm_fn mm_for(int fmt) noexcept nogil:
     """The product over a packed matrix of this weight format (FC_FMT_*), at the CPU's level."""
     return fc_platform_mm(fmt)
+
+
+cdef fc_cols_fn cols_for(int fmt) noexcept nogil:
+    """The product over some columns of a packed matrix of this weight format."""
+    return fc_platform_cols(fmt)
 
 
 cdef void* gate_pass(int which, bint is_double) noexcept nogil:

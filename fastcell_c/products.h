@@ -534,15 +534,112 @@ FC_DEFINE_MM(v3)
 FC_DEFINE_MM(v4)
 #endif
 
+static void fc_cols_i8(int m, int c0, int c1, int k, const void *a, int lda, const fc_mat *w,
+                       int j0, int beta, void *c, int ldc, int backward, void *work)
+{
+    if (m <= 0 || c1 <= c0) return;
+    int s0 = j0 == 0 ? 0 : 1;
+    int s1 = j0 + k > w->i8.rows[0] && w->i8.nseg > 1 ? 2 : 1;
+    fc_i8_matmul(m, s0, s1, c0, c1, (const float *)a, lda, &w->i8, beta, (float *)c, ldc,
+                 backward, (uint8_t *)work);
+}
+
 static void fc_mm_i8(int m, int n, int k, const void *a, int lda, const fc_mat *w, int j0,
                      int beta, void *c, int ldc, int backward, void *work)
 {
-    (void)n;
-    if (m <= 0 || w->i8.n <= 0) return;
-    int s0 = j0 == 0 ? 0 : 1;
-    int s1 = j0 + k > w->i8.rows[0] && w->i8.nseg > 1 ? 2 : 1;
-    fc_i8_matmul(m, s0, s1, (const float *)a, lda, &w->i8, beta, (float *)c, ldc, backward,
-                 (uint8_t *)work);
+    fc_cols_i8(m, 0, n, k, a, lda, w, j0, beta, c, ldc, backward, work);
 }
+
+/* The products over columns [c0, c1) of a float or bf16 matrix (c0, c1 multiples of FC_LANES,
+ * or 0 and n): the whole panels between them by the products above, a panel the range cuts
+ * through by the unpacked ones (fc_gemv_t, fc_gemm_t: its columns, the panel's row stride).
+ * Each output's sum is the same, so a range gives the bits of the whole product. */
+#define FC_COLS_PLAN(PW)                                                                 \
+    int n = w->n;                                                                        \
+    if (m <= 0 || c1 <= c0) return;                                                      \
+    if (n < FC_LANES || (c0 == 0 && c1 == n)) {                                          \
+        w->mm(m, n, k, a_, lda, w, j0, beta, c_, ldc, backward, work);                    \
+        return;                                                                          \
+    }                                                                                    \
+    int fa = (c0 + PW - 1) / PW * PW;                  /* whole panels: [fa, fb) */      \
+    int fb = c1 == n ? c1 : c1 / PW * PW;                                                \
+    if (fb < fa) fa = fb = c0;                         /* one panel cut at both ends */
+#define FC_DEFINE_COLS(LVL)                                                              \
+    static void fc_cols_f32_##LVL(int m, int c0, int c1, int k, const void *a_, int lda,  \
+                                  const fc_mat *w, int j0, int beta, void *c_, int ldc,  \
+                                  int backward, void *work)                              \
+    {                                                                                    \
+        const int PW = FC_PANEL_BYTES / 4;                                               \
+        FC_COLS_PLAN(PW)                                                                 \
+        const float *a = (const float *)a_, *wp = (const float *)w->wp;                  \
+        float *c = (float *)c_;                                                          \
+        if (fb > fa) {                                                                   \
+            if (m == 1) fc_gemv_p_f_##LVL(k, fb - fa, a, wp + (long)fa * w->ks, w->ks, j0, \
+                                          beta, c + fa, backward);                      \
+            else fc_gemm_p_f_##LVL(m, fb - fa, k, a, lda, wp + (long)fa * w->ks, w->ks, j0, \
+                                   beta, c + fa, ldc);                                  \
+        }                                                                                \
+        for (int e = 0; e < 2; e++) {                  /* the cut panels at each end */  \
+            int lo = e ? (fb > fa ? fb : c0) : c0, hi = e ? c1 : (fb > fa ? fa : c1);    \
+            if (hi <= lo || (e && fb <= fa)) continue;                                   \
+            int o = lo / PW * PW, pw = n - o < PW ? n - o : PW;                          \
+            const float *wt = wp + (long)o * w->ks + (long)j0 * pw + (lo - o);           \
+            if (m == 1) fc_gemv_t_f_##LVL(k, hi - lo, a, wt, pw, beta, c + lo);          \
+            else fc_gemm_t_f_##LVL(m, hi - lo, k, a, lda, wt, pw, beta, c + lo, ldc);    \
+        }                                                                                \
+    }                                                                                    \
+    static void fc_cols_f64_##LVL(int m, int c0, int c1, int k, const void *a_, int lda,  \
+                                  const fc_mat *w, int j0, int beta, void *c_, int ldc,  \
+                                  int backward, void *work)                              \
+    {                                                                                    \
+        const int PW = FC_PANEL_BYTES / 8;                                               \
+        FC_COLS_PLAN(PW)                                                                 \
+        const double *a = (const double *)a_, *wp = (const double *)w->wp;               \
+        double *c = (double *)c_;                                                        \
+        if (fb > fa) {                                                                   \
+            if (m == 1) fc_gemv_p_d_##LVL(k, fb - fa, a, wp + (long)fa * w->ks, w->ks, j0, \
+                                          beta, c + fa, backward);                      \
+            else fc_gemm_p_d_##LVL(m, fb - fa, k, a, lda, wp + (long)fa * w->ks, w->ks, j0, \
+                                   beta, c + fa, ldc);                                  \
+        }                                                                                \
+        for (int e = 0; e < 2; e++) {                                                    \
+            int lo = e ? (fb > fa ? fb : c0) : c0, hi = e ? c1 : (fb > fa ? fa : c1);    \
+            if (hi <= lo || (e && fb <= fa)) continue;                                   \
+            int o = lo / PW * PW, pw = n - o < PW ? n - o : PW;                          \
+            const double *wt = wp + (long)o * w->ks + (long)j0 * pw + (lo - o);          \
+            if (m == 1) fc_gemv_t_d_##LVL(k, hi - lo, a, wt, pw, beta, c + lo);          \
+            else fc_gemm_t_d_##LVL(m, hi - lo, k, a, lda, wt, pw, beta, c + lo, ldc);    \
+        }                                                                                \
+    }                                                                                    \
+    static void fc_cols_bf16_##LVL(int m, int c0, int c1, int k, const void *a_, int lda, \
+                                   const fc_mat *w, int j0, int beta, void *c_, int ldc, \
+                                   int backward, void *work)                             \
+    {                                                                                    \
+        const int PW = FC_PANEL_BYTES / 4;                                               \
+        FC_COLS_PLAN(PW)                                                                 \
+        const float *a = (const float *)a_;                                              \
+        const unsigned short *wp = (const unsigned short *)w->wp;                        \
+        float *c = (float *)c_;                                                          \
+        fc_runs R = fc_bf16_runs(w, j0, k);                                              \
+        if (fb > fa) {                                                                   \
+            if (m == 1) fc_gemv_p_h_##LVL(&R, fb - fa, a, wp + (long)fa * w->ks, w->ks,   \
+                                          beta, c + fa, backward);                      \
+            else fc_gemm_p_h_##LVL(m, fb - fa, &R, a, lda, wp + (long)fa * w->ks, w->ks,  \
+                                   beta, c + fa, ldc);                                  \
+        }                                                                                \
+        for (int e = 0; e < 2; e++) {                                                    \
+            int lo = e ? (fb > fa ? fb : c0) : c0, hi = e ? c1 : (fb > fa ? fa : c1);    \
+            if (hi <= lo || (e && fb <= fa)) continue;                                   \
+            int o = lo / PW * PW, pw = n - o < PW ? n - o : PW;                          \
+            const unsigned *wt = (const unsigned *)(wp + (long)o * w->ks) + (lo - o);    \
+            if (m == 1) fc_gemv_t_h_##LVL(&R, hi - lo, a, wt, pw, beta, c + lo);         \
+            else fc_gemm_t_h_##LVL(m, hi - lo, &R, a, lda, wt, pw, beta, c + lo, ldc);   \
+        }                                                                                \
+    }
+FC_DEFINE_COLS(base)
+#ifdef FC_DISPATCH
+FC_DEFINE_COLS(v3)
+FC_DEFINE_COLS(v4)
+#endif
 
 #endif

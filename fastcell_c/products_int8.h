@@ -155,7 +155,7 @@ FC_I8_QUANTIZE(, fc_i8_quantize_base, 4, 0)
 /* Adds v_i * dequantized W[i, :] for every non-finite v_i of the m rows: the spread of NaN and
  * infinities that float32 would give (the quantized row holds 0 there). */
 static void fc_i8_nonfinite(int m, int k, const float *a, long lda, const fc_i8_mat *w, int seg,
-                            int r0, float *c, long ldc)
+                            int r0, int c0, int c1, float *c, long ldc)
 {
     int K4 = fc_i8_k4(w);
     for (int r = 0; r < m; r++) {
@@ -163,7 +163,7 @@ static void fc_i8_nonfinite(int m, int k, const float *a, long lda, const fc_i8_
         for (int i = 0; i < k; i++) {
             if (fabsf(v[i]) <= 3.4028235e38f) continue;
             int row = r0 + i;
-            for (int col = 0; col < w->n; col++) {
+            for (int col = c0; col < c1; col++) {
                 int o = col / FC_I8_PW * FC_I8_PW;
                 int pw = w->n - o < FC_I8_PW ? w->n - o : FC_I8_PW;
                 int8_t q = w->wp[(long)o * K4 + (long)(row >> 2) * pw * 4 + (col - o) * 4 + (row & 3)];
@@ -178,9 +178,9 @@ static void fc_i8_nonfinite(int m, int k, const float *a, long lda, const fc_i8_
 
 /* acc[vr][0:pw] = sum over nq quads of qa row vr . panel column (row stride FC_I8_PW): the
  * virtual rows are the input rows, or for 16 bits their hi and lo rows side by side. qa: their
- * bytes (row stride lq), w: the panel's first quad of the segment. GCC may vectorize it with
- * SSE2's pmaddwd. */
-static void fc_i8_tile_base(int vrows, int pw, int nq, const uint8_t *qa, long lq,
+ * bytes (row stride lq), w: the first column's first quad of the segment, quads ldq columns
+ * apart (the panel's width). GCC may vectorize it with SSE2's pmaddwd. */
+static void fc_i8_tile_base(int vrows, int pw, int ldq, int nq, const uint8_t *qa, long lq,
                             const int8_t *w, int32_t *acc)
 {
     for (int r = 0; r < vrows; r++) {
@@ -188,7 +188,7 @@ static void fc_i8_tile_base(int vrows, int pw, int nq, const uint8_t *qa, long l
         memset(out, 0, sizeof(int32_t) * pw);
         const uint8_t *x = qa + r * lq;
         for (int q = 0; q < nq; q++) {
-            const int8_t *wq = w + (long)q * pw * 4;
+            const int8_t *wq = w + (long)q * ldq * 4;
             int x0 = x[4 * q], x1 = x[4 * q + 1], x2 = x[4 * q + 2], x3 = x[4 * q + 3];
             for (int j = 0; j < pw; j++)
                 out[j] += x0 * wq[4 * j] + x1 * wq[4 * j + 1] + x2 * wq[4 * j + 2] + x3 * wq[4 * j + 3];
@@ -216,12 +216,12 @@ static void fc_i8_dequant_base(int rows, int pw, int bits, const int32_t *acc, c
 
 /* c[0:m, 0:pw] (+)= dequantized (qa rows . panel columns) for one panel and segment, m <= FC_I8_MC:
  * the same interface as the SIMD paths' fused panels. */
-static void fc_i8_panel_base(int m, int pw, int nq, int bits, const uint8_t *qa, long lq,
-                             const int8_t *w, const int32_t *cs, const float *sw, const float *sa,
-                             int add, float *c, long ldc)
+static void fc_i8_panel_base(int m, int pw, int ldq, int nq, int bits, const uint8_t *qa,
+                             long lq, const int8_t *w, const int32_t *cs, const float *sw,
+                             const float *sa, int add, float *c, long ldc)
 {
     int32_t acc[2 * FC_I8_MC * FC_I8_PW] __attribute__((aligned(64)));
-    fc_i8_tile_base(m * (bits / 8), pw, nq, qa, lq, w, acc);
+    fc_i8_tile_base(m * (bits / 8), pw, ldq, nq, qa, lq, w, acc);
     fc_i8_dequant_base(m, pw, bits, acc, cs, sw, sa, add, c, ldc);
 }
 
@@ -246,12 +246,12 @@ FC_TARGET_V3 static void fc_i8_dequant_fma(int rows, int pw, int bits, const int
     }
 }
 
-static void fc_i8_panel_narrow_fma(int m, int pw, int nq, int bits, const uint8_t *qa, long lq,
-                                   const int8_t *w, const int32_t *cs, const float *sw,
+static void fc_i8_panel_narrow_fma(int m, int pw, int ldq, int nq, int bits, const uint8_t *qa,
+                                   long lq, const int8_t *w, const int32_t *cs, const float *sw,
                                    const float *sa, int add, float *c, long ldc)
 {
     int32_t acc[2 * FC_I8_MC * FC_I8_PW] __attribute__((aligned(64)));
-    fc_i8_tile_base(m * (bits / 8), pw, nq, qa, lq, w, acc);
+    fc_i8_tile_base(m * (bits / 8), pw, ldq, nq, qa, lq, w, acc);
     fc_i8_dequant_fma(m, pw, bits, acc, cs, sw, sa, add, c, ldc);
 }
 
@@ -271,7 +271,7 @@ static inline int32_t fc_i8_quad(const uint8_t *p) { int32_t v; memcpy(&v, p, 4)
  * chains hide its latency; the integer sums are exact, so the bits do not change. */
 #define FC_UNROLL _Pragma("GCC unroll 16")
 FC_TARGET_VNNI512 static inline __attribute__((always_inline)) void
-fc_i8_kernel512(const int MB, const int NB, const int SIXTEEN, int r, int nq, int pw,
+fc_i8_kernel512(const int MB, const int NB, const int SIXTEEN, int r, int nq, int ldq,
                 const uint8_t *qa, long lq, const int8_t *w, const int32_t *cs, const float *sw,
                 const float *sa, int add, float *c, long ldc)
 {
@@ -285,7 +285,7 @@ fc_i8_kernel512(const int MB, const int NB, const int SIXTEEN, int r, int nq, in
     const uint8_t *x0 = qa + (long)r * (SIXTEEN ? 2 : 1) * lq;
     int q = 0;
     for (; q + KS <= nq; q += KS) {
-        FC_UNROLL for (int k = 0; k < KS; k++, wq += pw * 4) {
+        FC_UNROLL for (int k = 0; k < KS; k++, wq += ldq * 4) {
             __m512i wv[4];
             FC_UNROLL for (int b = 0; b < NB; b++) wv[b] = _mm512_loadu_si512(wq + b * 64);
             FC_UNROLL for (int i = 0; i < V; i++) {
@@ -294,7 +294,7 @@ fc_i8_kernel512(const int MB, const int NB, const int SIXTEEN, int r, int nq, in
             }
         }
     }
-    for (; q < nq; q++, wq += pw * 4) {       /* KS = 2 and nq odd: the last quad */
+    for (; q < nq; q++, wq += ldq * 4) {      /* KS = 2 and nq odd: the last quad */
         __m512i wv[4];
         FC_UNROLL for (int b = 0; b < NB; b++) wv[b] = _mm512_loadu_si512(wq + b * 64);
         FC_UNROLL for (int i = 0; i < V; i++) {
@@ -323,16 +323,16 @@ fc_i8_kernel512(const int MB, const int NB, const int SIXTEEN, int r, int nq, in
 }
 
 #define FC_I8_KERNEL512_NB(MB, SIXTEEN)                                                  \
-    if (nb == 4) fc_i8_kernel512(MB, 4, SIXTEEN, r, nq, pw, qa, lq, w, cs, sw, sa, add, c, ldc); \
-    else if (nb == 3) fc_i8_kernel512(MB, 3, SIXTEEN, r, nq, pw, qa, lq, w, cs, sw, sa, add, c, ldc); \
-    else if (nb == 2) fc_i8_kernel512(MB, 2, SIXTEEN, r, nq, pw, qa, lq, w, cs, sw, sa, add, c, ldc); \
-    else fc_i8_kernel512(MB, 1, SIXTEEN, r, nq, pw, qa, lq, w, cs, sw, sa, add, c, ldc);
+    if (nb == 4) fc_i8_kernel512(MB, 4, SIXTEEN, r, nq, ldq, qa, lq, w, cs, sw, sa, add, c, ldc); \
+    else if (nb == 3) fc_i8_kernel512(MB, 3, SIXTEEN, r, nq, ldq, qa, lq, w, cs, sw, sa, add, c, ldc); \
+    else if (nb == 2) fc_i8_kernel512(MB, 2, SIXTEEN, r, nq, ldq, qa, lq, w, cs, sw, sa, add, c, ldc); \
+    else fc_i8_kernel512(MB, 1, SIXTEEN, r, nq, ldq, qa, lq, w, cs, sw, sa, add, c, ldc);
 
 /* c[0:m, 0:pw] (+)= dequantized (qa rows . panel columns) for one panel and segment. */
-FC_TARGET_VNNI512 static void fc_i8_panel_vnni512(int m, int pw, int nq, int bits, const uint8_t *qa,
-                                                  long lq, const int8_t *w, const int32_t *cs,
-                                                  const float *sw, const float *sa, int add,
-                                                  float *c, long ldc)
+FC_TARGET_VNNI512 static void fc_i8_panel_vnni512(int m, int pw, int ldq, int nq, int bits,
+                                                  const uint8_t *qa, long lq, const int8_t *w,
+                                                  const int32_t *cs, const float *sw,
+                                                  const float *sa, int add, float *c, long ldc)
 {
     int nb = pw / 16, r = 0;
     if (bits == 8) {
@@ -374,7 +374,7 @@ fc_i8_dequant8(const int MODE, __m256i hi, __m256i lo, __m256i zc, __m256 swv, f
 #endif
 #define FC_DPBUSD256(acc, x, w) __asm__(FC_I8_VEX "vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(x), "x"(w))
 FC_TARGET_AVXVNNI static inline __attribute__((always_inline)) void
-fc_i8_kernel_avxvnni(const int MB, const int NB, const int SIXTEEN, int r, int o, int nq, int pw,
+fc_i8_kernel_avxvnni(const int MB, const int NB, const int SIXTEEN, int r, int o, int nq, int ldq,
                      const uint8_t *qa, long lq, const int8_t *w, const int32_t *cs,
                      const float *sw, const float *sa, int add, float *c, long ldc)
 {
@@ -388,7 +388,7 @@ fc_i8_kernel_avxvnni(const int MB, const int NB, const int SIXTEEN, int r, int o
     const uint8_t *x0 = qa + (long)r * (SIXTEEN ? 2 : 1) * lq;
     int q = 0;
     for (; q + KS <= nq; q += KS) {
-        FC_UNROLL for (int k = 0; k < KS; k++, wq += pw * 4) {
+        FC_UNROLL for (int k = 0; k < KS; k++, wq += ldq * 4) {
             __m256i wv[4];
             FC_UNROLL for (int b = 0; b < NB; b++)
                 wv[b] = _mm256_loadu_si256((const __m256i *)(wq + b * 32));
@@ -398,7 +398,7 @@ fc_i8_kernel_avxvnni(const int MB, const int NB, const int SIXTEEN, int r, int o
             }
         }
     }
-    for (; q < nq; q++, wq += pw * 4) {       /* KS = 2 and nq odd: the last quad */
+    for (; q < nq; q++, wq += ldq * 4) {      /* KS = 2 and nq odd: the last quad */
         __m256i wv[4];
         FC_UNROLL for (int b = 0; b < NB; b++)
             wv[b] = _mm256_loadu_si256((const __m256i *)(wq + b * 32));
@@ -425,11 +425,11 @@ fc_i8_kernel_avxvnni(const int MB, const int NB, const int SIXTEEN, int r, int o
 
 #define FC_I8_KVNNI_NB(MB, SIXTEEN)                                                      \
     for (int o = 0; o < pw; o += 32) {                                                   \
-        if (pw - o >= 32) fc_i8_kernel_avxvnni(MB, 4, SIXTEEN, r, o, nq, pw, qa, lq, w, cs, sw, sa, add, c, ldc); \
-        else fc_i8_kernel_avxvnni(MB, 2, SIXTEEN, r, o, nq, pw, qa, lq, w, cs, sw, sa, add, c, ldc); \
+        if (pw - o >= 32) fc_i8_kernel_avxvnni(MB, 4, SIXTEEN, r, o, nq, ldq, qa, lq, w, cs, sw, sa, add, c, ldc); \
+        else fc_i8_kernel_avxvnni(MB, 2, SIXTEEN, r, o, nq, ldq, qa, lq, w, cs, sw, sa, add, c, ldc); \
     }
 
-FC_TARGET_AVXVNNI static void fc_i8_panel_avxvnni(int m, int pw, int nq, int bits,
+FC_TARGET_AVXVNNI static void fc_i8_panel_avxvnni(int m, int pw, int ldq, int nq, int bits,
                                                   const uint8_t *qa, long lq, const int8_t *w,
                                                   const int32_t *cs, const float *sw,
                                                   const float *sa, int add, float *c, long ldc)
@@ -463,7 +463,7 @@ FC_I8_QUANTIZE(FC_TARGET_AVXVNNI, fc_i8_quantize_avxvnni, 8, 0)
 /* acc += v in place (asm for the reason of FC_DPBUSD512: GCC 12 copies and spills otherwise) */
 #define FC_ADD32_256(acc, v) __asm__("vpaddd %1, %0, %0" : "+x"(acc) : "x"(v))
 FC_TARGET_V3 static inline __attribute__((always_inline)) void
-fc_i8_kernel_avx2(const int MB, const int NG, const int MODE, int r, int o, int nq, int pw,
+fc_i8_kernel_avx2(const int MB, const int NG, const int MODE, int r, int o, int nq, int ldq,
                   const uint8_t *qa, long lq, const int8_t *w, const int32_t *cs,
                   const float *sw, const float *sa, int add, float *c, long ldc)
 {
@@ -476,7 +476,7 @@ fc_i8_kernel_avx2(const int MB, const int NG, const int MODE, int r, int o, int 
     /* virtual row i: bytes at x0 + i lq (M8: rows of lq bytes; MHL: hi, lo, hi, ...), or
      * words at x0 + 2 i lq (MW: rows of lq words) */
     const uint8_t *x0 = qa + (long)r * (MODE == FC_I8_M8 ? 1 : 2) * lq;
-    for (int q = 0; q < nq; q++, wq += pw * 4) {
+    for (int q = 0; q < nq; q++, wq += ldq * 4) {
         __m256i x[8], wv[8];
         FC_UNROLL for (int i = 0; i < V; i++) {
             if (MODE == FC_I8_MW) {
@@ -524,16 +524,16 @@ fc_i8_kernel_avx2(const int MB, const int NG, const int MODE, int r, int o, int 
 #define FC_I8_KAVX2_NG(MB, NG, MODE)                                                     \
     for (int o = 0; o < pw; o += 4 * NG) {                                               \
         if (NG > 4 && pw - o < 4 * NG) {                                                 \
-            fc_i8_kernel_avx2(MB, 4, MODE, r, o, nq, pw, qa, lq, w, cs, sw, sa, add, c, ldc); \
+            fc_i8_kernel_avx2(MB, 4, MODE, r, o, nq, ldq, qa, lq, w, cs, sw, sa, add, c, ldc); \
             break;                                                                       \
         }                                                                                \
-        fc_i8_kernel_avx2(MB, NG, MODE, r, o, nq, pw, qa, lq, w, cs, sw, sa, add, c, ldc); \
+        fc_i8_kernel_avx2(MB, NG, MODE, r, o, nq, ldq, qa, lq, w, cs, sw, sa, add, c, ldc); \
     }
 
-FC_TARGET_V3 static void fc_i8_panel_avx2(int m, int pw, int nq, int bits, const uint8_t *qa,
-                                          long lq, const int8_t *w, const int32_t *cs,
-                                          const float *sw, const float *sa, int add, float *c,
-                                          long ldc)
+FC_TARGET_V3 static void fc_i8_panel_avx2(int m, int pw, int ldq, int nq, int bits,
+                                          const uint8_t *qa, long lq, const int8_t *w,
+                                          const int32_t *cs, const float *sw, const float *sa,
+                                          int add, float *c, long ldc)
 {
     int r = 0;
     if (bits == 8 || lq <= FC_I8_MW_ROWS) {
@@ -548,7 +548,7 @@ FC_I8_QUANTIZE(FC_TARGET_V3, fc_i8_quantize_avx2, 8, 1)
 #endif
 
 typedef int (*fc_i8_quantize_fn)(int, int, int, int, const float *, long, uint8_t *, float *);
-typedef void (*fc_i8_panel_fn)(int, int, int, int, const uint8_t *, long, const int8_t *,
+typedef void (*fc_i8_panel_fn)(int, int, int, int, int, const uint8_t *, long, const int8_t *,
                                const int32_t *, const float *, const float *, int, float *, long);
 
 /* The int8 path's functions, for platform.h's table. */
@@ -580,11 +580,12 @@ static inline long fc_i8_work_bytes(const fc_i8_mat *w, long m)
 }
 
 
-/* c[0:m, 0:n] (+)= a[0:m, segments] @ W[segments, :] over the segments [s0, s1) of w, every
- * column (a's first column is segment s0's first row). backward: the panels in reverse order
- * (the same bits). work: fc_i8_work_bytes(w, min(m, FC_I8_MC)). */
-static void fc_i8_matmul(int m, int s0, int s1, const float *a, long lda, const fc_i8_mat *w,
-                         int beta, float *c, long ldc, int backward, uint8_t *work)
+/* c[0:m, c0:c1] (+)= a[0:m, segments] @ W[segments, c0:c1] over the segments [s0, s1) of w
+ * (a's first column is segment s0's first row); c0, c1 multiples of 16 (or 0 and n). backward:
+ * the panels in reverse order (the same bits). work: fc_i8_work_bytes(w, min(m, FC_I8_MC)). */
+static void fc_i8_matmul(int m, int s0, int s1, int c0, int c1, const float *a, long lda,
+                         const fc_i8_mat *w, int beta, float *c, long ldc, int backward,
+                         uint8_t *work)
 {
     /* narrow: packed unpadded, the SIMD panels take whole vectors; the bytes of the baseline
      * quantizer are those of every level's */
@@ -599,31 +600,34 @@ static void fc_i8_matmul(int m, int s0, int s1, const float *a, long lda, const 
         float *sa[2] = {NULL, NULL};
         int bad[2] = {0, 0}, col[2] = {0, 0};
         uint8_t *p = work;
-        for (int s = s0, c0 = 0; s < s1; c0 += w->rows[s], s++) {
+        for (int s = s0, x0 = 0; s < s1; x0 += w->rows[s], s++) {
             sa[s] = (float *)p;
             p += ((mb * sizeof(float)) + 63) / 64 * 64;
             q[s] = p;
             p += mb * (long)w->k4[s] * 2;
-            col[s] = c0;
-            bad[s] = quantize(mb, w->rows[s], w->k4[s], w->bits[s], a + (long)i0 * lda + c0,
+            col[s] = x0;
+            bad[s] = quantize(mb, w->rows[s], w->k4[s], w->bits[s], a + (long)i0 * lda + x0,
                               lda, q[s], sa[s]);
         }
-        int np = (n + FC_I8_PW - 1) / FC_I8_PW;
+        /* the panels that hold columns [c0, c1), each cut to them */
+        int p0 = c0 / FC_I8_PW, p1 = (c1 + FC_I8_PW - 1) / FC_I8_PW, np = p1 - p0;
         for (int pi = 0; pi < np; pi++) {
-            int o = (backward ? np - 1 - pi : pi) * FC_I8_PW;
+            int o = (backward ? p1 - 1 - pi : p0 + pi) * FC_I8_PW;
             int pw = n - o < FC_I8_PW ? n - o : FC_I8_PW;
-            const int8_t *panel = w->wp + (long)o * K4;
+            int lo = c0 > o ? c0 : o, hi = c1 < o + pw ? c1 : o + pw;
+            const int8_t *panel = w->wp + (long)o * K4 + (lo - o) * 4;
             for (int s = s0; s < s1; s++) {
                 int qoff = s == 0 ? 0 : w->k4[0] / 4;
                 const int8_t *wseg = panel + (long)qoff * pw * 4;
-                panel_fn(mb, pw, w->k4[s] / 4, w->bits[s], q[s], w->k4[s], wseg, w->colsum[s] + o,
-                         w->scale[s] + o, sa[s], beta || s > s0, c + (long)i0 * ldc + o, ldc);
+                panel_fn(mb, hi - lo, pw, w->k4[s] / 4, w->bits[s], q[s], w->k4[s], wseg,
+                         w->colsum[s] + lo, w->scale[s] + lo, sa[s], beta || s > s0,
+                         c + (long)i0 * ldc + lo, ldc);
             }
         }
         for (int s = s0; s < s1; s++)
             if (bad[s])
                 fc_i8_nonfinite(mb, w->rows[s], a + (long)i0 * lda + col[s], lda, w, s,
-                                s == 0 ? 0 : w->k4[0], c + (long)i0 * ldc, ldc);
+                                s == 0 ? 0 : w->k4[0], c0, c1, c + (long)i0 * ldc, ldc);
     }
 }
 

@@ -18,7 +18,7 @@ from fastcell import spec
 from fastcell.checks import FLOAT_DTYPES, as_flag, as_weight, check_same_dtype, shape_error, to_numpy
 from fastcell.formats.reduced import REDUCED_FORMATS, Reduced
 from fastcell_c.gru import GRUKernel
-from fastcell_c.kernel import INT8_MAX_ROWS, LANES
+from fastcell_c.kernel import INT8_MAX_ROWS, gate_layout
 from fastcell_c.lstm import LSTMKernel
 from fastcell_c.rnn import RNNKernel
 
@@ -42,16 +42,10 @@ def as_matrix(value, name):
 
 
 def packed_bytes(gates, hidden_size, input_size, hidden_out, itemsize, split_gates=0):
-    """The bytes a kernel's packed W_ih over W_hh will take (fastcell_c/kernel.pyx's layout): the
-    rows I + H_out times the gate row's width (each part padded to whole vectors of LANES, none
-    narrower than one vector), for a check before anything is built."""
-    n = gates * hidden_size
-    if n < LANES:
-        return (input_size + hidden_out) * n * itemsize
-    stride = -(-hidden_size // (LANES // 2)) * (LANES // 2) if split_gates else hidden_size
-    parts = [split_gates, gates - split_gates] if split_gates else [gates]
-    width = sum(-(-g * stride // LANES) * LANES for g in parts)
-    return (input_size + hidden_out) * width * itemsize
+    """The bytes a kernel's packed W_ih over W_hh will take (fastcell_c.kernel.gate_layout): the
+    rows I + H_out times the gate row's width, for a check before anything is built."""
+    _, widths = gate_layout(gates, hidden_size, split_gates)
+    return (input_size + hidden_out) * sum(widths) * itemsize
 
 
 def kernel_matrix(w):
