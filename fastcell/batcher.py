@@ -16,6 +16,17 @@ Tick policy: when work is waiting, the worker waits up to ``max_delay`` seconds 
 oldest waiting frame came for more streams to join, and steps at once when ``max_batch`` streams
 are ready, when ``max_delay`` is 0, or when frames were left behind by the previous tick (they
 have waited). Under load the next batch fills while the previous step runs.
+
+No locks. A garbage collection may start at any allocation of a tracked object (a tuple, a
+Future, ...) and run a finalizer on the same thread, in the middle of any method; a finalizer
+that calls the Batcher must find nothing held. So a submit only appends to deques and puts on a
+SimpleQueue (single C calls, reentrant), and the worker thread alone owns the per-stream queues:
+  _inbox   deque of (sid, frame, future, time) (frame None: close the stream) and _STOP, in
+           submit order; appended by any thread, taken by the worker.
+  _tokens  deque of one None per entry submitted and not yet taken by a tick: len() is `pending`
+           (an atomic counter with no lock).
+  _bell    SimpleQueue: how a submit wakes the worker, only when it sleeps for a reason the
+           submit ends (idle, or a tick that has become full); close() always rings.
 """
 
 import asyncio
@@ -25,7 +36,8 @@ import threading
 from collections import deque
 from concurrent.futures import Future
 from itertools import islice
-from time import monotonic, sleep
+from queue import Empty, SimpleQueue
+from time import monotonic
 
 import numpy as np
 
@@ -36,7 +48,15 @@ __all__ = ["Batcher"]
 log = logging.getLogger("fastcell.batcher")
 
 _SID_MIN, _SID_MAX = -(2 ** 63), 2 ** 63 - 1   # pool.step takes int64 ids
-_IDLE, _WAITING = 1, 2                           # what the worker is blocked on, if anything
+_IDLE, _WAITING = 1, 2                           # what the worker sleeps for, if it sleeps
+_STOP = object()                                 # close(): the inbox's last entry to step
+# The worker never sleeps longer than this at once (it sleeps again as needed): a timeout near
+# threading.TIMEOUT_MAX may overflow once added to the clock.
+_LONGEST_SLEEP = 3600.0
+
+
+# The idents of the running worker threads: close() never waits on one (see close).
+_workers = set()
 
 
 class Batcher:
@@ -48,14 +68,20 @@ class Batcher:
     checked when submitted and a bad one raises there (it never reaches a tick). A frame of a
     stream the pool no longer knows gets the pool's StreamIdError (a ValueError whose ``sid``
     names it, ``sids`` every such id of the tick) on its future; the other streams of that tick
-    are stepped as usual. Any other error
-    of a step is set on the futures of that tick, and the batcher keeps running.
+    are stepped as usual. Any other error of a step is set on the futures of that tick, and the
+    batcher keeps running.
 
     max_batch: most streams stepped in one tick (None: no limit). max_delay: seconds a frame may
     wait for others to join its tick (0: step whatever is waiting, at once).
 
     A future cancelled before its tick is dropped: its frame is never stepped. ``close()`` steps
     everything already submitted, then stops the worker; the batcher is also a context manager.
+
+    A finalizer (``__del__``, a ``weakref.finalize`` callback) may call any Batcher method, at
+    any moment, on any thread: the Batcher holds no lock a garbage collection could interrupt.
+    (It must not wait for a future's result: run on the worker thread, it would wait for
+    itself.)
+
     The pool may be any object with StreamPool's ``input_size``, ``output_size``, ``dtype``,
     ``step(ids, x, out)`` and ``close(sid)``.
     """
@@ -65,9 +91,7 @@ class Batcher:
             if not hasattr(pool, name):
                 raise TypeError(f"pool: expected a fastcell.StreamPool, got {type(pool).__name__} "
                                 f"(no {name!r})")
-        if max_batch is not None and (isinstance(max_batch, (bool, np.bool_))
-                                      or not isinstance(max_batch, (int, np.integer))
-                                      or max_batch < 1):
+        if max_batch is not None and not _is_count(max_batch):
             raise ValueError(f"max_batch: expected None or an integer >= 1, got {max_batch!r}")
         if (isinstance(max_delay, (bool, np.bool_))
                 or not isinstance(max_delay, (int, float, np.integer, np.floating))
@@ -86,14 +110,21 @@ class Batcher:
         self._x = self._y = None
         self._grow(min(self._limit, 64))
 
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        # sid -> its oldest waiting (frame, future) (frame None: close the stream), or a deque of
-        # them when it has more than one; in the order the streams are served.
+        # Shared with any thread (see the module docstring): single C calls on them only.
+        self._inbox = deque()
+        self._tokens = deque()
+        self._bell = SimpleQueue()
+        self._sleeping = 0     # _IDLE / _WAITING while the worker sleeps: a submit rings then only
+        self._room = 0         # while _WAITING: streams that may still join before the tick is full
+        self._closed = False   # close() was called: submits are refused
+        self._stopped = False  # the worker has taken its last entry
+        # The worker's own: sid -> its oldest waiting entry, or a deque of them when it has more
+        # than one; in the order the streams are served.
         self._queues = {}
-        self._since = 0.0      # monotonic time the oldest waiting frame came
-        self._sleeping = 0     # _IDLE / _WAITING while the worker waits: submit wakes it then only
-        self._closed = False
+        self._since = 0.0      # the submit time of the oldest waiting entry
+        self._due = False      # entries were left behind by the last tick: the next is due now
+        self._stopping = False
+        self._taken = {}
         self._thread = threading.Thread(target=self._run, name="fastcell-batcher", daemon=True)
         self._thread.start()
 
@@ -126,36 +157,37 @@ class Batcher:
         return self._enqueue(sid, None, "close_stream")
 
     def _enqueue(self, sid, frame, caller):
-        """Queues (frame, future) behind the stream's waiting entries (frame None: a close) and
-        wakes the worker when it should act now: when it is idle, when max_batch streams are
-        waiting, or for a close (it may be waiting out max_delay)."""
+        """Queues (sid, frame, future, time) (frame None: a close) and rings the worker when it
+        sleeps and should act now: when it is idle, or when its tick may have become full."""
+        if self._closed:
+            raise RuntimeError(f"{caller}: the Batcher is closed")
         fut = Future()
-        entry = (frame, fut)
-        with self._lock:
-            if self._closed:
-                raise RuntimeError(f"{caller}: the Batcher is closed")
-            queues = self._queues
-            q = queues.get(sid)
-            if q is None:            # the common case: the stream's only waiting entry
-                if not queues:
-                    self._since = monotonic()
-                queues[sid] = entry
-                if self._sleeping and (frame is None or self._sleeping == _IDLE
-                                       or len(queues) >= self._limit):
-                    self._wake.notify()
-            elif type(q) is tuple:
-                queues[sid] = deque((q, entry))
-            else:
-                q.append(entry)      # the stream is already served in its turn: no wake-up
+        entry = (sid, frame, fut, monotonic())
+        self._tokens.append(None)     # before the entry: the worker takes a token for every entry
+        inbox = self._inbox
+        inbox.append(entry)
+        # Read after the append; the worker announces its sleep before it looks at the inbox
+        # last: one of the two sees the other. Several threads may ring one sleep: harmless.
+        sleeping = self._sleeping
+        if sleeping and (sleeping == _IDLE or len(inbox) >= self._room):
+            self._sleeping = 0
+            self._bell.put(None)
+        if self._stopped:       # the worker may have looked for the last time before the append
+            self._refuse_late()
         return fut
 
     def close(self):
         """Refuses new frames, steps every frame already submitted, stops the worker thread and
-        waits for it. Idempotent."""
-        with self._lock:
+        waits for it. Idempotent. On the worker thread of any Batcher (in a done-callback, or a
+        finalizer a collection runs there) it does not wait: the worker stops once drained."""
+        if not self._closed:
             self._closed = True
-            self._wake.notify()
-        if threading.current_thread() is not self._thread:  # e.g. from a future's callback
+            self._inbox.append(_STOP)
+            self._sleeping = 0
+            self._bell.put(None)   # always: even a worker waiting out max_delay stops waiting
+        # Not on a worker: its own would never end, and two batchers closed from each other's
+        # worker would each wait for the other.
+        if threading.get_ident() not in _workers:
             self._thread.join()
 
     def __enter__(self):
@@ -170,9 +202,9 @@ class Batcher:
 
     @property
     def pending(self):
-        """Frames (and stream closes) submitted and not yet taken by a tick."""
-        with self._lock:
-            return sum(1 if type(q) is tuple else len(q) for q in self._queues.values())
+        """Frames (and stream closes) submitted and not yet taken by a tick. Approximate by a few
+        while threads submit: a submit in progress may or may not be counted yet."""
+        return len(self._tokens)
 
     def __repr__(self):
         state = "closed" if self._closed else f"pending={self.pending}"
@@ -208,61 +240,116 @@ class Batcher:
         self._y = np.empty((n, self._output_size), self._dtype)
 
     def _run(self):
+        me = threading.get_ident()
+        _workers.add(me)
+        try:
+            self._serve()
+        finally:
+            _workers.discard(me)
+
+    def _serve(self):
         while True:
-            self._taken = {}   # what this tick took, so nothing is lost if the tick fails
+            self._taken = {}   # what this tick took, so nothing is lost if the round fails
             try:
-                if not self._tick():
-                    return
+                if not self._round():
+                    break
             except BaseException as exc:  # a bug here: set on the tick's futures and logged, not lost
                 log.exception("fastcell.Batcher: a tick failed; its futures get the error")
-                for _, fut in (self._taken or {}).values():
+                for _, _, fut, _ in self._taken.values():
                     if not fut.done():
                         try:
                             fut.set_exception(exc)
                         except Exception:
                             pass
-                sleep(0.01)   # a bug that repeats must not spin a core
+                try:   # a bug that repeats must not spin a core; close() rings
+                    self._bell.get(timeout=0.01)
+                except Empty:
+                    pass
+        self._stopped = True
+        self._refuse_late()    # entries that came after the last look
 
-    def _collect(self):
-        """Waits for work by the tick policy, then takes the oldest entry of each waiting stream
-        (of the first max_batch streams): {sid: (frame, future)}, or None once closed and drained."""
-        with self._lock:
-            while True:
-                queues = self._queues
-                if queues:
-                    if self._closed or len(queues) >= self._limit or self.max_delay <= 0:
-                        break
-                    wait = self._since + self.max_delay - monotonic()
-                    if wait <= 0:
-                        break
-                    self._sleeping = _WAITING
-                    self._wake.wait(wait)
-                elif self._closed:
-                    return None
-                else:
-                    self._sleeping = _IDLE
-                    self._wake.wait()
-                self._sleeping = 0
-            if len(queues) <= self._limit:
-                taken, left = queues, {}
+    def _round(self):
+        """Waits for work by the tick policy, then runs one tick. False once closed and drained."""
+        queues = self._receive()
+        if not queues:
+            if self._stopping:
+                return False
+            self._sleep(_IDLE, None)
+            return True
+        if not (self._due or self._stopping) and self.max_delay > 0:
+            while len(queues) < self._limit:
+                wait = self._since + self.max_delay - monotonic()
+                if wait <= 0:
+                    break
+                self._room = self._limit - len(queues)
+                self._sleep(_WAITING, min(wait, _LONGEST_SLEEP))
+                queues = self._receive()
+                if self._stopping:
+                    break
+        self._tick()
+        return True
+
+    def _sleep(self, why, timeout):
+        """Sleeps until a submit rings (or timeout), unless the inbox already holds its reason."""
+        self._sleeping = why
+        # Looked at after announcing the sleep: an entry appended before it is seen here, one
+        # after it rings.
+        if len(self._inbox) < (1 if why == _IDLE else self._room):
+            try:
+                self._bell.get(timeout=timeout)
+            except Empty:
+                pass
+        self._sleeping = 0
+        # Rings left over (threads that saw the sleep at once) are for entries already in the
+        # inbox: they need no wake-up of their own.
+        bell = self._bell
+        for _ in range(bell.qsize()):
+            bell.get_nowait()
+
+    def _receive(self):
+        """Moves the entries in the inbox to the streams' queues; returns the queues."""
+        inbox, queues = self._inbox, self._queues
+        for _ in range(len(inbox)):
+            entry = inbox.popleft()
+            if entry is _STOP:
+                self._stopping = True
+                continue
+            sid = entry[0]
+            q = queues.get(sid)
+            if q is None:            # the common case: the stream's only waiting entry
+                if not queues:       # a new batch: its max_delay runs from this entry's submit
+                    self._since, self._due = entry[3], False
+                queues[sid] = entry
+            elif type(q) is tuple:
+                queues[sid] = deque((q, entry))
             else:
-                taken = {sid: queues.pop(sid) for sid in list(islice(queues, self._limit))}
-                left = queues
-            for sid, q in taken.items():
-                if type(q) is not tuple:  # a deque: its next frame goes behind the other streams
-                    taken[sid] = q.popleft()
-                    if q:
-                        left[sid] = q
-            self._queues = left
-            # Frames left behind have waited already: _since stays, so the next tick is due at once.
+                q.append(entry)      # the stream is already served in its turn
+        return queues
+
+    def _take(self):
+        """The oldest entry of each waiting stream (of the first max_batch streams):
+        {sid: entry}. The rest stay queued, due at once (they have waited)."""
+        queues = self._queues
+        if len(queues) <= self._limit:
+            taken, left = queues, {}
+        else:
+            taken = {sid: queues.pop(sid) for sid in list(islice(queues, self._limit))}
+            left = queues
+        untoken = self._tokens.pop
+        for sid, q in taken.items():
+            if type(q) is not tuple:  # a deque: its next entry goes behind the other streams
+                taken[sid] = q.popleft()
+                if q:
+                    left[sid] = q
+            untoken()
+        self._queues = left
+        self._due = bool(left)
         return taken
 
     def _tick(self):
-        entries = self._taken = self._collect()
-        if entries is None:
-            return False
+        entries = self._taken = self._take()
         ids, frames, futs = [], [], []
-        for sid, (frame, fut) in entries.items():
+        for sid, (_, frame, fut, _) in entries.items():
             if frame is None:
                 self._close_stream(sid, fut)
                 continue
@@ -289,7 +376,7 @@ class Batcher:
                 if not bad:
                     for fut in futs:
                         fut.set_exception(exc)
-                    return True
+                    return
                 for sid in bad:
                     i = ids.index(sid)
                     del ids[i], frames[i]
@@ -298,8 +385,7 @@ class Batcher:
                 continue
             for fut, row in zip(futs, y):
                 fut.set_result(row.copy())   # the caller's own row: the buffer is reused
-            return True
-        return True
+            return
 
     def _close_stream(self, sid, fut):
         # Every frame submitted before the close was stepped by an earlier tick. A cancelled
@@ -315,8 +401,36 @@ class Batcher:
                 fut.set_result(None)
 
     def _fail_stream(self, sid, exc):
-        with self._lock:
-            q = self._queues.pop(sid, None)
-        for _, fut in (q,) if type(q) is tuple else q or ():
+        q = self._queues.pop(sid, None)
+        if q is None:
+            return
+        untoken = self._tokens.pop
+        for _, _, fut, _ in (q,) if type(q) is tuple else q:
+            untoken()
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(exc)
+
+    def _refuse_late(self):
+        """Entries appended after the worker's last look (their submit passed the closed check
+        while close() ran): nothing will step them. A frame fails with RuntimeError; a close
+        still closes its stream. Any thread: entries are taken one atomic popleft at a time."""
+        inbox, untoken = self._inbox, self._tokens.pop
+        while True:
+            try:
+                entry = inbox.popleft()
+            except IndexError:
+                return
+            if entry is _STOP:
+                continue
+            untoken()
+            sid, frame, fut, _ = entry
+            if frame is None:
+                self._close_stream(sid, fut)
+            elif fut.set_running_or_notify_cancel():
+                fut.set_exception(RuntimeError("submit: the Batcher was closed before this frame "
+                                               "was stepped"))
+
+
+def _is_count(v):
+    return (not isinstance(v, (bool, np.bool_)) and isinstance(v, (int, np.integer)) and v >= 1)
+

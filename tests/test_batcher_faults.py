@@ -1,0 +1,274 @@
+"""fastcell.Batcher under faults: finalizers that call it, batchers closed from each other's
+worker thread, and close() racing submits.
+
+A deadlock leaves a thread blocked in a C lock, where hang_guard's SIGALRM cannot reach it: a
+scenario that could deadlock runs in a subprocess with a timeout. Nothing here depends on speed:
+where a rate is bounded (the worker's back-off), a slower machine only lowers it.
+"""
+
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import fastcell
+from conftest import ENV, hang_guard
+from test_batcher import WAIT, I, make_model
+
+# Finalizers that call a Batcher, run by collections forced at nearly every allocation
+# (gc.set_threshold(1)), on every thread: objects in reference cycles (__del__) or weakref.finalize
+# callbacks. They close streams (some already closed: the close fails; frames submitted after it
+# make ticks refuse the stream), submit frames, read pending, and close spare batchers (also from
+# a done-callback on that batcher's own worker thread), while three threads submit frames of
+# streams of their own. Exit 0 and "ok": nothing hung, every future resolved, the producers'
+# streams got exactly their own steps; then the batcher steps a new stream exactly.
+STORM = r'''
+import gc, os, sys, threading, weakref
+import numpy as np
+import fastcell
+
+KIND, ITERATIONS = sys.argv[1], int(sys.argv[2])
+I, H, S, F = 3, 8, 3, 2000
+rng = np.random.default_rng(1)
+k = 1 / np.sqrt(H)
+u = lambda *s: rng.uniform(-k, k, s).astype(np.float32)
+model = fastcell.LSTMCell(u(4 * H, I), u(4 * H, H), u(4 * H), u(4 * H))
+pool = fastcell.StreamPool(model, 4096)
+batcher = fastcell.Batcher(pool, max_delay=0)
+spare = [fastcell.Batcher(pool, max_delay=0)]
+made = []    # every future a finalizer or the main loop got: each must resolve
+ONE = np.ones(I, np.float32)
+
+
+def act(what, sid, b):
+    try:
+        if what == "close_stream":
+            made.append(b.close_stream(sid))
+        elif what == "submit":
+            made.append(b.submit(sid, ONE))
+        elif what == "pending":
+            assert b.pending >= 0
+        elif what == "close":
+            b.close()
+    except RuntimeError as exc:     # a spare batcher closed by an earlier finalizer
+        if str(exc) not in ("submit: the Batcher is closed", "close_stream: the Batcher is closed"):
+            raise
+
+
+class Cyclic:
+    def __init__(self, *what):
+        self.what, self.me = what, self
+
+    def __del__(self):
+        act(*self.what)
+
+
+class Holder:
+    def __init__(self):
+        self.me = self
+
+
+def garbage(what, sid, b):
+    if KIND == "del":
+        Cyclic(what, sid, b)
+    else:
+        weakref.finalize(Holder(), act, what, sid, b)
+
+
+def settle(futs):
+    for f in futs:
+        try:
+            f.result(timeout=60)
+        except (fastcell.StreamIdError, RuntimeError):
+            pass
+        except TimeoutError:
+            print("a future never resolved", flush=True)
+            os._exit(3)
+
+
+stop = threading.Event()
+xs = rng.standard_normal((3, S, F, I)).astype(np.float32)
+got = [[[] for _ in range(S)] for _ in range(3)]
+
+
+def producer(t):
+    sids = [pool.open() for _ in range(S)]
+    own = pool.open()        # stepped by the spare batchers too: never checked
+    for f in range(F):
+        if stop.is_set():
+            break
+        for s in range(S):
+            fut = batcher.submit(sids[s], xs[t, s, f])
+            # garbage made on the worker thread, where the next collection may run it
+            fut.add_done_callback(lambda _, sid=sids[s]: garbage("pending", sid, batcher))
+            got[t][s].append(fut)
+        garbage("submit" if f % 2 else "pending", own, spare[-1])
+        if f % 20 == 0:
+            got[t][0][-1].result(timeout=60)
+
+
+def close_from_the_worker(fut, b, sid):
+    garbage("close", sid, b)
+    gc.collect()             # the finalizer closes b on b's own worker thread
+
+
+threads = [threading.Thread(target=producer, args=(t,)) for t in range(3)]
+gc.set_threshold(1)
+for th in threads:
+    th.start()
+for i in range(ITERATIONS):
+    if i % 100 == 99:        # the pool has room: every victim's close is through
+        settle(list(made))
+        del made[:]
+    sid = pool.open()
+    made.append(batcher.submit(sid, ONE))
+    garbage("close_stream", sid, batcher)
+    garbage("submit", sid, batcher)
+    garbage("close_stream", sid, batcher)
+    garbage("pending", sid, batcher)
+    if i % 250 == 0:
+        b = spare[-1]
+        spare.append(fastcell.Batcher(pool, max_delay=0))
+        if i % 500 == 0:
+            made.append(b.submit(sid, ONE))
+            garbage("close", sid, b)
+        else:
+            fut = b.submit(sid, ONE)
+            made.append(fut)
+            fut.add_done_callback(lambda f, b=b, sid=sid: close_from_the_worker(f, b, sid))
+stop.set()
+for th in threads:
+    th.join()
+gc.set_threshold(700, 10, 10)
+gc.collect()
+settle(list(made))
+
+
+def ref(frames):
+    state = model.new_state(1)
+    return np.array([model.step(x, state) for x in frames])
+
+
+for t in range(3):
+    for s in range(S):
+        r = np.array([f.result(timeout=60) for f in got[t][s]])
+        assert len(r) > 0 and np.array_equal(r, ref(xs[t, s, :len(r)])), (t, s)
+assert batcher.pending == 0, batcher.pending
+sid = pool.open()
+after = [batcher.submit(sid, x) for x in xs[0, 0, :20]]
+assert np.array_equal(np.array([f.result(timeout=60) for f in after]), ref(xs[0, 0, :20]))
+batcher.close()
+for b in spare:
+    b.close()
+assert all(not b._thread.is_alive() for b in spare)
+print("ok")
+'''
+
+
+@pytest.mark.parametrize("kind", ["del", "weakref"])
+def test_finalizers_may_call_the_batcher(kind):
+    try:
+        r = subprocess.run([sys.executable, "-c", STORM, kind, "20000"], env=ENV,
+                           capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"hang: no end in {exc.timeout} s\n{exc.stdout}\n{exc.stderr}")
+    assert r.returncode == 0 and r.stdout == "ok\n", (r.returncode, r.stdout, r.stderr)
+    assert r.stderr == ""    # no finalizer raised ("Exception ignored in ..."), nothing logged
+
+
+# Two batchers, each closed from a done-callback (or a finalizer) on the other's worker thread,
+# both at once: were close() to wait for the worker there, each worker would wait for the other.
+CROSS = r'''
+import threading
+import numpy as np
+import fastcell
+
+I, H = 3, 8
+rng = np.random.default_rng(2)
+k = 1 / np.sqrt(H)
+u = lambda *s: rng.uniform(-k, k, s).astype(np.float32)
+model = fastcell.GRUCell(u(3 * H, I), u(3 * H, H), u(3 * H), u(3 * H))
+pools = [fastcell.StreamPool(model, 4) for _ in range(2)]
+# A tick waits for two streams: the callbacks are added before the frames are stepped.
+batchers = [fastcell.Batcher(p, max_batch=2, max_delay=3600) for p in pools]
+both = threading.Barrier(2)
+closed = []
+
+
+def close_the_other(k):
+    def callback(fut):
+        both.wait(30)                 # both workers are in a callback
+        batchers[1 - k].close()
+        closed.append(k)
+    return callback
+
+
+futures = []
+for k, pool in enumerate(pools):
+    a, b = pool.open(), pool.open()
+    futures.append(batchers[k].submit(a, np.ones(I, np.float32)))
+    futures[-1].add_done_callback(close_the_other(k))
+    futures.append(batchers[k].submit(b, np.ones(I, np.float32)))
+for b in batchers:
+    b.close()
+assert sorted(closed) == [0, 1], closed
+assert all(f.done() and f.exception() is None for f in futures)
+assert all(not b._thread.is_alive() for b in batchers)
+print("ok")
+'''
+
+
+def test_batchers_closed_from_each_others_worker():
+    try:
+        r = subprocess.run([sys.executable, "-c", CROSS], env=ENV, capture_output=True,
+                           text=True, timeout=60)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"hang: no end in {exc.timeout} s\n{exc.stdout}\n{exc.stderr}")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "ok\n", "")
+
+
+def test_close_while_threads_submit_leaves_no_future_pending(rng):
+    """Each round, four threads submit while close() runs: a submit raises "closed", or its
+    future resolves (stepped, or RuntimeError when it came after the worker's last look)."""
+    model = make_model("gru", rng)
+    pool = fastcell.StreamPool(model, 16)
+    sids = [pool.open() for _ in range(4)]
+    x = rng.standard_normal(I).astype(np.float32)
+    errors = []
+    with hang_guard(120):
+        for _ in range(30):
+            batcher = fastcell.Batcher(pool, max_delay=0)
+            futures, go = [[] for _ in range(4)], threading.Barrier(5)
+
+            def producer(t):
+                go.wait()
+                while True:
+                    try:
+                        futures[t].append(batcher.submit(sids[t], x))
+                    except RuntimeError as exc:
+                        if str(exc) != "submit: the Batcher is closed":
+                            errors.append(exc)
+                        return
+
+            threads = [threading.Thread(target=producer, args=(t,)) for t in range(4)]
+            for th in threads:
+                th.start()
+            go.wait()
+            time.sleep(0.002)
+            batcher.close()
+            for th in threads:
+                th.join()
+            for fs in futures:
+                for f in fs:
+                    try:
+                        f.result(timeout=WAIT)   # TimeoutError fails the test: never resolved
+                    except RuntimeError as exc:
+                        assert str(exc) == ("submit: the Batcher was closed before this frame "
+                                            "was stepped")
+            assert batcher.pending == 0
+    assert errors == []
+    for sid in sids:     # every stream still open: no close came through by mistake
+        assert pool.is_open(sid)
