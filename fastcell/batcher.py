@@ -69,7 +69,8 @@ class Batcher:
     stream the pool no longer knows gets the pool's StreamIdError (a ValueError whose ``sid``
     names it, ``sids`` every such id of the tick) on its future; the other streams of that tick
     are stepped as usual. Any other error of a step is set on the futures of that tick, and the
-    batcher keeps running.
+    batcher keeps running. Each future is set on its own: an exception from a done-callback (any
+    BaseException) is logged and reaches no other future.
 
     max_batch: most streams stepped in one tick (None: no limit). max_delay: seconds a frame may
     wait for others to join its tick (0: step whatever is waiting, at once).
@@ -257,10 +258,7 @@ class Batcher:
                 log.exception("fastcell.Batcher: a tick failed; its futures get the error")
                 for _, _, fut, _ in self._taken.values():
                     if not fut.done():
-                        try:
-                            fut.set_exception(exc)
-                        except Exception:
-                            pass
+                        _settle(fut, exc=exc)
                 try:   # a bug that repeats must not spin a core; close() rings
                     self._bell.get(timeout=0.01)
                 except Empty:
@@ -375,16 +373,16 @@ class Batcher:
                     bad = [sid for sid in dict.fromkeys(bad) if sid in ids]
                 if not bad:
                     for fut in futs:
-                        fut.set_exception(exc)
+                        _settle(fut, exc=exc)
                     return
                 for sid in bad:
                     i = ids.index(sid)
                     del ids[i], frames[i]
-                    futs.pop(i).set_exception(exc)
+                    _settle(futs.pop(i), exc=exc)
                     self._fail_stream(sid, exc)
                 continue
             for fut, row in zip(futs, y):
-                fut.set_result(row.copy())   # the caller's own row: the buffer is reused
+                _settle(fut, row.copy())   # the caller's own row: the buffer is reused
             return
 
     def _close_stream(self, sid, fut):
@@ -395,10 +393,10 @@ class Batcher:
             self.pool.close(sid)
         except Exception as exc:
             if wanted:
-                fut.set_exception(exc)
+                _settle(fut, exc=exc)
         else:
             if wanted:
-                fut.set_result(None)
+                _settle(fut, None)
 
     def _fail_stream(self, sid, exc):
         q = self._queues.pop(sid, None)
@@ -408,7 +406,7 @@ class Batcher:
         for _, _, fut, _ in (q,) if type(q) is tuple else q:
             untoken()
             if fut.set_running_or_notify_cancel():
-                fut.set_exception(exc)
+                _settle(fut, exc=exc)
 
     def _refuse_late(self):
         """Entries appended after the worker's last look (their submit passed the closed check
@@ -427,8 +425,22 @@ class Batcher:
             if frame is None:
                 self._close_stream(sid, fut)
             elif fut.set_running_or_notify_cancel():
-                fut.set_exception(RuntimeError("submit: the Batcher was closed before this frame "
-                                               "was stepped"))
+                _settle(fut, exc=RuntimeError("submit: the Batcher was closed before this frame "
+                                              "was stepped"))
+
+
+def _settle(fut, result=None, exc=None):
+    """Sets one future. Whatever its done-callbacks raise (any BaseException: concurrent.futures
+    passes on all but Exception) is logged here: it must reach no other future of the tick, nor
+    stop the worker."""
+    try:
+        if exc is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(exc)
+    except BaseException:
+        log.exception("fastcell.Batcher: a done-callback of a future raised; the other futures "
+                      "and the batcher are not affected")
 
 
 def _is_count(v):

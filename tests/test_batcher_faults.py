@@ -1,11 +1,12 @@
 """fastcell.Batcher under faults: finalizers that call it, batchers closed from each other's
-worker thread, and close() racing submits.
+worker thread, close() racing submits, and done-callbacks that raise.
 
 A deadlock leaves a thread blocked in a C lock, where hang_guard's SIGALRM cannot reach it: a
 scenario that could deadlock runs in a subprocess with a timeout. Nothing here depends on speed:
 where a rate is bounded (the worker's back-off), a slower machine only lowers it.
 """
 
+import logging
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ import pytest
 
 import fastcell
 from conftest import ENV, hang_guard
-from test_batcher import WAIT, I, make_model
+from test_batcher import WAIT, I, Recording, make_model, reference
 
 # Finalizers that call a Batcher, run by collections forced at nearly every allocation
 # (gc.set_threshold(1)), on every thread: objects in reference cycles (__del__) or weakref.finalize
@@ -272,3 +273,42 @@ def test_close_while_threads_submit_leaves_no_future_pending(rng):
     assert errors == []
     for sid in sids:     # every stream still open: no close came through by mistake
         assert pool.is_open(sid)
+
+
+@pytest.mark.parametrize("raised", [SystemExit, KeyboardInterrupt])
+def test_a_callback_that_raises_reaches_no_other_future(raised, rng, caplog):
+    model = make_model("lstm_2_layers", rng)
+    pool = fastcell.StreamPool(model, 8)
+    proxy = Recording(pool)
+    a, b, c, d, dead = (pool.open() for _ in range(5))
+    xs = rng.standard_normal((4, I)).astype(np.float32)
+    calls = []
+
+    def bad_callback(fut):
+        calls.append(fut)
+        raise raised("from a done-callback")
+
+    with caplog.at_level(logging.ERROR, logger="fastcell.batcher"), hang_guard(20), \
+            fastcell.Batcher(proxy) as batcher:
+        proxy.gate = threading.Event()
+        first = batcher.submit(a, xs[0])
+        assert proxy.entered.wait(WAIT)     # held: the next frames share the next tick
+        fb, fc, fd = (batcher.submit(sid, xs[0]) for sid in (b, c, d))
+        fdead = batcher.submit(dead, xs[0])
+        pool.close(dead)
+        for f in (fb, fdead, fd):
+            f.add_done_callback(bad_callback)
+        proxy.gate.set()
+        assert np.array_equal(first.result(timeout=WAIT), reference(model, xs[:1])[0])
+        for f in (fb, fc, fd):
+            assert np.array_equal(f.result(timeout=WAIT), reference(model, xs[:1])[0])
+        with pytest.raises(fastcell.StreamIdError):
+            fdead.result(timeout=WAIT)
+        # the worker lives on: a's next frame
+        assert np.array_equal(batcher.submit(a, xs[1]).result(timeout=WAIT),
+                              reference(model, xs[:2])[1])
+        assert batcher._thread.is_alive()
+    assert [b, c, d, dead] in proxy.steps and [b, c, d] in proxy.steps   # one tick, then without
+    assert sorted(map(id, calls)) == sorted(map(id, (fb, fdead, fd)))
+    logged = [r for r in caplog.records if "done-callback" in r.getMessage()]
+    assert len(logged) == 3 and all(r.exc_info[0] is raised for r in logged)
