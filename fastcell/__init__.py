@@ -27,6 +27,7 @@ _LAZY = {
     "from_onnx": "fastcell.onnx_import",   # reading .onnx files needs the onnx package (an extra)
     "onnx_nodes": "fastcell.onnx_import",
     "Batcher": "fastcell.batcher",
+    "BatcherFullError": "fastcell.batcher",
 }
 
 __all__ = [

@@ -24,7 +24,7 @@ SimpleQueue (single C calls, reentrant), and the worker thread alone owns the pe
   _inbox   deque of (sid, frame, future, time) (frame None: close the stream) and _STOP, in
            submit order; appended by any thread, taken by the worker.
   _tokens  deque of one None per entry submitted and not yet taken by a tick: len() is `pending`
-           (an atomic counter with no lock).
+           and the bound's count (an atomic counter with no lock).
   _bell    SimpleQueue: how a submit wakes the worker, only when it sleeps for a reason the
            submit ends (idle, or a tick that has become full); close() always rings.
 """
@@ -43,24 +43,43 @@ import numpy as np
 
 from fastcell._checks import to_numpy
 
-__all__ = ["Batcher"]
+__all__ = ["Batcher", "BatcherFullError"]
 
 log = logging.getLogger("fastcell.batcher")
 
 _SID_MIN, _SID_MAX = -(2 ** 63), 2 ** 63 - 1   # pool.step takes int64 ids
 _IDLE, _WAITING = 1, 2                           # what the worker sleeps for, if it sleeps
 _STOP = object()                                 # close(): the inbox's last entry to step
+_DEFAULT_PENDING = 65536                         # max_pending for a pool without a capacity
 # The worker never sleeps longer than this at once (it sleeps again as needed): a timeout near
 # threading.TIMEOUT_MAX may overflow once added to the clock.
 _LONGEST_SLEEP = 3600.0
 
+
+class BatcherFullError(RuntimeError):
+    """Batcher.submit() while ``max_pending`` frames are already waiting: the producers outrun the
+    pool. ``pending`` and ``max_pending`` give the numbers."""
+
+    def __init__(self, message, pending, max_pending):
+        super().__init__(message)
+        self.pending = pending
+        self.max_pending = max_pending
+
+
+class _Default:
+    def __repr__(self):
+        return "4 * pool.capacity"
+
+
+_AUTO = _Default()
 
 # The idents of the running worker threads: close() never waits on one (see close).
 _workers = set()
 
 
 class Batcher:
-    """Batcher(pool, max_batch=None, max_delay=0.002): a micro-batcher over a StreamPool.
+    """Batcher(pool, max_batch=None, max_delay=0.002, max_pending=4 * pool.capacity): a
+    micro-batcher over a StreamPool.
 
     ``fut = batcher.submit(sid, frame)`` queues one frame (shape (input_size,) or
     (1, input_size); copied, so the caller may reuse its buffer) of the open pool stream ``sid``;
@@ -73,7 +92,13 @@ class Batcher:
     BaseException) is logged and reaches no other future.
 
     max_batch: most streams stepped in one tick (None: no limit). max_delay: seconds a frame may
-    wait for others to join its tick (0: step whatever is waiting, at once).
+    wait for others to join its tick (0: step whatever is waiting, at once). max_pending: most
+    frames waiting (submitted, not yet taken by a tick); past it ``submit`` raises
+    BatcherFullError at once, it never blocks. The default is 4 * pool.capacity (65536 for a pool
+    without a ``capacity``); None: no bound. With several threads submitting at once the count
+    may pass max_pending by up to the number of those threads (each checks, then adds).
+    ``close_stream`` is never refused: a close always gets through (and counts as pending until
+    its tick).
 
     A future cancelled before its tick is dropped: its frame is never stepped. ``close()`` steps
     everything already submitted, then stops the worker; the batcher is also a context manager.
@@ -87,7 +112,7 @@ class Batcher:
     ``step(ids, x, out)`` and ``close(sid)``.
     """
 
-    def __init__(self, pool, max_batch=None, max_delay=0.002):
+    def __init__(self, pool, max_batch=None, max_delay=0.002, max_pending=_AUTO):
         for name in ("input_size", "output_size", "dtype", "step", "close"):
             if not hasattr(pool, name):
                 raise TypeError(f"pool: expected a fastcell.StreamPool, got {type(pool).__name__} "
@@ -98,10 +123,17 @@ class Batcher:
                 or not isinstance(max_delay, (int, float, np.integer, np.floating))
                 or not 0 <= max_delay < float("inf")):
             raise ValueError(f"max_delay: expected a number of seconds >= 0, got {max_delay!r}")
+        if max_pending is _AUTO:
+            capacity = getattr(pool, "capacity", None)
+            max_pending = 4 * int(capacity) if _is_count(capacity) else _DEFAULT_PENDING
+        elif max_pending is not None and not _is_count(max_pending):
+            raise ValueError(f"max_pending: expected None or an integer >= 1, got {max_pending!r}")
         self.pool = pool
         self.max_batch = None if max_batch is None else int(max_batch)
         self.max_delay = float(max_delay)
+        self.max_pending = None if max_pending is None else int(max_pending)
         self._limit = sys.maxsize if max_batch is None else int(max_batch)
+        self._bound = sys.maxsize if max_pending is None else int(max_pending)
         self._input_size = int(pool.input_size)
         self._output_size = int(pool.output_size)
         self._shape = (self._input_size,)
@@ -132,7 +164,8 @@ class Batcher:
     # ---- any thread ----
 
     def submit(self, sid, frame):
-        """Queues one frame of stream ``sid``; returns a Future of its output row."""
+        """Queues one frame of stream ``sid``; returns a Future of its output row. Raises
+        BatcherFullError when max_pending frames are waiting."""
         # The common case costs three comparisons; anything else is converted or refused.
         if type(frame) is np.ndarray and frame.dtype == self._dtype and frame.shape == self._shape:
             frame = frame.copy()
@@ -144,15 +177,15 @@ class Batcher:
 
     def submit_async(self, sid, frame):
         """``await batcher.submit_async(sid, frame)``: submit() for asyncio code (call it in the
-        event loop's thread). A bad frame raises here; cancelling the awaitable before its tick
-        drops the frame."""
+        event loop's thread). A bad frame, or a full batcher, raises here; cancelling the
+        awaitable before its tick drops the frame."""
         return asyncio.wrap_future(self.submit(sid, frame))
 
     def close_stream(self, sid):
         """Closes pool stream ``sid`` on the worker thread, after the frames already submitted for
         it are stepped. Returns a Future resolved to None once closed (the pool's StreamIdError if
         the stream was not open); cancelling it does not stop the close. Frames submitted after
-        this get StreamIdError."""
+        this get StreamIdError. Never refused by max_pending."""
         if type(sid) is not int or not _SID_MIN <= sid <= _SID_MAX:
             sid = self._sid(sid)
         return self._enqueue(sid, None, "close_stream")
@@ -162,9 +195,16 @@ class Batcher:
         sleeps and should act now: when it is idle, or when its tick may have become full."""
         if self._closed:
             raise RuntimeError(f"{caller}: the Batcher is closed")
+        tokens = self._tokens
+        if frame is not None and len(tokens) >= self._bound:
+            n = len(tokens)
+            raise BatcherFullError(
+                f"{caller}: {n} frames are waiting to be stepped (max_pending={self.max_pending}): "
+                "the producers outrun the pool; slow down, or drop frames (a real-time stream "
+                "can skip one)", n, self.max_pending)
         fut = Future()
         entry = (sid, frame, fut, monotonic())
-        self._tokens.append(None)     # before the entry: the worker takes a token for every entry
+        tokens.append(None)     # before the entry: the worker takes a token for every entry
         inbox = self._inbox
         inbox.append(entry)
         # Read after the append; the worker announces its sleep before it looks at the inbox
@@ -209,8 +249,8 @@ class Batcher:
 
     def __repr__(self):
         state = "closed" if self._closed else f"pending={self.pending}"
-        return (f"Batcher(max_batch={self.max_batch}, max_delay={self.max_delay}, {state}, "
-                f"streams={len(self._queues)})")
+        return (f"Batcher(max_batch={self.max_batch}, max_delay={self.max_delay}, "
+                f"max_pending={self.max_pending}, {state}, streams={len(self._queues)})")
 
     def __reduce__(self):
         raise TypeError("Batcher cannot be pickled: it owns a thread; make one per process")

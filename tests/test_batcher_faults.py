@@ -1,12 +1,15 @@
 """fastcell.Batcher under faults: finalizers that call it, batchers closed from each other's
-worker thread, close() racing submits, and done-callbacks that raise.
+worker thread, close() racing submits, done-callbacks that raise, and producers that
+outrun the pool.
 
 A deadlock leaves a thread blocked in a C lock, where hang_guard's SIGALRM cannot reach it: a
 scenario that could deadlock runs in a subprocess with a timeout. Nothing here depends on speed:
 where a rate is bounded (the worker's back-off), a slower machine only lowers it.
 """
 
+import asyncio
 import logging
+import resource
 import subprocess
 import sys
 import threading
@@ -17,7 +20,7 @@ import pytest
 
 import fastcell
 from conftest import ENV, hang_guard
-from test_batcher import WAIT, I, Recording, make_model, reference
+from test_batcher import WAIT, I, Recording, make_model, reference, results
 
 # Finalizers that call a Batcher, run by collections forced at nearly every allocation
 # (gc.set_threshold(1)), on every thread: objects in reference cycles (__del__) or weakref.finalize
@@ -241,7 +244,7 @@ def test_close_while_threads_submit_leaves_no_future_pending(rng):
     errors = []
     with hang_guard(120):
         for _ in range(30):
-            batcher = fastcell.Batcher(pool, max_delay=0)
+            batcher = fastcell.Batcher(pool, max_delay=0, max_pending=None)
             futures, go = [[] for _ in range(4)], threading.Barrier(5)
 
             def producer(t):
@@ -312,3 +315,151 @@ def test_a_callback_that_raises_reaches_no_other_future(raised, rng, caplog):
     assert sorted(map(id, calls)) == sorted(map(id, (fb, fdead, fd)))
     logged = [r for r in caplog.records if "done-callback" in r.getMessage()]
     assert len(logged) == 3 and all(r.exc_info[0] is raised for r in logged)
+
+
+def vm_rss():
+    """This process's resident memory in bytes (its peak where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class Slowed(Recording):
+    """The pool, each step 1 ms slower (and held at `gate` while it is set)."""
+
+    def step(self, ids, x, out=None):
+        time.sleep(0.001)
+        return super().step(ids, x, out)
+
+
+def test_producers_that_outrun_the_pool_are_refused(rng):
+    """Four threads submit without waiting. While the pool is held, 200,000 attempts (about
+    0.5 GB of frames and futures if they were all kept) must be refused past max_pending; then
+    the pool runs, slowed, and they go on. pending never passes max_pending by more than the
+    number of threads, memory stays bounded, and every accepted frame is stepped in order."""
+    threads, streams, attempts = 4, 4, 50_000
+    model = make_model("gru", rng)
+    pool = fastcell.StreamPool(model, 16)
+    proxy = Slowed(pool)
+    proxy.gate = threading.Event()
+    sids = [[pool.open() for _ in range(streams)] for _ in range(threads)]
+    sent = [[[] for _ in range(streams)] for _ in range(threads)]
+    futures = [[[] for _ in range(streams)] for _ in range(threads)]
+    refused = [0] * threads
+    most = [0] * (threads + 1)
+    first_phase = threading.Barrier(threads + 1)
+    done, errors = threading.Event(), []
+    batcher = fastcell.Batcher(proxy, max_pending=64)
+
+    def producer(t):
+        try:
+            r = np.random.default_rng(t)
+            for phase in (attempts, 2_000):
+                for a in range(phase):
+                    s = a % streams
+                    x = r.standard_normal(I).astype(np.float32)
+                    try:
+                        fut = batcher.submit(sids[t][s], x)
+                    except fastcell.BatcherFullError as exc:
+                        refused[t] += 1
+                        assert exc.max_pending == 64 and exc.pending >= 64
+                        continue
+                    sent[t][s].append(x)
+                    futures[t][s].append(fut)
+                    most[t] = max(most[t], batcher.pending)
+                if phase == attempts:
+                    first_phase.wait()
+        except BaseException as exc:
+            errors.append(exc)
+            first_phase.abort()
+            proxy.gate.set()
+
+    def watch():
+        while not done.is_set():
+            most[threads] = max(most[threads], batcher.pending)
+            time.sleep(0.0002)
+
+    with hang_guard(120):
+        before = vm_rss()
+        workers = [threading.Thread(target=producer, args=(t,)) for t in range(threads)]
+        watcher = threading.Thread(target=watch)
+        for th in workers + [watcher]:
+            th.start()
+        first_phase.wait()
+        held = batcher.pending
+        grown = vm_rss() - before
+        proxy.gate.set()
+        for th in workers:
+            th.join()
+        done.set()
+        watcher.join()
+        batcher.close()
+    assert errors == []
+    assert 64 <= held <= 64 + threads
+    assert max(most) <= 64 + threads
+    # while the pool was held, all but the room (and the frames its held tick took) were refused
+    assert all(n >= attempts - (64 + 16 + threads) for n in refused)
+    assert grown < 100 * 2 ** 20, grown
+    for t in range(threads):
+        for s in range(streams):
+            assert np.array_equal(results(futures[t][s]), reference(model, sent[t][s]))
+    assert batcher.pending == 0
+
+
+def test_the_full_error_names_the_bound_and_closes_still_pass(rng):
+    model = make_model("lstm_cell", rng)
+    pool = fastcell.StreamPool(model, 4)
+    proxy = Recording(pool)
+    a, b = pool.open(), pool.open()
+    xs = rng.standard_normal((4, I)).astype(np.float32)
+    with hang_guard(20), fastcell.Batcher(proxy, max_pending=3) as batcher:
+        proxy.gate = threading.Event()
+        first = batcher.submit(a, xs[0])
+        assert proxy.entered.wait(WAIT)          # the tick is held: the next frames wait
+        waiting = [batcher.submit(a, x) for x in xs[1:]]
+        assert batcher.pending == 3
+        with pytest.raises(fastcell.BatcherFullError) as err:
+            batcher.submit(b, xs[0])
+        assert str(err.value) == (
+            "submit: 3 frames are waiting to be stepped (max_pending=3): the producers outrun "
+            "the pool; slow down, or drop frames (a real-time stream can skip one)")
+        assert err.value.pending == 3 and err.value.max_pending == 3
+        with pytest.raises(fastcell.BatcherFullError):
+            asyncio.run(_submit_async(batcher, b, xs[0]))
+        closing = batcher.close_stream(b)        # a close is never refused
+        assert batcher.pending == 4
+        proxy.gate.set()
+        assert closing.result(timeout=WAIT) is None and not pool.is_open(b)
+        assert np.array_equal(results([first] + waiting), reference(model, xs))
+        assert batcher.pending == 0
+        assert np.array_equal(batcher.submit(a, xs[0]).result(timeout=WAIT),
+                              reference(model, np.concatenate([xs, xs[:1]]))[-1])
+    assert fastcell.BatcherFullError is fastcell.batcher.BatcherFullError
+    assert issubclass(fastcell.BatcherFullError, RuntimeError)
+    assert "BatcherFullError" in fastcell.__all__
+
+
+async def _submit_async(batcher, sid, x):
+    return await batcher.submit_async(sid, x)
+
+
+def test_max_pending_arguments(rng):
+    pool = fastcell.StreamPool(make_model("gru", rng), 8)
+    for bad in (0, -1, 2.5, True, np.bool_(True), "10", float("inf")):
+        with pytest.raises(ValueError, match=r"^max_pending: expected None or an integer >= 1, "):
+            fastcell.Batcher(pool, max_pending=bad)
+
+    class PoolLike:   # no capacity: the default bound is a fixed one
+        input_size, output_size, dtype = pool.input_size, pool.output_size, pool.dtype
+        step, close = pool.step, pool.close
+
+    with fastcell.Batcher(PoolLike()) as b1, fastcell.Batcher(pool, max_pending=None) as b2, \
+            fastcell.Batcher(pool, max_pending=np.int64(5)) as b3, fastcell.Batcher(pool) as b4:
+        assert [b.max_pending for b in (b1, b2, b3, b4)] == [65536, None, 5, 32]
+        assert "max_pending=32" in repr(b4)
