@@ -54,6 +54,7 @@ _DEFAULT_PENDING = 65536                         # max_pending for a pool withou
 # The worker never sleeps longer than this at once (it sleeps again as needed): a timeout near
 # threading.TIMEOUT_MAX may overflow once added to the clock.
 _LONGEST_SLEEP = 3600.0
+_LONGEST_BACKOFF = 1.0   # seconds between two failed rounds of the worker, at most
 
 
 class BatcherFullError(RuntimeError):
@@ -92,13 +93,13 @@ class Batcher:
     BaseException) is logged and reaches no other future.
 
     max_batch: most streams stepped in one tick (None: no limit). max_delay: seconds a frame may
-    wait for others to join its tick (0: step whatever is waiting, at once). max_pending: most
-    frames waiting (submitted, not yet taken by a tick); past it ``submit`` raises
-    BatcherFullError at once, it never blocks. The default is 4 * pool.capacity (65536 for a pool
-    without a ``capacity``); None: no bound. With several threads submitting at once the count
-    may pass max_pending by up to the number of those threads (each checks, then adds).
-    ``close_stream`` is never refused: a close always gets through (and counts as pending until
-    its tick).
+    wait for others to join its tick (0: step whatever is waiting, at once; at most
+    threading.TIMEOUT_MAX). max_pending: most frames waiting (submitted, not yet taken by a tick);
+    past it ``submit`` raises BatcherFullError at once, it never blocks. The default is
+    4 * pool.capacity (65536 for a pool without a ``capacity``); None: no bound. With several
+    threads submitting at once the count may pass max_pending by up to the number of those
+    threads (each checks, then adds). ``close_stream`` is never refused: a close always gets
+    through (and counts as pending until its tick).
 
     A future cancelled before its tick is dropped: its frame is never stepped. ``close()`` steps
     everything already submitted, then stops the worker; the batcher is also a context manager.
@@ -119,10 +120,13 @@ class Batcher:
                                 f"(no {name!r})")
         if max_batch is not None and not _is_count(max_batch):
             raise ValueError(f"max_batch: expected None or an integer >= 1, got {max_batch!r}")
+        # TIMEOUT_MAX: a longer wait cannot be slept (the worker would fail every round).
         if (isinstance(max_delay, (bool, np.bool_))
                 or not isinstance(max_delay, (int, float, np.integer, np.floating))
-                or not 0 <= max_delay < float("inf")):
-            raise ValueError(f"max_delay: expected a number of seconds >= 0, got {max_delay!r}")
+                or not 0 <= max_delay <= threading.TIMEOUT_MAX):
+            raise ValueError(f"max_delay: expected a number of seconds in [0, "
+                             f"{threading.TIMEOUT_MAX:g}] (threading.TIMEOUT_MAX), got "
+                             f"{max_delay!r}")
         if max_pending is _AUTO:
             capacity = getattr(pool, "capacity", None)
             max_pending = 4 * int(capacity) if _is_count(capacity) else _DEFAULT_PENDING
@@ -289,18 +293,25 @@ class Batcher:
             _workers.discard(me)
 
     def _serve(self):
+        backoff = 0.0
         while True:
             self._taken = {}   # what this tick took, so nothing is lost if the round fails
             try:
                 if not self._round():
                     break
+                backoff = 0.0
             except BaseException as exc:  # a bug here: set on the tick's futures and logged, not lost
                 log.exception("fastcell.Batcher: a tick failed; its futures get the error")
                 for _, _, fut, _ in self._taken.values():
                     if not fut.done():
                         _settle(fut, exc=exc)
-                try:   # a bug that repeats must not spin a core; close() rings
-                    self._bell.get(timeout=0.01)
+                # A failure that repeats must not spin a core nor flood the log: a longer pause
+                # each time, up to _LONGEST_BACKOFF. close() rings, and once it has, the pause
+                # stays short: the drain is bounded by what was submitted.
+                backoff = (0.01 if self._stopping
+                           else min(max(2 * backoff, 0.01), _LONGEST_BACKOFF))
+                try:
+                    self._bell.get(timeout=backoff)
                 except Empty:
                     pass
         self._stopped = True

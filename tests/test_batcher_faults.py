@@ -1,6 +1,6 @@
 """fastcell.Batcher under faults: finalizers that call it, batchers closed from each other's
-worker thread, close() racing submits, done-callbacks that raise, and producers that
-outrun the pool.
+worker thread, close() racing submits, done-callbacks that raise, producers that outrun
+the pool, and a max_delay that cannot be slept or a failure that repeats.
 
 A deadlock leaves a thread blocked in a C lock, where hang_guard's SIGALRM cannot reach it: a
 scenario that could deadlock runs in a subprocess with a timeout. Nothing here depends on speed:
@@ -9,6 +9,7 @@ where a rate is bounded (the worker's back-off), a slower machine only lowers it
 
 import asyncio
 import logging
+import math
 import resource
 import subprocess
 import sys
@@ -463,3 +464,75 @@ def test_max_pending_arguments(rng):
             fastcell.Batcher(pool, max_pending=np.int64(5)) as b3, fastcell.Batcher(pool) as b4:
         assert [b.max_pending for b in (b1, b2, b3, b4)] == [65536, None, 5, 32]
         assert "max_pending=32" in repr(b4)
+
+
+def test_max_delay_beyond_timeout_max_is_refused(rng):
+    """A wait the worker cannot sleep is refused when the Batcher is made (it used to fail every
+    round of the worker, logging a traceback each time, and never step)."""
+    pool = fastcell.StreamPool(make_model("gru", rng), 8)
+    top = threading.TIMEOUT_MAX
+    for bad in (1e10, top * 2, float("inf"), -1e-9, float("nan")):
+        with pytest.raises(ValueError) as err:
+            fastcell.Batcher(pool, max_delay=bad)
+        assert str(err.value) == (f"max_delay: expected a number of seconds in [0, {top:g}] "
+                                  f"(threading.TIMEOUT_MAX), got {bad!r}")
+
+
+def test_the_longest_max_delay_works_and_close_ends_its_wait(rng, caplog):
+    """max_delay = threading.TIMEOUT_MAX: the frame waits for company (no OverflowError, no
+    traceback), and close() ends the wait and steps it."""
+    model = make_model("lstm_cell", rng)
+    pool = fastcell.StreamPool(model, 4)
+    sid = pool.open()
+    xs = rng.standard_normal((2, I)).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger="fastcell.batcher"), hang_guard(20):
+        batcher = fastcell.Batcher(pool, max_delay=threading.TIMEOUT_MAX)
+        futures = [batcher.submit(sid, x) for x in xs]
+        assert batcher.pending == 2 and not futures[0].done()
+        batcher.close()
+    assert np.array_equal(results(futures), reference(model, xs))
+    assert caplog.records == []
+
+
+def test_a_failure_that_repeats_backs_off(rng, caplog):
+    """A step that fails with a bug (a BaseException) at every tick while frames keep coming: each
+    failure is logged and set on its tick's futures, and the worker pauses longer each time
+    (0.01 s, doubling, up to 1 s), so it cannot spin nor flood the log. The count allowed grows
+    with the time measured: a slower machine only fails fewer ticks. Once the bug is gone the
+    batcher steps again."""
+    model = make_model("gru", rng)
+    pool = fastcell.StreamPool(model, 8)
+    proxy = Recording(pool)
+    sids = [pool.open() for _ in range(8)]
+    x = rng.standard_normal(I).astype(np.float32)
+
+    class Bug(BaseException):
+        pass
+
+    # max_pending: at most one tick's frames left when the loop ends
+    with caplog.at_level(logging.ERROR, logger="fastcell.batcher"), hang_guard(60), \
+            fastcell.Batcher(proxy, max_delay=0, max_pending=8) as batcher:
+        proxy.raise_next = [Bug() for _ in range(10_000)]
+        futures = []
+        start = time.monotonic()
+        while time.monotonic() - start < 0.3:
+            for sid in sids:
+                try:
+                    futures.append(batcher.submit(sid, x))
+                except fastcell.BatcherFullError:
+                    pass
+            time.sleep(0.0005)
+        for f in futures:        # every frame fails: no step changed any state
+            with pytest.raises(Bug):
+                f.result(timeout=WAIT)
+        elapsed = time.monotonic() - start
+        failed = len(proxy.steps)
+        # n failures are n - 1 pauses apart: 0.01 * (2^(n-1) - 1) seconds until the pauses reach
+        # 1 s, then 1 s each; and a few pauses a racing submit's ring may cut short
+        allowed = 1 + math.log2(elapsed / 0.01 + 1) + elapsed / 1.0 + 3
+        assert 1 <= failed <= allowed, (failed, elapsed)
+        del proxy.raise_next[:]
+        y = batcher.submit(sids[0], x).result(timeout=WAIT)   # after at most a 1 s pause
+        assert batcher._thread.is_alive()
+    assert sum("a tick failed" in r.getMessage() for r in caplog.records) == failed
+    assert np.array_equal(y, reference(model, [x])[0])      # the stream's first step
