@@ -31,8 +31,10 @@ SimpleQueue (single C calls, reentrant), and the worker thread alone owns the pe
 
 import asyncio
 import logging
+import os
 import sys
 import threading
+import weakref
 from collections import deque
 from concurrent.futures import Future
 from itertools import islice
@@ -74,6 +76,8 @@ class _Default:
 
 _AUTO = _Default()
 
+# Every Batcher of this process, so a forked child can disown them (see _after_fork_in_child).
+_live = weakref.WeakSet()
 # The idents of the running worker threads: close() never waits on one (see close).
 _workers = set()
 
@@ -107,7 +111,8 @@ class Batcher:
     A finalizer (``__del__``, a ``weakref.finalize`` callback) may call any Batcher method, at
     any moment, on any thread: the Batcher holds no lock a garbage collection could interrupt.
     (It must not wait for a future's result: run on the worker thread, it would wait for
-    itself.)
+    itself.) A Batcher serves the process that made it: in a forked child it refuses every call
+    with RuntimeError (make a new Batcher there).
 
     The pool may be any object with StreamPool's ``input_size``, ``output_size``, ``dtype``,
     ``step(ids, x, out)`` and ``close(sid)``.
@@ -155,6 +160,8 @@ class Batcher:
         self._room = 0         # while _WAITING: streams that may still join before the tick is full
         self._closed = False   # close() was called: submits are refused
         self._stopped = False  # the worker has taken its last entry
+        self._forked = False   # this is a forked child's copy: it has no worker
+        self._pid = os.getpid()
         # The worker's own: sid -> its oldest waiting entry, or a deque of them when it has more
         # than one; in the order the streams are served.
         self._queues = {}
@@ -162,6 +169,7 @@ class Batcher:
         self._due = False      # entries were left behind by the last tick: the next is due now
         self._stopping = False
         self._taken = {}
+        _live.add(self)
         self._thread = threading.Thread(target=self._run, name="fastcell-batcher", daemon=True)
         self._thread.start()
 
@@ -198,7 +206,7 @@ class Batcher:
         """Queues (sid, frame, future, time) (frame None: a close) and rings the worker when it
         sleeps and should act now: when it is idle, or when its tick may have become full."""
         if self._closed:
-            raise RuntimeError(f"{caller}: the Batcher is closed")
+            raise RuntimeError(self._refusal(caller))
         tokens = self._tokens
         if frame is not None and len(tokens) >= self._bound:
             n = len(tokens)
@@ -224,7 +232,10 @@ class Batcher:
     def close(self):
         """Refuses new frames, steps every frame already submitted, stops the worker thread and
         waits for it. Idempotent. On the worker thread of any Batcher (in a done-callback, or a
-        finalizer a collection runs there) it does not wait: the worker stops once drained."""
+        finalizer a collection runs there) it does not wait: the worker stops once drained. In a
+        forked child it returns at once."""
+        if self._forked:
+            return
         if not self._closed:
             self._closed = True
             self._inbox.append(_STOP)
@@ -258,6 +269,19 @@ class Batcher:
 
     def __reduce__(self):
         raise TypeError("Batcher cannot be pickled: it owns a thread; make one per process")
+
+    def _refusal(self, caller):
+        if self._forked:
+            return (f"{caller}: this Batcher belongs to process {self._pid}, and this is a process "
+                    f"forked from it ({os.getpid()}), where its worker thread does not exist; "
+                    "make a new Batcher in this process")
+        return f"{caller}: the Batcher is closed"
+
+    def _in_forked_child(self):
+        # The worker thread did not survive the fork: nothing would ever step here. A parent
+        # thread may have been changing the deques at fork time: new, empty ones.
+        self._forked = self._closed = self._stopped = True
+        self._inbox, self._tokens, self._bell, self._queues = deque(), deque(), SimpleQueue(), {}
 
     # ---- argument checks (off the common path) ----
 
@@ -319,6 +343,8 @@ class Batcher:
 
     def _round(self):
         """Waits for work by the tick policy, then runs one tick. False once closed and drained."""
+        if self._forked:   # fork() was called on this thread (in a callback): the child's copy
+            return False
         queues = self._receive()
         if not queues:
             if self._stopping:
@@ -497,3 +523,12 @@ def _settle(fut, result=None, exc=None):
 def _is_count(v):
     return (not isinstance(v, (bool, np.bool_)) and isinstance(v, (int, np.integer)) and v >= 1)
 
+
+def _after_fork_in_child():
+    _workers.clear()     # their threads are gone (a new thread may get one of their idents)
+    for batcher in list(_live):
+        batcher._in_forked_child()
+
+
+if hasattr(os, "register_at_fork"):   # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)

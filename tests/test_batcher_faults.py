@@ -1,6 +1,6 @@
 """fastcell.Batcher under faults: finalizers that call it, batchers closed from each other's
 worker thread, close() racing submits, done-callbacks that raise, producers that outrun
-the pool, and a max_delay that cannot be slept or a failure that repeats.
+the pool, a max_delay that cannot be slept or a failure that repeats, and fork.
 
 A deadlock leaves a thread blocked in a C lock, where hang_guard's SIGALRM cannot reach it: a
 scenario that could deadlock runs in a subprocess with a timeout. Nothing here depends on speed:
@@ -10,11 +10,14 @@ where a rate is bounded (the worker's back-off), a slower machine only lowers it
 import asyncio
 import logging
 import math
+import os
 import resource
+import signal
 import subprocess
 import sys
 import threading
 import time
+import traceback
 
 import numpy as np
 import pytest
@@ -536,3 +539,75 @@ def test_a_failure_that_repeats_backs_off(rng, caplog):
         assert batcher._thread.is_alive()
     assert sum("a tick failed" in r.getMessage() for r in caplog.records) == failed
     assert np.array_equal(y, reference(model, [x])[0])      # the stream's first step
+
+
+def _in_child(batcher, sid, model, x):
+    """The forked child: the parent's batcher refuses, a new pool and Batcher work. Its status:
+    0 when all holds; 1, after a traceback on stderr, when not."""
+    status = 1
+    try:
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(30)        # a stuck child ends itself
+        for name, call in [("submit", lambda: batcher.submit(sid, x[0])),
+                           ("submit", lambda: batcher.submit_async(sid, x[0])),
+                           ("close_stream", lambda: batcher.close_stream(sid))]:
+            try:
+                call()
+            except RuntimeError as exc:
+                want = (f"{name}: this Batcher belongs to process {os.getppid()}, and this is a "
+                        f"process forked from it ({os.getpid()}), where its worker thread does not "
+                        "exist; make a new Batcher in this process")
+                assert str(exc) == want, (str(exc), want)
+            else:
+                raise AssertionError("the parent's batcher did not refuse")
+        batcher.close()        # returns at once
+        assert batcher.closed and batcher.pending == 0
+        pool = fastcell.StreamPool(model, 4)
+        sids = [pool.open() for _ in range(3)]
+        with fastcell.Batcher(pool) as own:
+            futures = [[own.submit(s, row) for row in x] for s in sids]
+            for fs in futures:
+                got = np.array([f.result(timeout=20) for f in fs])
+                assert np.array_equal(got, reference(model, x))
+        status = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(status)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
+@pytest.mark.parametrize("when", ["idle", "mid-step"])
+def test_a_forked_child_refuses_the_parents_batcher(when, rng):
+    model = make_model("gru", rng)
+    pool = fastcell.StreamPool(model, 8)
+    proxy = Recording(pool)
+    sid = pool.open()
+    xs = rng.standard_normal((5, I)).astype(np.float32)
+    with hang_guard(60), fastcell.Batcher(proxy) as batcher:
+        futures = [batcher.submit(sid, xs[0])]
+        futures[0].result(timeout=WAIT)
+        if when == "mid-step":
+            proxy.gate = threading.Event()
+            futures.append(batcher.submit(sid, xs[1]))
+            assert proxy.entered.wait(WAIT)       # the worker is in a tick, held
+            futures.append(batcher.submit(sid, xs[2]))
+        pid = os.fork()
+        if pid == 0:
+            _in_child(batcher, sid, model, xs)
+        deadline = time.monotonic() + 50
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child did not end")
+            time.sleep(0.01)
+        assert os.waitstatus_to_exitcode(status) == 0
+        # the parent's batcher is untouched
+        if proxy.gate is not None:
+            proxy.gate.set()
+        futures.append(batcher.submit(sid, xs[len(futures)]))
+        assert np.array_equal(results(futures), reference(model, xs[:len(futures)]))
