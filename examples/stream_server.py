@@ -8,7 +8,9 @@ together in one GIL-free pool.step. Anything but a frame of the right size gets 
 "error: ..." and the connection is closed (1003 for a text message, 1008 for a wrong size); a
 full pool refuses a new connection the same way (1013, try again later). A connection that sends
 no frame for --idle-timeout seconds (60 by default; pings do not count) gets "error: idle for N s;
-the stream is closed" and is closed (1001), its stream with it. GET /stats answers JSON (open
+the stream is closed" and is closed (1001), its stream with it. When the Batcher already holds
+its max_pending frames (4 x capacity) the frame that finds it full gets "error: server busy: ..."
+and its connection is closed (1013); the other connections go on. GET /stats answers JSON (open
 streams, capacity, frames waiting) for health checks.
 
     python examples/stream_server.py model.safetensors --port 8765
@@ -139,7 +141,14 @@ class StreamServer:
                               f"error: expected a binary frame of {self.input_size} little-endian "
                               f"float32 values ({nbytes} bytes), got {bad}")
                 return
-            y = await submit(sid, np.frombuffer(message, "<f4"))
+            try:
+                reply = submit(sid, np.frombuffer(message, "<f4"))
+            except fastcell.BatcherFullError as exc:   # the pool cannot keep up: shed this client
+                await _refuse(ws, CloseCode.TRY_AGAIN_LATER, "server busy",
+                              f"error: server busy: {exc.pending} frames are waiting to be stepped "
+                              f"(at most {exc.max_pending}); try again later")
+                return
+            y = await reply
             await ws.send(y.astype("<f4", copy=False).tobytes())
 
     async def _close_stream(self, sid):

@@ -318,6 +318,69 @@ def test_idle_clients_are_disconnected_and_their_streams_closed(served, rng):
         assert streams_left(srv.server) == 0
 
 
+def test_a_full_batcher_refuses_the_frame_with_1013(served, rng):
+    """The Batcher holds max_pending frames (4 x capacity) while its worker is held: the client
+    whose frame finds it full gets "server busy" and a 1013 close; a client whose frame was
+    already waiting gets its exact reply once the worker runs, and goes on."""
+    model = stream_server.random_model(6, I, H)
+    srv = served(model, capacity=3, max_delay=0)
+    server, batcher = srv.server, srv.server.batcher
+    assert batcher.max_pending == 12
+    extra = server.pool.open()          # the test's own stream, through the same batcher
+    x = rng.standard_normal((3, I)).astype(np.float32)
+    held, release = threading.Event(), threading.Event()
+
+    def hold(fut):   # a done-callback that keeps the worker thread: nothing steps meanwhile
+        if threading.current_thread().name == "fastcell-batcher":
+            held.set()
+            release.wait(TIMEOUT)
+
+    async def pending_is(n):
+        for _ in range(int(TIMEOUT / 0.01)):
+            if batcher.pending == n:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    async def main():
+        async with connect(srv.url, open_timeout=TIMEOUT) as a, \
+                connect(srv.url, open_timeout=TIMEOUT) as b:
+            while not held.is_set():     # a callback added after its frame was stepped runs here
+                batcher.submit(extra, x[2]).add_done_callback(hold)
+                await asyncio.to_thread(held.wait, 1)
+            await a.send(x[0].tobytes())
+            assert await pending_is(1)   # a's frame waits
+            filled = []
+            for _ in range(100):
+                try:
+                    filled.append(batcher.submit(extra, x[2]))
+                except fastcell.BatcherFullError:
+                    break
+            assert len(filled) == 11 and batcher.pending == 12
+            await b.send(x[0].tobytes())
+            assert await asyncio.wait_for(b.recv(), TIMEOUT) == (
+                "error: server busy: 12 frames are waiting to be stepped (at most 12); "
+                "try again later")
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(b.recv(), TIMEOUT)
+            assert closed.value.rcvd.code == 1013
+            release.set()
+            first = np.frombuffer(await asyncio.wait_for(a.recv(), TIMEOUT), "<f4")
+            await a.send(x[1].tobytes())
+            second = np.frombuffer(await asyncio.wait_for(a.recv(), TIMEOUT), "<f4")
+            assert np.array_equal(np.array([first, second]), reference(model, x[:2]))
+            for f in filled:
+                f.result(timeout=TIMEOUT)
+            await asyncio.wrap_future(batcher.close_stream(extra))
+
+    try:
+        with hang_guard(30):
+            asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+            assert streams_left(server) == 0
+    finally:
+        release.set()
+
+
 def test_the_idle_timeout_option(capsys):
     with pytest.raises(SystemExit) as done:
         stream_server.main(["--help"])
