@@ -28,6 +28,7 @@ _LAZY = {
     "onnx_nodes": "fastcell.convert.onnx_import",
     "onnx_outputs": "fastcell.convert.onnx_import",
     "Batcher": "fastcell.batcher",
+    "BatcherFullError": "fastcell.batcher",
 }
 
 __all__ = [

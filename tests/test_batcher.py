@@ -66,7 +66,8 @@ def test_outputs_equal_each_stream_stepped_alone(kind, rng):
     pool = fastcell.StreamPool(model, 16)
     sids = [pool.open() for _ in range(12)]
     xs = rng.standard_normal((12, 25, I)).astype(np.float32)
-    with hang_guard(20), fastcell.Batcher(pool) as batcher:
+    # 300 frames at once: past the default max_pending (4 * capacity), so no bound here
+    with hang_guard(20), fastcell.Batcher(pool, max_pending=None) as batcher:
         futures = [[batcher.submit(sid, x) for x in xs[k]] for k, sid in enumerate(sids)]
         for k in range(12):
             got = results(futures[k])
@@ -89,7 +90,7 @@ def test_many_threads_submitting_at_once(rng):
             for s in range(streams):
                 futures[t][s].append(batcher.submit(sids[t][s], xs[t, s, f]))
 
-    with hang_guard(30), fastcell.Batcher(pool) as batcher:
+    with hang_guard(30), fastcell.Batcher(pool, max_pending=None) as batcher:
         pool_threads = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
         for th in pool_threads:
             th.start()
@@ -213,7 +214,8 @@ def test_close_drains_refuses_and_is_idempotent(rng):
     pool = fastcell.StreamPool(model, 8)
     sids = [pool.open() for _ in range(5)]
     xs = rng.standard_normal((5, 10, I)).astype(np.float32)
-    batcher = fastcell.Batcher(pool, max_delay=3600)   # only close() starts the ticks
+    # Only close() starts the ticks; 50 frames are past the default max_pending (4 * capacity).
+    batcher = fastcell.Batcher(pool, max_delay=3600, max_pending=None)
     futures = [[batcher.submit(sid, x) for x in xs[k]] for k, sid in enumerate(sids)]
     assert batcher.pending == 50
     with hang_guard(20):

@@ -248,3 +248,152 @@ def test_a_bad_model_file_is_one_line(tmp_path):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("stream_server: error: ") and str(bad) in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_idle_clients_are_disconnected_and_their_streams_closed(served, rng):
+    """idle_timeout 0.5 s: a client that sends nothing, and one that only pings (the server
+    answers: the link is alive, but pings are no frames), get the message, a 1001 close and
+    their streams closed; a client that sends frames meanwhile keeps its stream and gets exact
+    replies throughout."""
+    model = stream_server.random_model(5, I, H)
+    srv = served(model, capacity=4, idle_timeout=0.5)
+    assert srv.server.idle_timeout == 0.5
+    xs = rng.standard_normal((10_000, I)).astype(np.float32)
+
+    async def told_and_closed(ws):
+        message = await asyncio.wait_for(ws.recv(), TIMEOUT)
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), TIMEOUT)
+        return message, closed.value.rcvd.code
+
+    async def silent():
+        async with connect(srv.url, open_timeout=TIMEOUT) as ws:
+            return await told_and_closed(ws)
+
+    async def pinging():
+        async with connect(srv.url, open_timeout=TIMEOUT) as ws:
+            async def ping():
+                try:
+                    while True:
+                        await asyncio.wait_for(await ws.ping(), TIMEOUT)   # answered
+                        await asyncio.sleep(0.05)
+                except ConnectionClosed:
+                    pass
+
+            pinger = asyncio.create_task(ping())
+            try:
+                return await told_and_closed(ws)
+            finally:
+                pinger.cancel()
+
+    async def active(idle_ones):
+        replies = []
+        async with connect(srv.url, open_timeout=TIMEOUT) as ws:
+            t = 0
+            while not idle_ones.done() or t < 3:   # frames all along, a few after they left
+                await ws.send(xs[t].tobytes())
+                replies.append(np.frombuffer(await ws.recv(), "<f4"))
+                t += 1
+                await asyncio.sleep(0.01)
+            # the idle ones are gone, their streams too; this one's stays
+            for _ in range(int(TIMEOUT / 0.01)):
+                if len(srv.server.pool) == 1:
+                    break
+                await asyncio.sleep(0.01)
+            open_now = len(srv.server.pool)
+            await ws.send(xs[t].tobytes())
+            replies.append(np.frombuffer(await ws.recv(), "<f4"))
+        return np.array(replies), open_now
+
+    async def main():
+        idle_ones = asyncio.gather(silent(), pinging())
+        got, open_now = await active(idle_ones)
+        return await idle_ones, got, open_now
+
+    with hang_guard(60):
+        idle, got, open_now = asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+        assert idle == [("error: idle for 0.5 s; the stream is closed", 1001)] * 2
+        assert open_now == 1
+        assert np.array_equal(got, reference(model, xs[:len(got)]))
+        assert streams_left(srv.server) == 0
+
+
+def test_a_full_batcher_refuses_the_frame_with_1013(served, rng):
+    """The Batcher holds max_pending frames (4 x capacity) while its worker is held: the client
+    whose frame finds it full gets "server busy" and a 1013 close; a client whose frame was
+    already waiting gets its exact reply once the worker runs, and goes on."""
+    model = stream_server.random_model(6, I, H)
+    srv = served(model, capacity=3, max_delay=0)
+    server, batcher = srv.server, srv.server.batcher
+    assert batcher.max_pending == 12
+    extra = server.pool.open()          # the test's own stream, through the same batcher
+    x = rng.standard_normal((3, I)).astype(np.float32)
+    held, release = threading.Event(), threading.Event()
+
+    def hold(fut):   # a done-callback that keeps the worker thread: nothing steps meanwhile
+        if threading.current_thread().name == "fastcell-batcher":
+            held.set()
+            release.wait(TIMEOUT)
+
+    async def pending_is(n):
+        for _ in range(int(TIMEOUT / 0.01)):
+            if batcher.pending == n:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    async def main():
+        async with connect(srv.url, open_timeout=TIMEOUT) as a, \
+                connect(srv.url, open_timeout=TIMEOUT) as b:
+            while not held.is_set():     # a callback added after its frame was stepped runs here
+                batcher.submit(extra, x[2]).add_done_callback(hold)
+                await asyncio.to_thread(held.wait, 1)
+            await a.send(x[0].tobytes())
+            assert await pending_is(1)   # a's frame waits
+            filled = []
+            for _ in range(100):
+                try:
+                    filled.append(batcher.submit(extra, x[2]))
+                except fastcell.BatcherFullError:
+                    break
+            assert len(filled) == 11 and batcher.pending == 12
+            await b.send(x[0].tobytes())
+            assert await asyncio.wait_for(b.recv(), TIMEOUT) == (
+                "error: server busy: 12 frames are waiting to be stepped (at most 12); "
+                "try again later")
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(b.recv(), TIMEOUT)
+            assert closed.value.rcvd.code == 1013
+            release.set()
+            first = np.frombuffer(await asyncio.wait_for(a.recv(), TIMEOUT), "<f4")
+            await a.send(x[1].tobytes())
+            second = np.frombuffer(await asyncio.wait_for(a.recv(), TIMEOUT), "<f4")
+            assert np.array_equal(np.array([first, second]), reference(model, x[:2]))
+            for f in filled:
+                f.result(timeout=TIMEOUT)
+            await asyncio.wrap_future(batcher.close_stream(extra))
+
+    try:
+        with hang_guard(30):
+            asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+            assert streams_left(server) == 0
+    finally:
+        release.set()
+
+
+def test_the_idle_timeout_option(capsys):
+    with pytest.raises(SystemExit) as done:
+        stream_server.main(["--help"])
+    assert done.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())   # wrapped to the terminal's width
+    assert "--idle-timeout SECONDS" in out and "0 or less: never" in out and "(default: 60)" in out
+    assert stream_server.main(["--idle-timeout", "nan", "--port", "0"]) == 2
+    assert capsys.readouterr().err == ("stream_server: error: idle_timeout: expected a number of "
+                                       "seconds (0 or less, or None: no timeout), got nan\n")
+    with pytest.raises(SystemExit) as done:
+        stream_server.main(["--idle-timeout", "soon"])
+    assert done.value.code == 2
+    assert "argument --idle-timeout: invalid float value: 'soon'" in capsys.readouterr().err
+    for bad in ("1", True, float("nan")):
+        with pytest.raises(ValueError, match="^idle_timeout: "):
+            stream_server.StreamServer(stream_server.random_model(0, 4, 4), 2, idle_timeout=bad)
