@@ -27,8 +27,8 @@ _LAZY = {
     "from_onnx": "fastcell.convert.onnx_import",   # reading .onnx files needs the onnx package
     "onnx_nodes": "fastcell.convert.onnx_import",
     "onnx_outputs": "fastcell.convert.onnx_import",
-    "Batcher": "fastcell.batcher",
-    "BatcherFullError": "fastcell.batcher",
+    "Batcher": "fastcell.serving.batcher",
+    "BatcherFullError": "fastcell.serving.batcher",
 }
 
 __all__ = [

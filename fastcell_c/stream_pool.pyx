@@ -514,44 +514,43 @@ cdef class StatePool:
         cdef uint64_t tick
         if n > self.capacity:       # then some id is closed or repeated; a _slots entry each
             self._refuse(idp, n, -1)
+        # Every id checked before any state changes: a refused step changes nothing. Once
+        # checked, the streams stay open until _mu is released (close() takes it). Nothing
+        # Python is made, and nothing can raise, under the locks (see _hold): a refusal is
+        # raised after them.
         _take(&self._mu)
-        try:
-            # Every id checked before any state changes: a refused step changes nothing. Once
-            # checked, the streams stay open until _mu is released (close() takes it). Nothing
-            # Python is made under the locks (see _hold): a refusal is raised after them.
-            _take(&self._ids_mu)
-            self._tick += 1
-            tick = self._tick
-            with nogil:
-                for i in range(n):
-                    slot = self._slot_of(idp[i])
-                    if slot < 0 or self._seen[slot] == tick:
-                        bad = i
-                        break
-                    self._seen[slot] = tick
-                    self._slots[i] = <int32_t>slot
-            pthread_mutex_unlock(&self._ids_mu)
-            if bad >= 0:
-                pthread_mutex_unlock(&self._mu)
-                self._refuse(idp, n, bad)
-            job.n = n
-            job.slots = self._slots
-            job.x = xp
-            job.out = op
-            job.flip = self._parity
-            job.pool = <void*>self
-            self._parity = not self._parity
-            job.next = 0
-            nparts = min(self.threads, max(1, n // ROWS_PER_THREAD))
-            job.unit = min(CHUNK, max(MIN_CHUNK, (n // (nparts * CHUNKS_PER_THREAD) + 7) // 8 * 8))
+        _take(&self._ids_mu)
+        self._tick += 1
+        tick = self._tick
+        with nogil:
+            for i in range(n):
+                slot = self._slot_of(idp[i])
+                if slot < 0 or self._seen[slot] == tick:
+                    bad = i
+                    break
+                self._seen[slot] = tick
+                self._slots[i] = <int32_t>slot
+        pthread_mutex_unlock(&self._ids_mu)
+        if bad >= 0:
+            pthread_mutex_unlock(&self._mu)
+            self._refuse(idp, n, bad)
+        job.n = n
+        job.slots = self._slots
+        job.x = xp
+        job.out = op
+        job.flip = self._parity
+        job.pool = <void*>self
+        self._parity = not self._parity
+        job.next = 0
+        nparts = min(self.threads, max(1, n // ROWS_PER_THREAD))
+        job.unit = min(CHUNK, max(MIN_CHUNK, (n // (nparts * CHUNKS_PER_THREAD) + 7) // 8 * 8))
+        if nparts == 1:
+            job.unit = CHUNK
+        with nogil:
             if nparts == 1:
-                job.unit = CHUNK
-            with nogil:
-                if nparts == 1:
-                    _step_part(&job, 0, 1)
-                else:
-                    fc_workers_run(self._workers, _step_part, &job, <int>nparts)
-        finally:
+                _step_part(&job, 0, 1)
+            else:
+                fc_workers_run(self._workers, _step_part, &job, <int>nparts)
             pthread_mutex_unlock(&self._mu)
         return out
 

@@ -179,3 +179,40 @@ def test_a_small_step_on_many_threads_gives_the_same_bits():
         x = rng.standard_normal((n, I)).astype(np.float32)
         a, b = (p.step(i[:n], x) for p, i in zip(pools, ids))
         assert np.array_equal(a, b)
+
+
+def test_refused_steps_on_one_thread_never_disturb_steps_on_another():
+    # A refused step released the pool's lock twice: another thread's step then ran beside a
+    # close, and streams diverged. Here one thread refuses steps as fast as it can while another
+    # steps streams and checks every output against their own states.
+    out = run_script(MODEL + """
+pool = fastcell.StreamPool(model, 256)
+mine = [pool.open() for _ in range(8)]
+states = [model.new_state() for _ in mine]
+stop = threading.Event()
+
+def refuse():
+    while not stop.is_set():
+        dead = pool.open()
+        pool.close(dead)
+        live = pool.open()
+        for ids in ([live, dead], [live, live], [live]):
+            try:       # the last one is stepped: a step that may run beside the other thread's
+                pool.step(np.array(ids), np.ones((len(ids), 5), np.float32))
+            except ValueError:
+                pass
+        pool.close(live)
+
+th = threading.Thread(target=refuse)
+th.start()
+xs = rng.standard_normal((3000, 8, 5)).astype(np.float32)
+ok = True
+for t in range(3000):
+    y = pool.step(np.array(mine), xs[t])
+    for k in range(8):
+        ok = ok and np.array_equal(y[k], model.step(xs[t, k], states[k]))
+stop.set()
+th.join()
+print(ok)
+""", timeout=120)
+    assert out.split() == ["True"]
