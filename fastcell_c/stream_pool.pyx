@@ -52,13 +52,8 @@ cdef extern from *:
                           Py_ssize_t row) noexcept nogil
 
 
-cdef extern from "workers.h" nogil:
-    ctypedef void (*fc_task)(void* arg, int part, int nparts) noexcept nogil
-    ctypedef struct fc_workers:
-        int started
-    fc_workers* fc_workers_new(int nthreads)
-    void fc_workers_free(fc_workers* w)
-    void fc_workers_run(fc_workers* w, fc_task fn, void* arg, int nparts)
+from fastcell_c.team import check_threads
+from fastcell_c.team cimport Team
 
 
 # Rows gathered and stepped together: the chunk's states, [x h] rows and gate rows stay in L2
@@ -74,26 +69,6 @@ DEF MIN_CHUNK = 16
 DEF ROWS_PER_THREAD = 32
 DEF SLOT_BITS = 32
 DEF GEN_MASK = 0x7FFFFFFF
-
-
-def max_threads():
-    """The most threads a pool (or a model) may use: the CPUs this process may run on
-    (os.sched_getaffinity where the OS has it, else os.cpu_count()). More threads than cores
-    only wait for each other: every step waits for its slowest part. FASTCELL_MAX_THREADS (an
-    integer) overrides it, e.g. to test oversubscription on a small machine."""
-    env = os.environ.get("FASTCELL_MAX_THREADS")
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            raise ValueError(f"FASTCELL_MAX_THREADS: expected an integer >= 1, got {env!r}") from None
-        if n >= 1:
-            return n
-        raise ValueError(f"FASTCELL_MAX_THREADS: expected an integer >= 1, got {env!r}")
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 class PoolFullError(RuntimeError):
@@ -184,7 +159,7 @@ cdef class StatePool:
     cdef pthread_mutex_t _mu            # the streams' states: step, close, reset, get/set_state
     cdef pthread_mutex_t _ids_mu        # which slots are open (_live, _gen, _free): held briefly
     cdef bint _mu_ok
-    cdef fc_workers* _workers
+    cdef Team _team
     cdef object __weakref__             # the fork hooks keep a weak set of live pools
 
     def __cinit__(self):
@@ -196,13 +171,9 @@ cdef class StatePool:
             raise MemoryError("StreamPool: cannot create its lock")
         if self._block != NULL:
             raise RuntimeError("StreamPool: already initialised")
-        capacity, threads = as_int(capacity, "capacity"), as_int(threads, "threads")
+        capacity, threads = as_int(capacity, "capacity"), check_threads(threads)
         if capacity > 2 ** 31 - 1:
             raise ValueError(f"capacity: expected at most {2 ** 31 - 1} streams, got {capacity}")
-        limit = max_threads()
-        if threads > limit:
-            raise ValueError(f"threads: expected at most {limit} (the CPUs this process may run "
-                             f"on; more only wait for each other), got {threads}")
         self._kernels = tuple(stepper.kernels)
         cdef Kernel k = self._kernels[0]
         self.dtype = k.dtype
@@ -263,15 +234,12 @@ cdef class StatePool:
             self._free[i] = <int32_t>(capacity - 1 - i)     # slot 0 is handed out first
         self._nfree = capacity
         self._tick = 0
-        if threads > 1:
-            self._workers = fc_workers_new(<int>threads)
-            if self._workers == NULL:
-                raise OSError(f"threads: cannot start {threads - 1} worker threads")
+        self._team = Team(threads)
         _live_pools.add(self)
 
     def __dealloc__(self):
         cdef Py_ssize_t t
-        fc_workers_free(self._workers)          # joins the workers first: they read the rest
+        self._team = None                       # joins the workers first: they read the rest
         if self._hbuf != NULL:
             for t in range(self.threads):
                 free(self._hbuf[t])
@@ -550,7 +518,7 @@ cdef class StatePool:
             if nparts == 1:
                 _step_part(&job, 0, 1)
             else:
-                fc_workers_run(self._workers, _step_part, &job, <int>nparts)
+                self._team.run(_step_part, &job, <int>nparts)
             pthread_mutex_unlock(&self._mu)
         return out
 
@@ -703,7 +671,7 @@ cdef class StatePool:
     # A process forked while another thread steps this pool would inherit _mu locked by a thread
     # that does not exist there. So every lock of every pool is taken around the fork (the hooks
     # below): the fork waits for a step in progress, and the child starts with the locks free
-    # (held by its one thread, which releases them) and steps on that thread alone (workers.h).
+    # (held by its one thread, which releases them) and steps on that thread alone (team.h).
 
     cdef void _fork_lock(self):
         _take(&self._mu)         # releases the GIL while it waits: the stepping thread needs it

@@ -5,7 +5,8 @@ knows models: it hands the pool a model's stepper (its kernels and initial state
 new model's with ``reload``. Every other method is the compiled one, called directly.
 """
 
-from fastcell_c.stream_pool import PoolFullError, StatePool, StreamIdError, max_threads
+from fastcell_c.stream_pool import PoolFullError, StatePool, StreamIdError
+from fastcell_c.team import max_threads
 
 __all__ = ["StreamPool", "StreamIdError", "PoolFullError", "max_threads"]
 
