@@ -2,15 +2,10 @@
 accounting holds (every frame served once, in its stream's order, every session opened and
 closed), and the results land in the output file. No timing is asserted."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the bench package
-
-import fastcell  # noqa: E402
+import fastcell
 
 if not hasattr(fastcell, "StreamPool"):
     pytest.skip("fastcell.StreamPool not available", allow_module_level=True)
