@@ -24,7 +24,6 @@ import gc
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -35,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-import bench.machine
 import bench.scenarios
 import bench.threads
+from bench.machine import machine_info
 from bench.models import LABELS, PARITY_TOL, REDUCED_TOL, check_parity, get_models, optional_import
 from bench.scenarios import (ALL_SCENARIOS, competitor, group_name, make_runner, runners_for,
                              single_threaded, split_competitor)
@@ -296,42 +295,6 @@ def cold_start(runs, log):
             f"first call {r['call']:.3f} s  total {r['total']:.3f} s  process wall {r['wall']:.3f} s  "
             f"peak RSS {r['rss_mb']:.0f} MB")
     return results
-
-
-# -- machine --
-
-def machine_info():
-    import scipy
-    from threadpoolctl import threadpool_info
-
-    import fastcell
-    from fastcell_c.platform import simd_level
-
-    cpu = bench.machine.read_cpuinfo()
-    simd = bench.machine.simd_flags(cpu) + [f"fastcell kernels: {simd_level()}"]
-    versions = {"python": platform.python_version(), "fastcell": fastcell.__version__,
-                "numpy": np.__version__, "scipy": scipy.__version__}
-    for name in ("torch", "onnxruntime", "onnx", "threadpoolctl"):
-        mod = optional_import(name)
-        versions[name] = getattr(mod, "__version__", "not installed") if mod else "not installed"
-    blas = []
-    for lib in threadpool_info():
-        if lib.get("user_api") != "blas":
-            continue
-        path = lib.get("filepath", "")
-        owner = next((p for p in ("scipy", "numpy", "torch") if f"/{p}" in path), "?")
-        blas.append(f"{lib.get('internal_api')} {lib.get('version')} "
-                    f"({lib.get('architecture', '?')} kernels, from {owner}: {os.path.basename(path)})")
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    try:
-        load = "%.2f %.2f %.2f" % os.getloadavg()
-    except OSError:
-        load = "?"
-    return {"cpu": bench.machine.describe(cpu), "simd": simd, "cores": os.cpu_count(), "usable_cores": affinity,
-            "versions": versions, "blas": blas, "os": platform.platform(), "load": load}
 
 
 # -- output --

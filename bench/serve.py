@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 import fastcell
+from bench.machine import machine_info
 from bench.models import PARITY_TOL, REDUCED_TOL, Models, Unavailable, optional_import
 
 HERE = Path(__file__).resolve().parent
@@ -949,9 +950,7 @@ def core_capacity(seconds=0.3):
 # -- output --
 
 def machine_line():
-    import bench.report
-
-    m = bench.report.machine_info()
+    m = machine_info()
     v = m["versions"]
     return (f"{m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable); SIMD: "
             f"{', '.join(m['simd'])}; load average at the end {m['load']}; "
