@@ -37,9 +37,10 @@ import numpy as np
 import bench.scenarios
 import bench.threads
 from bench.machine import machine_info
-from bench.models import LABELS, PARITY_TOL, REDUCED_TOL, check_parity, get_models, optional_import
-from bench.scenarios import (ALL_SCENARIOS, competitor, group_name, make_runner, runners_for,
-                             single_threaded, split_competitor)
+from bench.models import LABELS, optional_import
+from bench.parity import PARITY_TOL, REDUCED_TOL, check_parity, verify
+from bench.scenarios import (ALL_SCENARIOS, competitor, group_name, runners_for, single_threaded,
+                             split_competitor)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -95,41 +96,6 @@ def measure(fns, batch_ms, budget_s, min_rounds, max_rounds):
 def paired_ratio(num, den, num_steps=1, den_steps=1):
     """Median over rounds of (num per step) / (den per step)."""
     return statistics.median((a / num_steps) / (b / den_steps) for a, b in zip(num, den))
-
-
-def _max_abs_diff(got, want):
-    return max(float(np.max(np.abs(got[k] - want[k]))) for k in want if k in got)
-
-
-def verify(kind, sc, runners):
-    """The benchmarked calls themselves, checked once before timing: every float32 competitor
-    agrees with fastcell within PARITY_TOL; a reduced-format one is within REDUCED_TOL of
-    PyTorch's float32 model on the same weights and inputs (of fastcell's float32 model, which
-    agrees with it, where PyTorch is missing).
-
-    Returns (worst float32 difference, {reduced-format competitor: max abs error})."""
-    want = runners["fastcell"].results()
-    worst, errors, reference = 0.0, {}, None
-    for comp, r in runners.items():
-        library, fmt = split_competitor(comp)
-        if comp == "fastcell" or library == "floor" or not r.available:
-            continue
-        got = r.results()
-        if fmt == "float32":
-            d = _max_abs_diff(got, want)
-            if not d <= PARITY_TOL:
-                raise AssertionError(f"{comp} disagrees with fastcell on {LABELS[kind]} {sc.id}: {d:.3g}")
-            worst = max(worst, d)
-            continue
-        if reference is None:
-            ref = make_runner(get_models(kind, sc.I, sc.H), sc, "pytorch")
-            reference = ref.results() if ref.available else want
-            worst = max(worst, _max_abs_diff(want, reference))
-        errors[comp] = _max_abs_diff(got, reference)
-        if not errors[comp] <= REDUCED_TOL:
-            raise AssertionError(f"{comp} is {errors[comp]:.3g} from float32 on {LABELS[kind]} "
-                                 f"{sc.id}: not the same model")
-    return worst, errors
 
 
 def ratios(sc, samples, steps):
@@ -547,7 +513,7 @@ def write_markdown(path, rows, cold, machine, parity, args, elapsed, threads=())
     worst_bench = max((r["max_abs_diff"] for r in rows), default=0.0)
     L.append("Every float32 rival computes the same function as fastcell on the same weights and "
              f"inputs (tolerance {PARITY_TOL:g}): "
-             + ("`bench.models.check_parity()` max abs difference "
+             + ("`bench.parity.check_parity()` max abs difference "
                 + ", ".join(f"{NAMES[c]} {d:.1e}" for c, d in sorted(worst.items())) + "; "
                 if worst else "")
              + f"the benchmarked calls themselves, at every shape above: {worst_bench:.1e}"

@@ -47,7 +47,8 @@ import numpy as np
 
 import fastcell
 from bench.machine import machine_info
-from bench.models import PARITY_TOL, REDUCED_TOL, Models, Unavailable, optional_import
+from bench.models import Models, Unavailable, optional_import
+from bench.parity import PARITY_TOL, REDUCED_TOL
 
 HERE = Path(__file__).resolve().parent
 I = H = 128                 # Silero VAD's LSTMCell
