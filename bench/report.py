@@ -41,6 +41,7 @@ from bench.models import LABELS, optional_import
 from bench.parity import PARITY_TOL, REDUCED_TOL, check_parity, verify
 from bench.scenarios import (ALL_SCENARIOS, competitor, group_name, runners_for, single_threaded,
                              split_competitor)
+from bench.serving.report import section_of, splice
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -529,8 +530,6 @@ def write_markdown(path, rows, cold, machine, parity, args, elapsed, threads=())
     L.append(f"- {machine['os']}")
     L.append("")
     # bench/serve.py's section (between its markers) comes from its own run: carry it over.
-    from bench.serve import section_of, splice
-
     old = Path(path).read_text() if Path(path).exists() else ""
     Path(path).write_text(splice("\n".join(L), section_of(old)))
 
