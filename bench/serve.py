@@ -42,8 +42,7 @@ from pathlib import Path
 
 import bench.pool_step
 from bench.models import Models, Unavailable, optional_import
-from bench.serving import engines
-from bench.serving.engines import DEFAULT_BATCHER_DELAY, ENGINES, missing, select
+from bench.serving.engines import DEFAULT_BATCHER_DELAY, ENGINES, Setup, missing, select
 from bench.serving.harness import core_capacity, search, verify
 from bench.serving.load import H, I, make_table
 from bench.serving.report import held_str, section, splice, targets, write_chart
@@ -85,7 +84,6 @@ def main(argv=None):
             settings[key] = getattr(args, key)
     args.duration, args.warmup = settings["duration"], settings["warmup"]
     settings["min_tick"] = args.min_tick
-    engines.BATCHER_DELAY = args.batcher_delay
     specs = select(args.engines)
     if not specs:
         p.error(f"--engines {args.engines!r} matches no engine")
@@ -99,12 +97,11 @@ def main(argv=None):
     for name, why in skipped.items():
         log(f"skip {name}: {why}")
     specs = [s for s in specs if s.name not in skipped]
-    models = Models("lstm", I, H)
-    table = make_table()
+    setup = Setup(Models("lstm", I, H), make_table(), args.batcher_delay)
     runnable = []
     for s in specs:
         try:
-            s.build(models, 8, table).stop()
+            s.build(setup, 8).stop()
             runnable.append(s)
         except Unavailable as e:
             skipped[s.name] = str(e)
@@ -115,7 +112,7 @@ def main(argv=None):
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1), _inference_mode():
-        parity = {} if args.no_verify else verify(specs, models, table, log)
+        parity = {} if args.no_verify else verify(specs, setup, log)
         args.pool_step = bench.pool_step.measure(rounds=3 if args.quick else 20)
         for what, value, ok in bench.pool_step.targets(args.pool_step):
             log(f"pool step: {what}: {value}")
@@ -124,7 +121,7 @@ def main(argv=None):
             log(f"{s.name}: {s.label} ({s.kind}, {s.threads} thread{'s' * (s.threads > 1)})")
             capacity = core_capacity()
             log(f"{s.name}: the host gives {capacity:.2f} cores (two threads / one, just before)")
-            results[s.name] = search(s, models, table, settings, args.max_streams, log, args.start)
+            results[s.name] = search(s, setup, settings, args.max_streams, log, args.start)
             r = results[s.name]
             r["capacity"] = capacity
             log(f"{s.name}: largest N held {held_str(r)}")

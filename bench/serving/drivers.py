@@ -307,12 +307,13 @@ def run_batcher(engine, sched, table, record=False, drain=0.5):
                aborted)
 
 
-def run_engine(spec, models, sched, table, record=False, drain=0.5, min_tick=0.0):
-    engine = spec.build(models, _capacity(sched.streams), table)
+def run_engine(spec, setup, sched, record=False, drain=0.5, min_tick=0.0):
+    """The engine of spec, built from setup, through sched by the driver of its kind."""
+    engine = spec.build(setup, _capacity(sched.streams))
     try:
         if spec.kind == "per frame, Batcher":
-            return run_batcher(engine, sched, table, record, drain)
-        return run_ticks(engine, sched, table, record, drain, min_tick)
+            return run_batcher(engine, sched, setup.table, record, drain)
+        return run_ticks(engine, sched, setup.table, record, drain, min_tick)
     finally:
         if spec.kind != "per frame, Batcher":
             engine.stop()

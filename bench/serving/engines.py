@@ -7,8 +7,10 @@ kind (bench/serving/drivers.py) plays the schedule on it:
   call each (Python lists), writing each frame's result time into done.
 - "per frame, Batcher": submit(sid, frame) -> a Future per frame; close_stream(sid), where the
   engine has it, closes a stream behind its frames.
-Every engine has open() -> an int handle, close(handle) and stop(). A new engine is a class here
-and an EngineSpec in ENGINES (a new kind also needs its driver).
+Every engine has open() -> an int handle, close(handle) and stop(), and is built as
+cls(setup, spec, capacity): the models and frames of Setup, its EngineSpec's weight format and
+threads, room for capacity streams. A new engine is such a class here and an EngineSpec in
+ENGINES; a new kind also needs its driver.
 """
 
 import re
@@ -19,20 +21,30 @@ from dataclasses import dataclass
 import numpy as np
 
 import fastcell
-from bench.models import optional_import
+from bench.models import Models, optional_import
 from bench.serving.load import H, I
 
 # The Batcher's max_delay: 0 steps whatever is waiting at once, the tick loop's policy (its
 # default, 2 ms, spends that much of the 5 ms budget waiting for company). --batcher-delay.
 DEFAULT_BATCHER_DELAY = 0.0
-BATCHER_DELAY = DEFAULT_BATCHER_DELAY
+
+
+@dataclass
+class Setup:
+    """What every engine is built from: one set of weights in every library, the frames' data
+    (bench.serving.load.make_table) and the engines' options."""
+    models: Models
+    table: np.ndarray
+    batcher_delay: float = DEFAULT_BATCHER_DELAY
 
 
 class PoolEngine:
+    """fastcell's StreamPool: the due streams stepped by id in one call."""
     kind = "tick"
 
-    def __init__(self, model, capacity, threads):
-        self.pool = fastcell.StreamPool(model, capacity, threads=threads)
+    def __init__(self, setup, spec, capacity):
+        self.pool = fastcell.StreamPool(setup.models.fastcell(spec.fmt), capacity,
+                                        threads=spec.threads)
         self.open, self.close = self.pool.open, self.pool.close
 
     def step(self, ids, x, out):
@@ -46,11 +58,11 @@ class TorchEngine:
     """nn.LSTMCell batched by hand: gather the due streams' rows, one cell call, scatter back."""
     kind = "tick"
 
-    def __init__(self, cell, capacity, threads):
+    def __init__(self, setup, spec, capacity):
         torch = self.torch = optional_import("torch")
-        self.cell = cell
+        self.cell = setup.models.torch(step=True, fmt=spec.fmt)
         self.old_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)
+        torch.set_num_threads(spec.threads)
         self.h = torch.zeros(capacity, H)
         self.c = torch.zeros(capacity, H)
         self.free = list(range(capacity - 1, -1, -1))
@@ -151,12 +163,13 @@ class StreamStateEngine:
     """fastcell, one StreamState per stream, model.step one frame at a time."""
     kind = "per frame"
 
-    def __init__(self, model, table, threads):
+    def __init__(self, setup, spec, capacity):
+        model = setup.models.fastcell(spec.fmt)
         self.slots = Slots(lambda: model.new_state(1))
         self.open, self.close = self.slots.open, self.slots.close
         self.step1 = model.step
-        self.rows = list(table)          # row views made once, not per frame
-        self.split = Split(threads)
+        self.rows = list(setup.table)    # row views made once, not per frame
+        self.split = Split(spec.threads)
 
     def serve(self, ids, rows, frames, out_rows, done, t0, record):
         st, xs, step1, pc = self.slots.items, self.rows, self.step1, time.perf_counter
@@ -177,13 +190,13 @@ class OrtEngine:
     passed in and taken back as NumPy arrays."""
     kind = "per frame"
 
-    def __init__(self, session, table, threads):
+    def __init__(self, setup, spec, capacity):
         zero = np.zeros((1, 1, H), np.float32)
         self.slots = Slots(lambda: [zero, zero])
         self.open, self.close = self.slots.open, self.slots.close
-        self.run = session.run
-        self.rows = list(table.reshape(len(table), 1, 1, I))
-        self.split = Split(threads)
+        self.run = setup.models.ort_session(spec.fmt).run
+        self.rows = list(setup.table.reshape(len(setup.table), 1, 1, I))
+        self.split = Split(spec.threads)
 
     def serve(self, ids, rows, frames, out_rows, done, t0, record):
         st, xs, run, pc = self.slots.items, self.rows, self.run, time.perf_counter
@@ -220,10 +233,11 @@ class BatcherEngine:
     """fastcell's Batcher over a StreamPool: one submit() (and one Future) per frame."""
     kind = "per frame, Batcher"
 
-    def __init__(self, model, capacity, threads):
-        self.pool = fastcell.StreamPool(model, capacity, threads=threads)
+    def __init__(self, setup, spec, capacity):
+        self.pool = fastcell.StreamPool(setup.models.fastcell(spec.fmt), capacity,
+                                        threads=spec.threads)
         self.calls = 0
-        self.batcher = fastcell.Batcher(_Counted(self), max_delay=BATCHER_DELAY)
+        self.batcher = fastcell.Batcher(_Counted(self), max_delay=setup.batcher_delay)
         self.open, self.close, self.submit = self.pool.open, self.pool.close, self.batcher.submit
         # Closes the stream after the frames already submitted for it (a Future), if it can.
         self.close_stream = getattr(self.batcher, "close_stream", None)
@@ -236,59 +250,43 @@ class BatcherEngine:
 class EngineSpec:
     name: str
     label: str
-    kind: str
+    engine: type             # the engine's class, built as engine(setup, spec, capacity)
     threads: int
     fmt: str
-    build: object            # build(models, capacity, table) -> engine
     start: int               # the search's first N
     needs: tuple = ()
 
+    @property
+    def kind(self):
+        return self.engine.kind
 
-def _pool(fmt, threads):
-    return lambda m, cap, table: PoolEngine(m.fastcell(fmt), cap, threads)
-
-
-def _torch(threads):
-    return lambda m, cap, table: TorchEngine(m.torch(step=True), cap, threads)
-
-
-def _state(threads):
-    return lambda m, cap, table: StreamStateEngine(m.fastcell(), table, threads)
-
-
-def _ort(threads):
-    return lambda m, cap, table: OrtEngine(m.ort_session(), table, threads)
-
-
-def _batcher(threads):
-    return lambda m, cap, table: BatcherEngine(m.fastcell(), cap, threads)
+    def build(self, setup, capacity):
+        return self.engine(setup, self, capacity)
 
 
 ENGINES = [
-    EngineSpec("pool-t1", "fastcell StreamPool", "tick", 1, "float32", _pool("float32", 1), 2000,
+    EngineSpec("pool-t1", "fastcell StreamPool", PoolEngine, 1, "float32", 2000, ("StreamPool",)),
+    EngineSpec("pool-t2", "fastcell StreamPool", PoolEngine, 2, "float32", 2000, ("StreamPool",)),
+    EngineSpec("pool-int8-t1", "fastcell StreamPool int8", PoolEngine, 1, "int8", 2000,
                ("StreamPool",)),
-    EngineSpec("pool-t2", "fastcell StreamPool", "tick", 2, "float32", _pool("float32", 2), 2000,
+    EngineSpec("pool-int8-t2", "fastcell StreamPool int8", PoolEngine, 2, "int8", 2000,
                ("StreamPool",)),
-    EngineSpec("pool-int8-t1", "fastcell StreamPool int8", "tick", 1, "int8", _pool("int8", 1),
-               2000, ("StreamPool",)),
-    EngineSpec("pool-int8-t2", "fastcell StreamPool int8", "tick", 2, "int8", _pool("int8", 2),
-               2000, ("StreamPool",)),
-    EngineSpec("torch-t1", "PyTorch LSTMCell, batched by hand", "tick", 1, "float32", _torch(1),
-               1000, ("torch",)),
-    EngineSpec("torch-t2", "PyTorch LSTMCell, batched by hand", "tick", 2, "float32", _torch(2),
-               1000, ("torch",)),
-    EngineSpec("state-t1", "fastcell StreamState per stream", "per frame", 1, "float32",
-               _state(1), 500),
-    EngineSpec("state-t2", "fastcell StreamState per stream", "per frame", 2, "float32",
-               _state(2), 500),
-    EngineSpec("ort-t1", "ONNX Runtime, session.run per frame", "per frame", 1, "float32",
-               _ort(1), 250, ("onnxruntime", "onnx")),
-    EngineSpec("ort-t2", "ONNX Runtime, session.run per frame", "per frame", 2, "float32",
-               _ort(2), 250, ("onnxruntime", "onnx")),
-    EngineSpec("batcher-t1", "fastcell Batcher (submit per frame)", "per frame, Batcher", 1,
-               "float32", _batcher(1), 250, ("StreamPool", "Batcher")),
-    EngineSpec("batcher-t2", "fastcell Batcher (submit per frame)", "per frame, Batcher", 2,
-               "float32", _batcher(2), 250, ("StreamPool", "Batcher")),
+    EngineSpec("torch-t1", "PyTorch LSTMCell, batched by hand", TorchEngine, 1, "float32", 1000,
+               ("torch",)),
+    EngineSpec("torch-t2", "PyTorch LSTMCell, batched by hand", TorchEngine, 2, "float32", 1000,
+               ("torch",)),
+    EngineSpec("state-t1", "fastcell StreamState per stream", StreamStateEngine, 1, "float32",
+               500),
+    EngineSpec("state-t2", "fastcell StreamState per stream", StreamStateEngine, 2, "float32",
+               500),
+    EngineSpec("ort-t1", "ONNX Runtime, session.run per frame", OrtEngine, 1, "float32", 250,
+               ("onnxruntime", "onnx")),
+    EngineSpec("ort-t2", "ONNX Runtime, session.run per frame", OrtEngine, 2, "float32", 250,
+               ("onnxruntime", "onnx")),
+    EngineSpec("batcher-t1", "fastcell Batcher (submit per frame)", BatcherEngine, 1, "float32",
+               250, ("StreamPool", "Batcher")),
+    EngineSpec("batcher-t2", "fastcell Batcher (submit per frame)", BatcherEngine, 2, "float32",
+               250, ("StreamPool", "Batcher")),
 ]
 
 

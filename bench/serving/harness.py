@@ -77,10 +77,11 @@ def reference_outputs(model, sched, table):
     return outs
 
 
-def verify(specs, models, table, log, streams=12, seed=11):
+def verify(specs, setup, log, streams=12, seed=11):
     """Each engine on a short schedule with churn (time compressed: a frame every 4 ms, sessions
     of 0.15 s on average) against the reference. Returns {engine: (max abs diff, summary)}."""
     sched = make_schedule(streams, 0.0, 0.6, 0.15, seed=seed, period=0.004, jitter=0.0005)
+    models, table = setup.models, setup.table
     refs = {fmt: reference_outputs(models.fastcell(fmt), sched, table)
             for fmt in {s.fmt for s in specs}}
     ref32 = refs.get("float32")
@@ -88,7 +89,7 @@ def verify(specs, models, table, log, streams=12, seed=11):
         ref32 = reference_outputs(models.fastcell(), sched, table)
     out = {}
     for spec in specs:
-        run = run_engine(spec, models, sched, table, record=True, drain=2.0)
+        run = run_engine(spec, setup, sched, record=True, drain=2.0)
         summary = check_accounting(sched, run, complete=True)
         d = float(np.max(np.abs(run.outs - refs[spec.fmt])))
         exact = spec.name.startswith(("pool", "state", "batcher"))
@@ -111,10 +112,10 @@ def verify(specs, models, table, log, streams=12, seed=11):
     return out
 
 
-def trial(spec, models, table, streams, settings, seed):
+def trial(spec, setup, streams, settings, seed):
     sched = make_schedule(streams, settings["warmup"], settings["duration"],
                           settings["session_mean"], seed=seed)
-    run = run_engine(spec, models, sched, table, drain=settings["drain"],
+    run = run_engine(spec, setup, sched, drain=settings["drain"],
                      min_tick=settings["min_tick"])
     check_accounting(sched, run, complete=False)
     s = stats(sched, run)
@@ -129,7 +130,7 @@ def fmt_ms(x):
     return f"{x * 1e3:.2f} ms" if x < 1 else f"{x:.2f} s"
 
 
-def search(spec, models, table, settings, max_streams, log, start=None):
+def search(spec, setup, settings, max_streams, log, start=None):
     """Largest N held: doubling, then bisection (geometric) to the resolution. Every trial's
     statistics are kept (the chart)."""
     trials = []
@@ -137,7 +138,7 @@ def search(spec, models, table, settings, max_streams, log, start=None):
 
     def attempt(n):
         for r in range(settings["retries"] + 1):
-            s = trial(spec, models, table, n, settings, next(seed))
+            s = trial(spec, setup, n, settings, next(seed))
             s["retry"] = r
             trials.append(s)
             ok = held(s)

@@ -7,7 +7,6 @@ import time
 import bench.pool_step as ps
 from bench.machine import machine_info
 from bench.parity import PARITY_TOL
-from bench.serving import engines
 from bench.serving.harness import P99_LIMIT, fmt_ms, held
 from bench.serving.load import JITTER, PERIOD, H, I
 
@@ -126,7 +125,7 @@ def section(results, skipped, parity, args, settings, elapsed):
              "`model.step(x, state, out=...)` on a StreamState per stream, or ONNX Runtime's "
              "`session.run` of a one-step LSTM node (h and c in and out as NumPy arrays, "
              "`intra_op_num_threads = 1`). **Batcher**: "
-             f"`fastcell.Batcher(pool, max_delay={engines.BATCHER_DELAY:g})`; a producer thread calls "
+             f"`fastcell.Batcher(pool, max_delay={args.batcher_delay:g})`; a producer thread calls "
              "`batcher.submit(sid, frame)` for each frame at its scheduled time and "
              "`batcher.close_stream(sid)` at a session's end; a done-callback takes the result "
              "time. Threads: the pool's `threads`, `torch.set_num_threads`, or the per-frame "

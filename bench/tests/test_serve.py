@@ -87,7 +87,8 @@ def small_run():
     models, table = Models("lstm", load.I, load.H), load.make_table()
     sched = load.make_schedule(10, 0.0, 0.5, 0.1, seed=3, period=0.004, jitter=0.0005)
     spec = next(e for e in engines.ENGINES if e.name == "pool-t1")
-    return sched, drivers.run_engine(spec, models, sched, table, record=True, drain=2.0)
+    return sched, drivers.run_engine(spec, engines.Setup(models, table), sched, record=True,
+                                     drain=2.0)
 
 
 def test_accounting(small_run):
