@@ -63,7 +63,7 @@ class CpuWindow:
         return (self.c1 - self.c0) / (self.w1 - self.w0) if self.w1 > self.w0 else float("nan")
 
 
-def run_ticks(engine, sched, table, record=False, drain=0.5, min_tick=0.0):
+def run_ticks(engine, sched, table, record=False, drain=0.5, min_tick=0.0, abort_lag=ABORT_LAG):
     """The tick loop (tick and per-frame engines): open-loop, sleeps when nothing is due.
     min_tick > 0: ticks start at least that many seconds apart (bigger batches, less Python per
     frame, up to min_tick more latency); 0 steps whatever is due at once."""
@@ -170,8 +170,8 @@ def run_ticks(engine, sched, table, record=False, drain=0.5, min_tick=0.0):
                 outs[take] = ybuf[:n]
             ticks += 1
             oldest = t[backlog[0]] if len(backlog) else t[take][0]
-            if clock() - t0 - oldest > ABORT_LAG:
-                aborted = f"more than {ABORT_LAG:g} s behind"
+            if clock() - t0 - oldest > abort_lag:
+                aborted = f"more than {abort_lag:g} s behind"
                 break
             continue
         # Nothing due: finished, or sleep until the next frame (or open, or the end).
@@ -195,7 +195,7 @@ def run_ticks(engine, sched, table, record=False, drain=0.5, min_tick=0.0):
                aborted)
 
 
-def run_batcher(engine, sched, table, record=False, drain=0.5):
+def run_batcher(engine, sched, table, record=False, drain=0.5, abort_lag=ABORT_LAG):
     """A producer (this thread) submits each frame at its scheduled time; a done-callback records
     the result time. Closes wait until every frame of the stream has its result."""
     t, sess = sched.t, sched.sess
@@ -284,8 +284,8 @@ def run_batcher(engine, sched, table, record=False, drain=0.5):
         # The oldest frame without a result: the Batcher (or this producer) is that far behind.
         while oldest < ptr and done[oldest] == done[oldest]:
             oldest += 1
-        if oldest < ptr and now - t[oldest] > ABORT_LAG:
-            aborted = f"more than {ABORT_LAG:g} s behind"
+        if oldest < ptr and now - t[oldest] > abort_lag:
+            aborted = f"more than {abort_lag:g} s behind"
             break
         if ptr >= F and ((now >= end_t and not waiting_close and oldest >= F) or now >= stop_t):
             break
@@ -307,13 +307,13 @@ def run_batcher(engine, sched, table, record=False, drain=0.5):
                aborted)
 
 
-def run_engine(spec, setup, sched, record=False, drain=0.5, min_tick=0.0):
+def run_engine(spec, setup, sched, record=False, drain=0.5, min_tick=0.0, abort_lag=ABORT_LAG):
     """The engine of spec, built from setup, through sched by the driver of its kind."""
     engine = spec.build(setup, _capacity(sched.streams))
     try:
         if spec.kind == "per frame, Batcher":
-            return run_batcher(engine, sched, setup.table, record, drain)
-        return run_ticks(engine, sched, setup.table, record, drain, min_tick)
+            return run_batcher(engine, sched, setup.table, record, drain, abort_lag)
+        return run_ticks(engine, sched, setup.table, record, drain, min_tick, abort_lag)
     finally:
         if spec.kind != "per frame, Batcher":
             engine.stop()

@@ -18,6 +18,9 @@ from bench.serving.drivers import run_engine
 from bench.serving.load import PERIOD, H, I, make_schedule
 
 P99_LIMIT = 0.005
+# A complete run (the parity check) waits for its last frame however busy the machine is; only an
+# engine that stopped answering reaches this bound.
+COMPLETE_DRAIN = 60.0
 
 
 def check_accounting(sched, run, complete=True):
@@ -77,9 +80,17 @@ def reference_outputs(model, sched, table):
     return outs
 
 
+def run_complete(spec, setup, sched):
+    """The engine through sched with every output recorded, never stopped for falling behind:
+    whatever the machine's speed or load, every frame is served. (The schedules it runs have
+    fewer sessions than the engine has room for, so no open fails either.)"""
+    return run_engine(spec, setup, sched, record=True, drain=COMPLETE_DRAIN, abort_lag=math.inf)
+
+
 def verify(specs, setup, log, streams=12, seed=11):
     """Each engine on a short schedule with churn (time compressed: a frame every 4 ms, sessions
-    of 0.15 s on average) against the reference. Returns {engine: (max abs diff, summary)}."""
+    of 0.15 s on average) against the reference, and its accounting complete. Returns {engine:
+    check_accounting's summary, with max_abs_diff (and error_vs_float32 for a reduced format)}."""
     sched = make_schedule(streams, 0.0, 0.6, 0.15, seed=seed, period=0.004, jitter=0.0005)
     models, table = setup.models, setup.table
     refs = {fmt: reference_outputs(models.fastcell(fmt), sched, table)
@@ -89,7 +100,7 @@ def verify(specs, setup, log, streams=12, seed=11):
         ref32 = reference_outputs(models.fastcell(), sched, table)
     out = {}
     for spec in specs:
-        run = run_engine(spec, setup, sched, record=True, drain=2.0)
+        run = run_complete(spec, setup, sched)
         summary = check_accounting(sched, run, complete=True)
         d = float(np.max(np.abs(run.outs - refs[spec.fmt])))
         exact = spec.name.startswith(("pool", "state", "batcher"))
@@ -197,9 +208,11 @@ def core_capacity(seconds=0.3):
 
         def work(k):
             out = np.empty((rows, H), np.float32)
-            while time.perf_counter() < stop:
+            while True:     # at least one step, however late a busy machine starts the thread
                 pools[k].step(ids[k], x, out)
                 counts[k] += rows
+                if time.perf_counter() >= stop:
+                    break
         ts = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
         t0 = time.perf_counter()
         for t in ts:

@@ -1,6 +1,10 @@
 """bench/serve.py, the real-time serving benchmark, in a smoke run: its parity check passes, its
 accounting holds (every frame served once, in its stream's order, every session opened and
-closed), and the results land in the output file. No timing is asserted."""
+closed), and the results land in the output file.
+
+Nothing here may depend on the machine's speed or load: no timing, and not how many streams a
+search held (a busy machine holds fewer); the runs whose every frame is checked are complete
+runs (harness.run_complete), which wait for a late engine instead of stopping it."""
 
 import numpy as np
 import pytest
@@ -45,12 +49,14 @@ def test_parity_ran_and_passed(quick_run):
 
 
 def test_every_engine_searched(quick_run):
+    # Each trial checked its own accounting (harness.trial: no frame served twice or out of its
+    # stream's order); which N it tried and whether it held is the machine's business.
     _, result = quick_run
     for name in ENGINES:
         r = result["results"][name]
         assert r["trials"], name
         for s in r["trials"]:
-            assert s["frames"] > 0 and s["streams"] == 6
+            assert 1 <= s["streams"] <= 6 and s["frames"] > 0      # --max-streams 6 is the cap
             assert s["late"] >= 0 and s["dropped"] >= 0
 
 
@@ -87,8 +93,7 @@ def small_run():
     models, table = Models("lstm", load.I, load.H), load.make_table()
     sched = load.make_schedule(10, 0.0, 0.5, 0.1, seed=3, period=0.004, jitter=0.0005)
     spec = next(e for e in engines.ENGINES if e.name == "pool-t1")
-    return sched, drivers.run_engine(spec, engines.Setup(models, table), sched, record=True,
-                                     drain=2.0)
+    return sched, harness.run_complete(spec, engines.Setup(models, table), sched)
 
 
 def test_accounting(small_run):
