@@ -7,10 +7,12 @@ kind (bench/serving/drivers.py) plays the schedule on it:
   call each (Python lists), writing each frame's result time into done.
 - "per frame, Batcher": submit(sid, frame) -> a Future per frame; close_stream(sid), where the
   engine has it, closes a stream behind its frames.
-Every engine has open() -> an int handle, close(handle) and stop(), and is built as
-cls(setup, spec, capacity): the models and frames of Setup, its EngineSpec's weight format and
-threads, room for capacity streams. A new engine is such a class here and an EngineSpec in
-ENGINES; a new kind also needs its driver.
+Its class also says whether its outputs are fastcell's own bits (exact: it runs fastcell's
+kernels, and the parity check wants them bit for bit; else within PARITY_TOL). Every engine has
+open() -> an int handle, close(handle) and stop(), and is built as cls(setup, spec, capacity):
+the models, frames and options of a Setup, its EngineSpec's weight format and threads, room for
+capacity streams. A new engine is such a class here and an EngineSpec in ENGINES; a new kind
+also needs its driver.
 """
 
 import re
@@ -40,7 +42,7 @@ class Setup:
 
 class PoolEngine:
     """fastcell's StreamPool: the due streams stepped by id in one call."""
-    kind = "tick"
+    kind, exact = "tick", True
 
     def __init__(self, setup, spec, capacity):
         self.pool = fastcell.StreamPool(setup.models.fastcell(spec.fmt), capacity,
@@ -56,7 +58,7 @@ class PoolEngine:
 
 class TorchEngine:
     """nn.LSTMCell batched by hand: gather the due streams' rows, one cell call, scatter back."""
-    kind = "tick"
+    kind, exact = "tick", False
 
     def __init__(self, setup, spec, capacity):
         torch = self.torch = optional_import("torch")
@@ -161,7 +163,7 @@ class Slots:
 
 class StreamStateEngine:
     """fastcell, one StreamState per stream, model.step one frame at a time."""
-    kind = "per frame"
+    kind, exact = "per frame", True
 
     def __init__(self, setup, spec, capacity):
         model = setup.models.fastcell(spec.fmt)
@@ -188,7 +190,7 @@ class StreamStateEngine:
 class OrtEngine:
     """ONNX Runtime, one session.run of a one-step LSTM node per frame; each stream's h and c
     passed in and taken back as NumPy arrays."""
-    kind = "per frame"
+    kind, exact = "per frame", False
 
     def __init__(self, setup, spec, capacity):
         zero = np.zeros((1, 1, H), np.float32)
@@ -231,7 +233,7 @@ class _Counted:
 
 class BatcherEngine:
     """fastcell's Batcher over a StreamPool: one submit() (and one Future) per frame."""
-    kind = "per frame, Batcher"
+    kind, exact = "per frame, Batcher", True
 
     def __init__(self, setup, spec, capacity):
         self.pool = fastcell.StreamPool(setup.models.fastcell(spec.fmt), capacity,
@@ -259,6 +261,10 @@ class EngineSpec:
     @property
     def kind(self):
         return self.engine.kind
+
+    @property
+    def exact(self):
+        return self.engine.exact
 
     def build(self, setup, capacity):
         return self.engine(setup, self, capacity)

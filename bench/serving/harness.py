@@ -103,11 +103,10 @@ def verify(specs, setup, log, streams=12, seed=11):
         run = run_complete(spec, setup, sched)
         summary = check_accounting(sched, run, complete=True)
         d = float(np.max(np.abs(run.outs - refs[spec.fmt])))
-        exact = spec.name.startswith(("pool", "state", "batcher"))
-        if exact and d != 0:
+        if spec.exact and d != 0:
             raise AssertionError(f"{spec.name}: not bit-identical to fastcell's StreamState "
                                  f"(max abs diff {d:.3g})")
-        if not exact and not d <= PARITY_TOL:
+        if not spec.exact and not d <= PARITY_TOL:
             raise AssertionError(f"{spec.name}: {d:.3g} from fastcell (tolerance {PARITY_TOL:g})")
         if spec.fmt != "float32":
             e = float(np.max(np.abs(run.outs - ref32)))
