@@ -112,14 +112,45 @@ def build_torch(kind, w, step, fmt="float32"):
     if kind == "peephole":
         if fmt != "float32":
             raise Unavailable("PyTorch has no peephole LSTM to quantize")
-        from bench import torch_peephole
-        cls = torch_peephole.PeepholeLSTMCell if step else torch_peephole.PeepholeLSTM
-        return _load_torch(cls(I, H), w)
+        return _peephole_torch(torch, I, H, w, step)
     names = {"rnn": "RNN", "gru": "GRU", "lstm": "LSTM"}
     cls = getattr(torch.nn, names[kind] + ("Cell" if step else ""))
     kwargs = {"nonlinearity": "tanh"} if kind == "rnn" else {}
     module = _load_torch(cls(I, H, **kwargs), w, suffix="" if step else "_l0")
     return module if fmt == "float32" else _quantize_torch(torch, module)
+
+
+def _peephole_torch(torch, I, H, w, step):
+    """The peephole LSTM as a PyTorch user writes it, PyTorch having none: modules called like
+    nn.LSTMCell (step) or a one-layer nn.LSTM, whose forward is fastcell.torch's equations
+    (peephole_lstm_cell), the input projection of a whole sequence one matmul (as nn.LSTM does)
+    and the time loop Python.
+
+    Not fastcell.torch's modules as they are: a training reference, they check their arguments
+    and handle packed sequences, layers and directions on every call, work this column must not
+    time. Their parameters and names are kept (the subclasses only replace forward).
+    """
+    from fastcell.torch import PeepholeLSTMCell, peephole_lstm_cell
+
+    linear = torch.nn.functional.linear
+
+    class Cell(PeepholeLSTMCell):
+        def forward(self, x, hx):
+            h, c = hx
+            return peephole_lstm_cell(linear(x, self.weight_ih, self.bias_ih), h, c,
+                                      self.weight_hh, self.weight_ph, self.bias_hh)
+
+    class Layer(PeepholeLSTMCell):
+        def forward(self, x, hx):
+            h, c = hx[0][0], hx[1][0]
+            w_hh, w_ph, b_hh = self.weight_hh, self.weight_ph, self.bias_hh
+            ys = []
+            for gates_x in linear(x, self.weight_ih, self.bias_ih).unbind(0):
+                h, c = peephole_lstm_cell(gates_x, h, c, w_hh, w_ph, b_hh)
+                ys.append(h)
+            return torch.stack(ys), (h[None], c[None])
+
+    return _load_torch((Cell if step else Layer)(I, H), w)
 
 
 def _quantize_torch(torch, module):

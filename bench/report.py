@@ -446,7 +446,7 @@ def write_markdown(path, rows, cold, machine, parity, args, elapsed, threads=())
              "PyTorch: `nn.RNN`/`nn.GRU`/`nn.LSTM` for calls of T steps, "
              "`nn.RNNCell`/`nn.GRUCell`/`nn.LSTMCell` for a step, under `torch.inference_mode()`; "
              "the peephole LSTM has no PyTorch module, so its PyTorch column times the torch-ops "
-             "module `bench/torch_peephole.py` (a Python loop over time). "
+             "module `fastcell/torch.py` (a Python loop over time). "
              "ONNX Runtime: one RNN/GRU/LSTM node (`P` for the peepholes, "
              "`linear_before_reset = 1` for the GRU), `session.run`.\n")
     for mode in ("step", "sequence", "batch"):
