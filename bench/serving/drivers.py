@@ -63,6 +63,20 @@ class CpuWindow:
         return (self.c1 - self.c0) / (self.w1 - self.w0) if self.w1 > self.w0 else float("nan")
 
 
+def _start(engine, sched, record):
+    """What a driver keeps per frame (Run's done, hits, order and outs) and per session (handle,
+    -1 until opened), the sessions live when the clock starts already opened."""
+    F = len(sched.t)
+    done = np.full(F, np.nan)
+    hits = np.zeros(F, np.int32)
+    order = np.full(F, -1, np.int64)
+    outs = np.full((F, H), np.nan, np.float32) if record else None
+    handle = np.full(sched.sessions, -1, np.int64)
+    for g in sched.initial.tolist():
+        handle[g] = engine.open()
+    return done, hits, order, outs, handle
+
+
 def run_ticks(engine, sched, table, record=False, drain=0.5, min_tick=0.0, abort_lag=ABORT_LAG):
     """The tick loop (tick and per-frame engines): open-loop, sleeps when nothing is due.
     min_tick > 0: ticks start at least that many seconds apart (bigger batches, less Python per
@@ -70,21 +84,14 @@ def run_ticks(engine, sched, table, record=False, drain=0.5, min_tick=0.0, abort
     t, sess = sched.t, sched.sess
     F, S = len(t), sched.sessions
     mask = len(table) - 1
-    done = np.full(F, np.nan)
-    hits = np.zeros(F, np.int32)
-    order = np.full(F, -1, np.int64)
-    outs = np.full((F, H), np.nan, np.float32) if record else None
-    handle = np.full(S, -1, np.int64)
+    done, hits, order, outs, handle = _start(engine, sched, record)
     served = np.zeros(S, np.int64)
     cap = _capacity(sched.streams)
     xbuf = np.empty((cap, I), np.float32)
     ybuf = np.empty((cap, H), np.float32)
     out_rows = list(ybuf)
     batch = engine.kind == "tick"
-    opened = closed = ticks = steps = 0
-    for g in sched.initial.tolist():       # streams already live when the clock starts
-        handle[g] = engine.open()
-        opened += 1
+    opened, closed, ticks, steps = len(sched.initial), 0, 0, 0
     opens, closes = sched.opens, sched.closes
     o_ptr = c_ptr = ptr = 0
     waiting_close = []                      # due, but a frame of theirs is not served yet
@@ -202,11 +209,7 @@ def run_batcher(engine, sched, table, record=False, drain=0.5, abort_lag=ABORT_L
     F, S = len(t), sched.sessions
     mask = len(table) - 1
     rows = list(table)
-    done = np.full(F, np.nan)
-    hits = np.zeros(F, np.int32)
-    order = np.full(F, -1, np.int64)
-    outs = np.full((F, H), np.nan, np.float32) if record else None
-    handle = np.full(S, -1, np.int64)
+    done, hits, order, outs, handle = _start(engine, sched, record)
     counter = itertools.count()
     errors = []
     offsets = np.concatenate([[0], np.cumsum(np.bincount(sess[sched.by_sess], minlength=S))])
@@ -230,12 +233,9 @@ def run_batcher(engine, sched, table, record=False, drain=0.5, abort_lag=ABORT_L
     def all_done(g):
         return not np.isnan(done[sched.by_sess[offsets[g]:offsets[g + 1]]]).any()
 
-    opened = 0
+    opened = len(sched.initial)
     closes_done = []
     close_stream = getattr(engine, "close_stream", None)
-    for g in sched.initial.tolist():
-        handle[g] = engine.open()
-        opened += 1
     opens, closes = sched.opens, sched.closes
     o_ptr = c_ptr = ptr = oldest = 0
     waiting_close = []
