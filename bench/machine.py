@@ -1,4 +1,5 @@
-"""The machine line of bench/RESULTS.md: which CPU ran the benchmark, read from /proc/cpuinfo.
+"""The machine of bench/RESULTS.md (machine_info: the CPU, the cores, the BLAS and the versions
+of every library timed), and which CPU that is, read from /proc/cpuinfo.
 
 Intel and AMD both fill /proc/cpuinfo's "vendor_id", "model name", "cpu family", "model" and
 "flags", but their names say different things (a KVM guest on Intel often reports only
@@ -8,7 +9,16 @@ So the line names the vendor, the family and model numbers, and the flags one by
 infers one vendor's features from the other's.
 """
 
+import os
+import platform
 from pathlib import Path
+
+import numpy as np
+import scipy
+
+import fastcell
+from bench.models import optional_import
+from fastcell_c.platform import simd_level
 
 VENDORS = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD", "HygonGenuine": "Hygon"}
 
@@ -62,3 +72,35 @@ def read_cpuinfo(path="/proc/cpuinfo"):
         return parse_cpuinfo(Path(path).read_text())
     except OSError:
         return parse_cpuinfo("")
+
+
+def machine_info():
+    """{cpu, simd, cores, usable_cores, versions, blas, os, load} of this machine and process; load
+    is the load average now (the report calls it at the end of a run)."""
+    from threadpoolctl import threadpool_info
+
+    cpu = read_cpuinfo()
+    simd = simd_flags(cpu) + [f"fastcell kernels: {simd_level()}"]
+    versions = {"python": platform.python_version(), "fastcell": fastcell.__version__,
+                "numpy": np.__version__, "scipy": scipy.__version__}
+    for name in ("torch", "onnxruntime", "onnx", "threadpoolctl"):
+        mod = optional_import(name)
+        versions[name] = getattr(mod, "__version__", "not installed") if mod else "not installed"
+    blas = []
+    for lib in threadpool_info():
+        if lib.get("user_api") != "blas":
+            continue
+        path = lib.get("filepath", "")
+        owner = next((p for p in ("scipy", "numpy", "torch") if f"/{p}" in path), "?")
+        blas.append(f"{lib.get('internal_api')} {lib.get('version')} "
+                    f"({lib.get('architecture', '?')} kernels, from {owner}: {os.path.basename(path)})")
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    try:
+        load = "%.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        load = "?"
+    return {"cpu": describe(cpu), "simd": simd, "cores": os.cpu_count(), "usable_cores": affinity,
+            "versions": versions, "blas": blas, "os": platform.platform(), "load": load}

@@ -8,9 +8,8 @@ Runtime session holding a single RNN/GRU/LSTM node, each in a weight format:
   turns the LSTM node into com.microsoft's DynamicQuantizeLSTM.
 - "bf16": fastcell.quantize(cell, "bf16") (fastcell only).
 
-A benchmark against a competitor that computes something else is worthless, so check_parity()
-runs every float32 competitor on the same inputs and holds it to fastcell within PARITY_TOL; a
-reduced format is held to PyTorch's float32 model within REDUCED_TOL.
+A benchmark against a competitor that computes something else is worthless: bench/parity.py holds
+every model built here to fastcell's (float32) or to PyTorch's float32 one (a reduced format).
 
 PyTorch and ONNX Runtime (and their quantization) are optional: a missing one makes its column
 "n/a", never an error (the builders raise Unavailable, saying why).
@@ -30,12 +29,7 @@ import fastcell
 KINDS = ("rnn", "gru", "lstm", "peephole")
 GATES = {"rnn": 1, "gru": 3, "lstm": 4, "peephole": 4}
 LABELS = {"rnn": "RNN tanh", "gru": "GRU", "lstm": "LSTM", "peephole": "peephole LSTM"}
-PARITY_TOL = 1e-4
-
 WEIGHT_FORMATS = ("float32", "int8", "bf16")
-# A reduced model further than this (max abs difference of outputs and states, which lie in
-# [-1, 1] for h) from PyTorch's float32 model on the same weights computes something else.
-REDUCED_TOL = 0.1
 
 # ONNX's gate blocks as indices into PyTorch's (SPEC.md "Other conventions"): GRU r,z,n -> z,r,h;
 # LSTM i,f,g,o -> i,o,f,c; peepholes p_i,p_f,p_o -> p_i,p_o,p_f.
@@ -118,14 +112,45 @@ def build_torch(kind, w, step, fmt="float32"):
     if kind == "peephole":
         if fmt != "float32":
             raise Unavailable("PyTorch has no peephole LSTM to quantize")
-        from bench import torch_peephole
-        cls = torch_peephole.PeepholeLSTMCell if step else torch_peephole.PeepholeLSTM
-        return _load_torch(cls(I, H), w)
+        return _peephole_torch(torch, I, H, w, step)
     names = {"rnn": "RNN", "gru": "GRU", "lstm": "LSTM"}
     cls = getattr(torch.nn, names[kind] + ("Cell" if step else ""))
     kwargs = {"nonlinearity": "tanh"} if kind == "rnn" else {}
     module = _load_torch(cls(I, H, **kwargs), w, suffix="" if step else "_l0")
     return module if fmt == "float32" else _quantize_torch(torch, module)
+
+
+def _peephole_torch(torch, I, H, w, step):
+    """The peephole LSTM as a PyTorch user writes it, PyTorch having none: modules called like
+    nn.LSTMCell (step) or a one-layer nn.LSTM, whose forward is fastcell.torch's equations
+    (peephole_lstm_cell), the input projection of a whole sequence one matmul (as nn.LSTM does)
+    and the time loop Python.
+
+    Not fastcell.torch's modules as they are: a training reference, they check their arguments
+    and handle packed sequences, layers and directions on every call, work this column must not
+    time. Their parameters and names are kept (the subclasses only replace forward).
+    """
+    from fastcell.torch import PeepholeLSTMCell, peephole_lstm_cell
+
+    linear = torch.nn.functional.linear
+
+    class Cell(PeepholeLSTMCell):
+        def forward(self, x, hx):
+            h, c = hx
+            return peephole_lstm_cell(linear(x, self.weight_ih, self.bias_ih), h, c,
+                                      self.weight_hh, self.weight_ph, self.bias_hh)
+
+    class Layer(PeepholeLSTMCell):
+        def forward(self, x, hx):
+            h, c = hx[0][0], hx[1][0]
+            w_hh, w_ph, b_hh = self.weight_hh, self.weight_ph, self.bias_hh
+            ys = []
+            for gates_x in linear(x, self.weight_ih, self.bias_ih).unbind(0):
+                h, c = peephole_lstm_cell(gates_x, h, c, w_hh, w_ph, b_hh)
+                ys.append(h)
+            return torch.stack(ys), (h[None], c[None])
+
+    return _load_torch((Cell if step else Layer)(I, H), w)
 
 
 def _quantize_torch(torch, module):
@@ -285,39 +310,3 @@ class Models:
 def get_models(kind, input_size, hidden_size):
     """Models are built once per process and shared by every benchmark of that size."""
     return Models(kind, input_size, hidden_size)
-
-
-# Shapes check_parity() covers: a long batch-1 sequence (errors compound over time), a batched
-# sequence and a batched step, at the benchmark's smallest and a larger H.
-PARITY_CASES = (("sequence", 100, 1, 64), ("sequence", 20, 3, 256), ("step", 1, 2, 64))
-
-
-def check_parity(kinds=KINDS, cases=PARITY_CASES, tol=PARITY_TOL):
-    """Runs PyTorch and ONNX Runtime against fastcell on the same weights, inputs and states.
-
-    Returns {(kind, case, competitor): max abs difference over outputs and final states};
-    raises AssertionError naming every pair beyond tol. Missing competitors are left out.
-    """
-    from bench.scenarios import COMPETITORS, Scenario, make_runner
-
-    diffs, bad = {}, []
-    for kind in kinds:
-        for mode, T, B, H in cases:
-            sc = Scenario(mode, T, B, H)
-            m = Models(kind, H, H, seed=1)
-            want = make_runner(m, sc, "fastcell").results()
-            for comp in COMPETITORS:
-                if comp in ("fastcell", "floor"):
-                    continue
-                r = make_runner(m, sc, comp)
-                if not r.available:
-                    continue
-                got = r.results()
-                d = max(float(np.max(np.abs(got[k] - want[k]))) for k in want if k in got)
-                diffs[(kind, sc.id, comp)] = d
-                if not d <= tol:
-                    bad.append(f"{comp} vs fastcell, {LABELS[kind]} {sc.id}: max abs diff {d:.3g}")
-    if bad:
-        raise AssertionError("competitor models disagree with fastcell (tol %g):\n  %s"
-                             % (tol, "\n  ".join(bad)))
-    return diffs

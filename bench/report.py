@@ -24,7 +24,6 @@ import gc
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -35,12 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-import bench.machine
 import bench.scenarios
 import bench.threads
-from bench.models import LABELS, PARITY_TOL, REDUCED_TOL, check_parity, get_models, optional_import
-from bench.scenarios import (ALL_SCENARIOS, competitor, group_name, make_runner, runners_for,
-                             single_threaded, split_competitor)
+from bench.machine import machine_info
+from bench.models import LABELS, optional_import
+from bench.parity import PARITY_TOL, REDUCED_TOL, check_parity, verify
+from bench.scenarios import (ALL_SCENARIOS, competitor, group_name, runners_for, single_threaded,
+                             split_competitor)
+from bench.serving.report import section_of, splice
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -96,41 +97,6 @@ def measure(fns, batch_ms, budget_s, min_rounds, max_rounds):
 def paired_ratio(num, den, num_steps=1, den_steps=1):
     """Median over rounds of (num per step) / (den per step)."""
     return statistics.median((a / num_steps) / (b / den_steps) for a, b in zip(num, den))
-
-
-def _max_abs_diff(got, want):
-    return max(float(np.max(np.abs(got[k] - want[k]))) for k in want if k in got)
-
-
-def verify(kind, sc, runners):
-    """The benchmarked calls themselves, checked once before timing: every float32 competitor
-    agrees with fastcell within PARITY_TOL; a reduced-format one is within REDUCED_TOL of
-    PyTorch's float32 model on the same weights and inputs (of fastcell's float32 model, which
-    agrees with it, where PyTorch is missing).
-
-    Returns (worst float32 difference, {reduced-format competitor: max abs error})."""
-    want = runners["fastcell"].results()
-    worst, errors, reference = 0.0, {}, None
-    for comp, r in runners.items():
-        library, fmt = split_competitor(comp)
-        if comp == "fastcell" or library == "floor" or not r.available:
-            continue
-        got = r.results()
-        if fmt == "float32":
-            d = _max_abs_diff(got, want)
-            if not d <= PARITY_TOL:
-                raise AssertionError(f"{comp} disagrees with fastcell on {LABELS[kind]} {sc.id}: {d:.3g}")
-            worst = max(worst, d)
-            continue
-        if reference is None:
-            ref = make_runner(get_models(kind, sc.I, sc.H), sc, "pytorch")
-            reference = ref.results() if ref.available else want
-            worst = max(worst, _max_abs_diff(want, reference))
-        errors[comp] = _max_abs_diff(got, reference)
-        if not errors[comp] <= REDUCED_TOL:
-            raise AssertionError(f"{comp} is {errors[comp]:.3g} from float32 on {LABELS[kind]} "
-                                 f"{sc.id}: not the same model")
-    return worst, errors
 
 
 def ratios(sc, samples, steps):
@@ -296,42 +262,6 @@ def cold_start(runs, log):
             f"first call {r['call']:.3f} s  total {r['total']:.3f} s  process wall {r['wall']:.3f} s  "
             f"peak RSS {r['rss_mb']:.0f} MB")
     return results
-
-
-# -- machine --
-
-def machine_info():
-    import scipy
-    from threadpoolctl import threadpool_info
-
-    import fastcell
-    from fastcell_c.platform import simd_level
-
-    cpu = bench.machine.read_cpuinfo()
-    simd = bench.machine.simd_flags(cpu) + [f"fastcell kernels: {simd_level()}"]
-    versions = {"python": platform.python_version(), "fastcell": fastcell.__version__,
-                "numpy": np.__version__, "scipy": scipy.__version__}
-    for name in ("torch", "onnxruntime", "onnx", "threadpoolctl"):
-        mod = optional_import(name)
-        versions[name] = getattr(mod, "__version__", "not installed") if mod else "not installed"
-    blas = []
-    for lib in threadpool_info():
-        if lib.get("user_api") != "blas":
-            continue
-        path = lib.get("filepath", "")
-        owner = next((p for p in ("scipy", "numpy", "torch") if f"/{p}" in path), "?")
-        blas.append(f"{lib.get('internal_api')} {lib.get('version')} "
-                    f"({lib.get('architecture', '?')} kernels, from {owner}: {os.path.basename(path)})")
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    try:
-        load = "%.2f %.2f %.2f" % os.getloadavg()
-    except OSError:
-        load = "?"
-    return {"cpu": bench.machine.describe(cpu), "simd": simd, "cores": os.cpu_count(), "usable_cores": affinity,
-            "versions": versions, "blas": blas, "os": platform.platform(), "load": load}
 
 
 # -- output --
@@ -516,7 +446,7 @@ def write_markdown(path, rows, cold, machine, parity, args, elapsed, threads=())
              "PyTorch: `nn.RNN`/`nn.GRU`/`nn.LSTM` for calls of T steps, "
              "`nn.RNNCell`/`nn.GRUCell`/`nn.LSTMCell` for a step, under `torch.inference_mode()`; "
              "the peephole LSTM has no PyTorch module, so its PyTorch column times the torch-ops "
-             "module `bench/torch_peephole.py` (a Python loop over time). "
+             "module `fastcell/torch.py` (a Python loop over time). "
              "ONNX Runtime: one RNN/GRU/LSTM node (`P` for the peepholes, "
              "`linear_before_reset = 1` for the GRU), `session.run`.\n")
     for mode in ("step", "sequence", "batch"):
@@ -584,7 +514,7 @@ def write_markdown(path, rows, cold, machine, parity, args, elapsed, threads=())
     worst_bench = max((r["max_abs_diff"] for r in rows), default=0.0)
     L.append("Every float32 rival computes the same function as fastcell on the same weights and "
              f"inputs (tolerance {PARITY_TOL:g}): "
-             + ("`bench.models.check_parity()` max abs difference "
+             + ("`bench.parity.check_parity()` max abs difference "
                 + ", ".join(f"{NAMES[c]} {d:.1e}" for c, d in sorted(worst.items())) + "; "
                 if worst else "")
              + f"the benchmarked calls themselves, at every shape above: {worst_bench:.1e}"
@@ -600,8 +530,6 @@ def write_markdown(path, rows, cold, machine, parity, args, elapsed, threads=())
     L.append(f"- {machine['os']}")
     L.append("")
     # bench/serve.py's section (between its markers) comes from its own run: carry it over.
-    from bench.serve import section_of, splice
-
     old = Path(path).read_text() if Path(path).exists() else ""
     Path(path).write_text(splice("\n".join(L), section_of(old)))
 

@@ -1,13 +1,7 @@
 """The benchmark's machine line names Intel and AMD CPUs correctly (bench/machine.py): both
 vendors' /proc/cpuinfo, as each really writes it."""
 
-import importlib.util
-from pathlib import Path
-
-spec = importlib.util.spec_from_file_location(
-    "bench_machine", Path(__file__).resolve().parent.parent / "bench" / "machine.py")
-machine = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(machine)
+from bench import machine
 
 # A 2-vCPU AMD EPYC (Zen 4) cloud guest, first processor (flags shortened to the SIMD ones and
 # their neighbours; AMD lists no avx_vnni, and says "TLB size" and "power management" its way).

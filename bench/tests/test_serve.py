@@ -1,27 +1,27 @@
 """bench/serve.py, the real-time serving benchmark, in a smoke run: its parity check passes, its
 accounting holds (every frame served once, in its stream's order, every session opened and
-closed), and the results land in the output file. No timing is asserted."""
+closed), and the results land in the output file.
 
-import sys
-from pathlib import Path
+Nothing here may depend on the machine's speed or load: no timing, and not how many streams a
+search held (a busy machine holds fewer); the runs whose every frame is checked are complete
+runs (harness.run_complete), which wait for a late engine instead of stopping it."""
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the bench package
-
-import fastcell  # noqa: E402
+import fastcell
 
 if not hasattr(fastcell, "StreamPool"):
     pytest.skip("fastcell.StreamPool not available", allow_module_level=True)
 
 from bench import serve  # noqa: E402
 from bench.models import Models, optional_import  # noqa: E402
+from bench.serving import drivers, engines, harness, load, report  # noqa: E402
 
 # Two fastcell engines always; the others where their library (or fastcell API) is there.
 ENGINES = ["pool-t1", "pool-int8-t2", "state-t2"]
 for name in ("torch-t1", "ort-t1", "batcher-t1"):
-    if serve.missing(next(e for e in serve.ENGINES if e.name == name)) is None:
+    if engines.missing(next(e for e in engines.ENGINES if e.name == name)) is None:
         ENGINES.append(name)
 
 
@@ -49,12 +49,14 @@ def test_parity_ran_and_passed(quick_run):
 
 
 def test_every_engine_searched(quick_run):
+    # Each trial checked its own accounting (harness.trial: no frame served twice or out of its
+    # stream's order); which N it tried and whether it held is the machine's business.
     _, result = quick_run
     for name in ENGINES:
         r = result["results"][name]
         assert r["trials"], name
         for s in r["trials"]:
-            assert s["frames"] > 0 and s["streams"] == 6
+            assert 1 <= s["streams"] <= 6 and s["frames"] > 0      # --max-streams 6 is the cap
             assert s["late"] >= 0 and s["dropped"] >= 0
 
 
@@ -62,11 +64,11 @@ def test_results_in_output_file(quick_run):
     out, result = quick_run
     text = (out / "RESULTS.md").read_text()
     assert text.startswith("# results\n\nother sections\n")       # the rest is left alone
-    assert text.count(serve.BEGIN) == 1 and text.count(serve.END) == 1
-    block = serve.section_of(text)
+    assert text.count(report.BEGIN) == 1 and text.count(report.END) == 1
+    block = report.section_of(text)
     assert "python -m bench.serve --quick" in block
     for name in ENGINES:
-        spec = next(e for e in serve.ENGINES if e.name == name)
+        spec = next(e for e in engines.ENGINES if e.name == name)
         assert f"| {spec.label} | `{name}` | {spec.kind} | {spec.threads} |" in block
     if optional_import("matplotlib") is not None:   # the chart needs it (bench/requirements.txt)
         assert (out / "serve.png").stat().st_size > 0
@@ -75,22 +77,23 @@ def test_results_in_output_file(quick_run):
 
 
 def test_splice_replaces_the_section():
-    first = serve.splice("# r\n\nbody\n", f"{serve.BEGIN}\nold\n{serve.END}\n")
-    again = serve.splice(first, f"{serve.BEGIN}\nnew\n{serve.END}\n")
-    assert again.count(serve.BEGIN) == 1 and "new" in again and "old" not in again
+    first = report.splice("# r\n\nbody\n", f"{report.BEGIN}\nold\n{report.END}\n")
+    again = report.splice(first, f"{report.BEGIN}\nnew\n{report.END}\n")
+    assert again.count(report.BEGIN) == 1 and "new" in again and "old" not in again
     assert again.startswith("# r\n\nbody\n")
     # What bench/report.py does when it rewrites RESULTS.md: the section is carried over.
-    assert serve.splice("# rewritten\n", serve.section_of(again)).endswith(serve.section_of(again))
-    assert serve.splice("# rewritten\n", serve.section_of("# no section\n")) == "# rewritten\n"
+    kept = report.section_of(again)
+    assert report.splice("# rewritten\n", kept).endswith(kept)
+    assert report.splice("# rewritten\n", report.section_of("# no section\n")) == "# rewritten\n"
 
 
 @pytest.fixture(scope="module")
 def small_run():
     """pool-t1 on a short, time-compressed schedule with churn, outputs recorded."""
-    models, table = Models("lstm", serve.I, serve.H), serve.make_table()
-    sched = serve.make_schedule(10, 0.0, 0.5, 0.1, seed=3, period=0.004, jitter=0.0005)
-    spec = next(e for e in serve.ENGINES if e.name == "pool-t1")
-    return sched, serve.run_engine(spec, models, sched, table, record=True, drain=2.0)
+    models, table = Models("lstm", load.I, load.H), load.make_table()
+    sched = load.make_schedule(10, 0.0, 0.5, 0.1, seed=3, period=0.004, jitter=0.0005)
+    spec = next(e for e in engines.ENGINES if e.name == "pool-t1")
+    return sched, harness.run_complete(spec, engines.Setup(models, table), sched)
 
 
 def test_accounting(small_run):
@@ -105,7 +108,7 @@ def test_accounting(small_run):
         assert np.all(np.diff(run.order[frames]) > 0)       # in order, never two in one tick
     assert run.opened == sched.sessions
     assert run.closed == len(sched.closes) > 0
-    serve.check_accounting(sched, run)
+    harness.check_accounting(sched, run)
 
 
 def test_accounting_catches_mistakes(small_run):
@@ -115,25 +118,25 @@ def test_accounting_catches_mistakes(small_run):
     twice = dataclasses.replace(run, hits=run.hits.copy())
     twice.hits[5] = 2
     with pytest.raises(AssertionError, match="twice"):
-        serve.check_accounting(sched, twice)
+        harness.check_accounting(sched, twice)
     g = np.bincount(sched.sess).argmax()
     a, b = sorted(np.flatnonzero(sched.sess == g), key=lambda i: sched.seq[i])[:2]
     swapped = dataclasses.replace(run, order=run.order.copy())
     swapped.order[[a, b]] = swapped.order[[b, a]]
     with pytest.raises(AssertionError, match="order"):
-        serve.check_accounting(sched, swapped)
+        harness.check_accounting(sched, swapped)
     lost = dataclasses.replace(run, done=run.done.copy(), hits=run.hits.copy())
     lost.done[b], lost.hits[b] = np.nan, 0
     with pytest.raises(AssertionError, match="skipped|never served"):
-        serve.check_accounting(sched, lost)
+        harness.check_accounting(sched, lost)
     unclosed = dataclasses.replace(run, closed=run.closed - 1)
     with pytest.raises(AssertionError, match="closed"):
-        serve.check_accounting(sched, unclosed)
+        harness.check_accounting(sched, unclosed)
 
 
 def test_latency_accounting_is_open_loop():
     """A frame served late is charged from its scheduled arrival; one never served is dropped."""
-    sched = serve.make_schedule(4, 0.1, 0.2, 10.0, seed=5)
+    sched = load.make_schedule(4, 0.1, 0.2, 10.0, seed=5)
     F = len(sched.t)
     m = sched.measured()
     done = sched.t + 0.001
@@ -141,21 +144,21 @@ def test_latency_accounting_is_open_loop():
     done[late] = sched.t[late] + 0.040          # beyond the 32 ms frame period
     dropped = np.flatnonzero(m)[1]
     done[dropped] = np.nan
-    run = serve.Run(done, np.ones(F, np.int32), np.arange(F), None, 4, 0, F, F, 0.5)
-    s = serve.stats(sched, run)
+    run = drivers.Run(done, np.ones(F, np.int32), np.arange(F), None, 4, 0, F, F, 0.5)
+    s = harness.stats(sched, run)
     assert s["late"] == 1 and s["dropped"] == 1 and s["max"] == np.inf
     assert abs(s["p50"] - 0.001) < 1e-9
-    assert not serve.held(s)
+    assert not harness.held(s)
 
 
 def test_report_keeps_the_section(tmp_path, quick_run):
     """bench/report.py rewrites RESULTS.md wholesale; the serve section survives it."""
-    from bench import report
+    import bench.report
 
     out, _ = quick_run
     (tmp_path / "RESULTS.md").write_text((out / "RESULTS.md").read_text())
-    report.main(["--quick", "--no-cold-start", "--only", "^step T=1 B=1 H=64 RNN",
+    bench.report.main(["--quick", "--no-cold-start", "--only", "^step T=1 B=1 H=64 RNN",
                  "--out-dir", str(tmp_path)])
     text = (tmp_path / "RESULTS.md").read_text()
     assert text.startswith("# fastcell benchmark results")
-    assert serve.section_of(text) == serve.section_of((out / "RESULTS.md").read_text()) != ""
+    assert report.section_of(text) == report.section_of((out / "RESULTS.md").read_text()) != ""

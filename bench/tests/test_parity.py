@@ -5,8 +5,8 @@ benchmark against a wrong model is worthless)."""
 import numpy as np
 import pytest
 
-from bench.models import KINDS, PARITY_TOL, REDUCED_TOL, check_parity
-from bench.report import verify
+from bench.models import KINDS
+from bench.parity import PARITY_TOL, REDUCED_TOL, check_parity, verify
 from bench.scenarios import REDUCED_SCENARIOS, SCENARIOS, runners_for
 
 
@@ -37,7 +37,7 @@ def test_benchmarked_calls_agree(kind):
 @pytest.mark.parametrize("sc", [sc for sc in REDUCED_SCENARIOS if sc.H <= 128],
                          ids=lambda sc: sc.id)
 def test_reduced_formats_are_the_same_model(sc):
-    # The benchmarked int8 and bf16 calls, against PyTorch's float32 model (bench.report.verify
+    # The benchmarked int8 and bf16 calls, against PyTorch's float32 model (bench.parity.verify
     # raises beyond REDUCED_TOL); fastcell's own are always there.
     for kind in sc.kinds:
         _, errors = verify(kind, sc, runners_for(kind, sc))

@@ -1,5 +1,6 @@
-"""Benchmarks run only when asked for: `python -m pytest bench -q` (the repository's testpaths is
-tests/, so a plain `pytest` never collects them). Float32, one thread on every side."""
+"""Benchmarks run only when asked for: `python -m pytest bench/suites -q` (the repository's
+testpaths, tests/ and bench/tests/, leave this folder out, so a plain `pytest` never collects
+them). Float32, one thread on every side."""
 
 import pytest
 
