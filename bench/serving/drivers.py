@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import fastcell
+
 from bench.serving.load import H, I
 
 ABORT_LAG = 1.0             # a trial this far behind has failed: stop it rather than wait
@@ -261,10 +263,15 @@ def run_batcher(engine, sched, table, record=False, drain=0.5, abort_lag=ABORT_L
         # Opens, then frames, then closes: a close goes behind its stream's last frame.
         k = int(np.searchsorted(t, now, "right"))
         if k > ptr:
-            for i, g in zip(range(ptr, k), sess[ptr:k].tolist()):
-                fut = submit(int(ids[g]), rows[i & mask])
-                fut.add_done_callback(functools.partial(finished, i))
-            ptr = k
+            try:
+                for i, g in zip(range(ptr, k), sess[ptr:k].tolist()):
+                    fut = submit(int(ids[g]), rows[i & mask])
+                    fut.add_done_callback(functools.partial(finished, i))
+                    ptr = i + 1
+            except fastcell.BatcherFullError as e:   # a service would refuse this frame
+                aborted = f"the Batcher refused a frame ({e})"
+        if aborted:
+            break
         while c_ptr < len(closes) and sched.end[closes[c_ptr]] <= now:
             g = int(closes[c_ptr])
             if close_stream is not None:

@@ -225,6 +225,7 @@ class _Counted:
         self._engine, self._pool = engine, engine.pool
         self.input_size, self.output_size = self._pool.input_size, self._pool.output_size
         self.dtype, self.close = self._pool.dtype, self._pool.close
+        self.capacity = self._pool.capacity     # so the Batcher's bound is a pool's default
 
     def step(self, ids, x, out=None):
         self._engine.calls += 1
