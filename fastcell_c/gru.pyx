@@ -4,13 +4,16 @@
 #   h W_hh^T into its own buffer R (beta = 0) and the fused pass reads G and R.
 # reset_before: n needs W_hn (r * h), so a step is a product for r, z into G (beta = 1), a pass
 #   that makes r * h, a product for n into G (beta = 1), and a pass that updates h.
+from libc.string cimport memcpy
 from cython cimport floating
 
 from fastcell_c.packed cimport (FC_GRU_RESET_AFTER, FC_GRU_RESET_BEFORE_GATES,
                                 FC_GRU_RESET_BEFORE_UPDATE, fc_mat)
 from fastcell_c.platform cimport gate_pass
 from fastcell_c.products cimport matmul_p
-from fastcell_c.walk cimport Walk, backward, begin_step, project_inputs, write_outputs
+from fastcell_c.walk cimport (Slice, Walk, backward, begin_step, carry_rows, cols_product, meet,
+                              own_final, project_inputs, project_own, write_outputs,
+                              write_own_outputs)
 from fastcell_c.gates cimport gru_reset_after, gru_reset_before_gates, gru_reset_before_update
 from fastcell_c.kernel cimport Kernel
 
@@ -49,6 +52,55 @@ cdef void gru_walk(Walk* w, const floating* x, int I, int H, int S, int width,
         write_outputs(w, s, h, H, out)
 
 
+cdef void gru_units(Walk* w, const floating* x, int I, int H, int S, int width,
+                    bint reset_after, const void** gates, const fc_mat* wm, int split,
+                    const floating* bias, const floating* b_hn, floating* h, floating* out,
+                    floating* work, const Slice* sl) noexcept nogil:
+    """gru_walk, one part's hidden units of it (walk.pxd "a step split by hidden units"). The
+    reset-before form's n product needs every unit's r * h: two barriers a step."""
+    cdef Py_ssize_t s, j, ldg
+    cdef int u0 = sl.u0, u1 = sl.u1, nu = sl.u1 - sl.u0
+    cdef floating* g
+    cdef floating* G = work
+    cdef floating* R = G + w.T * w.B * width
+    cdef floating* cur = h
+    cdef floating* nxt = <floating*>sl.h_alt
+    cdef floating* t
+    project_own(w, x, I, wm, 3 if reset_after else 2, 0 if reset_after else 1, S, split, width,
+                G, R + w.B * width, sl)
+    for s in range(w.T):
+        begin_step(w, s)
+        g = G + w.g_row * width
+        ldg = w.g_ld * width
+        for j in range(w.n):        # its units' old h, which the passes update in place
+            memcpy(nxt + j * H + u0, cur + j * H + u0, nu * sizeof(floating))
+        if reset_after:                                                      # R = h W_hh^T
+            cols_product(<int>w.n, 3, S, sl, H, cur, H, wm, I, False, R, width, backward(w, s),
+                         w.qwork)
+            for j in range(w.n):
+                gru_reset_after(gates[0], nu, S, g + j * ldg + u0, R + j * width + u0, bias + u0,
+                                b_hn + u0, nxt + j * H + u0)
+        else:                                                                # G_rz += h W_hrz^T
+            cols_product(<int>w.n, 2, S, sl, H, cur, H, &wm[0], I, True, g, <int>ldg,
+                         backward(w, s), w.qwork)
+            for j in range(w.n):
+                gru_reset_before_gates(gates[0], nu, S, g + j * ldg + u0, bias + u0,
+                                       nxt + j * H + u0, R + j * H + u0)
+            meet(sl)                                                         # every unit's r*h
+            cols_product(<int>w.n, 1, S, sl, H, R, H, &wm[1], I, True, g + split, <int>ldg,
+                         backward(w, s), w.qwork)                            # G_n += (r*h) W_hn^T
+            for j in range(w.n):
+                gru_reset_before_update(gates[1], nu, S, g + j * ldg + u0, bias + u0,
+                                        nxt + j * H + u0)
+        carry_rows(w, cur, nxt, H, u0, u1)
+        write_own_outputs(w, s, nxt, H, u0, u1, out)
+        meet(sl)
+        t = cur
+        cur = nxt
+        nxt = t
+    own_final(w, h, cur, H, u0, u1)
+
+
 cdef class GRUKernel(Kernel):
     cdef readonly bint reset_after
     cdef const char* b_hn
@@ -83,3 +135,16 @@ cdef class GRUKernel(Kernel):
             gru_walk(w, <const float*>x, I, H, S, width, self.reset_after, self.passes, self.mats,
                      <int>self.split, <const float*>self.bias, <const float*>self.b_hn,
                      <float*>h, <float*>out, <float*>work)
+
+    cdef void run_units(self, Walk* w, const char* x, char* h, char* c, char* out, char* work,
+                        const Slice* sl) noexcept nogil:
+        cdef int I = <int>self.input_size, H = <int>self.hidden_size, S = <int>self.stride
+        cdef int width = <int>self.width
+        if self.is_double:
+            gru_units(w, <const double*>x, I, H, S, width, self.reset_after, self.passes,
+                      self.mats, <int>self.split, <const double*>self.bias,
+                      <const double*>self.b_hn, <double*>h, <double*>out, <double*>work, sl)
+        else:
+            gru_units(w, <const float*>x, I, H, S, width, self.reset_after, self.passes,
+                      self.mats, <int>self.split, <const float*>self.bias,
+                      <const float*>self.b_hn, <float*>h, <float*>out, <float*>work, sl)

@@ -4,7 +4,8 @@ cimport numpy as cnp
 from libc.stdint cimport int8_t
 
 from fastcell_c.packed cimport fc_mat
-from fastcell_c.walk cimport Walk
+from fastcell_c.team cimport Team
+from fastcell_c.walk cimport Slice, Walk
 
 
 cdef extern from "stdlib.h" nogil:
@@ -42,6 +43,40 @@ cdef inline bint has_dims(object a, int typenum, int ndim, Py_ssize_t d0, Py_ssi
             and (ndim < 3 or d2 < 0 or dims[2] == d2))
 
 
+cdef enum:
+    ROWS = 1      # a walk split by rows
+    UNITS = 2     # ... by hidden units
+    MAX_PARTS = 1024
+
+
+cdef struct Job:
+    Walk w                   # every part's template
+    const char* x
+    char* h
+    char* c
+    char* out
+    char* work               # units: the shared workspace (G ...); rows: the first part's own
+    char* priv               # each part's own region, part_bytes apart
+    Py_ssize_t part_bytes
+    Py_ssize_t qoff          # the int8 scratch's offset in a part's region (-1: none)
+    Py_ssize_t isz
+    void* kernel
+    void* team
+    char* h_alt              # units: the second h buffer (B, H_out)
+    int mode
+    Py_ssize_t bounds[MAX_PARTS + 1]    # rows: part p's rows [bounds[p], bounds[p + 1])
+
+
+cdef struct Call:            # one prepared Kernel.run
+    Walk w
+    const char* x
+    char* h
+    char* c
+    char* out
+    char* work               # its workspace (the caller frees it)
+    void* kernel
+
+
 cdef char* buffer_of(object a, str name, int typenum, tuple shape, bint writable) except NULL
 cdef bint blas_pays(Py_ssize_t rows) noexcept nogil
 cdef int enter_blas() noexcept nogil
@@ -77,6 +112,15 @@ cdef class Kernel:
                          Py_ssize_t stride, const int8_t* wp)
     cdef Py_ssize_t workspace(self, Py_ssize_t T, Py_ssize_t B, bint packed)
     cdef Py_ssize_t work_elems(self, Py_ssize_t T, Py_ssize_t B, bint packed)
-    cdef void* qwork_of(self, char* work, Py_ssize_t T, Py_ssize_t B, bint packed)
+    cdef void* qwork_of(self, char* work, Py_ssize_t T, Py_ssize_t B, bint packed) noexcept
     cdef void run_walk(self, Walk* w, const char* x, char* h, char* c, char* out,
                        char* work) noexcept nogil
+    cdef void run_units(self, Walk* w, const char* x, char* h, char* c, char* out, char* work,
+                        const Slice* sl) noexcept nogil
+    cdef Py_ssize_t proj_outputs(self) noexcept nogil
+    cdef int plan(self, Py_ssize_t T, Py_ssize_t B, int threads, int* nparts) noexcept
+    cdef int run_parts(self, Walk* w, const char* x, char* h, char* c, char* out,
+                       Team team) except -1
+    cdef int prepare(self, Call* call, x, h, c, out, Py_ssize_t out_col, bint batch_first,
+                     bint reverse, lengths, perm) except -1
+    cdef int finish(self, Call* call, Team team) except -1

@@ -14,7 +14,8 @@ from fastcell_c.blas cimport SMALL_M
 from fastcell_c.packed cimport (FC_FMT_BF16, FC_FMT_F32, FC_FMT_F64, FC_FMT_I8, FC_I8_MAX_ROWS,
                                 FC_I8_MC, FC_LANES, fc_mat)
 from fastcell_c.platform cimport cols_for, i8_work_bytes, mm_for, pack_rows
-from fastcell_c.walk cimport Walk, make_walk
+from fastcell_c.team cimport Team
+from fastcell_c.walk cimport Slice, Walk, make_walk
 
 cnp.import_array()
 
@@ -138,6 +139,141 @@ def set_blas_threads(int n):
         raise ValueError(f"n: expected an integer >= 1, got {n}")
     previous, _blas_threads = _blas_threads, n
     return previous
+
+
+# A walk splits over a team's threads by rows when each part gets at least ROWS_PER_PART rows
+# (independent sub-batches: no barrier), else by hidden units when a step's recurrent product
+# has at least UNIT_MIN_MACS multiply-adds (below, the barrier costs more than the split saves).
+# (Measured: bench/suites/split_rule.py.) split_rule() reads and sets them, for tuning and for
+# the tests, which split small models to check the bits.
+cdef Py_ssize_t ROWS_PER_PART = 8
+cdef Py_ssize_t UNIT_MIN_MACS = 65536
+
+
+def split_rule(rows_per_part=None, unit_min_macs=None):
+    """The rule by which a call splits over its model's threads, as (rows_per_part,
+    unit_min_macs); given values replace the current ones (process-wide) and the previous pair
+    is returned. Every split gives the bits of one thread: the rule moves time, never results."""
+    global ROWS_PER_PART, UNIT_MIN_MACS
+    previous = (ROWS_PER_PART, UNIT_MIN_MACS)
+    if rows_per_part is not None:
+        ROWS_PER_PART = as_int(rows_per_part, "rows_per_part", 1)
+    if unit_min_macs is not None:
+        UNIT_MIN_MACS = as_int(unit_min_macs, "unit_min_macs", 0)
+    return previous
+
+
+cdef void balance_rows(const Walk* w, int nparts, Py_ssize_t* bounds) noexcept nogil:
+    """Row bounds of nparts parts with about equal steps each: the rows come sorted by length,
+    longest first, so equal counts would give part 0 the most work."""
+    cdef Py_ssize_t j, total = 0, acc = 0
+    cdef int part = 1
+    for j in range(w.B):
+        total += w.lengths[j]
+    bounds[0] = 0
+    for j in range(w.B):
+        acc += w.lengths[j]
+        if part < nparts and acc * nparts >= total * part:
+            bounds[part] = j + 1
+            part += 1
+    while part <= nparts:
+        bounds[part] = w.B
+        part += 1
+
+
+cdef void _run_part(void* arg, int part, int nparts) noexcept nogil:
+    """One part of a split walk (a team's task)."""
+    cdef Job* job = <Job*>arg
+    cdef void* k = job.kernel            # borrowed: the caller holds the kernel
+    cdef Walk w = job.w
+    cdef Py_ssize_t b0, isz = job.isz
+    cdef const char* x = job.x
+    cdef char* h = job.h
+    cdef char* c = job.c
+    cdef char* out = job.out
+    cdef char* mine = job.priv + part * job.part_bytes
+    cdef Slice sl
+    if job.mode == ROWS:
+        b0 = job.bounds[part]
+        w.B = w.n = job.bounds[part + 1] - b0
+        if w.B == 0:
+            return
+        w.lengths += b0                # rows in processing order: x and out by perm
+        w.perm += b0
+        h += b0 * (<Kernel>k).output_size * isz
+        if c != NULL:
+            c += b0 * (<Kernel>k).hidden_size * isz
+        w.qwork = mine + job.qoff if job.qoff >= 0 else NULL
+        (<Kernel>k).run_walk(&w, x, h, c, out, mine)
+        return
+    slice_of(k, part, nparts, &sl)
+    sl.team = job.team
+    sl.h_alt = job.h_alt
+    sl.xh = mine
+    w.qwork = mine + job.qoff if job.qoff >= 0 else NULL
+    (<Kernel>k).run_units(&w, x, h, c, out, job.work, &sl)
+
+
+cdef void _run_call(void* arg, int part, int nparts) noexcept nogil:
+    """One direction of a bidirectional layer on its own thread (a team's task)."""
+    cdef Call* call = (<Call*>arg) + part
+    (<Kernel>call.kernel).run_walk(&call.w, call.x, call.h, call.c, call.out, call.work)
+
+
+def run_directions(Kernel forward not None, Kernel backward not None, x, states, out,
+                   Py_ssize_t out_col, bint batch_first, lengths, perm, Team team not None):
+    """Both directions of one bidirectional layer: forward's outputs to out's first columns,
+    backward's (which walks x backwards in time) from out_col. states: [h, c or None] of each,
+    as Kernel.run takes them. The two walks run at once, a thread each (no barrier at all),
+    unless the team has 4 threads or more and a walk would split over them (Kernel.run's plan):
+    then each runs split over the whole team in turn. Either way, the bits of one thread."""
+    cdef Call calls[2]
+    cdef int nparts, ready = 0
+    cdef bint paired
+    calls[0].work = calls[1].work = NULL
+    try:
+        ready = forward.prepare(&calls[0], x, states[0], states[1], out, 0, batch_first, False,
+                                lengths, perm)
+        ready = ready and backward.prepare(&calls[1], x, states[2], states[3], out, out_col,
+                                           batch_first, True, lengths, perm)
+        if not ready:
+            return
+        # From 4 threads, a pair would leave threads idle that a split walk uses.
+        paired = not (calls[0].w.use_blas or calls[1].w.use_blas) and (
+            team.threads < 4
+            or forward.plan(calls[0].w.T, calls[0].w.B, team.threads, &nparts) == 0)
+        if paired:
+            with nogil:
+                if team.enter():
+                    team.run(_run_call, calls, 2)
+                    team.leave()
+                else:
+                    paired = False
+        if not paired:
+            forward.finish(&calls[0], team)
+            backward.finish(&calls[1], team)
+    finally:
+        free(calls[0].work)
+        free(calls[1].work)
+
+
+cdef void slice_of(void* kp, int part, int nparts, Slice* sl) noexcept nogil:
+    """This part's hidden units (whole vectors of each gate block) and projection outputs."""
+    cdef Py_ssize_t v = (<Kernel>kp).stride // FC_LANES, v0 = v * part // nparts
+    cdef Py_ssize_t v1 = v * (part + 1) // nparts
+    sl.part, sl.nparts = part, nparts
+    sl.u0 = <int>(v0 * FC_LANES)
+    sl.uc = <int>(v1 * FC_LANES)
+    sl.u1 = <int>min(sl.uc, (<Kernel>kp).hidden_size)
+    sl.p0 = sl.p1 = sl.pc = 0
+    cdef Py_ssize_t P = (<Kernel>kp).proj_outputs(), q
+    if P >= FC_LANES:
+        q = (P + FC_LANES - 1) // FC_LANES
+        sl.p0 = <int>(q * part // nparts * FC_LANES)
+        sl.pc = <int>(q * (part + 1) // nparts * FC_LANES)
+        sl.p1 = <int>min(sl.pc, P)
+    elif P > 0 and part == 0:      # a projection narrower than a vector: part 0 makes it all
+        sl.p1 = sl.pc = <int>P
 
 
 def blas_thread_control_installed():
@@ -372,7 +508,7 @@ cdef class Kernel:
         """All the scratch a walk needs: workspace() and, after it, the int8 products' own."""
         return self.workspace(T, B, packed) + self.q_elems
 
-    cdef void* qwork_of(self, char* work, Py_ssize_t T, Py_ssize_t B, bint packed):
+    cdef void* qwork_of(self, char* work, Py_ssize_t T, Py_ssize_t B, bint packed) noexcept:
         """Where the int8 products' scratch starts in a work_elems(T, B, packed) buffer: after
         workspace(), on a cache line."""
         if self.q_elems == 0:
@@ -384,15 +520,107 @@ cdef class Kernel:
                        char* work) noexcept nogil:
         pass
 
+    cdef void run_units(self, Walk* w, const char* x, char* h, char* c, char* out, char* work,
+                        const Slice* sl) noexcept nogil:
+        pass
+
+    cdef Py_ssize_t proj_outputs(self) noexcept nogil:
+        """The outputs of a projection after the gates (LSTMP's P), 0 without one."""
+        return 0
+
+    # -- threads (docs/DESIGN.md "Threads") --
+
+    cdef int plan(self, Py_ssize_t T, Py_ssize_t B, int threads, int* nparts) noexcept:
+        """How a walk of B rows splits over at most `threads` parts: ROWS (each part its own
+        rows, no barrier), UNITS (each part its hidden units, a barrier a step) or 0 (one part),
+        with the number of parts."""
+        cdef Py_ssize_t vectors = self.stride // FC_LANES if self.hidden_size >= FC_LANES else 0
+        cdef Py_ssize_t macs = self.gates * self.hidden_size * self.output_size
+        nparts[0] = <int>min(threads, B // ROWS_PER_PART)
+        if nparts[0] >= 2:
+            return ROWS
+        nparts[0] = <int>min(threads, vectors)
+        if nparts[0] >= 2 and macs * B >= UNIT_MIN_MACS:
+            return UNITS
+        nparts[0] = 1
+        return 0
+
+    cdef int run_parts(self, Walk* w, const char* x, char* h, char* c, char* out,
+                       Team team) except -1:
+        """Runs the walk split over the team's threads when that pays (plan) and the team is
+        free; returns 0 when the caller should run it on its own thread instead."""
+        cdef int nparts, mode = self.plan(w.T, w.B, team.threads, &nparts)
+        if mode == 0:
+            return 0
+        cdef Job job
+        cdef Py_ssize_t isz = 8 if self.is_double else 4, shared, part, bmax
+        cdef bint packed = w.lengths != NULL
+        job.w = w[0]
+        job.x, job.h, job.c, job.out = x, h, c, out
+        job.kernel = <void*>self
+        job.mode = mode
+        job.isz = isz
+        job.h_alt = NULL
+        rows = None
+        if mode == ROWS:
+            if not packed:
+                # A part's rows are not contiguous in a time-major x: its walk takes them as a
+                # packed batch of full lengths (the same sums: the bits of the whole walk).
+                rows = np.empty(2 * w.B, np.int64)
+                rows[:w.B] = w.T
+                rows[w.B:] = np.arange(w.B)
+                job.w.lengths = <const int64_t*>cnp.PyArray_DATA(<cnp.ndarray>rows)
+                job.w.perm = job.w.lengths + w.B
+                packed = True
+            balance_rows(&job.w, nparts, job.bounds)
+            bmax = 0
+            for part in range(nparts):
+                bmax = max(bmax, job.bounds[part + 1] - job.bounds[part])
+            job.part_bytes = (self.work_elems(w.T, bmax, packed) * isz + 127) // 64 * 64
+            job.qoff = <Py_ssize_t>self.qwork_of(NULL, w.T, bmax, packed) if self.q_elems else -1
+            shared = 0
+        else:
+            job.part_bytes = ((w.B * self.ks + self.q_elems) * isz + 127) // 64 * 64
+            job.qoff = (w.B * self.ks * isz + 63) // 64 * 64 if self.q_elems else -1
+            shared = (self.workspace(w.T, w.B, packed) + w.B * self.output_size) * isz
+        job.work = alloc_aligned(shared + nparts * job.part_bytes)
+        if job.work == NULL:
+            raise MemoryError(f"workspace of {nparts} threads for T={w.T}, B={w.B}")
+        job.priv = job.work + (shared + 63) // 64 * 64 if mode == UNITS else job.work
+        if mode == UNITS:
+            job.h_alt = job.work + self.workspace(w.T, w.B, packed) * isz
+        cdef bint ran = False
+        with nogil:
+            if team.enter():
+                job.team = team._t
+                team.run(_run_part, &job, nparts)
+                team.leave()
+                ran = True
+        free(job.work)
+        return 1 if ran else 0
+
     def run(self, x, h, c=None, out=None, Py_ssize_t out_col=0, bint batch_first=False,
-            bint reverse=False, lengths=None, perm=None):
+            bint reverse=False, lengths=None, perm=None, Team team=None):
         """Runs one direction over x ((T, B, I), or (B, T, I) with batch_first) in one GIL-free call.
 
         h (B, H_out), c (B, H) (LSTM only): the initial state in processing order, overwritten
         with the final one. out: None, or (T, B, W) ((B, T, W)) whose H_out columns from out_col
         receive the outputs; rows past a sequence's length are left alone. lengths, perm: int64
-        (B,), see walk.pxd; lengths non-increasing in [1, T].
+        (B,), see walk.pxd; lengths non-increasing in [1, T]. team: the threads to split the
+        walk over where that pays (plan), if it is free; else this thread alone.
         """
+        cdef Call call
+        if not self.prepare(&call, x, h, c, out, out_col, batch_first, reverse, lengths, perm):
+            return
+        try:
+            self.finish(&call, team)
+        finally:
+            free(call.work)
+
+    cdef int prepare(self, Call* call, x, h, c, out, Py_ssize_t out_col, bint batch_first,
+                     bint reverse, lengths, perm) except -1:
+        """Checks a run's arguments and fills `call` with its walk, pointers and workspace
+        (the caller frees call.work); 0 when there is nothing to do (T or B is 0)."""
         # Each check is a few C comparisons when the array is right (has_dims); buffer_of then
         # only runs to name what is wrong.
         cdef int typenum = cnp.NPY_DOUBLE if self.is_double else cnp.NPY_FLOAT
@@ -438,21 +666,29 @@ cdef class Kernel:
         elif perm is not None:
             raise ValueError("perm: only used with lengths")
         if T == 0 or B == 0:
-            return
-        cdef Walk w = make_walk(T, B, batch_first, width, lp, pp, reverse)
+            return 0
+        call.w = make_walk(T, B, batch_first, width, lp, pp, reverse)
         cdef Py_ssize_t n = self.work_elems(T, B, lp != NULL)
         if n > PY_SSIZE_T_MAX // 8:
             raise MemoryError(f"workspace of {n} elements for T={T}, B={B}")
-        cdef char* work = alloc_aligned(n * (8 if self.is_double else 4))
-        if work == NULL:
+        call.work = alloc_aligned(n * (8 if self.is_double else 4))
+        if call.work == NULL:
             raise MemoryError(f"workspace of {n} elements for T={T}, B={B}")
+        call.w.use_blas = self.blas_ok and blas_pays(T * B)
+        call.w.qwork = self.qwork_of(call.work, T, B, lp != NULL)
+        call.x, call.h, call.c, call.out = xp, hp, cp, op
+        call.kernel = <void*>self
+        return 1
+
+    cdef int finish(self, Call* call, Team team) except -1:
+        """Runs a prepared call: split over the team where that pays and it is free, else on
+        this thread (BLAS's own threads for a projection set_blas_threads gives them)."""
         cdef int previous
-        w.use_blas = self.blas_ok and blas_pays(T * B)
-        w.qwork = self.qwork_of(work, T, B, lp != NULL)
-        try:
-            with nogil:
-                previous = enter_blas() if w.use_blas else -1
-                self.run_walk(&w, xp, hp, cp, op, work)
-                leave_blas(previous)
-        finally:
-            free(work)
+        if team is not None and team.threads > 1 and not call.w.use_blas:
+            if self.run_parts(&call.w, call.x, call.h, call.c, call.out, team):
+                return 0
+        with nogil:
+            previous = enter_blas() if call.w.use_blas else -1
+            self.run_walk(&call.w, call.x, call.h, call.c, call.out, call.work)
+            leave_blas(previous)
+        return 0

@@ -9,7 +9,9 @@ from cython cimport floating
 from fastcell_c.packed cimport FC_LSTM_GATES, FC_PEEPHOLE_GATES, fc_mat
 from fastcell_c.platform cimport gate_pass
 from fastcell_c.products cimport matmul_p
-from fastcell_c.walk cimport Walk, backward, input_products, step_product, write_outputs
+from fastcell_c.walk cimport (Slice, Walk, backward, carry_rows, input_products, meet, own_final,
+                              own_inputs, own_step_product, step_product, write_outputs,
+                              write_own_outputs)
 from fastcell_c.gates cimport lstm_gates
 from fastcell_c.kernel import gate_layout
 from fastcell_c.kernel cimport Kernel, buffer_of
@@ -42,6 +44,48 @@ cdef void lstm_walk(Walk* w, const floating* x, int I, int H, int S, int width, 
             for j in range(w.n):
                 memcpy(h + j * P, proj + j * Pw, P * sizeof(floating))
         write_outputs(w, s, h, hout, out)
+
+
+cdef void lstm_units(Walk* w, const floating* x, int I, int H, int S, int width, int P, int Pw,
+                     const void* gates, const fc_mat* wm, const floating* bias,
+                     const fc_mat* w_hr, const floating* w_ph, floating* h, floating* c,
+                     floating* out, floating* work, const Slice* sl) noexcept nogil:
+    """lstm_walk, one part's hidden units of it (walk.pxd "a step split by hidden units"). With
+    a projection the part also makes its outputs of h = m W_hr^T, once every part's m is there:
+    two barriers a step."""
+    cdef int hout = P if P > 0 else H
+    cdef int u0 = sl.u0, nu = sl.u1 - sl.u0
+    cdef int o0 = sl.p0 if P > 0 else u0, o1 = sl.p1 if P > 0 else sl.u1   # its columns of h
+    cdef Py_ssize_t s, j, ldg
+    cdef floating* g
+    cdef floating* G = work
+    cdef floating* m = G + w.T * w.B * width
+    cdef floating* proj = m + w.B * H
+    cdef floating* xp = proj + w.B * Pw if P > 0 else m
+    cdef floating* cur = h
+    cdef floating* nxt = <floating*>sl.h_alt
+    cdef floating* t
+    cdef const floating* ph = NULL if w_ph == NULL else w_ph + u0
+    cdef bint fused = own_inputs(w, x, I, h, hout, wm, 4, S, width, G, xp, sl)
+    for s in range(w.T):
+        g = own_step_product(w, s, fused, G, 4, S, width, cur, hout, wm, I, &ldg, sl)
+        for j in range(w.n):
+            lstm_gates(gates, nu, S, g + j * ldg + u0, bias + u0, ph, c + j * H + u0,
+                       (m if P > 0 else nxt) + j * H + u0)
+        if P > 0:
+            meet(sl)                                              # every unit of m is there
+            if sl.pc > sl.p0:                                     # h = m W_hr^T: its outputs
+                w_hr.cols(<int>w.n, sl.p0, sl.pc, H, <const void*>m, H, w_hr, 0, False,
+                          <void*>proj, Pw, backward(w, s), w.qwork)
+                for j in range(w.n):
+                    memcpy(nxt + j * P + o0, proj + j * Pw + o0, (o1 - o0) * sizeof(floating))
+        carry_rows(w, cur, nxt, hout, o0, o1)
+        write_own_outputs(w, s, nxt, hout, o0, o1, out)
+        meet(sl)
+        t = cur
+        cur = nxt
+        nxt = t
+    own_final(w, h, cur, hout, o0, o1)
 
 
 cdef class LSTMKernel(Kernel):
@@ -84,3 +128,19 @@ cdef class LSTMKernel(Kernel):
             lstm_walk(w, <const float*>x, I, H, S, width, P, Pw, self.passes[0], self.mats,
                       <const float*>self.bias, self.extra, <const float*>self.w_ph,
                       <float*>h, <float*>c, <float*>out, <float*>work)
+
+    cdef void run_units(self, Walk* w, const char* x, char* h, char* c, char* out, char* work,
+                        const Slice* sl) noexcept nogil:
+        cdef int I = <int>self.input_size, H = <int>self.hidden_size, S = <int>self.stride
+        cdef int width = <int>self.width, P = <int>self.proj_size, Pw = <int>self.proj_width
+        if self.is_double:
+            lstm_units(w, <const double*>x, I, H, S, width, P, Pw, self.passes[0], self.mats,
+                       <const double*>self.bias, self.extra, <const double*>self.w_ph,
+                       <double*>h, <double*>c, <double*>out, <double*>work, sl)
+        else:
+            lstm_units(w, <const float*>x, I, H, S, width, P, Pw, self.passes[0], self.mats,
+                       <const float*>self.bias, self.extra, <const float*>self.w_ph,
+                       <float*>h, <float*>c, <float*>out, <float*>work, sl)
+
+    cdef Py_ssize_t proj_outputs(self) noexcept nogil:
+        return self.proj_size

@@ -563,7 +563,9 @@ static void fc_mm_i8(int m, int n, int k, const void *a, int lda, const fc_mat *
     }                                                                                    \
     int fa = (c0 + PW - 1) / PW * PW;                  /* whole panels: [fa, fb) */      \
     int fb = c1 == n ? c1 : c1 / PW * PW;                                                \
-    if (fb < fa) fa = fb = c0;                         /* one panel cut at both ends */
+    /* the cut panels: [c0, head) before them, [tail, c1) after (a range inside one        \
+     * panel is all head) */                                                               \
+    int head = fa < c1 ? fa : c1, tail = fb > fa ? fb : fa;
 #define FC_DEFINE_COLS(LVL)                                                              \
     static void fc_cols_f32_##LVL(int m, int c0, int c1, int k, const void *a_, int lda,  \
                                   const fc_mat *w, int j0, int beta, void *c_, int ldc,  \
@@ -580,8 +582,8 @@ static void fc_mm_i8(int m, int n, int k, const void *a, int lda, const fc_mat *
                                    beta, c + fa, ldc);                                  \
         }                                                                                \
         for (int e = 0; e < 2; e++) {                  /* the cut panels at each end */  \
-            int lo = e ? (fb > fa ? fb : c0) : c0, hi = e ? c1 : (fb > fa ? fa : c1);    \
-            if (hi <= lo || (e && fb <= fa)) continue;                                   \
+            int lo = e ? tail : c0, hi = e ? c1 : head;                                  \
+            if (hi <= lo) continue;                                                      \
             int o = lo / PW * PW, pw = n - o < PW ? n - o : PW;                          \
             const float *wt = wp + (long)o * w->ks + (long)j0 * pw + (lo - o);           \
             if (m == 1) fc_gemv_t_f_##LVL(k, hi - lo, a, wt, pw, beta, c + lo);          \
@@ -603,8 +605,8 @@ static void fc_mm_i8(int m, int n, int k, const void *a, int lda, const fc_mat *
                                    beta, c + fa, ldc);                                  \
         }                                                                                \
         for (int e = 0; e < 2; e++) {                                                    \
-            int lo = e ? (fb > fa ? fb : c0) : c0, hi = e ? c1 : (fb > fa ? fa : c1);    \
-            if (hi <= lo || (e && fb <= fa)) continue;                                   \
+            int lo = e ? tail : c0, hi = e ? c1 : head;                                  \
+            if (hi <= lo) continue;                                                      \
             int o = lo / PW * PW, pw = n - o < PW ? n - o : PW;                          \
             const double *wt = wp + (long)o * w->ks + (long)j0 * pw + (lo - o);          \
             if (m == 1) fc_gemv_t_d_##LVL(k, hi - lo, a, wt, pw, beta, c + lo);          \
@@ -628,8 +630,8 @@ static void fc_mm_i8(int m, int n, int k, const void *a, int lda, const fc_mat *
                                    beta, c + fa, ldc);                                  \
         }                                                                                \
         for (int e = 0; e < 2; e++) {                                                    \
-            int lo = e ? (fb > fa ? fb : c0) : c0, hi = e ? c1 : (fb > fa ? fa : c1);    \
-            if (hi <= lo || (e && fb <= fa)) continue;                                   \
+            int lo = e ? tail : c0, hi = e ? c1 : head;                                  \
+            if (hi <= lo) continue;                                                      \
             int o = lo / PW * PW, pw = n - o < PW ? n - o : PW;                          \
             const unsigned *wt = (const unsigned *)(wp + (long)o * w->ks) + (lo - o);    \
             if (m == 1) fc_gemv_t_h_##LVL(&R, hi - lo, a, wt, pw, beta, c + lo);         \

@@ -5,7 +5,9 @@ from cython cimport floating
 
 from fastcell_c.packed cimport FC_RNN_RELU, FC_RNN_TANH, fc_mat
 from fastcell_c.platform cimport gate_pass
-from fastcell_c.walk cimport Walk, input_products, step_product, write_outputs
+from fastcell_c.walk cimport (Slice, Walk, carry_rows, input_products, meet, own_final,
+                              own_inputs, own_step_product, step_product, write_outputs,
+                              write_own_outputs)
 from fastcell_c.gates cimport rnn_update
 from fastcell_c.kernel cimport Kernel
 
@@ -22,6 +24,31 @@ cdef void rnn_walk(Walk* w, const floating* x, int I, int H, int width, const vo
         for j in range(w.n):
             rnn_update(gates, H, g + j * ldg, bias, h + j * H)
         write_outputs(w, s, h, H, out)
+
+
+cdef void rnn_units(Walk* w, const floating* x, int I, int H, int S, int width,
+                    const void* gates, const fc_mat* wm, const floating* bias, floating* h,
+                    floating* out, floating* G, const Slice* sl) noexcept nogil:
+    """rnn_walk, one part's hidden units of it (walk.pxd "a step split by hidden units")."""
+    cdef Py_ssize_t s, j, ldg
+    cdef int u0 = sl.u0, u1 = sl.u1
+    cdef floating* g
+    cdef floating* xp = G + w.T * w.B * width
+    cdef floating* cur = h
+    cdef floating* nxt = <floating*>sl.h_alt
+    cdef floating* t
+    cdef bint fused = own_inputs(w, x, I, h, H, wm, 1, S, width, G, xp, sl)
+    for s in range(w.T):
+        g = own_step_product(w, s, fused, G, 1, S, width, cur, H, wm, I, &ldg, sl)
+        for j in range(w.n):
+            rnn_update(gates, u1 - u0, g + j * ldg + u0, bias + u0, nxt + j * H + u0)
+        carry_rows(w, cur, nxt, H, u0, u1)
+        write_own_outputs(w, s, nxt, H, u0, u1, out)
+        meet(sl)
+        t = cur
+        cur = nxt
+        nxt = t
+    own_final(w, h, cur, H, u0, u1)
 
 
 cdef class RNNKernel(Kernel):
@@ -42,3 +69,14 @@ cdef class RNNKernel(Kernel):
         else:
             rnn_walk(w, <const float*>x, I, H, width, self.passes[0], self.mats,
                      <const float*>self.bias, <float*>h, <float*>out, <float*>work)
+
+    cdef void run_units(self, Walk* w, const char* x, char* h, char* c, char* out, char* work,
+                        const Slice* sl) noexcept nogil:
+        cdef int I = <int>self.input_size, H = <int>self.hidden_size, width = <int>self.width
+        cdef int S = <int>self.stride
+        if self.is_double:
+            rnn_units(w, <const double*>x, I, H, S, width, self.passes[0], self.mats,
+                      <const double*>self.bias, <double*>h, <double*>out, <double*>work, sl)
+        else:
+            rnn_units(w, <const float*>x, I, H, S, width, self.passes[0], self.mats,
+                      <const float*>self.bias, <float*>h, <float*>out, <float*>work, sl)

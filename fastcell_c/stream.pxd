@@ -3,8 +3,12 @@
 # model it serves.
 
 
+from fastcell_c.team cimport Team
+
+
 cdef class Stepper:
     cdef readonly tuple kernels
+    cdef readonly Team team           # the threads of a step (None: the caller's alone)
     cdef readonly object family
     cdef readonly object initial      # None (zeros), or (h (L, H_out),) / (h, c (L, H)): where
                                       # new states start

@@ -99,10 +99,11 @@ cdef class Stepper:
     makes a new stepper of the same family (and the same shapes), whose steps take the states
     its earlier steppers made. None: a family of its own."""
 
-    def __init__(self, kernels, family=None, initial=None):
+    def __init__(self, kernels, family=None, initial=None, Team team=None):
         self.kernels = tuple(kernels)
         self.family = self if family is None else family
         self.initial = None if initial is None else tuple(initial)
+        self.team = team
         cdef Kernel first = self.kernels[0]
         cdef Kernel last = self.kernels[len(self.kernels) - 1]
         self.dtype = first.dtype
@@ -113,7 +114,7 @@ cdef class Stepper:
         self.has_cell_state = first.has_cell_state
 
     def __reduce__(self):
-        return (Stepper, (self.kernels, None, self.initial))
+        return (Stepper, (self.kernels, None, self.initial, self.team))
 
     def new_state(self, batch=1):
         return StreamState(self, batch)
@@ -159,10 +160,14 @@ cdef class Stepper:
             k = <Kernel>self.kernels[i]
             w.use_blas = use_blas and k.blas_ok            # float formats only
             w.qwork = k.qwork_of(state.work, 1, B, False)
-            with nogil:
-                previous = enter_blas() if w.use_blas else -1
-                k.run_walk(&w, src, h, c, NULL, state.work)
-                leave_blas(previous)
+            # Split over the team where that pays (with a scratch of its own: a step that large
+            # pays for it), else on this thread.
+            if (self.team is None or w.use_blas
+                    or not k.run_parts(&w, src, h, c, NULL, self.team)):
+                with nogil:
+                    previous = enter_blas() if w.use_blas else -1
+                    k.run_walk(&w, src, h, c, NULL, state.work)
+                    leave_blas(previous)
             src = h    # the next layer reads this layer's new h
             h += B * k.output_size * itemsize
             if c != NULL:

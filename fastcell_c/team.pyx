@@ -53,6 +53,17 @@ def check_threads(threads, name="threads"):
     return threads
 
 
+def team_of(threads, name="threads"):
+    """(threads, a Team of them or None for one thread): how a model holds its `threads`."""
+    threads = check_threads(threads, name)
+    return threads, (Team(threads) if threads > 1 else None)
+
+
+def unpickled_threads(threads):
+    """A pickled model's threads in this process: at most the CPUs it may run on here."""
+    return min(threads, max_threads())
+
+
 cdef class Team:
     """Team(threads): the caller and threads - 1 workers, pinned to the CPUs the process may run
     on where the OS allows it and there are as many. threads is checked by check_threads."""

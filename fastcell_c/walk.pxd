@@ -14,6 +14,7 @@ from cython cimport floating
 from fastcell_c.blas cimport matmul_t
 from fastcell_c.packed cimport FC_PANEL_BYTES, fc_mat
 from fastcell_c.products cimport matmul_p
+from fastcell_c.team cimport barrier
 
 
 cdef struct Walk:
@@ -184,3 +185,127 @@ cdef inline floating* step_product(Walk* w, Py_ssize_t s, bint fused, floating* 
         matmul_p(<int>w.n, width, hout, h, hout, wm, I, True, g, <int>ldg[0], backward(w, s),
                  w.qwork)
     return g
+
+
+# ---- a step split by hidden units (docs/DESIGN.md "Threads") ----
+# Each part of a team owns some hidden units: every gate block's columns of them (a range of
+# whole vectors: the kernel's stride is one), and so its gate pass is its own. It computes its
+# columns of every product over the whole previous h, then its units of the new h, which it
+# writes to the other h buffer; the parts meet at one barrier a step (two for the cells whose
+# step makes two products from each other's results), then swap the buffers. Each output's
+# sum is computed whole by its one part, in the order of one thread: the bits of one thread.
+
+cdef struct Slice:
+    int part, nparts
+    int u0, u1          # this part's hidden units
+    int uc              # its columns of each gate block: [u0, uc) (uc = stride for the last part)
+    int p0, p1, pc      # LSTMP: its outputs of the projection [p0, p1), columns [p0, pc)
+    void* team          # the team whose barrier the parts meet at
+    void* h_alt         # the second h buffer (B, H_out), shared
+    void* xh            # this part's [x h] rows of a single fused step (B, I + H_out)
+
+
+cdef inline void meet(const Slice* sl) noexcept nogil:
+    barrier(sl.team)
+
+
+cdef inline void cols_product(int m, int gates, int S, const Slice* sl, int k, const floating* a,
+                              int lda, const fc_mat* wm, int j0, bint accumulate, floating* c,
+                              int ldc, bint backward, void* work) noexcept nogil:
+    """c (+)= a @ W over this part's columns of the `gates` gate blocks of wm (block g at
+    column g * S): one product per block, each whole vectors of panels."""
+    cdef int g
+    for g in range(gates):
+        wm.cols(m, g * S + sl.u0, g * S + sl.uc, k, <const void*>a, lda, wm, j0, accumulate,
+                <void*>c, ldc, backward, work)
+
+
+cdef inline void project_own(Walk* w, const floating* x, int I, const fc_mat* wm, int gates0,
+                             int gates1, int S, int split, int width, floating* G,
+                             floating* xp, const Slice* sl) noexcept nogil:
+    """project_inputs for this part's columns: of the gates0 blocks of wm[0] and the gates1 of
+    wm[1] (from column `split` of a gate row). With lengths, part 0 packs the rows for all."""
+    cdef Py_ssize_t s, j, n = w.B, r = 0
+    cdef const floating* src = x
+    if w.lengths == NULL:
+        r = w.T * w.B
+    else:
+        for s in range(w.T):
+            while n > 0 and w.lengths[n - 1] <= s:
+                n -= 1
+            if sl.part == 0:
+                for j in range(n):
+                    memcpy(xp + r * I,
+                           x + (time_of(w, s, j) * w.x_ts + batch_of(w, j) * w.x_bs) * I,
+                           I * sizeof(floating))
+            r += n
+        src = xp
+        meet(sl)
+    cols_product(<int>r, gates0, S, sl, I, src, I, &wm[0], 0, False, G, width, False, w.qwork)
+    if gates1:
+        cols_product(<int>r, gates1, S, sl, I, src, I, &wm[1], 0, False, G + split, width, False,
+                     w.qwork)
+
+
+cdef inline bint own_inputs(Walk* w, const floating* x, int I, const floating* h, int hout,
+                            const fc_mat* wm, int gates, int S, int width, floating* G,
+                            floating* xp, const Slice* sl) noexcept nogil:
+    """input_products for this part's columns (a cell whose gates take x W_ih^T + h W_hh^T in
+    one row): a single step fuses [x h] in one product over them (True), else projects x."""
+    cdef Py_ssize_t j
+    cdef int ks = I + hout
+    cdef floating* xh = <floating*>sl.xh
+    if w.T == 1 and w.lengths == NULL:
+        for j in range(w.B):
+            memcpy(xh + j * ks, x + j * I, I * sizeof(floating))
+            memcpy(xh + j * ks + I, h + j * hout, hout * sizeof(floating))
+        cols_product(<int>w.B, gates, S, sl, ks, xh, ks, wm, 0, False, G, width, backward(w, 0),
+                     w.qwork)
+        return True
+    project_own(w, x, I, wm, gates, 0, S, width, width, G, xp, sl)
+    return False
+
+
+cdef inline floating* own_step_product(Walk* w, Py_ssize_t s, bint fused, floating* G,
+                                       int gates, int S, int width, const floating* h,
+                                       int hout, const fc_mat* wm, int I, Py_ssize_t* ldg,
+                                       const Slice* sl) noexcept nogil:
+    """step_product for this part's columns."""
+    begin_step(w, s)
+    cdef floating* g = G + w.g_row * width
+    ldg[0] = w.g_ld * width
+    if not fused:
+        cols_product(<int>w.n, gates, S, sl, hout, h, hout, wm, I, True, g, <int>ldg[0],
+                     backward(w, s), w.qwork)
+    return g
+
+
+cdef inline void carry_rows(const Walk* w, const floating* h, floating* h2, int width, int c0,
+                            int c1) noexcept nogil:
+    """Rows that have ended (lengths: the rows past the step's n) keep their h in both buffers:
+    this part's columns [c0, c1) of them."""
+    cdef Py_ssize_t j
+    for j in range(w.n, w.B):
+        memcpy(h2 + j * width + c0, h + j * width + c0, (c1 - c0) * sizeof(floating))
+
+
+cdef inline void write_own_outputs(const Walk* w, Py_ssize_t s, const floating* h, int width,
+                                   int c0, int c1, floating* out) noexcept nogil:
+    """write_outputs for the columns [c0, c1) of each row."""
+    cdef Py_ssize_t j
+    if out == NULL:
+        return
+    for j in range(w.n):
+        memcpy(out + time_of(w, s, j) * w.o_ts + batch_of(w, j) * w.o_bs + c0,
+               h + j * width + c0, (c1 - c0) * sizeof(floating))
+
+
+cdef inline void own_final(const Walk* w, floating* h, const floating* cur, int width, int c0,
+                           int c1) noexcept nogil:
+    """After the last step: this part's columns of the final h, back in h if they are in the
+    other buffer."""
+    cdef Py_ssize_t j
+    if cur == h:
+        return
+    for j in range(w.B):
+        memcpy(h + j * width + c0, cur + j * width + c0, (c1 - c0) * sizeof(floating))

@@ -24,6 +24,7 @@ SCRIPT = r"""
 import sys
 import numpy as np
 import fastcell
+from fastcell_c.kernel import split_rule
 from fastcell_c.platform import simd_level
 
 out = {"level": np.array(simd_level())}
@@ -47,12 +48,23 @@ for dtype in (np.float32, np.float64):
             state = m.new_state(batch=3)
             for t in range(5):
                 out[key + f"-step{t}"] = m.step(x[t], state).copy()
+            # 3 threads, every call split (units at B = 1, rows at B = 3): compared below with
+            # one thread's bits at the same level
+            previous = split_rule(1, 0)
+            m3 = m.with_threads(3)
+            out[key + "-3t-seq1"], out[key + "-1t-seq1"] = m3(x[:, :1])[0], m(x[:, :1])[0]
+            out[key + "-3t-lengths"] = m3(x, lengths=[70, 9, 41])[0]
+            state = m3.new_state(batch=1)
+            out[key + "-3t-step"] = np.stack([m3.step(x[t, :1], state).copy() for t in range(5)])
+            state = m.new_state(batch=1)
+            out[key + "-1t-step"] = np.stack([m.step(x[t, :1], state).copy() for t in range(5)])
+            split_rule(*previous)
 np.savez(sys.argv[1], **out)
 """
 
 
 def run_at(level, path):
-    env = dict(os.environ, FASTCELL_ISA=level, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, FASTCELL_ISA=level, PYTHONPATH=str(ROOT), FASTCELL_MAX_THREADS="8")
     subprocess.run([sys.executable, "-c", SCRIPT, str(path)], env=env, check=True, timeout=120)
     with np.load(path) as f:
         return {k: f[k] for k in f.files}
@@ -92,3 +104,12 @@ def test_baseline_differs_only_in_rounding(results):
             tol = 1e-2
         b = best[key]
         assert np.max(np.abs(a.astype(np.float64) - b)) <= tol * max(1.0, np.max(np.abs(b))), key
+
+
+def test_threads_give_one_threads_bits_at_every_level(results):
+    for level, r in results.items():
+        for key in r:
+            if "-3t-" in key:
+                one = key.replace("-3t-", "-1t-") if key.replace("-3t-", "-1t-") in r else \
+                    key.replace("-3t-", "-")
+                np.testing.assert_array_equal(r[key], r[one], err_msg=f"{level}: {key}")

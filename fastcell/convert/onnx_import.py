@@ -31,8 +31,9 @@ from fastcell import spec
 from fastcell.convert.onnx_fold import ConstantFolder, NotConstant
 from fastcell.convert.onnx_reader import (A_FLOAT, A_FLOATS, A_INT, A_STRING, A_STRINGS, Bad,
                                           FormatError, OnnxModel, attributes, get, text)
-from fastcell.models import LAYERS
+from fastcell.models import LAYERS, with_threads
 from fastcell.models.recurrence import packed_bytes
+from fastcell_c.team import check_threads
 
 __all__ = ["onnx_nodes", "from_onnx", "onnx_outputs", "OnnxNode"]
 
@@ -86,7 +87,7 @@ def onnx_nodes(source):
         return [model.describe(i) for i in range(len(model.nodes))]
 
 
-def from_onnx(source, node=None):
+def from_onnx(source, node=None, *, threads=1):
     """The fastcell layer of one recurrent node of an ONNX model (a path, or the file's bytes).
 
     node: None (the model must have exactly one RNN, GRU or LSTM node), a node name, or an index
@@ -99,11 +100,14 @@ def from_onnx(source, node=None):
     Raises FormatError naming the problem: a malformed file, an attribute fastcell cannot compute
     (an activation other than the defaults, or Tanh/Relu for RNN; activation_alpha/beta; clip;
     input_forget=1), a weight that is not a constant. ValueError for a ``node`` that matches none.
+    threads: the layer's (``layer.threads``).
     """
+    threads = check_threads(threads)
     model = _Converter(source)
     i = model.select(node)      # a `node` that matches none: ValueError, not the file's fault
     with model.errors():
-        return model.layer(i)
+        layer = model.layer(i)
+    return with_threads(layer, threads)
 
 
 def onnx_outputs(layer, X, sequence_lens=None, initial_h=None, initial_c=None):

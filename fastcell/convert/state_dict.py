@@ -7,7 +7,8 @@ import numpy as np
 
 from fastcell import spec
 from fastcell.checks import float_array
-from fastcell.models import CELLS, LAYERS
+from fastcell.models import CELLS, LAYERS, with_threads
+from fastcell_c.team import check_threads
 
 __all__ = ["from_state_dict"]
 
@@ -18,7 +19,7 @@ _KIND_OF_GATES = {spec.GATES[k]: k for k in ("rnn", "gru", "lstm")}
 _OVERRIDES = {"nonlinearity": ("tanh", "rnn"), "reset_after": (True, "gru"), "batch_first": (False, None)}
 
 
-def from_state_dict(state_dict, **overrides):
+def from_state_dict(state_dict, *, threads=1, **overrides):
     """The fastcell layer or cell a PyTorch-style state_dict describes, with its weights.
 
     Inferred from the names and shapes: a cell (names without ``_l{k}``) or a layer; the cell type
@@ -32,7 +33,9 @@ def from_state_dict(state_dict, **overrides):
     default False). None means "not given"; an override the inferred model does not have is
     refused unless it is that option's default. Unknown keywords raise TypeError; unknown names,
     and names or shapes that do not fit one architecture, raise ValueError saying what is wrong.
+    threads: the model's (``model.threads``).
     """
+    threads = check_threads(threads)
     unknown = sorted(set(overrides) - set(_OVERRIDES))
     if unknown:
         raise TypeError(f"from_state_dict: unexpected keyword argument(s) {', '.join(unknown)}; "
@@ -50,8 +53,8 @@ def from_state_dict(state_dict, **overrides):
     parsed = _parse_names(weights)
     dtype = _common_dtype(weights)
     if all(layer is None for _, layer, _ in parsed.values()):
-        return _cell(weights, opts, dtype)
-    return _layer(weights, parsed, opts, dtype)
+        return with_threads(_cell(weights, opts, dtype), threads)
+    return with_threads(_layer(weights, parsed, opts, dtype), threads)
 
 
 def _check_overrides(overrides):

@@ -12,14 +12,15 @@ import numpy as np
 from fastcell import spec
 from fastcell.checks import float_array
 from fastcell.convert.torch_quantized import dynamic_quantized_kind, from_dynamic_quantized
-from fastcell.models import CELLS, LAYERS
+from fastcell.models import CELLS, LAYERS, with_threads
+from fastcell_c.team import check_threads
 
 __all__ = ["from_torch"]
 
 
 # ---- from_torch ----
 
-def from_torch(module):
+def from_torch(module, *, threads=1):
     """The fastcell layer or cell computing what a PyTorch module computes, with its weights.
 
     Takes ``nn.RNN``, ``nn.GRU``, ``nn.LSTM`` (any num_layers, bidirectional, batch_first,
@@ -36,8 +37,13 @@ def from_torch(module):
     for h, 16 for x), so its outputs are close to the torch int8 module's, not bitwise equal.
     float16 dynamic quantization, and other quantized modules, raise TypeError.
 
-    Anything else raises TypeError naming its type.
+    Anything else raises TypeError naming its type. threads: the model's (``model.threads``).
     """
+    threads = check_threads(threads)
+    return with_threads(_model(module), threads)
+
+
+def _model(module):
     quantized = dynamic_quantized_kind(module)
     if quantized is not None:
         return from_dynamic_quantized(module, *quantized)

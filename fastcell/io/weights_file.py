@@ -48,8 +48,9 @@ import numpy as np
 
 from fastcell import spec
 from fastcell.formats.reduced import FLOAT_FORMATS, FORMATS, REDUCED_FORMATS, Reduced
-from fastcell.models import CELLS, LAYERS, is_model
+from fastcell.models import CELLS, LAYERS, is_model, with_threads
 from fastcell.spec import is_matrix
+from fastcell_c.team import check_threads
 
 __all__ = ["save", "load", "FormatError", "read_config", "expected_shapes", "expected_tensors"]
 
@@ -185,18 +186,20 @@ def _layout(tensors, metadata):
 
 # ---- reading ----
 
-def load(path):
-    """Read a fastcell weight file and rebuild its model (a layer or a cell).
+def load(path, *, threads=1):
+    """Read a fastcell weight file and rebuild its model (a layer or a cell), computing on
+    `threads` threads (``model.threads``; a file keeps no thread count: that is the service's).
 
     Raises FormatError (a ValueError) naming the problem for any file that is not a valid fastcell
     file, OSError when the file cannot be opened. Imports neither torch nor pickle.
     """
+    threads = check_threads(threads)
     path = os.fspath(path)
     with open_regular(path) as f:
         config, entries, data_start = _read_header(f, path)
         weights = _read_tensors(f, path, entries, data_start)
     _check_scales(weights, path)
-    return _build(config, weights, path)
+    return with_threads(_build(config, weights, path), threads)
 
 
 def read_config(path):

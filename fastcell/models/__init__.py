@@ -12,6 +12,12 @@ LAYERS = {"rnn": RNN, "gru": GRU, "lstm": LSTM, "peephole_lstm": PeepholeLSTM}
 CELLS = {"rnn": RNNCell, "gru": GRUCell, "lstm": LSTMCell, "peephole_lstm": PeepholeLSTMCell}
 
 
+def with_threads(model, threads):
+    """A just-built model on `threads` threads (checked by the loader before it built anything):
+    the loaders' one way to honour their threads= argument."""
+    return model if threads == 1 else model.with_threads(threads)
+
+
 def is_model(obj):
     """Whether obj is a fastcell model: a layer or a cell."""
     return isinstance(obj, (_Layer, _Cell))

@@ -7,25 +7,45 @@ from fastcell.checks import Frozen, as_input, shape_error
 from fastcell.formats.reduced import REDUCED_FORMATS
 from fastcell.models.recurrence import GRURecurrence, LSTMRecurrence, RNNRecurrence, stored_value
 from fastcell_c.stream import Stepper
+from fastcell_c.team import team_of, unpickled_threads
 
 
 class _Cell(Frozen):
     """Shared call logic; subclasses build ``self._rec``, the kernel-ready weights."""
 
-    def __init__(self, rec):
+    threads = 1     # a class default, so cells pickled before the option existed load
+
+    def __init__(self, rec, threads=1):
         self._rec = rec
-        self._stepper = Stepper([rec.kernel])
+        self._set_threads(*team_of(threads))
+        self._frozen = True
+
+    def _set_threads(self, threads, team):
+        object.__setattr__(self, "threads", threads)
+        self._team = team
+        # A twin (with_threads) steps the states of the cell it came from: one family.
+        first = self.__dict__.get("_stepper")
+        self._stepper = Stepper([self._rec.kernel], first and first.family, None, team)
         # The streaming call goes straight to the compiled stepper: the method below, a Python
         # frame around the same call, would add 85 ns to a 1-2 us step. (A cell's stepper never
         # changes: cells have no load_state_dict.)
-        self.step = self._stepper.step
-        self._frozen = True
+        object.__setattr__(self, "step", self._stepper.step)
 
     def __getstate__(self):
-        return {"_rec": self._rec}
+        return {"_rec": self._rec, "threads": self.threads}
 
     def __setstate__(self, state):
-        _Cell.__init__(self, state["_rec"])  # the compiled stepper is rebuilt, not pickled
+        # the compiled stepper and the team are rebuilt, not pickled
+        _Cell.__init__(self, state["_rec"], unpickled_threads(state.get("threads", 1)))
+
+    def with_threads(self, threads):
+        """This cell computing on `threads` threads (a team of its own): a new cell sharing this
+        one's packed weights (no copy)."""
+        threads, team = team_of(threads)
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)     # not copy.copy: that would pickle, a new family
+        twin._set_threads(threads, team)
+        return twin
 
     input_size = property(lambda self: self._rec.input_size)
     hidden_size = property(lambda self: self._rec.hidden_size)
@@ -132,7 +152,7 @@ class _Cell(Frozen):
         Returns the new state in the same form."""
         x, unbatched = self._inputs(x, "x", step=True)
         states = self._states(hx, "hx", x.shape[1], unbatched)
-        self._rec.run(x, *self._h_c(states))
+        self._rec.run(x, *self._h_c(states), team=self._team)
         return self._result(states, unbatched)
 
     def _require_stepper(self):
@@ -156,15 +176,16 @@ class _Cell(Frozen):
         states = self._states(state, "state", B, unbatched)
         rec = self._rec
         out = np.empty((T, B, rec.output_size), rec.dtype)
-        rec.run(x, *self._h_c(states), out=out)
+        rec.run(x, *self._h_c(states), out=out, team=self._team)
         return (out[:, 0] if unbatched else out), self._result(states, unbatched)
 
 
 class RNNCell(_Cell):
     """h' = phi(W_ih x + b_ih + W_hh h + b_hh), phi tanh or relu (nn.RNNCell)."""
 
-    def __init__(self, weight_ih, weight_hh, bias_ih=None, bias_hh=None, nonlinearity="tanh"):
-        super().__init__(RNNRecurrence(weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity))
+    def __init__(self, weight_ih, weight_hh, bias_ih=None, bias_hh=None, nonlinearity="tanh", *,
+                 threads=1):
+        super().__init__(RNNRecurrence(weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity), threads)
 
     kind = "rnn"
     nonlinearity = property(lambda self: self._rec.nonlinearity)
@@ -176,8 +197,9 @@ class RNNCell(_Cell):
 class GRUCell(_Cell):
     """nn.GRUCell (reset_after=True) or the reset-before GRU of Cho et al. 2014."""
 
-    def __init__(self, weight_ih, weight_hh, bias_ih=None, bias_hh=None, reset_after=True):
-        super().__init__(GRURecurrence(weight_ih, weight_hh, bias_ih, bias_hh, reset_after))
+    def __init__(self, weight_ih, weight_hh, bias_ih=None, bias_hh=None, reset_after=True, *,
+                 threads=1):
+        super().__init__(GRURecurrence(weight_ih, weight_hh, bias_ih, bias_hh, reset_after), threads)
 
     kind = "gru"
     reset_after = property(lambda self: self._rec.reset_after)
@@ -189,8 +211,8 @@ class GRUCell(_Cell):
 class LSTMCell(_Cell):
     """nn.LSTMCell; the state is an (h, c) pair."""
 
-    def __init__(self, weight_ih, weight_hh, bias_ih=None, bias_hh=None):
-        super().__init__(LSTMRecurrence(weight_ih, weight_hh, bias_ih, bias_hh))
+    def __init__(self, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *, threads=1):
+        super().__init__(LSTMRecurrence(weight_ih, weight_hh, bias_ih, bias_hh), threads)
 
     kind = "lstm"
 
@@ -198,9 +220,10 @@ class LSTMCell(_Cell):
 class PeepholeLSTMCell(_Cell):
     """LSTM with diagonal peepholes weight_ph (3, H), rows p_i, p_f, p_o (docs/SPEC.md)."""
 
-    def __init__(self, weight_ih, weight_hh, weight_ph, bias_ih=None, bias_hh=None):
+    def __init__(self, weight_ih, weight_hh, weight_ph, bias_ih=None, bias_hh=None, *, threads=1):
         if weight_ph is None:
             raise TypeError("weight_ph: expected an array of shape (3, hidden_size), got None")
-        super().__init__(LSTMRecurrence(weight_ih, weight_hh, bias_ih, bias_hh, weight_ph=weight_ph))
+        super().__init__(LSTMRecurrence(weight_ih, weight_hh, bias_ih, bias_hh, weight_ph=weight_ph),
+                         threads)
 
     kind = "peephole_lstm"

@@ -9,7 +9,9 @@ from fastcell.checks import (FLOAT_DTYPES, Frozen, as_flag, as_input, as_int, sh
                              to_numpy)
 from fastcell.formats.reduced import REDUCED_FORMATS, Reduced, reduce
 from fastcell.models.recurrence import GRURecurrence, LSTMRecurrence, RNNRecurrence
+from fastcell_c.kernel import run_directions
 from fastcell_c.stream import Stepper
+from fastcell_c.team import team_of, unpickled_threads
 
 
 class StateDictError(ValueError):
@@ -30,10 +32,12 @@ class _Layer(Frozen):
     has_cell_state = False
     reverse = False  # a class default too, so layers pickled before the option existed load
     _initial = None  # likewise: no initial state (zeros)
+    threads = 1      # likewise: one thread
+    _team = None
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  bidirectional=False, dtype=np.float32, proj_size=0, reverse=False, *,
-                 weights=None, initial_state=None):
+                 weights=None, initial_state=None, threads=1):
         input_size, hidden_size = as_int(input_size, "input_size"), as_int(hidden_size, "hidden_size")
         num_layers, proj_size = as_int(num_layers, "num_layers"), as_int(proj_size, "proj_size", 0)
         if proj_size and proj_size >= hidden_size:
@@ -59,6 +63,7 @@ class _Layer(Frozen):
         if self._weight_format in REDUCED_FORMATS and dt != np.float32:
             raise TypeError(f"dtype: {self._weight_format} weights compute in float32, got {dt}")
         self._initial = self._checked_initial(initial_state)
+        self.threads, self._team = team_of(threads)
         if weights is None:
             self._init_random()
         else:
@@ -181,21 +186,36 @@ class _Layer(Frozen):
         if self.bidirectional or self.reverse:
             return None
         # The family is this layer: states made before a reload keep stepping, with new weights.
-        return Stepper([r.kernel for r in recs], self._family(), self._initial)
+        return Stepper([r.kernel for r in recs], self._family(), self._initial, self._team)
 
     def _family(self):
         return self.__dict__.setdefault("_state_family", _StateFamily())
 
     def __getstate__(self):
         recs, _ = self._weights
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_weights", "_state_family")}
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("_weights", "_state_family", "_team")}
         state["_recs"] = recs
         return state
 
     def __setstate__(self, state):
         recs = state.pop("_recs")
         self.__dict__.update(state)
+        self.__dict__["threads"], self.__dict__["_team"] = team_of(unpickled_threads(self.threads))
         self.__dict__["_weights"] = (recs, self._make_stepper(recs))
+
+    def with_threads(self, threads):
+        """This model computing on `threads` threads (its own team): a new model object that
+        shares this one's packed weights (no copy). A later load_state_dict on either changes
+        that one alone."""
+        threads, team = team_of(threads)
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)     # not copy.copy: that would pickle, a new family
+        object.__setattr__(twin, "threads", threads)
+        object.__setattr__(twin, "_team", team)
+        recs = self._weights[0]
+        object.__setattr__(twin, "_weights", (recs, twin._make_stepper(recs)))
+        return twin
 
     # -- streaming --
 
@@ -348,20 +368,30 @@ class _Layer(Frozen):
 
     def _run(self, x, states, lengths, perm, T, B):
         recs = self._weights[0]     # once: every layer and direction of this call from one set
+        team = self._team
         D, P = self.num_directions, self.output_size
         shape = (B, T, D * P) if self.batch_first else (T, B, D * P)
         inp = x
         for k in range(self.num_layers):
             # Past a sequence's length nothing is written: those rows must start at zero.
             out = np.zeros(shape, self.dtype) if lengths is not None else np.empty(shape, self.dtype)
-            for d in range(D):
-                i = k * D + d
-                bufs = [s[i] if perm is None else s[i][perm] for s in states]
-                recs[i].run(inp, bufs[0], bufs[1] if len(bufs) > 1 else None, out, d * P,
-                                  self.batch_first, d == 1 or self.reverse, lengths, perm)
-                if perm is not None:
-                    for s, buf in zip(states, bufs):
-                        s[i][perm] = buf
+            # [h, c or None] of each direction, in processing order
+            bufs = []
+            for i in range(k * D, k * D + D):
+                hc = [s[i] if perm is None else s[i][perm] for s in states]
+                bufs += hc if len(hc) == 2 else [hc[0], None]
+            if D == 2 and team is not None:     # the two directions at once (run_directions)
+                run_directions(recs[2 * k].kernel, recs[2 * k + 1].kernel, inp, bufs, out, P,
+                               self.batch_first, lengths, perm, team)
+            else:
+                for d in range(D):
+                    recs[k * D + d].run(inp, bufs[2 * d], bufs[2 * d + 1], out, d * P,
+                                        self.batch_first, d == 1 or self.reverse, lengths, perm,
+                                        team)
+            if perm is not None:
+                for d in range(D):
+                    for s, buf in zip(states, bufs[2 * d:2 * d + 2]):
+                        s[k * D + d][perm] = buf
             inp = out
         return inp
 
@@ -389,12 +419,13 @@ class RNN(_Layer):
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, bidirectional=False, dtype=np.float32, reverse=False, *,
-                 weights=None, initial_state=None):
+                 weights=None, initial_state=None, threads=1):
         if nonlinearity not in spec.NONLINEARITIES:
             raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dtype,
-                         reverse=reverse, weights=weights, initial_state=initial_state)
+                         reverse=reverse, weights=weights, initial_state=initial_state,
+                         threads=threads)
 
     def _extra_config(self):
         return {"nonlinearity": self.nonlinearity}
@@ -410,10 +441,11 @@ class GRU(_Layer):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  bidirectional=False, reset_after=True, dtype=np.float32, reverse=False, *,
-                 weights=None, initial_state=None):
+                 weights=None, initial_state=None, threads=1):
         self.reset_after = as_flag(reset_after, "reset_after")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dtype,
-                         reverse=reverse, weights=weights, initial_state=initial_state)
+                         reverse=reverse, weights=weights, initial_state=initial_state,
+                         threads=threads)
 
     def _extra_config(self):
         return {"reset_after": self.reset_after}
@@ -429,9 +461,10 @@ class LSTM(_Layer):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  bidirectional=False, proj_size=0, dtype=np.float32, reverse=False, *,
-                 weights=None, initial_state=None):
+                 weights=None, initial_state=None, threads=1):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional,
-                         dtype, proj_size, reverse, weights=weights, initial_state=initial_state)
+                         dtype, proj_size, reverse, weights=weights, initial_state=initial_state,
+                         threads=threads)
 
     def _extra_config(self):
         return {"proj_size": self.proj_size}
@@ -448,9 +481,10 @@ class PeepholeLSTM(_Layer):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  bidirectional=False, dtype=np.float32, reverse=False, *, weights=None,
-                 initial_state=None):
+                 initial_state=None, threads=1):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dtype,
-                         reverse=reverse, weights=weights, initial_state=initial_state)
+                         reverse=reverse, weights=weights, initial_state=initial_state,
+                         threads=threads)
 
     def _make(self, w, s):
         return LSTMRecurrence(**w, suffix=s)

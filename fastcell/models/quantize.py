@@ -11,15 +11,17 @@ from fastcell.formats.reduced import REDUCED_FORMATS, reduce
 from fastcell.models.cells import _Cell
 from fastcell.models.layers import _Layer
 from fastcell.spec import is_matrix
+from fastcell_c.team import check_threads
 
 __all__ = ["quantize"]
 
 
-def quantize(model, format):
+def quantize(model, format, *, threads=None):
     """A new model of the same class whose W_ih, W_hh (and W_hr) are int8 or bf16.
 
     model: a fastcell layer or cell in float32 or float64 (float64 weights are rounded to float32
-    first). format: "int8" or "bf16". The model itself is left unchanged.
+    first). format: "int8" or "bf16". threads: the new model's (None: the model's). The model
+    itself is left unchanged.
     """
     if not isinstance(model, (_Layer, _Cell)):
         raise TypeError(f"model: expected a fastcell layer or cell, got {type(model).__module__}."
@@ -30,11 +32,13 @@ def quantize(model, format):
     if model.weight_format in REDUCED_FORMATS:
         raise ValueError(f"model: its weights are already {model.weight_format}; quantize the "
                          "float model it came from")
+    threads = model.threads if threads is None else check_threads(threads)
     weights = {}
     for name, v in model.state_dict().items():
         v = np.asarray(v, dtype=np.float32)
         weights[name] = reduce(v, format, name) if is_matrix(name) else v
     if isinstance(model, _Layer):
         args = dict(model.constructor_args(), dtype=np.float32)
-        return type(model)(**args, weights=weights, initial_state=model.initial_state)
-    return type(model)(**weights, **model._extra_config())
+        return type(model)(**args, weights=weights, initial_state=model.initial_state,
+                           threads=threads)
+    return type(model)(**weights, **model._extra_config(), threads=threads)

@@ -121,9 +121,10 @@ class Recurrence:
         return self.bias_ih + self.bias_hh
 
     def run(self, x, h, c=None, out=None, out_col=0, batch_first=False, reverse=False,
-            lengths=None, perm=None):
-        """One GIL-free kernel call over a whole batch of sequences: see fastcell_c.kernel.Kernel.run."""
-        self.kernel.run(x, h, c, out, out_col, batch_first, reverse, lengths, perm)
+            lengths=None, perm=None, team=None):
+        """One GIL-free kernel call over a whole batch of sequences, on a team's threads where
+        given and it pays: see fastcell_c.kernel.Kernel.run."""
+        self.kernel.run(x, h, c, out, out_col, batch_first, reverse, lengths, perm, team)
 
     def resident_bytes(self):
         """Bytes of weights kept: the kernel's (packed matrices, laid-out biases, int8 scales)
