@@ -511,6 +511,8 @@ cdef class StatePool:
         self._parity = not self._parity
         job.next = 0
         nparts = min(self.threads, max(1, n // ROWS_PER_THREAD))
+        if nparts > 1 and not self._team.ready():     # standing down after a stall (team.h)
+            nparts = 1
         job.unit = min(CHUNK, max(MIN_CHUNK, (n // (nparts * CHUNKS_PER_THREAD) + 7) // 8 * 8))
         if nparts == 1:
             job.unit = CHUNK

@@ -18,6 +18,13 @@
  * busy threads than a model was given, never a wait. In a process forked from the one that
  * started the workers they do not exist: enter fails there, and every call runs on its caller.
  *
+ * A team whose parts stall (a barrier or the end of a run waited more than FC_STALL_NS: a part's
+ * CPU was taken by another process, or the VM took a vCPU away) stands down for a while: for
+ * FC_BACKOFF_NS after the stall, doubling with each stalled run up to FC_BACKOFF_MAX_NS, calls
+ * run on their caller alone (fc_team_enter and fc_team_ready say no). A split walk waits for its
+ * slowest part at every step, so on a busy machine one thread is the faster. A clean run
+ * resets the backoff.
+ *
  * Workers are pinned to the CPUs the process may run on (worker i to the i-th such CPU after
  * the first), where the OS allows it (Linux's pthread_setaffinity_np); elsewhere, or when the
  * process may run on fewer CPUs than the team has threads, they float as the OS schedules them.
@@ -33,6 +40,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 
 typedef void (*fc_task)(void *arg, int part, int nparts);
@@ -40,6 +48,16 @@ typedef void (*fc_task)(void *arg, int part, int nparts);
 #define FC_SPIN 200000        /* loads of a counter, about 100 us, before a worker sleeps */
 #define FC_BARRIER_SPIN 20000 /* loads of the epoch before a waiting part yields its CPU */
 #define FC_RELAX() __asm__ __volatile__("" ::: "memory")
+#define FC_STALL_NS 200000LL           /* a wait this long: a part was not running (200 us; a
+                                          scheduler time slice is 0.75-3 ms) */
+#define FC_BACKOFF_NS 10000000LL       /* the first stand-down after a stall (10 ms) ... */
+#define FC_BACKOFF_MAX_NS 1000000000LL /* ... doubling up to 1 s */
+
+static long long fc_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
 
 struct fc_team;
 
@@ -65,6 +83,9 @@ typedef struct fc_team {
     fc_task fn;
     void *arg;
     int nparts;
+    int stalled;               /* a wait of the current run stalled (atomics) */
+    long long backoff_ns;      /* the current stand-down (0: none); written by runs, which */
+    long long retry_ns;        /* ... one call at a time makes; read racily by enter/ready */
     /* the barrier of the current run */
     unsigned bar_count __attribute__((aligned(64)));
     unsigned bar_epoch __attribute__((aligned(64)));
@@ -190,10 +211,19 @@ static fc_team *fc_team_new(int nthreads, int pin) {
     return t;
 }
 
-/* Claims the team for one call: 1 if this call may run parts on the workers (it must then call
- * fc_team_leave), 0 if another call holds it, or the workers do not exist (a forked child). */
-static int fc_team_enter(fc_team *t) {
+/* Whether the team may run parts now: it has workers (not a forked child) and is not standing
+ * down after a stall. */
+static int fc_team_ready(fc_team *t) {
     if (t == NULL || t->started == 0 || getpid() != t->pid) return 0;
+    return __atomic_load_n(&t->retry_ns, __ATOMIC_RELAXED) == 0
+           || fc_now_ns() >= __atomic_load_n(&t->retry_ns, __ATOMIC_RELAXED);
+}
+
+/* Claims the team for one call: 1 if this call may run parts on the workers (it must then call
+ * fc_team_leave), 0 if another call holds it, the team is standing down (fc_team_ready), or the
+ * workers do not exist (a forked child). */
+static int fc_team_enter(fc_team *t) {
+    if (!fc_team_ready(t)) return 0;
     int expect = 0;
     return __atomic_compare_exchange_n(&t->busy, &expect, 1, 0, __ATOMIC_ACQUIRE,
                                        __ATOMIC_RELAXED);
@@ -212,12 +242,36 @@ static void fc_team_barrier(fc_team *t) {
         __atomic_store_n(&t->bar_epoch, epoch + 1, __ATOMIC_RELEASE);
         return;
     }
+    long long since = 0;
     for (int spins = 0; __atomic_load_n(&t->bar_epoch, __ATOMIC_ACQUIRE) == epoch;) {
         if (++spins == FC_BARRIER_SPIN) {
+            /* long enough to look at the clock: a part that is not running stalls the run */
+            long long now = fc_now_ns();
+            if (since == 0) since = now;
+            else if (now - since > FC_STALL_NS) __atomic_store_n(&t->stalled, 1, __ATOMIC_RELAXED);
             sched_yield();
             spins = 0;
         }
         FC_RELAX();
+    }
+}
+
+/* After a run: a stalled one stands the team down (doubling), a clean one ends a stand-down.
+ * The caller waited for late workers from wait_from (0: it did not), having run its own part
+ * from start: a worker that finished more than FC_STALL_NS and more than the caller's own part
+ * after the caller stalled (a long part of its own is no stall). */
+static void fc_team_settle(fc_team *t, long long start, long long wait_from) {
+    int stalled = __atomic_exchange_n(&t->stalled, 0, __ATOMIC_RELAXED);
+    long long now = wait_from ? fc_now_ns() : 0;
+    if (wait_from && now - wait_from > FC_STALL_NS && now - wait_from > wait_from - start)
+        stalled = 1;
+    if (stalled) {
+        long long b = t->backoff_ns ? 2 * t->backoff_ns : FC_BACKOFF_NS;
+        t->backoff_ns = b < FC_BACKOFF_MAX_NS ? b : FC_BACKOFF_MAX_NS;
+        __atomic_store_n(&t->retry_ns, (now ? now : fc_now_ns()) + t->backoff_ns, __ATOMIC_RELAXED);
+    } else if (t->backoff_ns) {
+        t->backoff_ns = 0;
+        __atomic_store_n(&t->retry_ns, 0, __ATOMIC_RELAXED);
     }
 }
 
@@ -243,9 +297,14 @@ static void fc_team_run(fc_team *t, fc_task fn, void *arg, int nparts) {
         if (s->sleeping) pthread_cond_signal(&s->cv);
         pthread_mutex_unlock(&t->mu);
     }
+    long long start = fc_now_ns();
     fn(arg, 0, nparts);
-    for (int i = 0; i < FC_SPIN && __atomic_load_n(&t->pending, __ATOMIC_ACQUIRE) > 0; i++)
+    long long wait_from = 0;   /* when the caller began to wait for a late worker */
+    for (int i = 0; __atomic_load_n(&t->pending, __ATOMIC_ACQUIRE) > 0; i++) {
+        if (i == FC_BARRIER_SPIN) wait_from = fc_now_ns();
+        if (i == FC_SPIN) break;
         FC_RELAX();
+    }
     pthread_mutex_lock(&t->mu);
     while (__atomic_load_n(&t->pending, __ATOMIC_ACQUIRE) > 0) {
         t->waiting = 1;
@@ -253,6 +312,7 @@ static void fc_team_run(fc_team *t, fc_task fn, void *arg, int nparts) {
         t->waiting = 0;
     }
     pthread_mutex_unlock(&t->mu);
+    fc_team_settle(t, start, wait_from);
 }
 
 #endif

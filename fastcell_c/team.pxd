@@ -10,6 +10,7 @@ cdef class Team:
     cdef readonly int threads          # the caller and threads - 1 workers
     cdef readonly bint pinned          # the workers are pinned to CPUs
 
+    cdef bint ready(self) noexcept nogil     # has workers, and is not standing down (team.h)
     cdef bint enter(self) noexcept nogil
     cdef void leave(self) noexcept nogil
     cdef void run(self, task_fn fn, void* arg, int nparts) noexcept nogil

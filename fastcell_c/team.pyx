@@ -15,6 +15,7 @@ cdef extern from "team.h" nogil:
     ctypedef void (*fc_task)(void* arg, int part, int nparts) noexcept nogil
     fc_team* fc_team_new(int nthreads, int pin)
     void fc_team_free(fc_team* t)
+    int fc_team_ready(fc_team* t)
     int fc_team_enter(fc_team* t)
     void fc_team_leave(fc_team* t)
     void fc_team_run(fc_team* t, fc_task fn, void* arg, int nparts)
@@ -85,8 +86,16 @@ cdef class Team:
     def __reduce__(self):
         return (Team, (self.threads,))     # a new team of as many threads in the new process
 
+    @property
+    def standing_down(self):
+        """Whether calls now run on their caller alone after a stalled run (team.h)."""
+        return self._t != NULL and not fc_team_ready(<fc_team*>self._t)
+
     def __repr__(self):
         return f"Team(threads={self.threads}{', pinned' if self.pinned else ''})"
+
+    cdef bint ready(self) noexcept nogil:
+        return self._t != NULL and fc_team_ready(<fc_team*>self._t)
 
     cdef bint enter(self) noexcept nogil:
         return self._t != NULL and fc_team_enter(<fc_team*>self._t)
