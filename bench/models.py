@@ -6,12 +6,15 @@ Runtime session holding a single RNN/GRU/LSTM node, each in a weight format:
 - "int8": fastcell.quantize(cell, "int8") (one scale per row); PyTorch's dynamic quantization
   (torch.ao.quantization.quantize_dynamic, qint8); ONNX Runtime's quantize_dynamic (QInt8), which
   turns the LSTM node into com.microsoft's DynamicQuantizeLSTM.
-- "bf16": fastcell.quantize(cell, "bf16") (fastcell only).
+- "bf16": fastcell.quantize(cell, "bf16"); OpenVINO's INFERENCE_PRECISION_HINT=bf16 (bench.team).
+
+OpenVINO (bench.team's rival beside ONNX Runtime) compiles the same one-node ONNX model for its
+CPU plugin, in float32 or, with its precision hint, bf16 (the CPU's bf16 dot products or AMX).
 
 A benchmark against a competitor that computes something else is worthless: bench/parity.py holds
 every model built here to fastcell's (float32) or to PyTorch's float32 one (a reduced format).
 
-PyTorch and ONNX Runtime (and their quantization) are optional: a missing one makes its column
+PyTorch, ONNX Runtime and OpenVINO (and their quantization) are optional: a missing one makes its column
 "n/a", never an error (the builders raise Unavailable, saying why).
 """
 
@@ -219,8 +222,9 @@ def build_onnx_model(kind, w):
     return model
 
 
-def build_ort_session(kind, w, fmt="float32"):
-    """An ONNX Runtime CPU session, one thread, sequential; int8: of the quantize_dynamic'd model."""
+def build_ort_session(kind, w, fmt="float32", threads=1):
+    """An ONNX Runtime CPU session on `threads` intra-op threads (its own pool), sequential;
+    int8: of the quantize_dynamic'd model."""
     check_format(fmt, ("float32", "int8"))
     ort = require("onnxruntime")
     require("onnx")
@@ -228,7 +232,7 @@ def build_ort_session(kind, w, fmt="float32"):
     if fmt == "int8":
         model = _quantize_onnx(model)
     so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
+    so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -257,6 +261,24 @@ def _quantize_onnx(model):
     if ops == [n.op_type for n in onnx.load_from_string(model).graph.node]:
         raise Unavailable(f"ONNX Runtime's quantize_dynamic leaves {'/'.join(ops)} in float32")
     return quantized.SerializeToString()
+
+
+def build_openvino(kind, w, fmt="float32", threads=1, shapes=None):
+    """An OpenVINO CPU infer request of the one-node ONNX model, on `threads` threads
+    (INFERENCE_NUM_THREADS, one stream, latency hint), computing in float32 or bf16
+    (INFERENCE_PRECISION_HINT). shapes: {input name: static shape} (OpenVINO compiles a static
+    shape faster), else dynamic. Returns (infer request, compiled model)."""
+    check_format(fmt, ("float32", "bf16"))
+    ov = require("openvino")
+    core = ov.Core()
+    model = core.read_model(build_onnx_model(kind, w).SerializeToString(), b"")
+    if shapes:
+        model.reshape(shapes)
+    config = {"INFERENCE_NUM_THREADS": str(threads), "NUM_STREAMS": "1",
+              "PERFORMANCE_HINT": "LATENCY",
+              "INFERENCE_PRECISION_HINT": "bf16" if fmt == "bf16" else "f32"}
+    compiled = core.compile_model(model, "CPU", config)
+    return compiled.create_infer_request(), compiled
 
 
 class Models:

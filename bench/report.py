@@ -20,9 +20,7 @@ fastcell against PyTorch, the median of 5 runs each (3 with --quick).
 """
 
 import argparse
-import gc
 import json
-import math
 import os
 import re
 import statistics
@@ -37,6 +35,7 @@ import numpy as np
 import bench.scenarios
 import bench.threads
 from bench.machine import machine_info
+from bench.timing import measure, paired_ratio
 from bench.models import LABELS, optional_import
 from bench.parity import PARITY_TOL, REDUCED_TOL, check_parity, verify
 from bench.scenarios import (ALL_SCENARIOS, competitor, group_name, runners_for, single_threaded,
@@ -56,47 +55,6 @@ SETTINGS = {
     "full": dict(batch_ms=20.0, budget_s=6.0, min_rounds=11, max_rounds=51, cold_runs=5),
     "quick": dict(batch_ms=4.0, budget_s=0.8, min_rounds=3, max_rounds=11, cold_runs=3),
 }
-
-
-# -- timing --
-
-def _per_call(fn, n):
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t0) / n
-
-
-def measure(fns, batch_ms, budget_s, min_rounds, max_rounds):
-    """Interleaved timing of {name: fn}. Returns {name: [seconds per call, one per round]}."""
-    calls, round_s = {}, 0.0
-    for name, fn in fns.items():
-        # Warm-up (caches, lazy initialisation, branch predictors): one call, then calls timed
-        # one by one for at least a batch's length; the fastest sets the calibration.
-        fn()
-        t_end = time.perf_counter() + batch_ms / 1e3
-        t1 = _per_call(fn, 1)
-        while time.perf_counter() < t_end:
-            t1 = min(t1, _per_call(fn, 1))
-        calls[name] = max(1, math.ceil(batch_ms / 1e3 / max(t1, 1e-9)))
-        round_s += calls[name] * t1
-    rounds = int(min(max_rounds, max(min_rounds, budget_s / max(round_s, 1e-9))))
-    names = list(fns)
-    samples = {name: [] for name in names}
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                samples[name].append(_per_call(fns[name], calls[name]))
-    finally:
-        gc.enable()
-    return samples
-
-
-def paired_ratio(num, den, num_steps=1, den_steps=1):
-    """Median over rounds of (num per step) / (den per step)."""
-    return statistics.median((a / num_steps) / (b / den_steps) for a, b in zip(num, den))
 
 
 def ratios(sc, samples, steps):

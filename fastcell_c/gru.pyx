@@ -55,23 +55,25 @@ cdef void gru_walk(Walk* w, const floating* x, int I, int H, int S, int width,
 cdef void gru_units(Walk* w, const floating* x, int I, int H, int S, int width,
                     bint reset_after, const void** gates, const fc_mat* wm, int split,
                     const floating* bias, const floating* b_hn, floating* h, floating* out,
-                    floating* work, const Slice* sl) noexcept nogil:
+                    floating* work, Slice* sl) noexcept nogil:
     """gru_walk, one part's hidden units of it (walk.pxd "a step split by hidden units"). The
     reset-before form's n product needs every unit's r * h: two barriers a step."""
     cdef Py_ssize_t s, j, ldg
-    cdef int u0 = sl.u0, u1 = sl.u1, nu = sl.u1 - sl.u0
+    cdef int u0, nu
     cdef floating* g
     cdef floating* G = work
     cdef floating* R = G + w.T * w.B * width
     cdef floating* cur = h
     cdef floating* nxt = <floating*>sl.h_alt
     cdef floating* t
-    project_own(w, x, I, wm, 3 if reset_after else 2, 0 if reset_after else 1, S, split, width,
-                G, R + w.B * width, sl)
+    if project_own(w, x, I, wm, 3 if reset_after else 2, 0 if reset_after else 1, S, split,
+                   width, G, R + w.B * width, sl) < 0:
+        return
     for s in range(w.T):
         begin_step(w, s)
         g = G + w.g_row * width
         ldg = w.g_ld * width
+        u0, nu = sl.u0, sl.u1 - sl.u0
         for j in range(w.n):        # its units' old h, which the passes update in place
             memcpy(nxt + j * H + u0, cur + j * H + u0, nu * sizeof(floating))
         if reset_after:                                                      # R = h W_hh^T
@@ -86,19 +88,22 @@ cdef void gru_units(Walk* w, const floating* x, int I, int H, int S, int width,
             for j in range(w.n):
                 gru_reset_before_gates(gates[0], nu, S, g + j * ldg + u0, bias + u0,
                                        nxt + j * H + u0, R + j * H + u0)
-            meet(sl)                                                         # every unit's r*h
+            if meet(sl) < 0:                                                 # every unit's r*h
+                return
+            u0, nu = sl.u0, sl.u1 - sl.u0    # every unit, if this part took the rest over
             cols_product(<int>w.n, 1, S, sl, H, R, H, &wm[1], I, True, g + split, <int>ldg,
                          backward(w, s), w.qwork)                            # G_n += (r*h) W_hn^T
             for j in range(w.n):
                 gru_reset_before_update(gates[1], nu, S, g + j * ldg + u0, bias + u0,
                                         nxt + j * H + u0)
-        carry_rows(w, cur, nxt, H, u0, u1)
-        write_own_outputs(w, s, nxt, H, u0, u1, out)
-        meet(sl)
+        carry_rows(w, cur, nxt, H, sl.u0, sl.u1)
+        write_own_outputs(w, s, nxt, H, sl.u0, sl.u1, out)
+        if meet(sl) < 0:
+            return
         t = cur
         cur = nxt
         nxt = t
-    own_final(w, h, cur, H, u0, u1)
+    own_final(w, h, cur, H, sl.u0, sl.u1)
 
 
 cdef class GRUKernel(Kernel):
@@ -137,7 +142,7 @@ cdef class GRUKernel(Kernel):
                      <float*>h, <float*>out, <float*>work)
 
     cdef void run_units(self, Walk* w, const char* x, char* h, char* c, char* out, char* work,
-                        const Slice* sl) noexcept nogil:
+                        Slice* sl) noexcept nogil:
         cdef int I = <int>self.input_size, H = <int>self.hidden_size, S = <int>self.stride
         cdef int width = <int>self.width
         if self.is_double:

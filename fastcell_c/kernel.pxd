@@ -116,7 +116,7 @@ cdef class Kernel:
     cdef void run_walk(self, Walk* w, const char* x, char* h, char* c, char* out,
                        char* work) noexcept nogil
     cdef void run_units(self, Walk* w, const char* x, char* h, char* c, char* out, char* work,
-                        const Slice* sl) noexcept nogil
+                        Slice* sl) noexcept nogil
     cdef Py_ssize_t proj_outputs(self) noexcept nogil
     cdef int plan(self, Py_ssize_t T, Py_ssize_t B, int threads, int* nparts) noexcept
     cdef int run_parts(self, Walk* w, const char* x, char* h, char* c, char* out,

@@ -192,7 +192,7 @@ cdef void _run_part(void* arg, int part, int nparts) noexcept nogil:
     cdef char* c = job.c
     cdef char* out = job.out
     cdef char* mine = job.priv + part * job.part_bytes
-    cdef Slice sl
+    cdef Slice sl, whole
     if job.mode == ROWS:
         b0 = job.bounds[part]
         w.B = w.n = job.bounds[part + 1] - b0
@@ -207,6 +207,8 @@ cdef void _run_part(void* arg, int part, int nparts) noexcept nogil:
         (<Kernel>k).run_walk(&w, x, h, c, out, mine)
         return
     slice_of(k, part, nparts, &sl)
+    slice_of(k, 0, 1, &whole)
+    sl.whole = &whole
     sl.team = job.team
     sl.h_alt = job.h_alt
     sl.xh = mine
@@ -521,7 +523,7 @@ cdef class Kernel:
         pass
 
     cdef void run_units(self, Walk* w, const char* x, char* h, char* c, char* out, char* work,
-                        const Slice* sl) noexcept nogil:
+                        Slice* sl) noexcept nogil:
         pass
 
     cdef Py_ssize_t proj_outputs(self) noexcept nogil:

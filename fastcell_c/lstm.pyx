@@ -49,13 +49,12 @@ cdef void lstm_walk(Walk* w, const floating* x, int I, int H, int S, int width, 
 cdef void lstm_units(Walk* w, const floating* x, int I, int H, int S, int width, int P, int Pw,
                      const void* gates, const fc_mat* wm, const floating* bias,
                      const fc_mat* w_hr, const floating* w_ph, floating* h, floating* c,
-                     floating* out, floating* work, const Slice* sl) noexcept nogil:
+                     floating* out, floating* work, Slice* sl) noexcept nogil:
     """lstm_walk, one part's hidden units of it (walk.pxd "a step split by hidden units"). With
     a projection the part also makes its outputs of h = m W_hr^T, once every part's m is there:
     two barriers a step."""
     cdef int hout = P if P > 0 else H
-    cdef int u0 = sl.u0, nu = sl.u1 - sl.u0
-    cdef int o0 = sl.p0 if P > 0 else u0, o1 = sl.p1 if P > 0 else sl.u1   # its columns of h
+    cdef int u0, o0, o1                 # its first unit; its columns of h [o0, o1)
     cdef Py_ssize_t s, j, ldg
     cdef floating* g
     cdef floating* G = work
@@ -65,26 +64,34 @@ cdef void lstm_units(Walk* w, const floating* x, int I, int H, int S, int width,
     cdef floating* cur = h
     cdef floating* nxt = <floating*>sl.h_alt
     cdef floating* t
-    cdef const floating* ph = NULL if w_ph == NULL else w_ph + u0
-    cdef bint fused = own_inputs(w, x, I, h, hout, wm, 4, S, width, G, xp, sl)
+    cdef int fused = own_inputs(w, x, I, h, hout, wm, 4, S, width, G, xp, sl)
+    if fused < 0:
+        return
     for s in range(w.T):
+        u0 = sl.u0
         g = own_step_product(w, s, fused, G, 4, S, width, cur, hout, wm, I, &ldg, sl)
         for j in range(w.n):
-            lstm_gates(gates, nu, S, g + j * ldg + u0, bias + u0, ph, c + j * H + u0,
+            lstm_gates(gates, sl.u1 - u0, S, g + j * ldg + u0, bias + u0,
+                       NULL if w_ph == NULL else w_ph + u0, c + j * H + u0,
                        (m if P > 0 else nxt) + j * H + u0)
         if P > 0:
-            meet(sl)                                              # every unit of m is there
+            if meet(sl) < 0:                                      # every unit of m is there
+                return
             if sl.pc > sl.p0:                                     # h = m W_hr^T: its outputs
                 w_hr.cols(<int>w.n, sl.p0, sl.pc, H, <const void*>m, H, w_hr, 0, False,
                           <void*>proj, Pw, backward(w, s), w.qwork)
                 for j in range(w.n):
-                    memcpy(nxt + j * P + o0, proj + j * Pw + o0, (o1 - o0) * sizeof(floating))
+                    memcpy(nxt + j * P + sl.p0, proj + j * Pw + sl.p0,
+                           (sl.p1 - sl.p0) * sizeof(floating))
+        o0, o1 = (sl.p0, sl.p1) if P > 0 else (sl.u0, sl.u1)
         carry_rows(w, cur, nxt, hout, o0, o1)
         write_own_outputs(w, s, nxt, hout, o0, o1, out)
-        meet(sl)
+        if meet(sl) < 0:
+            return
         t = cur
         cur = nxt
         nxt = t
+    o0, o1 = (sl.p0, sl.p1) if P > 0 else (sl.u0, sl.u1)
     own_final(w, h, cur, hout, o0, o1)
 
 
@@ -130,7 +137,7 @@ cdef class LSTMKernel(Kernel):
                       <float*>h, <float*>c, <float*>out, <float*>work)
 
     cdef void run_units(self, Walk* w, const char* x, char* h, char* c, char* out, char* work,
-                        const Slice* sl) noexcept nogil:
+                        Slice* sl) noexcept nogil:
         cdef int I = <int>self.input_size, H = <int>self.hidden_size, S = <int>self.stride
         cdef int width = <int>self.width, P = <int>self.proj_size, Pw = <int>self.proj_width
         if self.is_double:

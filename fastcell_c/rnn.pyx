@@ -28,27 +28,30 @@ cdef void rnn_walk(Walk* w, const floating* x, int I, int H, int width, const vo
 
 cdef void rnn_units(Walk* w, const floating* x, int I, int H, int S, int width,
                     const void* gates, const fc_mat* wm, const floating* bias, floating* h,
-                    floating* out, floating* G, const Slice* sl) noexcept nogil:
+                    floating* out, floating* G, Slice* sl) noexcept nogil:
     """rnn_walk, one part's hidden units of it (walk.pxd "a step split by hidden units")."""
     cdef Py_ssize_t s, j, ldg
-    cdef int u0 = sl.u0, u1 = sl.u1
     cdef floating* g
     cdef floating* xp = G + w.T * w.B * width
     cdef floating* cur = h
     cdef floating* nxt = <floating*>sl.h_alt
     cdef floating* t
-    cdef bint fused = own_inputs(w, x, I, h, H, wm, 1, S, width, G, xp, sl)
+    cdef int fused = own_inputs(w, x, I, h, H, wm, 1, S, width, G, xp, sl)
+    if fused < 0:
+        return
     for s in range(w.T):
         g = own_step_product(w, s, fused, G, 1, S, width, cur, H, wm, I, &ldg, sl)
         for j in range(w.n):
-            rnn_update(gates, u1 - u0, g + j * ldg + u0, bias + u0, nxt + j * H + u0)
-        carry_rows(w, cur, nxt, H, u0, u1)
-        write_own_outputs(w, s, nxt, H, u0, u1, out)
-        meet(sl)
+            rnn_update(gates, sl.u1 - sl.u0, g + j * ldg + sl.u0, bias + sl.u0,
+                       nxt + j * H + sl.u0)
+        carry_rows(w, cur, nxt, H, sl.u0, sl.u1)
+        write_own_outputs(w, s, nxt, H, sl.u0, sl.u1, out)
+        if meet(sl) < 0:
+            return
         t = cur
         cur = nxt
         nxt = t
-    own_final(w, h, cur, H, u0, u1)
+    own_final(w, h, cur, H, sl.u0, sl.u1)
 
 
 cdef class RNNKernel(Kernel):
@@ -71,7 +74,7 @@ cdef class RNNKernel(Kernel):
                      <const float*>self.bias, <float*>h, <float*>out, <float*>work)
 
     cdef void run_units(self, Walk* w, const char* x, char* h, char* c, char* out, char* work,
-                        const Slice* sl) noexcept nogil:
+                        Slice* sl) noexcept nogil:
         cdef int I = <int>self.input_size, H = <int>self.hidden_size, width = <int>self.width
         cdef int S = <int>self.stride
         if self.is_double:

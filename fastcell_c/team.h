@@ -9,9 +9,13 @@
  * the vCPU away (pause-loop exiting), and measured on a 2-vCPU guest that left the second thread
  * out of every step that followed some Python work (1.05x one thread, against 1.8x without).
  *
- * The barrier spins on an epoch counter (one shared line, no mutex); a part that has spun long
- * without the others arriving yields its CPU (sched_yield), so more parts than cores (3 on 2)
- * still progress, only slower.
+ * The barrier (fc_team_meet) spins on an epoch counter (one shared line, no mutex); a part that
+ * has spun long without the others arriving yields its CPU (sched_yield), so more parts than
+ * cores (3 on 2) still progress, only slower. The caller's part, having waited past FC_STALL_NS
+ * at a barrier (a part's CPU was taken), takes the run over: once that barrier completes, the
+ * other parts stop and the caller does every part's work alone for the rest of the run (the
+ * walks widen its slice: walk.pxd). The decision is one bit in the arrival counter, read by the
+ * part whose arrival completes the barrier, so every part sees the same one.
  *
  * One call at a time: fc_team_enter claims the team for a call, and a call that finds it taken
  * (another Python thread's call on the same model) computes on its own thread alone: never more
@@ -23,7 +27,7 @@
  * FC_BACKOFF_NS after the stall, doubling with each stalled run up to FC_BACKOFF_MAX_NS, calls
  * run on their caller alone (fc_team_enter and fc_team_ready say no). A split walk waits for its
  * slowest part at every step, so on a busy machine one thread is the faster. A clean run
- * resets the backoff.
+ * halves the backoff.
  *
  * Workers are pinned to the CPUs the process may run on (worker i to the i-th such CPU after
  * the first), where the OS allows it (Linux's pthread_setaffinity_np); elsewhere, or when the
@@ -84,6 +88,11 @@ typedef struct fc_team {
     void *arg;
     int nparts;
     int stalled;               /* a wait of the current run stalled (atomics) */
+    int alone;                 /* the last barrier handed the run to the caller's part */
+    unsigned long takeovers;   /* runs the caller's part finished alone (diagnostics) */
+    unsigned long stalls;      /* runs that stalled (each stood the team down) */
+    int fault_part, fault_at;  /* tests: part fault_part sleeps fault_us at its fault_at-th */
+    long fault_us;             /* ... barrier of the next run (fault_at < 0: never) */
     long long backoff_ns;      /* the current stand-down (0: none); written by runs, which */
     long long retry_ns;        /* ... one call at a time makes; read racily by enter/ready */
     /* the barrier of the current run */
@@ -176,6 +185,7 @@ static fc_team *fc_team_new(int nthreads, int pin) {
     pthread_mutex_init(&t->mu, NULL);
     pthread_cond_init(&t->done, NULL);
     t->pid = getpid();
+    t->fault_at = -1;
     t->nthreads = nthreads > 1 ? nthreads : 1;
     int n = t->nthreads - 1;
     t->tid = (pthread_t *)calloc(n > 0 ? n : 1, sizeof(pthread_t));
@@ -233,27 +243,55 @@ static void fc_team_leave(fc_team *t) {
     __atomic_store_n(&t->busy, 0, __ATOMIC_RELEASE);
 }
 
-/* The parts of the current run meet here: none leaves before all have come. */
-static void fc_team_barrier(fc_team *t) {
-    if (t == NULL || t->nparts <= 1) return;
+#define FC_TAKEOVER (1u << 16) /* in bar_count: the caller's part asks to go on alone */
+#define FC_ARRIVED 0xFFFFu
+
+/* The parts of the current run meet here: none leaves before all have come. Returns 0 to go on
+ * as before; once the caller's part (part 0) has taken the run over at this barrier, 1 to part
+ * 0 (every part's work is now its own) and -1 to the others (stop now, write nothing more). */
+static int fc_team_meet(fc_team *t, int part) {
+    if (t == NULL || t->nparts <= 1) return 0;
+    if (part == t->fault_part && t->fault_at >= 0 && t->fault_at-- == 0)
+        usleep((useconds_t)t->fault_us);
     unsigned epoch = __atomic_load_n(&t->bar_epoch, __ATOMIC_ACQUIRE);
-    if (__atomic_add_fetch(&t->bar_count, 1, __ATOMIC_ACQ_REL) == (unsigned)t->nparts) {
+    unsigned v = __atomic_add_fetch(&t->bar_count, 1, __ATOMIC_ACQ_REL);
+    if ((v & FC_ARRIVED) == (unsigned)t->nparts) {
+        t->alone = (v & FC_TAKEOVER) != 0;
         __atomic_store_n(&t->bar_count, 0, __ATOMIC_RELAXED);
         __atomic_store_n(&t->bar_epoch, epoch + 1, __ATOMIC_RELEASE);
-        return;
-    }
-    long long since = 0;
-    for (int spins = 0; __atomic_load_n(&t->bar_epoch, __ATOMIC_ACQUIRE) == epoch;) {
-        if (++spins == FC_BARRIER_SPIN) {
-            /* long enough to look at the clock: a part that is not running stalls the run */
-            long long now = fc_now_ns();
-            if (since == 0) since = now;
-            else if (now - since > FC_STALL_NS) __atomic_store_n(&t->stalled, 1, __ATOMIC_RELAXED);
-            sched_yield();
-            spins = 0;
+    } else {
+        long long since = 0;
+        int asked = 0;
+        for (int spins = 0; __atomic_load_n(&t->bar_epoch, __ATOMIC_ACQUIRE) == epoch;) {
+            if (++spins == FC_BARRIER_SPIN) {
+                /* long enough to look at the clock: a part that is not running stalls the run */
+                long long now = fc_now_ns();
+                if (since == 0) since = now;
+                else if (now - since > FC_STALL_NS) {
+                    __atomic_store_n(&t->stalled, 1, __ATOMIC_RELAXED);
+                    if (part == 0 && !asked) {
+                        asked = 1;
+                        unsigned old = __atomic_fetch_or(&t->bar_count, FC_TAKEOVER,
+                                                         __ATOMIC_ACQ_REL);
+                        /* Count 0: this barrier completed and was reset meanwhile, so the bit
+                         * went to the next one, which cannot complete before this part comes
+                         * to it: take it back. (A full count: completed, not yet reset; the
+                         * reset clears it.) Else the last arrival will see it. */
+                        if ((old & FC_ARRIVED) == 0)
+                            __atomic_fetch_and(&t->bar_count, ~FC_TAKEOVER, __ATOMIC_ACQ_REL);
+                    }
+                }
+                sched_yield();
+                spins = 0;
+            }
+            FC_RELAX();
         }
-        FC_RELAX();
     }
+    if (!t->alone) return 0;          /* written before the epoch's release: read after it */
+    if (part != 0) return -1;
+    t->nparts = 1;                    /* the others have stopped: no barrier waits any more */
+    __atomic_add_fetch(&t->takeovers, 1, __ATOMIC_RELAXED);
+    return 1;
 }
 
 /* After a run: a stalled one stands the team down (doubling), a clean one ends a stand-down.
@@ -266,11 +304,14 @@ static void fc_team_settle(fc_team *t, long long start, long long wait_from) {
     if (wait_from && now - wait_from > FC_STALL_NS && now - wait_from > wait_from - start)
         stalled = 1;
     if (stalled) {
+        t->stalls++;
         long long b = t->backoff_ns ? 2 * t->backoff_ns : FC_BACKOFF_NS;
         t->backoff_ns = b < FC_BACKOFF_MAX_NS ? b : FC_BACKOFF_MAX_NS;
         __atomic_store_n(&t->retry_ns, (now ? now : fc_now_ns()) + t->backoff_ns, __ATOMIC_RELAXED);
     } else if (t->backoff_ns) {
-        t->backoff_ns = 0;
+        /* back in use, but a stall soon after stands it down longer: a busy neighbour that
+         * pauses now and then would otherwise cost a stalled run every 10 ms */
+        t->backoff_ns = t->backoff_ns / 2 >= FC_BACKOFF_NS ? t->backoff_ns / 2 : 0;
         __atomic_store_n(&t->retry_ns, 0, __ATOMIC_RELAXED);
     }
 }
@@ -288,6 +329,7 @@ static void fc_team_run(fc_team *t, fc_task fn, void *arg, int nparts) {
     t->fn = fn;
     t->arg = arg;
     t->nparts = nparts;
+    t->alone = 0;
     __atomic_store_n(&t->bar_count, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&t->pending, nparts - 1, __ATOMIC_RELEASE);
     for (int i = 0; i < nparts - 1; i++) {

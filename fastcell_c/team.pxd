@@ -1,6 +1,6 @@
 # A thread team (team.h): fastcell's own threads for one model or one pool, made once and reused
 # by every call. Its C code is compiled here only; the walks meet at its barrier through
-# barrier().
+# meet_at().
 
 ctypedef void (*task_fn)(void* arg, int part, int nparts) noexcept nogil
 
@@ -16,4 +16,4 @@ cdef class Team:
     cdef void run(self, task_fn fn, void* arg, int nparts) noexcept nogil
 
 
-cdef void barrier(void* team) noexcept nogil
+cdef int meet_at(void* team, int part) noexcept nogil   # fc_team_meet

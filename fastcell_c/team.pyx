@@ -12,6 +12,9 @@ cdef extern from "team.h" nogil:
         int nthreads
         int started
         int pinned
+        unsigned long takeovers, stalls
+        int fault_part, fault_at
+        long fault_us
     ctypedef void (*fc_task)(void* arg, int part, int nparts) noexcept nogil
     fc_team* fc_team_new(int nthreads, int pin)
     void fc_team_free(fc_team* t)
@@ -19,7 +22,7 @@ cdef extern from "team.h" nogil:
     int fc_team_enter(fc_team* t)
     void fc_team_leave(fc_team* t)
     void fc_team_run(fc_team* t, fc_task fn, void* arg, int nparts)
-    void fc_team_barrier(fc_team* t)
+    int fc_team_meet(fc_team* t, int part)
 
 
 def max_threads():
@@ -87,6 +90,24 @@ cdef class Team:
         return (Team, (self.threads,))     # a new team of as many threads in the new process
 
     @property
+    def takeovers(self):
+        """Runs whose caller took over every part's work after a stalled barrier (team.h)."""
+        return 0 if self._t == NULL else (<fc_team*>self._t).takeovers
+
+    @property
+    def stalls(self):
+        """Runs that stalled, each of which stood the team down (team.h)."""
+        return 0 if self._t == NULL else (<fc_team*>self._t).stalls
+
+    def _fault(self, int part, int at, long microseconds):
+        """Fault injection for the tests: part `part` sleeps `microseconds` at its `at`-th
+        barrier from now (a CPU taken away at the worst moment)."""
+        if self._t != NULL:
+            (<fc_team*>self._t).fault_part = part
+            (<fc_team*>self._t).fault_us = microseconds
+            (<fc_team*>self._t).fault_at = at
+
+    @property
     def standing_down(self):
         """Whether calls now run on their caller alone after a stalled run (team.h)."""
         return self._t != NULL and not fc_team_ready(<fc_team*>self._t)
@@ -107,8 +128,8 @@ cdef class Team:
         fc_team_run(<fc_team*>self._t, <fc_task>fn, arg, nparts)
 
 
-cdef void barrier(void* team) noexcept nogil:
-    fc_team_barrier(<fc_team*>team)
+cdef int meet_at(void* team, int part) noexcept nogil:
+    return fc_team_meet(<fc_team*>team, part)
 
 
 def _cpus():

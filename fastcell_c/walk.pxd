@@ -14,7 +14,7 @@ from cython cimport floating
 from fastcell_c.blas cimport matmul_t
 from fastcell_c.packed cimport FC_PANEL_BYTES, fc_mat
 from fastcell_c.products cimport matmul_p
-from fastcell_c.team cimport barrier
+from fastcell_c.team cimport meet_at
 
 
 cdef struct Walk:
@@ -194,6 +194,9 @@ cdef inline floating* step_product(Walk* w, Py_ssize_t s, bint fused, floating* 
 # writes to the other h buffer; the parts meet at one barrier a step (two for the cells whose
 # step makes two products from each other's results), then swap the buffers. Each output's
 # sum is computed whole by its one part, in the order of one thread: the bits of one thread.
+# Where the caller's part takes the run over at a barrier (team.h: another part's CPU was
+# taken), meet() widens its slice to every unit and the other parts return at once: the walks
+# read their slice afresh after each meet.
 
 cdef struct Slice:
     int part, nparts
@@ -203,10 +206,18 @@ cdef struct Slice:
     void* team          # the team whose barrier the parts meet at
     void* h_alt         # the second h buffer (B, H_out), shared
     void* xh            # this part's [x h] rows of a single fused step (B, I + H_out)
+    const Slice* whole  # the slice of a single part: every unit (a takeover widens to it)
 
 
-cdef inline void meet(const Slice* sl) noexcept nogil:
-    barrier(sl.team)
+cdef inline int meet(Slice* sl) noexcept nogil:
+    """The parts' barrier: 0 to go on; -1 when this part must stop (the caller's part took the
+    rest of the run over: write nothing more); 1 when it is that caller's part, whose slice is
+    now every unit."""
+    cdef int r = meet_at(sl.team, sl.part)
+    if r > 0:
+        sl.u0, sl.u1, sl.uc = sl.whole.u0, sl.whole.u1, sl.whole.uc
+        sl.p0, sl.p1, sl.pc = sl.whole.p0, sl.whole.p1, sl.whole.pc
+    return r
 
 
 cdef inline void cols_product(int m, int gates, int S, const Slice* sl, int k, const floating* a,
@@ -220,11 +231,12 @@ cdef inline void cols_product(int m, int gates, int S, const Slice* sl, int k, c
                 <void*>c, ldc, backward, work)
 
 
-cdef inline void project_own(Walk* w, const floating* x, int I, const fc_mat* wm, int gates0,
-                             int gates1, int S, int split, int width, floating* G,
-                             floating* xp, const Slice* sl) noexcept nogil:
+cdef inline int project_own(Walk* w, const floating* x, int I, const fc_mat* wm, int gates0,
+                            int gates1, int S, int split, int width, floating* G,
+                            floating* xp, Slice* sl) noexcept nogil:
     """project_inputs for this part's columns: of the gates0 blocks of wm[0] and the gates1 of
-    wm[1] (from column `split` of a gate row). With lengths, part 0 packs the rows for all."""
+    wm[1] (from column `split` of a gate row). With lengths, part 0 packs the rows for all.
+    -1: this part stops (meet)."""
     cdef Py_ssize_t s, j, n = w.B, r = 0
     cdef const floating* src = x
     if w.lengths == NULL:
@@ -240,18 +252,21 @@ cdef inline void project_own(Walk* w, const floating* x, int I, const fc_mat* wm
                            I * sizeof(floating))
             r += n
         src = xp
-        meet(sl)
+        if meet(sl) < 0:
+            return -1
     cols_product(<int>r, gates0, S, sl, I, src, I, &wm[0], 0, False, G, width, False, w.qwork)
     if gates1:
         cols_product(<int>r, gates1, S, sl, I, src, I, &wm[1], 0, False, G + split, width, False,
                      w.qwork)
+    return 0
 
 
-cdef inline bint own_inputs(Walk* w, const floating* x, int I, const floating* h, int hout,
-                            const fc_mat* wm, int gates, int S, int width, floating* G,
-                            floating* xp, const Slice* sl) noexcept nogil:
+cdef inline int own_inputs(Walk* w, const floating* x, int I, const floating* h, int hout,
+                           const fc_mat* wm, int gates, int S, int width, floating* G,
+                           floating* xp, Slice* sl) noexcept nogil:
     """input_products for this part's columns (a cell whose gates take x W_ih^T + h W_hh^T in
-    one row): a single step fuses [x h] in one product over them (True), else projects x."""
+    one row): a single step fuses [x h] in one product over them (1), else projects x (0);
+    -1: this part stops (meet)."""
     cdef Py_ssize_t j
     cdef int ks = I + hout
     cdef floating* xh = <floating*>sl.xh
@@ -261,9 +276,8 @@ cdef inline bint own_inputs(Walk* w, const floating* x, int I, const floating* h
             memcpy(xh + j * ks + I, h + j * hout, hout * sizeof(floating))
         cols_product(<int>w.B, gates, S, sl, ks, xh, ks, wm, 0, False, G, width, backward(w, 0),
                      w.qwork)
-        return True
-    project_own(w, x, I, wm, gates, 0, S, width, width, G, xp, sl)
-    return False
+        return 1
+    return project_own(w, x, I, wm, gates, 0, S, width, width, G, xp, sl)
 
 
 cdef inline floating* own_step_product(Walk* w, Py_ssize_t s, bint fused, floating* G,
