@@ -55,6 +55,7 @@ cdef void lstm_units(Walk* w, const floating* x, int I, int H, int S, int width,
     two barriers a step."""
     cdef int hout = P if P > 0 else H
     cdef int u0, o0, o1                 # its first unit; its columns of h [o0, o1)
+    cdef const floating* ph
     cdef Py_ssize_t s, j, ldg
     cdef floating* g
     cdef floating* G = work
@@ -69,16 +70,16 @@ cdef void lstm_units(Walk* w, const floating* x, int I, int H, int S, int width,
         return
     for s in range(w.T):
         u0 = sl.u0
+        ph = w_ph + u0 if w_ph != NULL else NULL
         g = own_step_product(w, s, fused, G, 4, S, width, cur, hout, wm, I, &ldg, sl)
         for j in range(w.n):
-            lstm_gates(gates, sl.u1 - u0, S, g + j * ldg + u0, bias + u0,
-                       NULL if w_ph == NULL else w_ph + u0, c + j * H + u0,
+            lstm_gates(gates, sl.u1 - u0, S, g + j * ldg + u0, bias + u0, ph, c + j * H + u0,
                        (m if P > 0 else nxt) + j * H + u0)
         if P > 0:
             if meet(sl) < 0:                                      # every unit of m is there
                 return
             if sl.pc > sl.p0:                                     # h = m W_hr^T: its outputs
-                w_hr.cols(<int>w.n, sl.p0, sl.pc, H, <const void*>m, H, w_hr, 0, False,
+                w_hr.cols(<int>w.n, 1, 0, sl.p0, sl.pc, H, <const void*>m, H, w_hr, 0, False,
                           <void*>proj, Pw, backward(w, s), w.qwork)
                 for j in range(w.n):
                     memcpy(nxt + j * P + sl.p0, proj + j * Pw + sl.p0,

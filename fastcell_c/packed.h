@@ -35,10 +35,13 @@ typedef struct {
 typedef struct fc_mat fc_mat;
 typedef void (*fc_mm_fn)(int m, int n, int k, const void *a, int lda, const fc_mat *w, int j0,
                          int beta, void *c, int ldc, int backward, void *work);
-/* The product over columns [c0, c1) only (c0, c1 multiples of FC_LANES, or 0 and n): c still
- * points at column 0. A thread that owns some hidden units computes their columns alone. */
-typedef void (*fc_cols_fn)(int m, int c0, int c1, int k, const void *a, int lda, const fc_mat *w,
-                           int j0, int beta, void *c, int ldc, int backward, void *work);
+/* The product over some columns only: [b * S + c0, b * S + c1) of each of nblk blocks S apart
+ * (c0, c1 multiples of FC_LANES, or 0 and n with one block); c still points at column 0. A
+ * thread that owns some hidden units computes their columns of every gate block alone (int8
+ * quantizes a's rows once for all the blocks). */
+typedef void (*fc_cols_fn)(int m, int nblk, int S, int c0, int c1, int k, const void *a, int lda,
+                           const fc_mat *w, int j0, int beta, void *c, int ldc, int backward,
+                           void *work);
 struct fc_mat {
     int fmt;
     int n;              /* columns */

@@ -24,7 +24,8 @@ cdef extern from "packed.h" nogil:
     ctypedef struct fc_mat
     ctypedef void (*fc_mm_fn)(int m, int n, int k, const void* a, int lda, const fc_mat* w,
                               int j0, int beta, void* c, int ldc, int backward, void* work)
-    ctypedef void (*fc_cols_fn)(int m, int c0, int c1, int k, const void* a, int lda,
+    ctypedef void (*fc_cols_fn)(int m, int nblk, int S, int c0, int c1, int k, const void* a,
+                                int lda,
                                 const fc_mat* w, int j0, int beta, void* c, int ldc, int backward,
                                 void* work)
     ctypedef struct fc_mat:

@@ -534,20 +534,21 @@ FC_DEFINE_MM(v3)
 FC_DEFINE_MM(v4)
 #endif
 
-static void fc_cols_i8(int m, int c0, int c1, int k, const void *a, int lda, const fc_mat *w,
-                       int j0, int beta, void *c, int ldc, int backward, void *work)
+static void fc_cols_i8(int m, int nblk, int S, int c0, int c1, int k, const void *a, int lda,
+                       const fc_mat *w, int j0, int beta, void *c, int ldc, int backward,
+                       void *work)
 {
     if (m <= 0 || c1 <= c0) return;
     int s0 = j0 == 0 ? 0 : 1;
     int s1 = j0 + k > w->i8.rows[0] && w->i8.nseg > 1 ? 2 : 1;
-    fc_i8_matmul(m, s0, s1, c0, c1, (const float *)a, lda, &w->i8, beta, (float *)c, ldc,
-                 backward, (uint8_t *)work);
+    fc_i8_matmul(m, s0, s1, nblk, S, c0, c1, (const float *)a, lda, &w->i8, beta, (float *)c,
+                 ldc, backward, (uint8_t *)work);
 }
 
 static void fc_mm_i8(int m, int n, int k, const void *a, int lda, const fc_mat *w, int j0,
                      int beta, void *c, int ldc, int backward, void *work)
 {
-    fc_cols_i8(m, 0, n, k, a, lda, w, j0, beta, c, ldc, backward, work);
+    fc_cols_i8(m, 1, 0, 0, n, k, a, lda, w, j0, beta, c, ldc, backward, work);
 }
 
 /* The products over columns [c0, c1) of a float or bf16 matrix (c0, c1 multiples of FC_LANES,
@@ -566,8 +567,21 @@ static void fc_mm_i8(int m, int n, int k, const void *a, int lda, const fc_mat *
     /* the cut panels: [c0, head) before them, [tail, c1) after (a range inside one        \
      * panel is all head) */                                                               \
     int head = fa < c1 ? fa : c1, tail = fb > fa ? fb : fa;
+/* fc_cols_fn over a one-range product: the blocks one after the other (backward: last first,
+ * as the panels within a range). */
+#define FC_BLOCKS(NAME, RANGE)                                                           \
+    static void NAME(int m, int nblk, int S, int c0, int c1, int k, const void *a,       \
+                     int lda, const fc_mat *w, int j0, int beta, void *c, int ldc,       \
+                     int backward, void *work)                                           \
+    {                                                                                    \
+        for (int i = 0; i < nblk; i++) {                                                 \
+            int b = backward ? nblk - 1 - i : i;                                         \
+            RANGE(m, b * S + c0, b * S + c1, k, a, lda, w, j0, beta, c, ldc, backward,   \
+                  work);                                                                 \
+        }                                                                                \
+    }
 #define FC_DEFINE_COLS(LVL)                                                              \
-    static void fc_cols_f32_##LVL(int m, int c0, int c1, int k, const void *a_, int lda,  \
+    static void fc_range_f32_##LVL(int m, int c0, int c1, int k, const void *a_, int lda, \
                                   const fc_mat *w, int j0, int beta, void *c_, int ldc,  \
                                   int backward, void *work)                              \
     {                                                                                    \
@@ -590,7 +604,7 @@ static void fc_mm_i8(int m, int n, int k, const void *a, int lda, const fc_mat *
             else fc_gemm_t_f_##LVL(m, hi - lo, k, a, lda, wt, pw, beta, c + lo, ldc);    \
         }                                                                                \
     }                                                                                    \
-    static void fc_cols_f64_##LVL(int m, int c0, int c1, int k, const void *a_, int lda,  \
+    static void fc_range_f64_##LVL(int m, int c0, int c1, int k, const void *a_, int lda, \
                                   const fc_mat *w, int j0, int beta, void *c_, int ldc,  \
                                   int backward, void *work)                              \
     {                                                                                    \
@@ -613,7 +627,7 @@ static void fc_mm_i8(int m, int n, int k, const void *a, int lda, const fc_mat *
             else fc_gemm_t_d_##LVL(m, hi - lo, k, a, lda, wt, pw, beta, c + lo, ldc);    \
         }                                                                                \
     }                                                                                    \
-    static void fc_cols_bf16_##LVL(int m, int c0, int c1, int k, const void *a_, int lda, \
+    static void fc_range_bf16_##LVL(int m, int c0, int c1, int k, const void *a_, int lda,\
                                    const fc_mat *w, int j0, int beta, void *c_, int ldc, \
                                    int backward, void *work)                             \
     {                                                                                    \
@@ -637,7 +651,10 @@ static void fc_mm_i8(int m, int n, int k, const void *a, int lda, const fc_mat *
             if (m == 1) fc_gemv_t_h_##LVL(&R, hi - lo, a, wt, pw, beta, c + lo);         \
             else fc_gemm_t_h_##LVL(m, hi - lo, &R, a, lda, wt, pw, beta, c + lo, ldc);   \
         }                                                                                \
-    }
+    }                                                                                    \
+    FC_BLOCKS(fc_cols_f32_##LVL, fc_range_f32_##LVL)                                     \
+    FC_BLOCKS(fc_cols_f64_##LVL, fc_range_f64_##LVL)                                     \
+    FC_BLOCKS(fc_cols_bf16_##LVL, fc_range_bf16_##LVL)
 FC_DEFINE_COLS(base)
 #ifdef FC_DISPATCH
 FC_DEFINE_COLS(v3)

@@ -580,11 +580,13 @@ static inline long fc_i8_work_bytes(const fc_i8_mat *w, long m)
 }
 
 
-/* c[0:m, c0:c1] (+)= a[0:m, segments] @ W[segments, c0:c1] over the segments [s0, s1) of w
- * (a's first column is segment s0's first row); c0, c1 multiples of 16 (or 0 and n). backward:
- * the panels in reverse order (the same bits). work: fc_i8_work_bytes(w, min(m, FC_I8_MC)). */
-static void fc_i8_matmul(int m, int s0, int s1, int c0, int c1, const float *a, long lda,
-                         const fc_i8_mat *w, int beta, float *c, long ldc, int backward,
+/* c[0:m, cols] (+)= a[0:m, segments] @ W[segments, cols] over the segments [s0, s1) of w (a's
+ * first column is segment s0's first row), cols [b * S + c0, b * S + c1) for each of nblk
+ * blocks; c0, c1 multiples of 16 (or 0 and n). a's rows are quantized once for every block.
+ * backward: the panels in reverse order (the same bits). work: fc_i8_work_bytes(w, min(m,
+ * FC_I8_MC)). */
+static void fc_i8_matmul(int m, int s0, int s1, int nblk, int S, int c0, int c1, const float *a,
+                         long lda, const fc_i8_mat *w, int beta, float *c, long ldc, int backward,
                          uint8_t *work)
 {
     /* narrow: packed unpadded, the SIMD panels take whole vectors; the bytes of the baseline
@@ -609,25 +611,29 @@ static void fc_i8_matmul(int m, int s0, int s1, int c0, int c1, const float *a, 
             bad[s] = quantize(mb, w->rows[s], w->k4[s], w->bits[s], a + (long)i0 * lda + x0,
                               lda, q[s], sa[s]);
         }
-        /* the panels that hold columns [c0, c1), each cut to them */
-        int p0 = c0 / FC_I8_PW, p1 = (c1 + FC_I8_PW - 1) / FC_I8_PW, np = p1 - p0;
-        for (int pi = 0; pi < np; pi++) {
-            int o = (backward ? p1 - 1 - pi : p0 + pi) * FC_I8_PW;
-            int pw = n - o < FC_I8_PW ? n - o : FC_I8_PW;
-            int lo = c0 > o ? c0 : o, hi = c1 < o + pw ? c1 : o + pw;
-            const int8_t *panel = w->wp + (long)o * K4 + (lo - o) * 4;
-            for (int s = s0; s < s1; s++) {
-                int qoff = s == 0 ? 0 : w->k4[0] / 4;
-                const int8_t *wseg = panel + (long)qoff * pw * 4;
-                panel_fn(mb, hi - lo, pw, w->k4[s] / 4, w->bits[s], q[s], w->k4[s], wseg,
-                         w->colsum[s] + lo, w->scale[s] + lo, sa[s], beta || s > s0,
-                         c + (long)i0 * ldc + lo, ldc);
+        for (int bi = 0; bi < nblk; bi++) {
+            int b = backward ? nblk - 1 - bi : bi;
+            int b0 = b * S + c0, b1 = b * S + c1;
+            /* the panels that hold columns [b0, b1), each cut to them */
+            int p0 = b0 / FC_I8_PW, p1 = (b1 + FC_I8_PW - 1) / FC_I8_PW, np = p1 - p0;
+            for (int pi = 0; pi < np; pi++) {
+                int o = (backward ? p1 - 1 - pi : p0 + pi) * FC_I8_PW;
+                int pw = n - o < FC_I8_PW ? n - o : FC_I8_PW;
+                int lo = b0 > o ? b0 : o, hi = b1 < o + pw ? b1 : o + pw;
+                const int8_t *panel = w->wp + (long)o * K4 + (lo - o) * 4;
+                for (int s = s0; s < s1; s++) {
+                    int qoff = s == 0 ? 0 : w->k4[0] / 4;
+                    const int8_t *wseg = panel + (long)qoff * pw * 4;
+                    panel_fn(mb, hi - lo, pw, w->k4[s] / 4, w->bits[s], q[s], w->k4[s], wseg,
+                             w->colsum[s] + lo, w->scale[s] + lo, sa[s], beta || s > s0,
+                             c + (long)i0 * ldc + lo, ldc);
+                }
             }
+            for (int s = s0; s < s1; s++)
+                if (bad[s])
+                    fc_i8_nonfinite(mb, w->rows[s], a + (long)i0 * lda + col[s], lda, w, s,
+                                    s == 0 ? 0 : w->k4[0], b0, b1, c + (long)i0 * ldc, ldc);
         }
-        for (int s = s0; s < s1; s++)
-            if (bad[s])
-                fc_i8_nonfinite(mb, w->rows[s], a + (long)i0 * lda + col[s], lda, w, s,
-                                s == 0 ? 0 : w->k4[0], c0, c1, c + (long)i0 * ldc, ldc);
     }
 }
 

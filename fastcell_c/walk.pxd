@@ -224,11 +224,9 @@ cdef inline void cols_product(int m, int gates, int S, const Slice* sl, int k, c
                               int lda, const fc_mat* wm, int j0, bint accumulate, floating* c,
                               int ldc, bint backward, void* work) noexcept nogil:
     """c (+)= a @ W over this part's columns of the `gates` gate blocks of wm (block g at
-    column g * S): one product per block, each whole vectors of panels."""
-    cdef int g
-    for g in range(gates):
-        wm.cols(m, g * S + sl.u0, g * S + sl.uc, k, <const void*>a, lda, wm, j0, accumulate,
-                <void*>c, ldc, backward, work)
+    column g * S): whole vectors of panels in each block."""
+    wm.cols(m, gates, S, sl.u0, sl.uc, k, <const void*>a, lda, wm, j0, accumulate, <void*>c, ldc,
+            backward, work)
 
 
 cdef inline int project_own(Walk* w, const floating* x, int I, const fc_mat* wm, int gates0,
