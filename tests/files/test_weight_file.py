@@ -10,7 +10,6 @@ import struct
 import subprocess
 import sys
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,10 +19,9 @@ from hypothesis import strategies as st
 import fastcell
 from fastcell.io import weights_file as wf
 from fastcell.io.weights_file import FormatError, load, save
-from conftest import VARIANTS, load_or_refuse, init_weights
+from conftest import ROOT, VARIANTS, load_or_refuse, init_weights
 from conftest import make_cell as cell_from_weights
 
-ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [np.float32, np.float64]
 
 
