@@ -5,15 +5,22 @@ works from every folder).
 - Models and awkward arrays for the bad-input and API tests (bad_input/, api/): small layers and
   cells with fixed weights, states, the same values laid out every awkward way, values of other
   dtypes, values that are not real arrays.
+- Weight files (files/, cli/, converters/): small models of every cell and layer type, float and
+  reduced; files built by hand, byte by byte; comparing two models bit for bit.
 """
 
+import json
 import re
+import struct
 from itertools import count
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import fastcell
+from fastcell.formats.reduced import Reduced
+from fastcell.models.layers import _Layer
 from conftest import VARIANTS, init_weights, make_cell
 
 I, H, P = 3, 5, 2          # input size, hidden size, LSTM projection size
@@ -225,3 +232,165 @@ BAD_VALUES = {
     "function": lambda s: print,
 }
 bad_values = pytest.mark.parametrize("bad", list(BAD_VALUES))
+
+
+# ==== weight files (files/, cli/, converters/) ====
+
+FORMATS = ["int8", "bf16"]
+# The reduced files' models: 3 -> 17, projection 5 (not multiples of any vector width); the float
+# files' models: 3 -> 4.
+ODD_I, ODD_H, ODD_P = 3, 17, 5
+
+
+def layer_of(variant, dtype=np.float32, num_layers=1, bidirectional=False, proj_size=0,
+             bias=True, batch_first=False, input_size=3, hidden_size=4):
+    """A layer of VARIANTS with its constructor's initialisation (3 -> 4 by default)."""
+    common = dict(num_layers=num_layers, bias=bias, batch_first=batch_first,
+                  bidirectional=bidirectional, dtype=dtype)
+    if variant.startswith("rnn"):
+        return fastcell.RNN(input_size, hidden_size, **VARIANTS[variant][1], **common)
+    if variant.startswith("gru"):
+        return fastcell.GRU(input_size, hidden_size, **VARIANTS[variant][1], **common)
+    if variant == "lstm":
+        return fastcell.LSTM(input_size, hidden_size, proj_size=proj_size, **common)
+    return fastcell.PeepholeLSTM(input_size, hidden_size, **common)
+
+
+def small_cell(variant, dtype=np.float32, bias=True, seed=0, input_size=3, hidden_size=4):
+    """A cell of VARIANTS with PyTorch's initialisation from a fixed seed (3 -> 4 by default)."""
+    return cell_of(variant, dtype, bias=bias, seed=seed, hidden=hidden_size, inputs=input_size)
+
+
+def odd_layer(variant, **kwargs):
+    return layer_of(variant, input_size=ODD_I, hidden_size=ODD_H, **kwargs)
+
+
+def odd_cell(variant, bias=True, seed=0, dtype=np.float32):
+    return small_cell(variant, dtype, bias=bias, seed=seed, input_size=ODD_I, hidden_size=ODD_H)
+
+
+def reduced_layer(fmt, variant="lstm", **kwargs):
+    return fastcell.quantize(odd_layer(variant, **kwargs), fmt)
+
+
+def assert_same_model(a, b):
+    assert type(a) is type(b)
+    assert a.config() == b.config()
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for name in sa:
+        assert sa[name].dtype == sb[name].dtype and sa[name].shape == sb[name].shape, name
+        assert sa[name].tobytes() == sb[name].tobytes(), f"{name} differs"
+
+
+def same_bits(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def assert_same_stored(a, b):
+    """The weights as kept, bit for bit: float arrays, int8 data and scales, bf16 bits."""
+    assert type(a) is type(b) and a.config() == b.config()
+    assert a.weight_format == b.weight_format and a.weight_bytes == b.weight_bytes
+    sa, sb = a._stored_state_dict(), b._stored_state_dict()
+    assert list(sa) == list(sb)
+    for name, u in sa.items():
+        v = sb[name]
+        assert type(u) is type(v), name
+        if isinstance(u, Reduced):
+            assert u.format == v.format and same_bits(u.data, v.data), name
+            assert (u.scale is None) == (v.scale is None), name
+            assert u.scale is None or same_bits(u.scale, v.scale), name
+        else:
+            assert same_bits(u, v), name
+
+
+def assert_same_outputs(a, b, x):
+    """Bitwise the same outputs and final states (np.array_equal, and the same bytes)."""
+    if isinstance(a, _Layer):
+        ya, sa = a(x)
+        yb, sb = b(x)
+    else:
+        ya, sa = a.run(x)
+        yb, sb = b.run(x)
+    sa, sb = (sa if isinstance(sa, tuple) else (sa,)), (sb if isinstance(sb, tuple) else (sb,))
+    for u, v in zip((ya, *sa), (yb, *sb)):
+        assert np.array_equal(u, v) and same_bits(u, v)
+
+
+# ---- the bytes of a file ----
+
+def build(tensors, metadata, *, header_extra=None, raw_header=None, length=None, tail=b""):
+    """A safetensors file: tensors {name: array or (dtype, shape, bytes)}, laid out in order."""
+    header, data = {}, b""
+    for name, t in tensors.items():
+        if isinstance(t, np.ndarray):
+            t = ({"float32": "F32", "float64": "F64"}[t.dtype.name], list(t.shape),
+                 np.ascontiguousarray(t).astype(t.dtype.newbyteorder("<")).tobytes())
+        dtype, shape, raw = t
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    header.update(header_extra or {})
+    h = raw_header if raw_header is not None else json.dumps(header).encode()
+    return struct.pack("<Q", len(h) if length is None else length) + h + data + tail
+
+
+def tensor_entry(dtype, a):
+    """A tensor entry for build(): safetensors dtype and an array's little-endian bytes."""
+    a = np.asarray(a)
+    return (dtype, a.shape, a.astype(a.dtype.newbyteorder("<")).tobytes())
+
+
+def stored_parts(model, version=None):
+    """({name: (dtype, shape, bytes)}, metadata) of a valid file for this model, whatever its
+    weight format: I8 / BF16 matrices, F32 int8 scales "<matrix>.scale", F32 / F64 float tensors;
+    version "2" for reduced weights, "1" for float ones."""
+    tensors = {}
+    for name, v in model._stored_state_dict().items():
+        if isinstance(v, Reduced):
+            tensors[name] = tensor_entry("I8" if v.format == "int8" else "BF16", v.data)
+            if v.scale is not None:
+                tensors[name + ".scale"] = tensor_entry("F32", v.scale)
+        else:
+            tensors[name] = tensor_entry({"float32": "F32", "float64": "F64"}[v.dtype.name], v)
+    reduced = model.weight_format in FORMATS
+    meta = {"format": "fastcell", "version": version if version is not None else ("2" if reduced else "1"),
+            "config": json.dumps(model.config())}
+    return tensors, meta
+
+
+def header_of_bytes(blob):
+    """(header, header length, data) of a file's bytes."""
+    n = struct.unpack("<Q", blob[:8])[0]
+    return json.loads(blob[8:8 + n]), n, blob[8 + n:]
+
+
+def header_of(path):
+    return header_of_bytes(Path(path).read_bytes())
+
+
+def split(blob):
+    """(header, data) of a file's bytes."""
+    header, _, data = header_of_bytes(blob)
+    return header, data
+
+
+def join(header, data):
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + data
+
+
+def expected_dtypes(model):
+    """{name: safetensors dtype} by the convention of stored_parts."""
+    fmt = model.weight_format
+    out = {}
+    for name, v in model._stored_state_dict().items():
+        if isinstance(v, Reduced):
+            out[name] = {"int8": "I8", "bf16": "BF16"}[fmt]
+            if fmt == "int8":
+                out[name + ".scale"] = "F32"
+        else:
+            out[name] = {"float32": "F32", "float64": "F64"}[v.dtype.name]
+    return out
