@@ -7,6 +7,8 @@ works from every folder).
   dtypes, values that are not real arrays.
 - Weight files (files/, cli/, converters/): small models of every cell and layer type, float and
   reduced; files built by hand, byte by byte; comparing two models bit for bit.
+- Converters (converters/, parity/): the model classes by kind, and differences over arrays and
+  torch tensors alike.
 """
 
 import json
@@ -394,3 +396,19 @@ def expected_dtypes(model):
         else:
             out[name] = {"float32": "F32", "float64": "F64"}[v.dtype.name]
     return out
+
+
+# ==== converters (converters/, parity/) ====
+
+LAYER_TYPES = {"rnn": fastcell.RNN, "gru": fastcell.GRU, "lstm": fastcell.LSTM,
+               "peephole_lstm": fastcell.PeepholeLSTM}
+CELL_TYPES = {"rnn": fastcell.RNNCell, "gru": fastcell.GRUCell, "lstm": fastcell.LSTMCell,
+              "peephole_lstm": fastcell.PeepholeLSTMCell}
+
+
+def tensor_max_diff(a, b):
+    """Largest |a - b| over arrays or torch tensors, or tuples and lists of them, in float64."""
+    if isinstance(a, (tuple, list)):
+        return max(tensor_max_diff(u, v) for u, v in zip(a, b))
+    a, b = (v.detach().numpy() if hasattr(v, "detach") else v for v in (a, b))
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0))
