@@ -320,6 +320,14 @@ def assert_same_outputs(a, b, x):
         assert np.array_equal(u, v) and same_bits(u, v)
 
 
+def saved_with_a_run(model, tmp_path, x):
+    """model saved as tmp_path/m.safetensors, with x.npy and the model's output on it, y.npy, beside
+    it: for another process to load and check."""
+    fastcell.save(model, tmp_path / "m.safetensors")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", model(x)[0])
+
+
 # ---- the bytes of a file ----
 
 def build(tensors, metadata, *, header_extra=None, raw_header=None, length=None, tail=b""):

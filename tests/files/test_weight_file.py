@@ -21,7 +21,8 @@ from fastcell.io.weights_file import FormatError, load, save
 from conftest import ENV, ROOT, VARIANTS
 from helpers import FORMATS, ODD_I as I, ODD_H as H, ODD_P as P
 from helpers import (assert_same_model, assert_same_outputs, assert_same_stored, expected_dtypes,
-                     header_of, layer_of, odd_cell, odd_layer, reduced_layer, same_bits, small_cell)
+                     header_of, layer_of, odd_cell, odd_layer, reduced_layer, same_bits, saved_with_a_run,
+                     small_cell)
 
 DTYPES = [np.float32, np.float64]
 
@@ -141,10 +142,7 @@ def test_pickled_model_round_trips_through_the_file(tmp_path):
 
 def test_loads_in_a_process_where_torch_cannot_be_imported(tmp_path):
     model = layer_of("lstm", np.float64, num_layers=2, bidirectional=True, proj_size=2)
-    save(model, tmp_path / "m.safetensors")
-    x = np.random.default_rng(0).standard_normal((7, 2, 3))
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "y.npy", model(x)[0])
+    saved_with_a_run(model, tmp_path, np.random.default_rng(0).standard_normal((7, 2, 3)))
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "sys.modules['safetensors'] = None  # the loader parses the format itself\n"
@@ -380,10 +378,7 @@ def test_file_read_by_safetensors_torch(tmp_path, fmt):
 
 def test_reduced_files_save_and_load_without_torch_or_safetensors(tmp_path):
     model = reduced_layer("int8", "lstm", num_layers=2, proj_size=P)
-    save(model, tmp_path / "m.safetensors")
-    x = np.random.default_rng(0).standard_normal((6, 2, I)).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "y.npy", model(x)[0])
+    saved_with_a_run(model, tmp_path, np.random.default_rng(0).standard_normal((6, 2, I)).astype(np.float32))
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['safetensors'] = None\n"
         "import numpy as np, fastcell\n"
