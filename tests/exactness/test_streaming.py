@@ -1,4 +1,7 @@
-"""The streaming API: new_state / step on cells and unidirectional layers."""
+"""The streaming API (new_state / step on cells and unidirectional layers) gives the numbers of the
+sequence call: steps against a whole sequence, out against the cell call, rows alone against the
+batch and with BLAS threads; states reset, copy and stay independent; models with states pickle.
+Its argument errors: bad_input/test_bad_stream_input.py."""
 
 import copy
 import pickle

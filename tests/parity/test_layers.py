@@ -1,4 +1,6 @@
-"""fastcell.RNN / GRU / LSTM against torch.nn over the layer options of docs/SPEC.md "Layers"."""
+"""fastcell.RNN / GRU / LSTM against torch.nn over the layer options of docs/SPEC.md "Layers", and
+what they share with torch.nn: state dict names, strict loading, the default dtype, an empty
+batch; a pickled layer gives the same bits. Their argument errors: bad_input/."""
 
 import itertools
 import pickle
