@@ -81,8 +81,11 @@ def init_weights(rng, gates, input_size, hidden_size, dtype, peephole=False, pro
 
 @pytest.fixture
 def rng(request):
-    # A seed per test, stable across runs.
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+    # A seed per test, stable across runs and across moves between the folders of tests/ (test
+    # module basenames are unique): the crc32 of "tests/<module basename>::<test name and ids>",
+    # which is the test's node id for a module at the top of tests/.
+    path, _, name = request.node.nodeid.partition("::")
+    return np.random.default_rng(zlib.crc32(f"tests/{path.rsplit('/', 1)[-1]}::{name}".encode()))
 
 
 # ---- the command line: a subprocess, or main() in this process ----

@@ -8,14 +8,13 @@ exact on every path (AVX-512 VNNI, AVX-VNNI, AVX2 without VNNI: "v4,novnni", pla
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fastcell_c.platform import simd_level
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 LEVELS = {"base": 1, "v3": 3, "v4": 4, "v4,novnni": 4}
 
 # Runs in a fresh process (the level is read once per process): every cell kind, both dtypes,

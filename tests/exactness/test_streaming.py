@@ -1,4 +1,7 @@
-"""The streaming API: new_state / step on cells and unidirectional layers."""
+"""The streaming API (new_state / step on cells and unidirectional layers) gives the numbers of the
+sequence call: steps against a whole sequence, out against the cell call, rows alone against the
+batch and with BLAS threads; states reset, copy and stay independent; models with states pickle.
+Its argument errors: bad_input/test_bad_stream_input.py."""
 
 import copy
 import pickle
@@ -62,38 +65,6 @@ def test_state_reset_copy_and_independence(rng):
     s.reset()
     assert not s.h.any() and not s.c.any()
     assert s.h.shape == (2, 1, 4) and s.c.shape == (2, 1, 4)
-
-
-def test_step_errors(rng):
-    model = fastcell.GRU(3, 4)
-    s = model.new_state(2)
-    with pytest.raises(ValueError, match=r"x: expected shape \(2, 3\)"):
-        model.step(np.zeros((3, 3), np.float32), s)
-    with pytest.raises(ValueError, match="x: expected shape"):
-        model.step(np.zeros((2, 5), np.float32), s)
-    with pytest.raises(ValueError, match="state: expected a state made by this model"):
-        model.step(np.zeros((2, 3), np.float32), fastcell.GRU(3, 4).new_state(2))
-    with pytest.raises(TypeError):
-        model.step(np.zeros((2, 3), np.float32), None)
-    with pytest.raises(ValueError, match="out: expected"):
-        model.step(np.zeros((2, 3), np.float32), s, out=np.empty((2, 5), np.float32))
-    with pytest.raises(ValueError, match="out: expected"):
-        model.step(np.zeros((2, 3), np.float32), s, out=np.empty((2, 4), np.float64))
-    with pytest.raises(TypeError, match="x: expected real numbers"):
-        model.step(np.array(["a", "b", "c"]), model.new_state())
-    with pytest.raises(ValueError, match="batch: expected an integer >= 1"):
-        model.new_state(0)
-    with pytest.raises(ValueError, match="bidirectional"):
-        fastcell.LSTM(3, 4, bidirectional=True).new_state()
-
-
-def test_step_converts_other_inputs(rng):
-    model = fastcell.RNN(3, 4, dtype=np.float64)
-    x = rng.standard_normal(3)
-    want = model.step(x, model.new_state())
-    for variant in (x.tolist(), np.asfortranarray(x[None])[0],
-                    x[::-1].copy()[::-1]):
-        assert np.array_equal(model.step(variant, model.new_state()), want)
 
 
 def test_models_with_states_survive_pickling(rng):

@@ -45,7 +45,7 @@ def reference_run(variant, w, xs, state):
 
 
 def assert_close(got, want, dtype, what):
-    """docs/SPEC.md's tolerance, scaled by max(1, max|want|) as tests/test_cells.py's close()."""
+    """docs/SPEC.md's tolerance, scaled by max(1, max|want|) as parity/test_cells.py's close()."""
     tol = TOL[dtype] * max(1.0, max_abs(want))
     diff = max_diff(got, want)
     assert diff <= tol, f"{what}: max abs diff {diff:.3g} > {tol:.3g}"

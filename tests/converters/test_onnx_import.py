@@ -1,4 +1,4 @@
-"""fastcell.from_onnx and fastcell.onnx_nodes (fastcell/onnx_import.py), and the layers' reverse
+"""fastcell.from_onnx and fastcell.onnx_nodes (fastcell/convert/onnx_import.py), and the layers' reverse
 option it uses for direction="reverse".
 
 Parity: models built with onnx.helper, every op x direction x layout x linear_before_reset x

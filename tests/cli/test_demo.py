@@ -6,15 +6,14 @@ import re
 import subprocess
 import sys
 from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import fastcell
 from fastcell import demo
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 TYPES = {"rnn": fastcell.RNN, "gru": fastcell.GRU, "lstm": fastcell.LSTM, "peephole_lstm": fastcell.PeepholeLSTM}
 
 

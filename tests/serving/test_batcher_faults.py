@@ -24,7 +24,7 @@ import pytest
 
 import fastcell
 from conftest import ENV, hang_guard
-from test_batcher import WAIT, I, Recording, make_model, reference, results
+from test_batcher import WAIT, I, Recording, make_model, recorded, reference, results
 
 # Finalizers that call a Batcher, run by collections forced at nearly every allocation
 # (gc.set_threshold(1)), on every thread: objects in reference cycles (__del__) or weakref.finalize
@@ -284,9 +284,7 @@ def test_close_while_threads_submit_leaves_no_future_pending(rng):
 
 @pytest.mark.parametrize("raised", [SystemExit, KeyboardInterrupt])
 def test_a_callback_that_raises_reaches_no_other_future(raised, rng, caplog):
-    model = make_model("lstm_2_layers", rng)
-    pool = fastcell.StreamPool(model, 8)
-    proxy = Recording(pool)
+    model, pool, proxy = recorded("lstm_2_layers", rng, 8)
     a, b, c, d, dead = (pool.open() for _ in range(5))
     xs = rng.standard_normal((4, I)).astype(np.float32)
     calls = []
@@ -417,9 +415,7 @@ def test_producers_that_outrun_the_pool_are_refused(rng):
 
 
 def test_the_full_error_names_the_bound_and_closes_still_pass(rng):
-    model = make_model("lstm_cell", rng)
-    pool = fastcell.StreamPool(model, 4)
-    proxy = Recording(pool)
+    model, pool, proxy = recorded("lstm_cell", rng, 4)
     a, b = pool.open(), pool.open()
     xs = rng.standard_normal((4, I)).astype(np.float32)
     with hang_guard(20), fastcell.Batcher(proxy, max_pending=3) as batcher:
@@ -503,9 +499,7 @@ def test_a_failure_that_repeats_backs_off(rng, caplog):
     (0.01 s, doubling, up to 1 s), so it cannot spin nor flood the log. The count allowed grows
     with the time measured: a slower machine only fails fewer ticks. Once the bug is gone the
     batcher steps again."""
-    model = make_model("gru", rng)
-    pool = fastcell.StreamPool(model, 8)
-    proxy = Recording(pool)
+    model, pool, proxy = recorded("gru", rng, 8)
     sids = [pool.open() for _ in range(8)]
     x = rng.standard_normal(I).astype(np.float32)
 
@@ -579,9 +573,7 @@ def _in_child(batcher, sid, model, x):
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
 @pytest.mark.parametrize("when", ["idle", "mid-step"])
 def test_a_forked_child_refuses_the_parents_batcher(when, rng):
-    model = make_model("gru", rng)
-    pool = fastcell.StreamPool(model, 8)
-    proxy = Recording(pool)
+    model, pool, proxy = recorded("gru", rng, 8)
     sid = pool.open()
     xs = rng.standard_normal((5, I)).astype(np.float32)
     with hang_guard(60), fastcell.Batcher(proxy) as batcher:

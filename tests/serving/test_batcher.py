@@ -56,6 +56,14 @@ class Recording:
         return self.pool.close(sid)
 
 
+def recorded(kind, rng, capacity):
+    """A model of `kind`, a StreamPool of `capacity` streams for it, and a Recording proxy of the
+    pool."""
+    model = make_model(kind, rng)
+    pool = fastcell.StreamPool(model, capacity)
+    return model, pool, Recording(pool)
+
+
 def results(futures):
     return np.array([f.result(timeout=WAIT) for f in futures])
 
@@ -102,9 +110,7 @@ def test_many_threads_submitting_at_once(rng):
 
 
 def test_a_stream_is_stepped_in_order_never_twice_in_a_tick(rng):
-    model = make_model("gru", rng)
-    pool = fastcell.StreamPool(model, 8)
-    proxy = Recording(pool)
+    model, pool, proxy = recorded("gru", rng, 8)
     fast, *others = [pool.open() for _ in range(4)]
     xs = rng.standard_normal((60, I)).astype(np.float32)
     ys = rng.standard_normal((3, 5, I)).astype(np.float32)
@@ -119,9 +125,7 @@ def test_a_stream_is_stepped_in_order_never_twice_in_a_tick(rng):
 
 
 def test_max_batch_is_respected(rng):
-    model = make_model("lstm_cell", rng)
-    pool = fastcell.StreamPool(model, 16)
-    proxy = Recording(pool)
+    model, pool, proxy = recorded("lstm_cell", rng, 16)
     sids = [pool.open() for _ in range(10)]
     xs = rng.standard_normal((10, 6, I)).astype(np.float32)
     with hang_guard(20), fastcell.Batcher(proxy, max_batch=4, max_delay=0.05) as batcher:
@@ -135,9 +139,7 @@ def test_max_batch_is_respected(rng):
 def test_closed_streams_fail_alone(rng):
     """Two streams closed under a waiting tick: one refused step names both (StreamIdError.sids),
     they fail, and the others are stepped without them."""
-    model = make_model("lstm_2_layers", rng)
-    pool = fastcell.StreamPool(model, 8)
-    proxy = Recording(pool)
+    model, pool, proxy = recorded("lstm_2_layers", rng, 8)
     a, b, c, d = (pool.open() for _ in range(4))
     xs = rng.standard_normal((4, 4, I)).astype(np.float32)
     with hang_guard(20), fastcell.Batcher(proxy) as batcher:
@@ -163,9 +165,7 @@ def test_closed_streams_fail_alone(rng):
 
 
 def test_bad_frames_and_ids_are_refused_at_submit(rng):
-    model = make_model("gru", rng)
-    pool = fastcell.StreamPool(model, 4)
-    proxy = Recording(pool)
+    model, pool, proxy = recorded("gru", rng, 4)
     sid = pool.open()
     with hang_guard(20), fastcell.Batcher(proxy) as batcher:
         for frame, error, fragment in [
@@ -191,9 +191,7 @@ def test_bad_frames_and_ids_are_refused_at_submit(rng):
 
 
 def test_the_frame_is_copied_at_submit(rng):
-    model = make_model("lstm_cell", rng)
-    pool = fastcell.StreamPool(model, 4)
-    proxy = Recording(pool)
+    model, pool, proxy = recorded("lstm_cell", rng, 4)
     sid = pool.open()
     xs = rng.standard_normal((2, I)).astype(np.float32)
     with hang_guard(20), fastcell.Batcher(proxy) as batcher:
@@ -235,9 +233,7 @@ def test_close_drains_refuses_and_is_idempotent(rng):
 
 
 def test_errors_of_a_tick_reach_its_futures_and_the_worker_lives_on(rng, caplog):
-    model = make_model("gru", rng)
-    pool = fastcell.StreamPool(model, 4)
-    proxy = Recording(pool)
+    model, pool, proxy = recorded("gru", rng, 4)
     a, b = pool.open(), pool.open()
     xs = rng.standard_normal((3, I)).astype(np.float32)
 
@@ -260,9 +256,7 @@ def test_errors_of_a_tick_reach_its_futures_and_the_worker_lives_on(rng, caplog)
 
 
 def test_a_cancelled_frame_is_never_stepped(rng):
-    model = make_model("lstm_cell", rng)
-    pool = fastcell.StreamPool(model, 4)
-    proxy = Recording(pool)
+    model, pool, proxy = recorded("lstm_cell", rng, 4)
     sid = pool.open()
     xs = rng.standard_normal((3, I)).astype(np.float32)
     with hang_guard(20), fastcell.Batcher(proxy) as batcher:
