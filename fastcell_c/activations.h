@@ -4,7 +4,7 @@
  * Both reduce to exp(y) or expm1(y) for y = -|x| <= 0, computed as 2^n * (1 + q(r)) with
  * y = n*ln2 + r, |r| <= ln2/2, and q(r) = expm1(r) as a Taylor polynomial (degree 13 in double,
  * 7 in float: truncation below half an ulp). expm1 keeps tanh accurate near zero, where
- * 1 - exp(-2|x|) would cancel. Accuracy: a few ulp in both precisions (tests/test_activations.py).
+ * 1 - exp(-2|x|) would cancel. Accuracy: a few ulp in both precisions (tests/exactness/test_activations.py).
  * NaN propagates; +-inf saturate to the exact limits.
  */
 #ifndef FASTCELL_ACTIVATIONS_H

@@ -8,7 +8,7 @@
  * activation scale per row and its own weight scales, since x and h have different ranges.
  * A segment quantizes its activations to 8 bits or, for the input segment, to 16 bits as two bytes
  * (hi, lo) taken as two rows of the same product: x's range (unit Gaussian features reach 3 to 4)
- * costs 8 bits more than its share of the error, h in (-1, 1) does not (tests/test_weight_formats.py).
+ * costs 8 bits more than its share of the error, h in (-1, 1) does not (tests/exactness/test_reduced_formats.py).
  *
  * Activation quantization of one row v of a segment (k values), the same on every level:
  *   amax = max |v_i| over the finite v_i; a row with amax < FC_I8_TINY is all zeros (scale 0);

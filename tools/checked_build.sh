@@ -30,7 +30,7 @@ if [ "${KEEP_SCRATCH:-0}" != 1 ] && [ -z "${FASTCELL_SCRATCH:-}" ]; then
 fi
 
 # What the ASan run tests by default: the whole suite (only fastcell's C code is instrumented,
-# so it costs little more than a normal run). tests/test_long_runs.py checks reference counts
+# so it costs little more than a normal run). tests/resources/test_long_runs.py checks reference counts
 # only there: ASan's quarantine keeps freed memory resident.
 ASAN_DEFAULT_TESTS=(tests)
 
