@@ -23,11 +23,13 @@
  * started the workers they do not exist: enter fails there, and every call runs on its caller.
  *
  * A team whose parts stall (a barrier or the end of a run waited more than FC_STALL_NS: a part's
- * CPU was taken by another process, or the VM took a vCPU away) stands down for a while: for
- * FC_BACKOFF_NS after the stall, doubling with each stalled run up to FC_BACKOFF_MAX_NS, calls
- * run on their caller alone (fc_team_enter and fc_team_ready say no). A split walk waits for its
- * slowest part at every step, so on a busy machine one thread is the faster. A clean run
- * halves the backoff.
+ * CPU was taken by another process, or the VM took a vCPU away) stands down for a while: calls
+ * run on their caller alone (fc_team_enter and fc_team_ready say no) for FC_BACKOFF_NS after
+ * the stall. A stall that follows the last one within FC_RESTALL_NS doubles the stand-down, up
+ * to FC_BACKOFF_MAX_NS: a busy neighbour on a worker's CPU stalls every split run (each waits
+ * for the worker's next time slice), so one thread is the faster there; a VM's brief vCPU gaps
+ * (dozens a second, 1-16 ms, measured on this machine's idle guest) cost one short stand-down
+ * each.
  *
  * Workers are pinned to the CPUs the process may run on (worker i to the i-th such CPU after
  * the first), where the OS allows it (Linux's pthread_setaffinity_np); elsewhere, or when the
@@ -54,8 +56,9 @@ typedef void (*fc_task)(void *arg, int part, int nparts);
 #define FC_RELAX() __asm__ __volatile__("" ::: "memory")
 #define FC_STALL_NS 200000LL           /* a wait this long: a part was not running (200 us; a
                                           scheduler time slice is 0.75-3 ms) */
-#define FC_BACKOFF_NS 10000000LL       /* the first stand-down after a stall (10 ms) ... */
-#define FC_BACKOFF_MAX_NS 1000000000LL /* ... doubling up to 1 s */
+#define FC_BACKOFF_NS 2000000LL        /* a stand-down after a stall (2 ms) ... */
+#define FC_RESTALL_NS 100000000LL      /* ... doubled by a stall within 100 ms of the last, */
+#define FC_BACKOFF_MAX_NS 1000000000LL /* ... up to 1 s */
 
 static long long fc_now_ns(void) {
     struct timespec ts;
@@ -93,8 +96,9 @@ typedef struct fc_team {
     unsigned long stalls;      /* runs that stalled (each stood the team down) */
     int fault_part, fault_at;  /* tests: part fault_part sleeps fault_us at its fault_at-th */
     long fault_us;             /* ... barrier of the next run (fault_at < 0: never) */
-    long long backoff_ns;      /* the current stand-down (0: none); written by runs, which */
-    long long retry_ns;        /* ... one call at a time makes; read racily by enter/ready */
+    long long backoff_ns;      /* the last stand-down; written by runs, which one call at a */
+    long long last_stall_ns;   /* ... time makes; */
+    long long retry_ns;        /* ... read racily by enter/ready (0: not standing down) */
     /* the barrier of the current run */
     unsigned bar_count __attribute__((aligned(64)));
     unsigned bar_epoch __attribute__((aligned(64)));
@@ -294,7 +298,7 @@ static int fc_team_meet(fc_team *t, int part) {
     return 1;
 }
 
-/* After a run: a stalled one stands the team down (doubling), a clean one ends a stand-down.
+/* After a run: a stalled one stands the team down.
  * The caller waited for late workers from wait_from (0: it did not), having run its own part
  * from start: a worker that finished more than FC_STALL_NS and more than the caller's own part
  * after the caller stalled (a long part of its own is no stall). */
@@ -305,14 +309,14 @@ static void fc_team_settle(fc_team *t, long long start, long long wait_from) {
         stalled = 1;
     if (stalled) {
         t->stalls++;
-        long long b = t->backoff_ns ? 2 * t->backoff_ns : FC_BACKOFF_NS;
+        if (!now) now = fc_now_ns();
+        long long b = t->last_stall_ns && now - t->last_stall_ns < FC_RESTALL_NS
+                          ? 2 * t->backoff_ns : FC_BACKOFF_NS;
         t->backoff_ns = b < FC_BACKOFF_MAX_NS ? b : FC_BACKOFF_MAX_NS;
-        __atomic_store_n(&t->retry_ns, (now ? now : fc_now_ns()) + t->backoff_ns, __ATOMIC_RELAXED);
-    } else if (t->backoff_ns) {
-        /* back in use, but a stall soon after stands it down longer: a busy neighbour that
-         * pauses now and then would otherwise cost a stalled run every 10 ms */
-        t->backoff_ns = t->backoff_ns / 2 >= FC_BACKOFF_NS ? t->backoff_ns / 2 : 0;
-        __atomic_store_n(&t->retry_ns, 0, __ATOMIC_RELAXED);
+        t->last_stall_ns = now;
+        __atomic_store_n(&t->retry_ns, now + t->backoff_ns, __ATOMIC_RELAXED);
+    } else if (__atomic_load_n(&t->retry_ns, __ATOMIC_RELAXED)) {
+        __atomic_store_n(&t->retry_ns, 0, __ATOMIC_RELAXED);    /* spares ready() the clock */
     }
 }
 
