@@ -13,11 +13,12 @@ moves one cache line, SYNC seconds each.
 
     t(n) = (W / n) / bandwidth(W / n, n) + SYNC * (n - 1)
 
-Fitted here: the near bandwidth from the 1-thread shapes whose W fits one L2, the far one from
-those whose W does not (both include the gate pass and the projection share, per byte of W), and
-SYNC from the 2-thread B = 1 shapes (median of measured minus the bandwidth term). So the 1-thread
-column is a fit, and the 2-thread column checks the residency switch: a shape whose W fits in two
-L2s but not one (float32 H = 512 here) must speed up by more than 2.
+Fitted here, per weight format: the near rate from the 1-thread shapes whose W fits one L2, the
+far one from those whose W does not (both include the gate pass and the projection share, per
+byte of W); SYNC is measured apart (bench.team.barrier_seconds: a split walk of a tiny RNN). So
+the 1-thread column is a fit, and the 2-thread column is a prediction that checks the residency
+switch: a shape whose W fits in two L2s but not one (float32 H = 512, int8 H = 1024 here) must
+speed up by more than 2.
 
     python -m bench.scaling           # prints the model with this machine's defaults
 """
@@ -51,6 +52,10 @@ def weight_bytes(H, fmt):
 
 
 class Model:
+    """Per weight format: the near and far rates (bytes of W a second, a core: they carry the
+    format's own work per byte, int8's activation quantizing and its integer products among
+    it); one barrier's cost."""
+
     def __init__(self, near, far, sync, l2):
         self.near, self.far, self.sync, self.l2 = near, far, sync, l2
 
@@ -61,9 +66,9 @@ class Model:
         """Seconds per step of an H LSTM in fmt on n cores."""
         w = weight_bytes(H, fmt) / n
         if self.resident(w):
-            bw = self.near
+            bw = self.near[fmt]
         else:
-            bw = self.far * min(1.0, FAR_CORES / n)
+            bw = self.far[fmt] * min(1.0, FAR_CORES / n)
         return w / bw + self.sync * (n - 1)
 
 
@@ -81,22 +86,26 @@ def _b1_rows(rows):
     return out
 
 
-def fit(rows, l2=None):
-    """The Model fitted to bench.team's rows (see the module's docstring)."""
+def fit(rows, sync, l2=None):
+    """The Model fitted to bench.team's 1-thread rows (the module's docstring); sync: one
+    barrier's seconds, measured (bench.team.barrier_seconds)."""
     l2 = l2 or l2_bytes()
     b1 = _b1_rows(rows)
-    near = [weight_bytes(H, f) / t[1] for H, f, t in b1 if weight_bytes(H, f) <= RESIDENT * l2]
-    far = [weight_bytes(H, f) / t[1] for H, f, t in b1 if weight_bytes(H, f) > RESIDENT * l2]
-    if not near or not far:
-        raise ValueError("scaling: need B = 1 shapes both inside and beyond one L2")
-    m = Model(statistics.median(near), statistics.median(far), 0.0, l2)
-    m.sync = max(0.0, statistics.median(t[2] - Model.step(m, H, f, 2) for H, f, t in b1))
-    return m
+    near, far = {}, {}
+    for fmt in BYTES:
+        inside = [weight_bytes(H, f) / t[1] for H, f, t in b1
+                  if f == fmt and weight_bytes(H, f) <= RESIDENT * l2]
+        beyond = [weight_bytes(H, f) / t[1] for H, f, t in b1
+                  if f == fmt and weight_bytes(H, f) > RESIDENT * l2]
+        if not inside or not beyond:
+            raise ValueError(f"scaling: need {fmt} B = 1 shapes both inside and beyond one L2")
+        near[fmt], far[fmt] = statistics.median(inside), statistics.median(beyond)
+    return Model(near, far, sync, l2)
 
 
-def fit_and_predict(rows, l2=None):
+def fit_and_predict(rows, sync, l2=None):
     """{model, check: [(H, fmt, n, measured, predicted)], predict: {(H, fmt): [t(n) for CORES]}}."""
-    m = fit(rows, l2)
+    m = fit(rows, sync, l2)
     check = [(H, f, n, t[n], m.step(H, f, n)) for H, f, t in _b1_rows(rows) for n in (1, 2)]
     predict = {(H, f): [m.step(H, f, n) for n in CORES]
                for H in (256, 512, 1024, 2048) for f in BYTES}
@@ -105,10 +114,12 @@ def fit_and_predict(rows, l2=None):
 
 def scaling_markdown(res):
     m = res["model"]
-    L = [f"Fitted: L2 {m.l2 / 2**20:.1f} MiB a core (a slice is resident up to {RESIDENT:.0%} of "
-         f"it); near bandwidth {m.near / 1e9:.0f} GB/s a core, far {m.far / 1e9:.0f} GB/s a core "
-         f"(shared: at most {FAR_CORES} cores' worth in all, assumed); barrier "
-         f"{m.sync * 1e9:.0f} ns per extra core.", "",
+    rates = "; ".join(f"{f}: near {m.near[f] / 1e9:.0f} GB/s, far {m.far[f] / 1e9:.0f} GB/s"
+                      for f in BYTES)
+    L = [f"Fitted to the 1-thread column: L2 {m.l2 / 2**20:.1f} MiB a core (a slice is resident up "
+         f"to {RESIDENT:.0%} of it); rates of W a core ({rates}; far shared by at most "
+         f"{FAR_CORES} cores' worth in all, assumed). Measured: one barrier of 2 threads "
+         f"{m.sync * 1e9:.0f} ns (bench.team.barrier_seconds), counted once per extra core.", "",
          "| shape (B = 1) | threads | measured µs/step | model µs/step | model / measured |",
          "|---|--:|--:|--:|--:|"]
     for H, f, n, meas, pred in res["check"]:

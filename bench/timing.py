@@ -15,8 +15,10 @@ def _per_call(fn, n):
     return (time.perf_counter() - t0) / n
 
 
-def measure(fns, batch_ms, budget_s, min_rounds, max_rounds):
-    """Interleaved timing of {name: fn}. Returns {name: [seconds per call, one per round]}."""
+def measure(fns, batch_ms, budget_s, min_rounds, max_rounds, settle_s=0.0):
+    """Interleaved timing of {name: fn}. Returns {name: [seconds per call, one per round]}.
+    settle_s: a pause before each batch, so that the threads a competitor left spinning (thread
+    pools spin a while after a call) have parked before the next one's batch starts."""
     calls, round_s = {}, 0.0
     for name, fn in fns.items():
         # Warm-up (caches, lazy initialisation, branch predictors): one call, then calls timed
@@ -36,6 +38,8 @@ def measure(fns, batch_ms, budget_s, min_rounds, max_rounds):
     try:
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
+                if settle_s:
+                    time.sleep(settle_s)
                 samples[name].append(_per_call(fns[name], calls[name]))
     finally:
         gc.enable()

@@ -11,11 +11,13 @@
  *
  * The barrier (fc_team_meet) spins on an epoch counter (one shared line, no mutex); a part that
  * has spun long without the others arriving yields its CPU (sched_yield), so more parts than
- * cores (3 on 2) still progress, only slower. The caller's part, having waited past FC_STALL_NS
- * at a barrier (a part's CPU was taken), takes the run over: once that barrier completes, the
- * other parts stop and the caller does every part's work alone for the rest of the run (the
- * walks widen its slice: walk.pxd). The decision is one bit in the arrival counter, read by the
- * part whose arrival completes the barrier, so every part sees the same one.
+ * cores (3 on 2) still progress, only slower. A run's first stalled barrier (a wait past
+ * FC_STALL_NS: a part's CPU was taken a while, as a VM does to a vCPU dozens of times a second
+ * here) is waited out. At a second one (the part's CPU is shared with another busy thread, and
+ * every step would wait for its time slice), the caller's part takes the run over: once that
+ * barrier completes, the other parts stop and the caller does every part's work alone for the
+ * rest of the run (the walks widen its slice: walk.pxd). The decision is one bit in the arrival
+ * counter, read by the part whose arrival completes the barrier, so every part sees the same.
  *
  * One call at a time: fc_team_enter claims the team for a call, and a call that finds it taken
  * (another Python thread's call on the same model) computes on its own thread alone: never more
@@ -95,7 +97,8 @@ typedef struct fc_team {
     unsigned long takeovers;   /* runs the caller's part finished alone (diagnostics) */
     unsigned long stalls;      /* runs that stalled (each stood the team down) */
     int fault_part, fault_at;  /* tests: part fault_part sleeps fault_us at its fault_at-th */
-    long fault_us;             /* ... barrier of the next run (fault_at < 0: never) */
+    int fault_times;           /* ... barrier from now, and the fault_times - 1 after it */
+    long fault_us;             /* ... (fault_at < 0: never) */
     long long backoff_ns;      /* the last stand-down; written by runs, which one call at a */
     long long last_stall_ns;   /* ... time makes; */
     long long retry_ns;        /* ... read racily by enter/ready (0: not standing down) */
@@ -255,8 +258,11 @@ static void fc_team_leave(fc_team *t) {
  * 0 (every part's work is now its own) and -1 to the others (stop now, write nothing more). */
 static int fc_team_meet(fc_team *t, int part) {
     if (t == NULL || t->nparts <= 1) return 0;
-    if (part == t->fault_part && t->fault_at >= 0 && t->fault_at-- == 0)
+    if (part == t->fault_part && t->fault_at >= 0 && t->fault_at-- == 0) {
         usleep((useconds_t)t->fault_us);
+        if (--t->fault_times > 0) t->fault_at = 0;
+    }
+    int stalled_before = __atomic_load_n(&t->stalled, __ATOMIC_RELAXED);
     unsigned epoch = __atomic_load_n(&t->bar_epoch, __ATOMIC_ACQUIRE);
     unsigned v = __atomic_add_fetch(&t->bar_count, 1, __ATOMIC_ACQ_REL);
     if ((v & FC_ARRIVED) == (unsigned)t->nparts) {
@@ -273,7 +279,7 @@ static int fc_team_meet(fc_team *t, int part) {
                 if (since == 0) since = now;
                 else if (now - since > FC_STALL_NS) {
                     __atomic_store_n(&t->stalled, 1, __ATOMIC_RELAXED);
-                    if (part == 0 && !asked) {
+                    if (part == 0 && stalled_before && !asked) {
                         asked = 1;
                         unsigned old = __atomic_fetch_or(&t->bar_count, FC_TAKEOVER,
                                                          __ATOMIC_ACQ_REL);
@@ -334,6 +340,7 @@ static void fc_team_run(fc_team *t, fc_task fn, void *arg, int nparts) {
     t->arg = arg;
     t->nparts = nparts;
     t->alone = 0;
+    __atomic_store_n(&t->stalled, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&t->bar_count, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&t->pending, nparts - 1, __ATOMIC_RELEASE);
     for (int i = 0; i < nparts - 1; i++) {

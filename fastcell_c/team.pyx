@@ -13,7 +13,7 @@ cdef extern from "team.h" nogil:
         int started
         int pinned
         unsigned long takeovers, stalls
-        int fault_part, fault_at
+        int fault_part, fault_at, fault_times
         long fault_us
     ctypedef void (*fc_task)(void* arg, int part, int nparts) noexcept nogil
     fc_team* fc_team_new(int nthreads, int pin)
@@ -99,12 +99,13 @@ cdef class Team:
         """Runs that stalled, each of which stood the team down (team.h)."""
         return 0 if self._t == NULL else (<fc_team*>self._t).stalls
 
-    def _fault(self, int part, int at, long microseconds):
+    def _fault(self, int part, int at, long microseconds, int times=1):
         """Fault injection for the tests: part `part` sleeps `microseconds` at its `at`-th
-        barrier from now (a CPU taken away at the worst moment)."""
+        barrier from now and at the times - 1 after it (a CPU taken away at the worst moment)."""
         if self._t != NULL:
             (<fc_team*>self._t).fault_part = part
             (<fc_team*>self._t).fault_us = microseconds
+            (<fc_team*>self._t).fault_times = times
             (<fc_team*>self._t).fault_at = at
 
     @property
