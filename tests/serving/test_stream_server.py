@@ -182,7 +182,8 @@ def test_a_full_pool_refuses_with_a_message(served, rng):
             stats = json.loads(await asyncio.to_thread(
                 lambda: urllib.request.urlopen(srv.url.replace("ws:", "http:") + "/stats",
                                                timeout=TIMEOUT).read()))
-            assert stats == {"streams": 3, "capacity": 3, "pending": 0}
+            assert stats == {"streams": 3, "capacity": 3, "pending": 0, "mux_connections": 0,
+                             "mux_pending": 0}
             await others[0].close()
             for _ in range(200):   # its handler closes its stream: a new client gets it
                 if len(srv.server.pool) < 3:
