@@ -25,7 +25,8 @@ one pool.step per tick, on a stepping thread of their own (MuxStepper). A malfor
 streams: 1003 for a text message that is no close command, 1008 for a malformed request or close
 command (short, n = 0, a size that does not match n, a key twice, a close of a key that is not
 open); 1013 (try again later) when the pool has no room for a new key. A message larger than
-the largest request (capacity rows) is refused by the WebSocket layer itself (1009).
+the largest request (capacity rows), and 1 MiB, is refused by websockets before it is read
+(1009).
 
 Both: a connection that sends no frame (no request on /mux) for --idle-timeout seconds (60 by
 default; pings and close commands do not count) gets "error: idle for N s; ..." and is closed
@@ -115,20 +116,21 @@ class StreamServer:
         self.host = self.port = None
 
     @property
-    def mux_max_bytes(self):
-        """The largest /mux request: one row for every stream the pool can hold."""
-        return 4 + self.pool.capacity * (8 + self.frame_bytes)
+    def max_message_bytes(self):
+        """The largest message read: the largest /mux request (a row for every stream the pool
+        can hold), or 1 MiB (websockets' default) if that is more. A larger one is refused by
+        websockets before it is read (1009)."""
+        return max(2 ** 20, 4 + self.pool.capacity * (8 + self.frame_bytes))
 
     async def start(self, host, port):
         self.mux.start()
         # No per-message deflate by default: float32 noise does not compress (README: "Why
         # permessage-deflate is off"). A deep backlog: many clients connect at once when a
-        # service (re)starts. max_size: the largest /mux request (1 MiB at least, websockets'
-        # default); anything larger is refused by websockets with 1009.
+        # service (re)starts.
         try:
             self._ws = await ws_serve(self._connection, host, port, compression=self.compression,
                                       process_request=self._http, backlog=1024,
-                                      max_size=max(2 ** 20, self.mux_max_bytes))
+                                      max_size=self.max_message_bytes)
         except BaseException:
             await asyncio.to_thread(self.mux.close)
             raise
@@ -653,12 +655,12 @@ class MuxStepper:
     # -- on the stepping thread --
 
     def _run(self):
-        step, close, loop = self._step, self.pool.close, self._loop
+        close, loop = self.pool.close, self._loop
         while True:
             tick = self._inbox.get()
             if tick is None:
                 return
-            n = tick.n
+            n, step = tick.n, self._step
             try:
                 if len(tick.parts) == 1:       # one request: stepped in place, no copy
                     _, req, _, _ = tick.parts[0]

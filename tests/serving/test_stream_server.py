@@ -7,7 +7,6 @@ its pool), and as the command-line program in a subprocess (port 0, SIGINT / SIG
 """
 
 import asyncio
-import importlib.util
 import json
 import logging
 import signal
@@ -20,70 +19,18 @@ import numpy as np
 import pytest
 
 import fastcell
-from conftest import ENV, ROOT, hang_guard
+from conftest import ENV, hang_guard
 
 websockets = pytest.importorskip("websockets", minversion="12")
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
-
-SCRIPT = ROOT / "examples" / "stream_server.py"
-_spec = importlib.util.spec_from_file_location("stream_server", SCRIPT)
-stream_server = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(stream_server)
-
-I, H = 128, 128   # Silero-size: the real frame of the service
-TIMEOUT = 20   # seconds for any one client or server operation (never reached when all is well)
-
-
-def reference(model, frames):
-    state = model.new_state(1)
-    return np.array([model.step(x, state) for x in frames])
-
-
-class InThread:
-    """serve() on an event loop of its own thread; stop() closes the server and the batcher."""
-
-    def __init__(self, model, **kwargs):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop")
-        self.thread.start()
-        self.server = self.call(stream_server.serve(model, "127.0.0.1", 0, **kwargs))
-        self.url = f"ws://127.0.0.1:{self.server.port}"
-
-    def call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(TIMEOUT)
-
-    def stop(self):
-        try:
-            self.call(self.server.aclose())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(TIMEOUT)
-            self.loop.close()
-        assert not self.server.batcher._thread.is_alive()
+from served import (H, I, SCRIPT, TIMEOUT, reference, servers, stream_server,  # noqa: E402
+                    streams_left)
 
 
 @pytest.fixture
-def served(request):
-    servers = []
-
-    def start(model, **kwargs):
-        servers.append(InThread(model, **kwargs))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.stop()
-
-
-def streams_left(server):
-    """len(server.pool) once the handlers of the clients that left have closed their streams
-    (they do so just after the client sees its connection closed)."""
-    for _ in range(int(TIMEOUT / 0.01)):
-        if len(server.pool) == 0:
-            break
-        threading.Event().wait(0.01)
-    return len(server.pool)
+def served():
+    yield from servers()
 
 
 async def good_client(url, frames, rng):

@@ -1,0 +1,75 @@
+"""What the tests of examples/stream_server.py share (test_stream_server.py, test_mux_endpoint.py;
+tests/serving/ is on sys.path for them): the example loaded as a module, the server on an event
+loop of its own thread (so a test sees its pool), and each stream's reference outputs.
+"""
+
+import asyncio
+import importlib.util
+import threading
+
+import numpy as np
+
+from conftest import ROOT
+
+SCRIPT = ROOT / "examples" / "stream_server.py"
+_spec = importlib.util.spec_from_file_location("stream_server", SCRIPT)
+stream_server = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(stream_server)
+
+I, H = 128, 128   # Silero-size: the real frame of the service
+TIMEOUT = 20   # seconds for any one client or server operation (never reached when all is well)
+
+
+def reference(model, frames):
+    state = model.new_state(1)
+    return np.array([model.step(x, state) for x in frames])
+
+
+class InThread:
+    """serve() on an event loop of its own thread; stop() closes the server, the /mux stepper and
+    the batcher."""
+
+    def __init__(self, model, **kwargs):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop")
+        self.thread.start()
+        self.server = self.call(stream_server.serve(model, "127.0.0.1", 0, **kwargs))
+        self.url = f"ws://127.0.0.1:{self.server.port}"
+
+    def call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(TIMEOUT)
+
+    def stop(self):
+        try:
+            self.call(self.server.aclose())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(TIMEOUT)
+            self.loop.close()
+        assert not self.server.batcher._thread.is_alive()
+        assert self.server.mux._thread is None
+        assert len(self.server.pool) == 0
+
+
+def servers():
+    """The body of a `served` fixture: yields start(model, **serve_kwargs) -> InThread, and stops
+    every server started."""
+    started = []
+
+    def start(model, **kwargs):
+        started.append(InThread(model, **kwargs))
+        return started[-1]
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def streams_left(server):
+    """len(server.pool) once the handlers of the clients that left have closed their streams
+    (they do so just after the client sees its connection closed)."""
+    for _ in range(int(TIMEOUT / 0.01)):
+        if len(server.pool) == 0:
+            break
+        threading.Event().wait(0.01)
+    return len(server.pool)
