@@ -341,37 +341,35 @@ class _Request:
 
 
 class _Keys:
-    """One /mux connection's streams: its keys (uint64) and their pool ids, two arrays sorted by
-    key, so a request's keys are found with one np.searchsorted, not a dict lookup per frame."""
+    """One /mux connection's streams: its keys (uint64) and their pool ids in arrays sorted by
+    key, so a request's keys are found with one np.searchsorted, not a dict lookup per frame. A
+    closed key is only marked dead (live[i] False: a close costs a search, not a copy of the
+    arrays); the next request that opens a key rebuilds the arrays without the dead."""
 
     def __init__(self):
         self.keys = np.empty(0, np.uint64)
         self.sids = np.empty(0, np.int64)
+        self.live = np.empty(0, bool)
         self._last = self._last_sids = None   # the last request's head and ids
 
-    def __len__(self):
-        return len(self.keys)
-
     def find(self, keys):
-        """(positions, found): where each key is in self.keys, and whether it is there."""
+        """(positions, found): where each key is in self.keys, and whether it is open there."""
         if not len(self.keys):
             return np.zeros(len(keys), np.intp), np.zeros(len(keys), bool)
         pos = np.searchsorted(self.keys, keys)
         np.minimum(pos, len(self.keys) - 1, out=pos)
-        return pos, self.keys[pos] == keys
+        return pos, (self.keys[pos] == keys) & self.live[pos]
 
     def resolve(self, head, keys, open_stream):
         """The pool ids of a request's keys (int64, in their order), opening a stream for each new
         key. Raises _Refusal for a key named twice, and PoolFullError when the pool has no room
-        (the streams opened so far stay recorded, so the connection's close frees them)."""
+        (the streams opened so far stay recorded: a retry finds them, a close frees them)."""
         if head == self._last:      # a gateway's usual request: the same streams as the last one
             return self._last_sids
-        if len(keys) > 1:
-            s = np.sort(keys)
-            twice = np.flatnonzero(s[1:] == s[:-1])
-            if len(twice):
-                raise _Refusal(CloseCode.POLICY_VIOLATION, "duplicate key",
-                               f"error: key {int(s[twice[0]])} appears twice in one request")
+        twice = _twice(keys)
+        if twice is not None:
+            raise _Refusal(CloseCode.POLICY_VIOLATION, "duplicate key",
+                           f"error: key {twice} appears twice in one request")
         pos, found = self.find(keys)
         sids = np.empty(len(keys), np.int64)
         sids[found] = self.sids[pos[found]]
@@ -389,20 +387,20 @@ class _Keys:
         return sids
 
     def _add(self, keys, sids):
-        k = np.concatenate([self.keys, keys])
+        live = self.live
+        k = np.concatenate([self.keys[live], keys])
         order = np.argsort(k, kind="stable")
-        self.keys, self.sids = k[order], np.concatenate([self.sids, sids])[order]
+        self.keys, self.sids = k[order], np.concatenate([self.sids[live], sids])[order]
+        self.live = np.ones(len(k), bool)
 
     def remove(self, keys):
         """The pool ids of `keys` (a list of ints), no longer mapped; a _Refusal (and nothing
         removed) if a key is named twice or is not open."""
         k = np.array(keys, np.uint64)
-        if len(k) > 1:
-            s = np.sort(k)
-            twice = np.flatnonzero(s[1:] == s[:-1])
-            if len(twice):
-                raise _Refusal(CloseCode.POLICY_VIOLATION, "malformed close",
-                               f"error: close: key {int(s[twice[0]])} is named twice")
+        twice = _twice(k)
+        if twice is not None:
+            raise _Refusal(CloseCode.POLICY_VIOLATION, "malformed close",
+                           f"error: close: key {twice} is named twice")
         pos, found = self.find(k)
         if not found.all():
             missing = np.flatnonzero(~found)
@@ -410,18 +408,23 @@ class _Keys:
             raise _Refusal(CloseCode.POLICY_VIOLATION, "unknown key",
                            f"error: close: key {int(k[missing[0]])} is not an open stream of "
                            f"this connection{more}")
-        sids = self.sids[pos]
-        keep = np.ones(len(self.keys), bool)
-        keep[pos] = False
-        self.keys, self.sids = self.keys[keep], self.sids[keep]
+        self.live[pos] = False
         self._last = self._last_sids = None
-        return sids
+        return self.sids[pos]
 
     def remove_all(self):
-        sids = self.sids
-        self.keys, self.sids = self.keys[:0], self.sids[:0]
-        self._last = self._last_sids = None
+        sids = self.sids[self.live]
+        self.__init__()
         return sids
+
+
+def _twice(keys):
+    """A key that is in `keys` more than once (an int), or None."""
+    if len(keys) < 2:
+        return None
+    s = np.sort(keys)
+    twice = np.flatnonzero(s[1:] == s[:-1])
+    return int(s[twice[0]]) if len(twice) else None
 
 
 class _MuxConnection:
@@ -724,6 +727,40 @@ async def serve(model, host="127.0.0.1", port=0, capacity=1024, threads=1, max_d
     offer it (to measure what it costs: float32 frames do not compress)."""
     return await StreamServer(model, capacity, threads, max_batch, max_delay,
                               idle_timeout, compression).start(host, port)
+
+
+class ServerThread:
+    """serve() on an event loop of a thread of its own, for a program that is not asyncio:
+    ``srv = ServerThread(model, port=0, ...)`` (serve()'s arguments), then ``srv.server`` (the
+    StreamServer), ``srv.url`` and ``srv.stop()``; ``srv.call(coro)`` runs a coroutine there."""
+
+    def __init__(self, model, host="127.0.0.1", port=0, timeout=30.0, **kwargs):
+        self.timeout = timeout
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="stream-server",
+                                       daemon=True)
+        self.thread.start()
+        try:
+            self.server = self.call(serve(model, host, port, **kwargs))
+        except BaseException:
+            self._end()
+            raise
+        self.url = f"ws://{self.server.host}:{self.server.port}"
+
+    def call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(self.timeout)
+
+    def stop(self):
+        """Closes the server (its connections, the /mux stepper, the batcher), then the loop."""
+        try:
+            self.call(self.server.aclose())
+        finally:
+            self._end()
+
+    def _end(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(self.timeout)
+        self.loop.close()
 
 
 def main(argv=None):

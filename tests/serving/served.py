@@ -3,7 +3,6 @@ tests/serving/ is on sys.path for them): the example loaded as a module, the ser
 loop of its own thread (so a test sees its pool), and each stream's reference outputs.
 """
 
-import asyncio
 import importlib.util
 import threading
 
@@ -25,27 +24,15 @@ def reference(model, frames):
     return np.array([model.step(x, state) for x in frames])
 
 
-class InThread:
-    """serve() on an event loop of its own thread; stop() closes the server, the /mux stepper and
-    the batcher."""
+class InThread(stream_server.ServerThread):
+    """The server on an event loop of its own thread; stop() closes it and checks that its
+    /mux stepper and batcher stopped and its pool is empty."""
 
     def __init__(self, model, **kwargs):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop")
-        self.thread.start()
-        self.server = self.call(stream_server.serve(model, "127.0.0.1", 0, **kwargs))
-        self.url = f"ws://127.0.0.1:{self.server.port}"
-
-    def call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(TIMEOUT)
+        super().__init__(model, "127.0.0.1", 0, timeout=TIMEOUT, **kwargs)
 
     def stop(self):
-        try:
-            self.call(self.server.aclose())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(TIMEOUT)
-            self.loop.close()
+        super().stop()
         assert not self.server.batcher._thread.is_alive()
         assert self.server.mux._thread is None
         assert len(self.server.pool) == 0
