@@ -35,6 +35,8 @@ class Run:
     steps: int                # engine calls: batched steps or frames
     cpu: float                # process CPU seconds / wall seconds over the measured window
     aborted: str = ""
+    client_cpu: float = float("nan")   # network engines: the client processes' CPU, likewise
+    send_lag: float = float("nan")     # network engines: p99 of how late the clients sent
 
 
 def _capacity(streams):
@@ -320,6 +322,9 @@ def run_engine(spec, setup, sched, record=False, drain=0.5, min_tick=0.0, abort_
     try:
         if spec.kind == "per frame, Batcher":
             return run_batcher(engine, sched, setup.table, record, drain, abort_lag)
+        if spec.kind == "network":
+            from bench.serving.network import run_network   # network.py builds on this module
+            return run_network(engine, sched, setup, record, drain, abort_lag)
         return run_ticks(engine, sched, setup.table, record, drain, min_tick, abort_lag)
     finally:
         if spec.kind != "per frame, Batcher":

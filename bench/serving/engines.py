@@ -7,6 +7,9 @@ kind (bench/serving/drivers.py) plays the schedule on it:
   call each (Python lists), writing each frame's result time into done.
 - "per frame, Batcher": submit(sid, frame) -> a Future per frame; close_stream(sid), where the
   engine has it, closes a stream behind its frames.
+- "network": examples/stream_server.py, served through sockets to client processes
+  (bench/serving/network.py); its class gives its path and make_schedule (the load of /mux is
+  requests of many streams' frames).
 Its class also says whether its outputs are fastcell's own bits (exact: it runs fastcell's
 kernels, and the parity check wants them bit for bit; else within PARITY_TOL). Every engine has
 open() -> an int handle, close(handle) and stop(), and is built as cls(setup, spec, capacity):
@@ -24,7 +27,9 @@ import numpy as np
 
 import fastcell
 from bench.models import Models, optional_import
-from bench.serving.load import H, I
+from bench.serving.harness import P99_LIMIT, P99_LIMIT_NETWORK
+from bench.serving.load import H, I, make_schedule
+from bench.serving.network import MuxEngine, SocketEngine
 
 # The Batcher's max_delay: 0 steps whatever is waiting at once, the tick loop's policy (its
 # default, 2 ms, spends that much of the 5 ms budget waiting for company). --batcher-delay.
@@ -38,6 +43,8 @@ class Setup:
     models: Models
     table: np.ndarray
     batcher_delay: float = DEFAULT_BATCHER_DELAY
+    clients: int = 2          # network engines: client processes
+    connections: int = 8      # /mux: connections carrying the streams
 
 
 class PoolEngine:
@@ -258,10 +265,18 @@ class EngineSpec:
     fmt: str
     start: int               # the search's first N
     needs: tuple = ()
+    p99_limit: float = P99_LIMIT    # N is held when p99 is at most this (and nothing is late)
 
     @property
     def kind(self):
         return self.engine.kind
+
+    def schedule(self, setup, streams, warmup, duration, session_mean, **kw):
+        """The load of N streams for this engine (load.make_schedule, or its class's own)."""
+        make = getattr(self.engine, "make_schedule", None)
+        if make is None:
+            return make_schedule(streams, warmup, duration, session_mean, **kw)
+        return make(setup, streams, warmup, duration, session_mean, **kw)
 
     @property
     def exact(self):
@@ -294,6 +309,15 @@ ENGINES = [
                250, ("StreamPool", "Batcher")),
     EngineSpec("batcher-t2", "fastcell Batcher (submit per frame)", BatcherEngine, 2, "float32",
                250, ("StreamPool", "Batcher")),
+    # The WebSocket service, over sockets: its p99 limit counts both ways through the network.
+    EngineSpec("mux-t1", "stream_server.py /mux, 8 connections", MuxEngine, 1, "float32", 4000,
+               ("StreamPool", "Batcher", "websockets"), P99_LIMIT_NETWORK),
+    EngineSpec("mux-t2", "stream_server.py /mux, 8 connections", MuxEngine, 2, "float32", 4000,
+               ("StreamPool", "Batcher", "websockets"), P99_LIMIT_NETWORK),
+    EngineSpec("ws-t1", "stream_server.py, a connection per stream", SocketEngine, 1, "float32",
+               125, ("StreamPool", "Batcher", "websockets"), P99_LIMIT_NETWORK),
+    EngineSpec("ws-t2", "stream_server.py, a connection per stream", SocketEngine, 2, "float32",
+               125, ("StreamPool", "Batcher", "websockets"), P99_LIMIT_NETWORK),
 ]
 
 
