@@ -119,6 +119,11 @@ class KerasLayer:
             out["zero_output_for_mask"] = o.get("zero_output_for_mask", False)
         return out
 
+    @property
+    def changed_options(self):
+        """The options that differ from Keras' defaults (dtype aside)."""
+        return {k: v for k, v in self.options.items() if k != "dtype" and _DEFAULTS.get(k, ...) != v}
+
     def describe(self):
         size = "?" if self.input_size is None else self.input_size
         text = (f"#{self.index} {self.type} {self.path!r}: {self.direction}, input_size {size}, "
@@ -127,7 +132,7 @@ class KerasLayer:
             text += f", {self.num_layers} layers"
         if self.options:
             text += f", {self.options.get('dtype', 'float32')}"
-        shown = {k: v for k, v in self.options.items() if k != "dtype" and _DEFAULTS.get(k, ...) != v}
+        shown = self.changed_options
         if shown:
             text += ", " + ", ".join(f"{k}={v!r}" for k, v in shown.items())
         if self.mask:
@@ -482,11 +487,14 @@ def _endpoints(value):
 
 
 def describe_mask(mask):
+    """Where a mask comes from, for a listing: the layer that makes it, a model input, or why it
+    is unknown."""
     kind = mask[0]
     if kind == "masking":
-        return f"Masking {mask[2]!r} (mask_value={mask[1]!r}): steps whose features all equal it"
+        return f"Masking {mask[2]!r} (mask_value={mask[1]!r})" if mask[2] else \
+            f"ops.any(x != {mask[1]!r}, axis=-1)"
     if kind == "tokens":
-        return f"Embedding {mask[1]!r} (mask_zero=True): token 0"
+        return f"Embedding {mask[1]!r} (mask_zero=True)" if mask[1] else "ops.not_equal(x, 0)"
     if kind == "input":
         return f"the model input {mask[1]!r}"
     return mask[1]
@@ -659,12 +667,12 @@ class _Graph:
                     value = self._not_equal_value(ne, inner[1])
                     if value is not None:
                         src = self._source_layer(ne, inner[1], "Masking")
-                        return ("masking", value, src or "(ops.any(x != v, axis=-1))")
+                        return ("masking", value, src)
             if cls == "NotEqual":
                 value = self._not_equal_value(e, hist[1])
                 if value == 0:
                     src = self._source_layer(e, hist[1], "Embedding")
-                    return ("tokens", src or "(ops.not_equal(x, 0))")
+                    return ("tokens", src)
         return ("unknown", f"an unknown mask: the layer's mask is computed by {cls} "
                            f"{hist[0]!r}, not by a Masking or Embedding(mask_zero=True) layer")
 

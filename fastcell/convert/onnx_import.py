@@ -229,10 +229,19 @@ class _Converter:
                 return 0
             if n == 0:
                 hint = ""
-                if self.model.op_types & {"Gemm", "MatMul"}:
+                if self.model.op_types & {"Loop", "Scan"}:
+                    op = "Loop" if "Loop" in self.model.op_types else "Scan"
+                    hint = (f" (the recurrence was exported as a {op} of plain ops: tf2onnx writes "
+                            "Keras' SimpleRNN, GRU(reset_after=False), GRU(use_bias=False) and "
+                            "masked layers so, and PyTorch cells in a loop come out so too; convert "
+                            "a Keras model with fastcell.from_keras and a PyTorch cell with "
+                            "fastcell.from_torch instead)")
+                elif self.model.op_types & {"Gemm", "MatMul"}:
                     hint = (" (torch.onnx.export writes nn.LSTMCell, GRUCell and RNNCell as Gemm "
-                            "and activation nodes, not as one recurrent node: export the cell's "
-                            "weights with fastcell.from_torch instead)")
+                            "and activation nodes, and tf2onnx Keras layers with unroll=True as "
+                            "MatMul and activation nodes, not as one recurrent node: convert a "
+                            "PyTorch cell with fastcell.from_torch and a Keras model with "
+                            "fastcell.from_keras instead)")
                 raise self.fail(f"no RNN, GRU or LSTM node in the model{hint}")
             raise ValueError(f"node: the model has {n} recurrent nodes, name one (or give its "
                              f"index): {listing()}")
