@@ -48,7 +48,6 @@ MAX_RATIO = 100
 RATIO_FLOOR = 16 << 20
 BUDGET_FLOOR = 16 << 20
 BUDGET_FACTOR = 16
-MAX_NAME_ATTR = 1024
 # HDF5's built-in filters that need no plugin: deflate, shuffle, fletcher32.
 _FILTERS = {1: "deflate", 2: "shuffle", 3: "fletcher32"}
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -247,8 +246,7 @@ class H5Weights:
     "1", ... in a group "<path>/vars", where <path> follows the model's attributes: a model's
     layers under "layers/<snake_case(class)>[_n]", a recurrent layer's cell under "cell", a
     Bidirectional layer's halves under "forward_layer" and "backward_layer", stacked cells under
-    "cell/cells/<snake_case(class)>[_n]". Recent Keras versions also write the object's name as
-    an attribute of its "vars" group, which is preferred where present."""
+    "cell/cells/<snake_case(class)>[_n]"."""
 
     def __init__(self, h5, archive, file_bytes):
         self.h5py = _h5py()
@@ -256,7 +254,6 @@ class H5Weights:
         self.archive = archive
         self.budget = BUDGET_FLOOR + BUDGET_FACTOR * file_bytes
         self.spent = 0
-        self._names = {}    # container path -> {object name: group path}
 
     def fail(self, message):
         return self.archive.fail(f"{WEIGHTS}: {message}")
@@ -282,44 +279,20 @@ class H5Weights:
         node = self._get(path)
         return node if isinstance(node, self.h5py.Group) else None
 
-    def name_of(self, path):
-        """The object name Keras wrote on "<path>/vars", or None."""
-        g = self.group(f"{path}/vars")
-        if g is None or "name" not in g.attrs:
-            return None
-        try:
-            name = g.attrs["name"]
-        except Exception:
-            return None
-        if isinstance(name, bytes):
-            name = name.decode("utf-8", "replace")
-        return name if isinstance(name, str) and len(name) <= MAX_NAME_ATTR else None
-
     def container(self, model_path):
         """The group path of a model's layers ("layers" under the model's own path), or None."""
         path = f"{model_path}/layers" if model_path else "layers"
         return path if self.group(path) is not None else None
 
     def layer_path(self, model_path, names, classes, i):
-        """The group of the i-th of a model's layers (their names and class names in the model's
-        order): by the name Keras wrote on the groups where it did, else by Keras' naming rule."""
+        """The group of the i-th of a model's layers (their class names in the model's order), by
+        Keras' naming rule. The names Keras may also write on the groups are not read: they are
+        variable-length strings, whose reading a corrupt file can send into an endless loop
+        inside HDF5, and they add nothing the rule does not give."""
         container = self.container(model_path)
         if container is None:
             return None
-        by_name = self._names.get(container)
-        if by_name is None:
-            by_name = self._names[container] = {}
-            for key in list(self.h5[container].keys())[:MAX_MEMBERS]:
-                n = self.name_of(f"{container}/{key}")
-                if n is not None:
-                    by_name.setdefault(n, f"{container}/{key}")
-        if names[i] in by_name:
-            return by_name[names[i]]
         path = f"{container}/{unique_names(classes)[i]}"
-        found = self.name_of(path)
-        if found is not None and found != names[i]:
-            raise self.fail(f"group {path!r} holds the variables of {found!r}, but the config "
-                            f"puts layer {names[i]!r} there")
         return path if self.group(path) is not None else None
 
     def variables(self, path):
@@ -340,12 +313,8 @@ class H5Weights:
         budget; a float32 or float64 array in native byte order."""
         where = f"{ds.name.lstrip('/')} ({what})"
         if ds.dtype.kind != "f" or ds.dtype.newbyteorder("=") not in _FLOATS:
-            extra = ""
-            if "dtype" in ds.attrs:
-                with contextlib.suppress(Exception):
-                    extra = f", Keras dtype {ds.attrs['dtype']!r}"
-            raise self.fail(f"{where} has dtype {ds.dtype}{extra}; fastcell computes in float32 "
-                            "or float64")
+            raise self.fail(f"{where} has dtype {ds.dtype}; fastcell computes in float32 or "
+                            "float64")
         if tuple(ds.shape) != tuple(shape):
             raise self.fail(f"{where} has shape {tuple(ds.shape)}, expected {tuple(shape)} "
                             "(from the layer's config)")
@@ -368,8 +337,3 @@ class H5Weights:
         if out.size:
             ds.read_direct(out)
         return out
-
-
-def is_keras_path(path):
-    """Whether a path names a .keras file by its name (the CLI's choice of reader)."""
-    return str(path).lower().endswith(".keras")
