@@ -356,10 +356,8 @@ def _recurrent(entry, where):
             if a != b:
                 raise _Refusal(f"{where}: stacked cell {k} has {attr} {a!r}, cell 0 {b!r}: a fastcell "
                                "model's layers share one cell type and size")
-    layer_dtype = _dtype(cfg.get("dtype"), where)
-    if layer_dtype != dtype:
-        raise _Refusal(f"{where}: attribute dtype of the layer is {layer_dtype!r}, of its cell "
-                       f"{dtype!r}: fastcell computes in one")
+    # The cell's dtype is its weights'; a layer of another float dtype only casts the outputs.
+    _dtype(cfg.get("dtype"), where)
     if cfg.get("time_major", False) is not False:
         raise _Refusal(f"{where}: attribute time_major is {cfg['time_major']!r}: fastcell reads "
                        "Keras' batch-major inputs (time_major=False)")
@@ -418,9 +416,7 @@ def _bidirectional(entry, where):
             raise _Refusal(f"{where}: its halves differ in {key}")
     options = {k: v for k, v in fwd.options.items() if k not in ("zero_output_for_mask",)}
     options["merge_mode"] = merge
-    options["dtype"] = _dtype(cfg.get("dtype"), where) if cfg.get("dtype") is not None else fwd.dtype
-    if options["dtype"] != fwd.dtype:
-        raise _Refusal(f"{where}: attribute dtype is {options['dtype']!r}, its layers' {fwd.dtype!r}")
+    _dtype(cfg.get("dtype"), where)    # its halves' dtype is the weights'; this one casts only
     cells = [[["forward_layer", *f[0]], ["backward_layer", *b[0]]] for f, b in zip(fwd.cells, bwd.cells)]
     return _Spec(fwd.kind, f"Bidirectional({fwd.type})", fwd.units, fwd.nonlinearity,
                  fwd.reset_after, fwd.use_bias, fwd.dtype, "bidirectional", options, cells)
@@ -435,8 +431,12 @@ def _parse(found):
 
 
 def _is_recurrent(entry):
+    """Keras' recurrent layers, and custom classes with their config (to be listed, and refused)."""
     cls = _class(entry)
-    return cls in _LAYER_KINDS or cls in _WRAPPERS or cls in _OTHER_RECURRENT
+    if _is_builtin(entry):
+        return cls in _LAYER_KINDS or cls in _WRAPPERS or cls in _OTHER_RECURRENT
+    cfg = entry.get("config") if isinstance(entry, dict) else None
+    return isinstance(cfg, dict) and "return_sequences" in cfg and ("units" in cfg or "cell" in cfg)
 
 
 # ---- the model's structure: where each recurrent layer is, and its mask ----
@@ -548,7 +548,7 @@ class _Walker:
             return ("masking", cfg.get("mask_value", 0.0), _entry_name(e))
         if builtin and cls == "Embedding":
             return ("tokens", _entry_name(e)) if cfg.get("mask_zero") else None
-        if builtin and _is_recurrent(e):
+        if builtin and _is_recurrent(e):     # output 0 keeps the mask with return_sequences
             inner = cfg.get("layer") if cls == "Bidirectional" else None
             seqs = (inner.get("config", {}) if isinstance(inner, dict) else cfg).get("return_sequences")
             return mask if seqs is True and tensor_index == 0 else None
@@ -556,8 +556,8 @@ class _Walker:
             return None
         if builtin and cls in _MASK_PASS:
             return mask
-        if builtin and cls in _MASK_DROP:
-            return None
+        if builtin and (cls in _MASK_DROP or (cls == "Lambda" and cfg.get("mask") is None)):
+            return None     # supports_masking False: Keras drops the mask (and warns)
         if mask[0] == "unknown":
             return mask
         what = "a custom layer" if not builtin else "a layer"
@@ -613,14 +613,50 @@ class _Graph:
         outputs = _endpoints(self.cfg.get("output_layers"))
         return self.out_mask(outputs[0]) if outputs else None
 
-    def fed(self, node):
-        """The mask a layer gets in one call: the explicit mask argument, else its first input's."""
+    def fed(self, node, depth=0):
+        """The mask a layer gets in one call. Keras records the mask a layer got when the model
+        was traced: a tensor (resolved by mask_tensor), or null for none. At run time a layer
+        also gets the mask on its input (Layer.__call__, when the input is its one tensor
+        argument: a layer called with initial_state tensors too gets none), which can differ
+        from the traced one only where a nested model made it (runtime_only)."""
         kwargs = node.get("kwargs") if isinstance(node.get("kwargs"), dict) else {}
-        explicit = _tensor(kwargs.get("mask"))
-        if explicit is not None:
-            return self.mask_tensor(explicit)
-        first = _first_tensor(node.get("args", []))
-        return self.out_mask(first) if first else None
+        args = node.get("args") if isinstance(node.get("args"), list) else []
+        first = _first_tensor(args)
+        if "mask" in kwargs:
+            explicit = _tensor(kwargs["mask"])
+            if explicit is not None:
+                return self.mask_tensor(explicit)
+            if kwargs["mask"] is not None:
+                return ("unknown", f"an unknown mask: the layer's mask argument is "
+                                   f"{str(kwargs['mask'])[:80]}")
+            return self.runtime_only(first, depth + 1) if first else None
+        tensor_args = sum(1 for a in args if _tensors([a]))
+        tensor_args += sum(1 for k, v in kwargs.items() if k != "training" and _tensors([v]))
+        return self.out_mask(first, depth + 1) if first and tensor_args == 1 else None
+
+    def runtime_only(self, hist, depth=0):
+        """The mask on a tensor at run time that tracing did not see: one a nested model makes
+        (or, inside a nested model, the mask it is called with), carried on by the layers that
+        hand masks on."""
+        if hist in self.masks:
+            return self.masks[hist]
+        e = self.by_name.get(hist[0])
+        if e is None or _is_op(e) or depth > 256:
+            return None
+        cls, builtin = _class(e), _is_builtin(e)
+        nodes = e.get("inbound_nodes") if isinstance(e.get("inbound_nodes"), list) else []
+        node = nodes[hist[1]] if isinstance(hist[1], int) and 0 <= hist[1] < len(nodes) else None
+        first = _first_tensor(node.get("args", [])) if isinstance(node, dict) else None
+        if first is None or cls in ("Masking", "Embedding", "InputLayer") or (
+                builtin and (cls in _MASK_DROP or (cls == "Lambda" and
+                                                   (e.get("config") or {}).get("mask") is None))):
+            return None
+        if cls in _MODELS:
+            return None     # walked in config order: its output mask is in self.masks already
+        below = self.runtime_only(first, depth + 1)
+        if below is None or below[0] == "unknown":
+            return below
+        return self.walker.transfer(e, below, hist[2], "", None)
 
     def out_mask(self, hist, depth=0):
         """The mask on the tensor (layer name, node index, tensor index)."""
@@ -634,13 +670,7 @@ class _Graph:
         if e is not None and not _is_op(e):
             nodes = e.get("inbound_nodes") if isinstance(e.get("inbound_nodes"), list) else []
             node = nodes[hist[1]] if isinstance(hist[1], int) and 0 <= hist[1] < len(nodes) else None
-            fed = None
-            if isinstance(node, dict):
-                kwargs = node.get("kwargs") if isinstance(node.get("kwargs"), dict) else {}
-                explicit = _tensor(kwargs.get("mask"))
-                first = _first_tensor(node.get("args", []))
-                fed = self.mask_tensor(explicit) if explicit else (
-                    self.out_mask(first, depth + 1) if first else None)
+            fed = self.fed(node, depth) if isinstance(node, dict) else None
             if _class(e) != "InputLayer" and not (_class(e) in _MODELS and _is_builtin(e)):
                 mask = self.walker.transfer(e, fed, hist[2], "", None)
         self.masks[hist] = mask
@@ -1193,10 +1223,10 @@ def _keras_lengths(lengths, mask, B, T):
         if bad.size:
             b = int(bad[0])
             t = int(np.flatnonzero(m[b] != (np.arange(T) < lens[b]))[0])
-            raise ValueError(f"mask: sequence {b} is not right-padded (step {t} is "
-                             f"{'kept' if m[b, t] else 'masked'} after {'a masked' if m[b, t] else 'kept'} "
-                             "steps' run ends): fastcell computes masks that keep each sequence's first "
-                             "steps and mask the rest (lengths)")
+            how = "kept after a masked step" if m[b, t] else "masked before a kept step"
+            raise ValueError(f"mask: sequence {b} is not right-padded (step {t} is {how}): fastcell "
+                             "computes masks that keep each sequence's first steps and mask the rest "
+                             "(lengths)")
         return lens.astype(np.int64)
     if lengths is None:
         return None
