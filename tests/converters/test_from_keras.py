@@ -21,6 +21,8 @@ from keras_cases import keras, layers, max_diff, model_of, padded, randomize
 import fastcell  # noqa: E402
 from fastcell import FormatError  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 T = 6
 CELL_OPTIONS = ("use_bias", "dtype")   # what an RNN layer's cell takes rather than the layer
 
@@ -301,7 +303,7 @@ def test_embedding_mask_and_dropped_masks(rng):
     tokens = np.array([[3, 1, 4, 1, 5, 9], [2, 6, 0, 0, 0, 0], [5, 3, 5, 0, 0, 0]])
     lengths = (tokens != 0).sum(axis=1)
     inp = keras.Input((None,), dtype="int32")
-    emb = layers.Embedding(10, 4, mask_zero=True)
+    emb = layers.Embedding(10, 4, mask_zero=True, name="embedding")
     h = layers.Dense(4)(emb(inp))
     gru = layers.GRU(3, return_sequences=True, name="gru")
     mdl = keras.Model(inp, [gru(h), h])
