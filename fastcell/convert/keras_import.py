@@ -1068,7 +1068,13 @@ def _serialize(obj):
                         f"file, got {module}.{type(obj).__qualname__}")
     import keras
 
-    return json.loads(json.dumps(keras.saving.serialize_keras_object(obj)))
+    try:
+        config = keras.saving.serialize_keras_object(obj)
+        return json.loads(json.dumps(config))
+    except Exception as exc:    # a custom layer without get_config, say: Keras' error, in a sentence
+        raise ValueError(f"obj: Keras cannot describe this {type(obj).__name__} "
+                         f"({type(exc).__name__}: {str(exc)[:200]}); convert its recurrent layer "
+                         "itself: fastcell.from_keras(model.get_layer(name))") from None
 
 
 # ---- the public functions ----
