@@ -29,7 +29,8 @@ import numpy as np
 
 from fastcell import spec
 from fastcell.convert.keras_file import FormatError, KerasArchive, unique_names
-from fastcell.models import LAYERS
+from fastcell.models import LAYERS, with_threads
+from fastcell_c.team import check_threads
 
 __all__ = ["keras_layers", "from_keras", "keras_outputs", "KerasLayer"]
 
@@ -1091,7 +1092,7 @@ def keras_layers(obj):
         return [model.describe(i) for i in range(len(model.found))]
 
 
-def from_keras(obj, layer=None):
+def from_keras(obj, layer=None, *, threads=1):
     """The fastcell layer of a Keras recurrent layer, with its weights.
 
     obj: a Keras recurrent layer or model, or the path (or bytes) of a .keras file (read without
@@ -1109,15 +1110,18 @@ def from_keras(obj, layer=None):
     Raises ValueError (FormatError for a file) naming the attribute for what fastcell does not
     compute: an activation other than tanh (or relu for SimpleRNN), a recurrent_activation other
     than sigmoid, a dtype other than float32/float64, a custom layer or cell, a mask fastcell
-    cannot follow; and FormatError for a file it cannot read.
+    cannot follow; and FormatError for a file it cannot read. threads: the layer's
+    (``layer.threads``).
     """
+    threads = check_threads(threads)
     with _Model(obj) as model:
         chosen = model.select(layer)
         with model.errors():
             specs = model.parsed(chosen)
         model.check_stack(specs)
         with model.errors():
-            return model.convert(specs)
+            converted = model.convert(specs)
+    return with_threads(converted, threads)
 
 
 def keras_outputs(model, x, *, lengths=None, mask=None, initial_state=None,

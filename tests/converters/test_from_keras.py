@@ -459,6 +459,21 @@ def test_custom_classes_are_refused_and_never_run(tmp_path):
     assert fastcell.from_keras(tmp_path / "lambda.keras").hidden_size == 3
 
 
+def test_threads(rng, tmp_path):
+    """threads= as every loader takes it: the same bytes on 2 threads as on 1."""
+    layer = layers.GRU(17, return_sequences=True)
+    mdl, _ = model_of(layer, 3)
+    randomize(layer, rng)
+    mdl.save(tmp_path / "m.keras")
+    x = rng.standard_normal((4, T, 3)).astype("float32")
+    one = fastcell.from_keras(tmp_path / "m.keras")
+    two = fastcell.from_keras(tmp_path / "m.keras", threads=2)
+    assert one.threads == 1 and two.threads == 2
+    assert one(x)[0].tobytes() == two(x)[0].tobytes()
+    with pytest.raises(ValueError, match="threads"):
+        fastcell.from_keras(mdl, threads=0)
+
+
 def test_inference_only_options_are_accepted(rng):
     """dropout, recurrent_dropout and unit_forget_bias act in training only (Keras' call at
     inference ignores them): the layer converts with the weights as they are."""
