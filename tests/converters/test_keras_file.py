@@ -227,7 +227,7 @@ def test_allowed_filters_read(base):
     assert all(np.array_equal(sd[n], ref[n]) for n in ref)
 
 
-def test_a_dataset_claiming_more_than_the_file_holds(base):
+def test_a_dataset_claiming_more_than_the_file_holds(base, tmp_path):
     """A chunked dataset can claim any shape and store nothing: the bytes read are held to a budget
     set by the file's size, checked before anything is allocated."""
     units = 1 << 20
@@ -240,8 +240,28 @@ def test_a_dataset_claiming_more_than_the_file_holds(base):
             del f[f"{CELL}/{k}"]
             f.create_dataset(f"{CELL}/{k}", shape=shape, dtype="f4", chunks=(1, 1024)[-len(shape):])
 
-    refused(rewrite(base, config=config, h5=h5), "layers/lstm/cell/vars/0 (kernel) would take 50331648 "
-                                                 "bytes, past the")
+    data = rewrite(base, config=config, h5=h5)
+    assert len(data) < 1 << 20
+    refused(data, "layers/lstm/cell/vars/0 (kernel) would take 50331648 bytes, past the")
+    if sys.platform.startswith("linux"):   # and nothing near it was allocated (a fresh process)
+        from conftest import ENV
+
+        code = ("import sys, fastcell\n"
+                "def rss():\n"
+                "    return int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) << 10\n"
+                "data = open(sys.argv[1], 'rb').read()\n"
+                "fastcell.from_keras(data, layer='gru')\n"      # every module loaded first
+                "before = rss()\n"
+                "try:\n"
+                "    fastcell.from_keras(data, layer='lstm')\n"
+                "except fastcell.FormatError:\n"
+                "    print(rss() - before)\n")
+        path = tmp_path / "claims.keras"
+        path.write_bytes(data)
+        r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                           env=ENV, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert int(r.stdout) < 16 << 20, r.stdout
 
 
 CONFIGS = {
