@@ -72,6 +72,10 @@ _MASK_DROP = {"Flatten", "Conv1D", "Reshape", "Permute", "RepeatVector", "Global
               "Conv1DTranspose", "InputLayer"}
 
 
+# How many layers back a mask is followed (each a few Python frames): past this, it is unknown.
+_MAX_DEPTH = 200
+
+
 class _Refusal(Exception):
     """What fastcell cannot convert; raised as FormatError for a file, ValueError for an object."""
 
@@ -346,9 +350,11 @@ def _recurrent(entry, where):
     else:
         raise _Refusal(f"{where} is a {cls}, not a recurrent layer fastcell converts")
 
-    parsed = [(_cell(kind, c, f"{where}" if cls in _LAYER_KINDS else f"{where}: cell {k} "
-                     f"({_class_name})"), kind, path)
-              for k, (kind, c, path, _class_name) in enumerate(cells)]
+    parsed = []
+    for k, (kind, c, path, cell_class) in enumerate(cells):
+        at = where if cls in _LAYER_KINDS else (
+            f"{where}: cell {k} ({cell_class})" if len(cells) > 1 else f"{where}: its {cell_class}")
+        parsed.append((_cell(kind, c, at), kind, path))
     (units, nonlinearity, reset_after, use_bias, dtype, options), kind, _ = parsed[0]
     for k, ((u, nl, ra, ub, dt, _), kd, _) in enumerate(parsed[1:], 1):
         for attr, a, b in (("cell type", kd, kind), ("units", u, units),
@@ -487,7 +493,7 @@ def _endpoints(value):
     return out
 
 
-def describe_mask(mask):
+def _describe_mask(mask):
     """Where a mask comes from, for a listing: the layer that makes it, a model input, or why it
     is unknown."""
     kind = mask[0]
@@ -562,7 +568,7 @@ class _Walker:
         if mask[0] == "unknown":
             return mask
         what = "a custom layer" if not builtin else "a layer"
-        return ("unknown", f"an unknown mask: the mask of {describe_mask(mask)} goes through "
+        return ("unknown", f"an unknown mask: the mask of {_describe_mask(mask)} goes through "
                            f"{what} {_entry_name(e)!r} ({cls}), which fastcell cannot tell whether "
                            "it keeps, changes or drops")
 
@@ -581,6 +587,7 @@ class _Graph:
         self.classes = [_class(e) for e in layers]
         self.index = {n: i for i, n in enumerate(self.names)}
         self.masks = {}      # (name, node, tensor) -> the mask on that output
+        self.runtime = {}    # (name, node, tensor) -> its run-time-only mask (runtime_only)
 
     def walk(self, in_mask):
         inputs = _endpoints(self.cfg.get("input_layers"))
@@ -590,27 +597,34 @@ class _Graph:
             if _is_op(e):
                 continue
             name = _entry_name(e)
-            ref = self.walker._ref(e, self.ref, self.names, self.classes, self.index[name])
-            path = f"{self.prefix}/{name}" if self.prefix else name
-            nodes = [n for n in e.get("inbound_nodes") or [] if isinstance(n, dict)] \
-                if isinstance(e.get("inbound_nodes"), list) else []
-            fed = [self.fed(node) for node in nodes]
-            if _is_recurrent(e):
-                mask = fed[0] if fed else None
-                if any(m != mask for m in fed):
-                    mask = ("unknown", f"an unknown mask: the layer is called {len(fed)} times "
-                                       "with different masks")
-                first = nodes[0] if nodes else {}
-                args = first.get("args", [])
-                kwargs = first.get("kwargs") if isinstance(first.get("kwargs"), dict) else {}
-                init = kwargs.get("initial_state") is not None or len(_tensors(args)) > 1
-                self.walker.found.append(_Found(e, name, path, ref, self.prefix, mask,
-                                                _first_tensor(args), init))
-            elif _class(e) in _MODELS and _is_builtin(e):
-                # A nested model is walked once, with the mask of its first call.
-                out = self.walker.transfer(e, fed[0] if fed else None, 0, path, ref)
-                for k in range(len(nodes)):
-                    self.masks[(name, k, 0)] = out
+            raw = e.get("inbound_nodes")
+            nodes = raw if isinstance(raw, list) else []
+            nested = _class(e) in _MODELS and _is_builtin(e)
+            if _is_recurrent(e) or nested:
+                ref = self.walker._ref(e, self.ref, self.names, self.classes, self.index[name])
+                path = f"{self.prefix}/{name}" if self.prefix else name
+                fed = [self.fed(node) for node in nodes if isinstance(node, dict)]
+                if nested:
+                    # A nested model is walked once, with the mask of its first call.
+                    out = self.walker.transfer(e, fed[0] if fed else None, 0, path, ref)
+                    for k in range(len(nodes)):
+                        self.masks[(name, k, 0)] = out
+                else:
+                    mask = fed[0] if fed else None
+                    if any(m != mask for m in fed):
+                        mask = ("unknown", f"an unknown mask: the layer is called {len(fed)} "
+                                           "times with different masks")
+                    first = nodes[0] if nodes and isinstance(nodes[0], dict) else {}
+                    args = first.get("args", [])
+                    kwargs = first.get("kwargs") if isinstance(first.get("kwargs"), dict) else {}
+                    init = kwargs.get("initial_state") is not None or len(_tensors(args)) > 1
+                    self.walker.found.append(_Found(e, name, path, ref, self.prefix, mask,
+                                                    _first_tensor(args), init))
+            # config.json lists a Functional model's layers in order, so with each layer's
+            # masks known here, following a mask back never recurses past one layer.
+            for k in range(len(nodes)):
+                self.out_mask((name, k, 0))
+                self.runtime_only((name, k, 0))
         outputs = _endpoints(self.cfg.get("output_layers"))
         return self.out_mask(outputs[0]) if outputs else None
 
@@ -641,8 +655,17 @@ class _Graph:
         hand masks on."""
         if hist in self.masks:
             return self.masks[hist]
+        if hist in self.runtime:
+            return self.runtime[hist]
+        if depth > _MAX_DEPTH:
+            return ("unknown", "an unknown mask: the model's graph is too deep to follow")
+        self.runtime[hist] = None       # a cycle (a malformed file) ends here
+        self.runtime[hist] = mask = self._runtime_only(hist, depth)
+        return mask
+
+    def _runtime_only(self, hist, depth):
         e = self.by_name.get(hist[0])
-        if e is None or _is_op(e) or depth > 256:
+        if e is None or _is_op(e):
             return None
         cls, builtin = _class(e), _is_builtin(e)
         nodes = e.get("inbound_nodes") if isinstance(e.get("inbound_nodes"), list) else []
@@ -663,7 +686,7 @@ class _Graph:
         """The mask on the tensor (layer name, node index, tensor index)."""
         if hist in self.masks:
             return self.masks[hist]
-        if depth > 256:
+        if depth > _MAX_DEPTH:
             return ("unknown", "an unknown mask: the model's graph is too deep to follow")
         self.masks[hist] = None   # a cycle (a malformed file) ends here
         e = self.by_name.get(hist[0])
@@ -1057,7 +1080,7 @@ class _Errors:
 
 
 def _mask_text(mask):
-    return None if mask is None else describe_mask(mask)
+    return None if mask is None else _describe_mask(mask)
 
 
 def _serialize(obj):

@@ -379,6 +379,14 @@ def test_masks_fastcell_cannot_follow_are_refused():
     got = fastcell.keras_outputs(fastcell.from_keras(mdl), feats, lengths=[6, 3], return_sequences=True)
     assert max_diff(got, mdl(x)) <= 1e-5
 
+    # However many layers the mask goes through (followed in the config's order, not recursively).
+    inp = keras.Input((None, 2))
+    h = inner(inp)
+    for _ in range(400):
+        h = layers.Identity()(h)
+    mdl = keras.Model(inp, layers.GRU(3)(h))
+    assert fastcell.keras_layers(mdl)[0].mask.startswith("Masking 'masking")
+
     # A Lambda without a mask function drops the mask (supports_masking is False), as Keras warns.
     inp = keras.Input((None, 2))
     with pytest.warns(UserWarning, match="destroy the mask"):
