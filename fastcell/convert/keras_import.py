@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fastcell import spec
+from fastcell.convert.choosing import choose
 from fastcell.convert.keras_file import FormatError, KerasArchive, unique_names
 from fastcell.models import LAYERS, with_threads
 from fastcell_c.team import check_threads
@@ -921,35 +922,19 @@ class _Model:
         return [self._one(layer)]
 
     def _one(self, layer):
-        n = len(self.found)
-        if layer is None:
-            if n == 1:
-                return 0
-            if n == 0:
-                raise self.fail("no recurrent layer in the model (fastcell converts SimpleRNN, GRU, "
-                                "LSTM, RNN and Bidirectional layers)")
-            raise ValueError(f"layer: the model has {n} recurrent layers, name one (or give its "
-                             f"index, or a list of them to stack): {self.listing()}")
-        if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
-            if not 0 <= layer < n:
-                raise ValueError(f"layer: index {layer} is out of range: the model has {n} "
-                                 f"recurrent layer{'s' if n != 1 else ''}"
-                                 + (f": {self.listing()}" if n else ""))
-            return int(layer)
-        if not isinstance(layer, str):
-            raise TypeError(f"layer: expected a layer name, an index, a list of them or None, got "
-                            f"{type(layer).__name__}")
-        found = [i for i, f in enumerate(self.found) if layer in (f.path, f.name)]
-        exact = [i for i in found if self.found[i].path == layer]
-        if len(exact) == 1:
-            return exact[0]
-        if len(found) == 1:
-            return found[0]
-        if found:
-            raise ValueError(f"layer: {len(found)} recurrent layers are named {layer!r}; give its "
-                             f"path or index: {self.listing()}")
-        raise ValueError(f"layer: no recurrent layer named {layer!r}; the model has "
-                         + (self.listing() if n else "none"))
+        def matches(name):      # an exact path first: a nested layer may share a name
+            return [[i for i, f in enumerate(self.found) if f.path == name],
+                    [i for i, f in enumerate(self.found) if name in (f.path, f.name)]]
+
+        def empty():
+            return self.fail("no recurrent layer in the model (fastcell converts SimpleRNN, GRU, "
+                             "LSTM, RNN and Bidirectional layers)")
+
+        return choose(layer, len(self.found), argument="layer", item="recurrent layer",
+                      named="recurrent layer", listing=self.listing, matches=matches,
+                      index_hint="give its index, or a list of them to stack",
+                      ambiguous_hint="give its path or index",
+                      expected="a layer name, an index, a list of them or None", empty=empty)
 
     # -- converting --
 
