@@ -1,9 +1,6 @@
 """`fastcell info MODEL.keras` and `fastcell export MODEL.keras OUT [--layer NAME ...] [--weights]`,
 through the same path as .onnx files; and from_onnx's words for a recurrence exported as a Loop."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -11,7 +8,8 @@ from keras_cases import keras, layers, randomize
 
 import fastcell  # noqa: E402
 from fastcell import FormatError  # noqa: E402
-from conftest import ENV, fails, ok  # noqa: E402
+from conftest import fails, ok  # noqa: E402
+from helpers import cli_without  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -43,6 +41,13 @@ def test_info_lists_the_recurrent_layers(saved, in_process):
     assert any(line.split()[:4] == ["2", "Bidirectional(LSTM)", "0", "bidirectional"] and
                "merge_mode='ave'" in line for line in lines), out
     assert "#1 is masked by Masking 'masking' (mask_value=0.0): call the converted layer with lengths" in out
+
+    relu = keras.Sequential([keras.Input((None, 2)), layers.LSTM(3, activation="relu", name="r")])
+    relu.save(saved / "relu.keras")
+    out = ok(in_process("info", "relu.keras", cwd=saved))
+    assert "#0 cannot be converted: layer 'r': attribute activation is relu" in out
+    fails(in_process("export", "relu.keras", "x.safetensors", cwd=saved),
+          "relu.keras: layer 'r': attribute activation is relu: fastcell's LSTM computes 'tanh'")
 
 
 def test_export(saved, in_process):
@@ -82,12 +87,8 @@ def test_export_errors(saved, in_process):
 
 def test_without_h5py_says_so(saved):
     for command in (["info", "m.keras"], ["export", "m.keras", "x.safetensors"]):
-        code = ("import sys; sys.modules['h5py'] = None\n"
-                "from fastcell.cli import main\n"
-                f"sys.exit(main({command!r}))\n")
-        r = subprocess.run([sys.executable, "-c", code], cwd=saved, capture_output=True, text=True,
-                           env=ENV, timeout=120)
-        fails(r, "reading .keras files needs the h5py package: pip install 'fastcell[keras]'")
+        fails(cli_without("h5py", command, saved),
+              "reading .keras files needs the h5py package: pip install 'fastcell[keras]'")
 
 
 def test_onnx_loop_names_from_keras_and_from_torch():
