@@ -32,6 +32,8 @@ _LAZY = {
     "keras_outputs": "fastcell.convert.keras_import",
     "Batcher": "fastcell.serving.batcher",
     "BatcherFullError": "fastcell.serving.batcher",
+    "FrameResult": "fastcell.serving.batcher",
+    "BatchResult": "fastcell.serving.batcher",
 }
 
 __all__ = [
