@@ -29,7 +29,7 @@ directives = {
     "embedsignature": True,
 }
 
-KERNELS = ["platform", "team", "kernel", "rnn", "gru", "lstm", "stream", "stream_pool", "blas_floor"]
+KERNELS = ["platform", "team", "kernel", "rnn", "gru", "lstm", "stream", "stream_pool", "batcher", "blas_floor"]
 HEADERS = sorted(str(p) for p in Path("fastcell_c").glob("*.h"))
 
 extensions = [

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 import bench.scenarios
+import bench.team
 import bench.threads
 from bench.machine import machine_info
 from bench.timing import measure, paired_ratio
@@ -379,7 +380,7 @@ def command(args):
         f" --only '{args.only}'" if args.only else "")
 
 
-def write_markdown(path, rows, cold, machine, parity, args, elapsed, threads=()):
+def write_markdown(path, rows, cold, machine, parity, args, elapsed, threads=(), team=""):
     full = [r for r in rows if not r["formats"]]
     reduced = [r for r in rows if r["formats"]]
     L = []
@@ -457,6 +458,12 @@ def write_markdown(path, rows, cold, machine, parity, args, elapsed, threads=())
         L.append("| scenario | 1 thread | 2 threads | 2 threads / 1 thread |")
         L.append("|---|--:|--:|--:|")
         L.extend(f"| {n} | {a:,.0f} calls/s | {b:,.0f} calls/s | {r:.2f}× |" for n, a, b, r in threads)
+        L.append("")
+    if team:
+        L.append("## Every core for one call\n")
+        L.append("One model's call split over its own thread team (`threads=`), against ONNX "
+                 "Runtime and OpenVINO given the same threads (`python -m bench.team`).\n")
+        L.append(team)
         L.append("")
     tg = targets(rows, cold, threads)
     if tg:
@@ -604,7 +611,7 @@ def main(argv=None):
         print(msg, flush=True)
 
     t0 = time.perf_counter()
-    parity, threads, cold = {}, [], {}
+    parity, threads, cold, team = {}, [], {}, ""
     with single_threaded():
         if not args.only:
             parity = check_parity()
@@ -617,6 +624,7 @@ def main(argv=None):
             threads = bench.threads.scaling(rounds=3 if args.quick else 5)
             for name, a, b, r in threads:
                 log(f"threads {name}: 2 threads / 1 thread = {r:.2f}")
+            team = bench.team.section(bench.team.SETTINGS["quick" if args.quick else "full"], log)
     if not (args.no_cold_start or args.only):
         cold = cold_start(settings["cold_runs"], log)
     elapsed = time.perf_counter() - t0
@@ -626,7 +634,7 @@ def main(argv=None):
         log(f"done in {elapsed:.0f} s (no files written: --out-dir DIR to write them)")
         return
     machine = machine_info()
-    write_markdown(out / "RESULTS.md", rows, cold, machine, parity, args, elapsed, threads)
+    write_markdown(out / "RESULTS.md", rows, cold, machine, parity, args, elapsed, threads, team)
     log(f"wrote {out / 'RESULTS.md'}")
     if optional_import("matplotlib") is None:
         log("matplotlib not installed (pip install -r bench/requirements.txt): no chart")

@@ -301,21 +301,28 @@ def markdown(rows):
     return "\n".join(L)
 
 
+def section(settings, log=print, shapes=SHAPES):
+    """Run every shape, then the barrier probe; the markdown of both tables and the scaling model."""
+    from bench.scaling import fit_and_predict, scaling_markdown
+
+    rows = run(settings, log, shapes)
+    sync = barrier_seconds()
+    for what, value, ok in targets(rows):
+        log(f"target {what}: {value} ({ok.strip('*')})")
+    return markdown(rows) + "\n\n" + scaling_markdown(fit_and_predict(rows, sync))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds")
     p.add_argument("--only", help="shapes whose id (e.g. 'T=100 B=1 H=256') contains this")
     args = p.parse_args()
     shapes = [s for s in SHAPES if not args.only or args.only in shape_id(s)]
-    from bench.scaling import fit_and_predict, scaling_markdown
     from bench.scenarios import single_threaded
 
     with single_threaded():     # BLAS and PyTorch at one thread: the threads here are the libraries'
-        rows = run(SETTINGS["quick" if args.quick else "full"], shapes=shapes)
-        sync = barrier_seconds()
-    print(markdown(rows))
-    print()
-    print(scaling_markdown(fit_and_predict(rows, sync)))
+        text = section(SETTINGS["quick" if args.quick else "full"], shapes=shapes)
+    print(text)
 
 
 if __name__ == "__main__":

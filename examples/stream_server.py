@@ -217,11 +217,11 @@ class StreamServer:
     async def _close_stream(self, sid):
         # Through the batcher: after any frame of this stream still queued (a cancelled handler).
         try:
-            closing = self.batcher.close_stream(sid)
+            closing = self.batcher.close_stream_async(sid)
         except RuntimeError:   # the batcher is closed: nothing steps any more
             self.pool.close(sid)
             return
-        await asyncio.wrap_future(closing)
+        await closing
 
     # -- /mux: many streams per connection --
 

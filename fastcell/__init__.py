@@ -27,8 +27,13 @@ _LAZY = {
     "from_onnx": "fastcell.convert.onnx_import",   # reading .onnx files needs the onnx package
     "onnx_nodes": "fastcell.convert.onnx_import",
     "onnx_outputs": "fastcell.convert.onnx_import",
+    "from_keras": "fastcell.convert.keras_import",  # reading .keras files needs h5py, not keras
+    "keras_layers": "fastcell.convert.keras_import",
+    "keras_outputs": "fastcell.convert.keras_import",
     "Batcher": "fastcell.serving.batcher",
     "BatcherFullError": "fastcell.serving.batcher",
+    "FrameResult": "fastcell.serving.batcher",
+    "BatchResult": "fastcell.serving.batcher",
 }
 
 __all__ = [

@@ -1,16 +1,19 @@
 """The ``fastcell`` command: info, run, export, quantize, demo.
 
-    fastcell info MODEL                  (a fastcell file, or an .onnx model: its recurrent nodes)
+    fastcell info MODEL                  (a fastcell file; an .onnx or .keras model: its recurrent
+                                          nodes or layers)
     fastcell run MODEL --input x.npy [--output y.npy] [--lengths l.npy] [--state-output s.npz]
     fastcell export SRC DEST [--nonlinearity tanh|relu] [--reset-after | --reset-before]
                              [--batch-first] [--prefix NAME.] [--weights int8|bf16]
     fastcell export MODEL.onnx DEST [--node NAME] [--weights int8|bf16]
+    fastcell export MODEL.keras DEST [--layer NAME [--layer NAME ...]] [--weights int8|bf16]
     fastcell quantize IN OUT --weights int8|bf16
     fastcell demo
 
 Errors print one line to stderr and exit with status 2. Only ``export`` of a PyTorch checkpoint
 imports torch, and it reads the checkpoint with ``torch.load(..., weights_only=True)``: nothing
-else is unpickled. A file named ``*.onnx`` is read with the onnx package (fastcell.convert.onnx_import).
+else is unpickled. A file named ``*.onnx`` is read with the onnx package (fastcell.convert.onnx_import),
+one named ``*.keras`` with h5py (fastcell.convert.keras_import; neither Keras nor TensorFlow).
 """
 
 import argparse
@@ -68,15 +71,17 @@ def _parser():
         description="Fast, exact CPU inference for recurrent networks trained in PyTorch.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    info = sub.add_parser("info", help="describe a fastcell weight file or an ONNX model",
+    info = sub.add_parser("info", help="describe a fastcell weight file, or an ONNX or Keras model",
                           description="Print a fastcell model's cell type, sizes, layers, "
                                       "directions, parameter count, dtype, weight format (float32, "
                                       "float64, int8, bf16), file size, and the bytes of its "
                                       "weights in the file and in memory once loaded. For an "
                                       ".onnx model, list its RNN, GRU and LSTM nodes (needs the "
-                                      "onnx package).")
+                                      "onnx package); for a .keras model, its recurrent layers "
+                                      "(needs h5py).")
     info.add_argument("model", metavar="MODEL",
-                      help="a fastcell weight file (.safetensors) or an ONNX model (.onnx)")
+                      help="a fastcell weight file (.safetensors), an ONNX model (.onnx) or a "
+                           "Keras model (.keras)")
     info.set_defaults(func=_info)
 
     run = sub.add_parser("run", help="run a model on a NumPy array",
@@ -94,15 +99,18 @@ def _parser():
                      help="draw a progress bar on stderr (default: on a terminal, for long runs)")
     run.set_defaults(func=_run)
 
-    exp = sub.add_parser("export", help="convert a PyTorch checkpoint or an ONNX node to a fastcell file",
+    exp = sub.add_parser("export", help="convert a PyTorch checkpoint, an ONNX node or a Keras layer "
+                                        "to a fastcell file",
                          description="Read a PyTorch state_dict saved with torch.save (with "
                                      "torch.load(weights_only=True): no code in it can run; needs "
                                      "PyTorch), or one RNN, GRU or LSTM node of an ONNX model "
-                                     "(SRC named *.onnx; needs the onnx package), and write a "
-                                     "fastcell weight file, its weight matrices in int8 or bf16 "
-                                     "with --weights.")
+                                     "(SRC named *.onnx; needs the onnx package), or a recurrent "
+                                     "layer of a Keras model (SRC named *.keras; needs h5py, not "
+                                     "Keras), and write a fastcell weight file, its weight "
+                                     "matrices in int8 or bf16 with --weights.")
     exp.add_argument("src", metavar="SRC",
-                     help="a PyTorch checkpoint holding a state_dict, or an ONNX model (.onnx)")
+                     help="a PyTorch checkpoint holding a state_dict, an ONNX model (.onnx) or a "
+                          "Keras model (.keras)")
     exp.add_argument("dest", metavar="DEST", help="the fastcell file to write (.safetensors)")
     exp.add_argument("--nonlinearity", choices=("tanh", "relu"),
                      help="a vanilla RNN's nonlinearity (names cannot tell; default tanh)")
@@ -119,6 +127,10 @@ def _parser():
     exp.add_argument("--node", metavar="NAME",
                      help="ONNX only: the recurrent node to convert, by name (or by its index in "
                           "`fastcell info MODEL.onnx`); needed when the model has several")
+    exp.add_argument("--layer", metavar="NAME", action="append",
+                     help="Keras only: the recurrent layer to convert, by name (or by its index in "
+                          "`fastcell info MODEL.keras`); needed when the model has several. Given "
+                          "more than once, the layers are stacked into one multi-layer model")
     _weights_option(exp, required=False)
     exp.set_defaults(func=_export)
 
@@ -148,44 +160,85 @@ def _weights_option(parser, required):
 
 # ---- info ----
 
-def _is_onnx(path):
-    return str(path).lower().endswith(".onnx")
+class _Foreign:
+    """A model file of another framework that `info` lists and `export` converts."""
+
+    def __init__(self, suffix, what, module, needs, extra, option, items, lister, converter,
+                 keyword):
+        self.suffix, self.what, self.module, self.needs, self.extra = suffix, what, module, needs, extra
+        self.option, self.items = option, items
+        self.lister, self.converter, self.keyword = lister, converter, keyword
+
+    def load(self):
+        """The converter module, after checking that what reading the file needs is installed."""
+        import importlib
+
+        try:
+            importlib.import_module(self.needs)
+        except ImportError:
+            raise CliError(f"reading {self.suffix} files needs the {self.needs} package: pip "
+                           f"install 'fastcell[{self.extra}]'") from None
+        return importlib.import_module(self.module)
 
 
-def _onnx_import():
-    import importlib
-
-    try:
-        importlib.import_module("onnx")
-    except ImportError:
-        raise CliError("reading .onnx files needs the onnx package: pip install 'fastcell[onnx]'") from None
-    from fastcell.convert import onnx_import
-
-    return onnx_import
+_FOREIGN = {
+    ".onnx": _Foreign(".onnx", "an ONNX model", "fastcell.convert.onnx_import", "onnx", "onnx", "--node",
+                      "recurrent node", "onnx_nodes", "from_onnx", "node"),
+    ".keras": _Foreign(".keras", "a Keras model", "fastcell.convert.keras_import", "h5py", "keras", "--layer",
+                       "recurrent layer", "keras_layers", "from_keras", "layer"),
+}
 
 
-def _info_onnx(args):
-    nodes = _onnx_import().onnx_nodes(args.model)
-    size = os.path.getsize(args.model)
-    print(f"file   {args.model} ({_bytes(size)}), an ONNX model")
-    if not nodes:
-        print("nodes  no RNN, GRU or LSTM node")
-        return 0
-    print(f"nodes  {len(nodes)} recurrent node{'s' if len(nodes) > 1 else ''} "
-          "(convert one with `fastcell export MODEL.onnx OUT.safetensors --node NAME`)")
-    rows = [("#", "op", "name", "graph", "direction", "input_size", "hidden_size", "layout")]
-    rows += [(str(n.index), n.op_type, n.name or "(unnamed)", n.graph, n.direction,
-              "?" if n.input_size is None else str(n.input_size),
-              "?" if n.hidden_size is None else str(n.hidden_size), str(n.layout)) for n in nodes]
+def _foreign(path):
+    """The _Foreign reading this file (by its suffix), or None for a fastcell file."""
+    return _FOREIGN.get(os.path.splitext(str(path))[1].lower())
+
+
+def _print_table(rows):
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
     for r in rows:
         print("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+def _info_foreign(args, kind):
+    items = getattr(kind.load(), kind.lister)(args.model)
+    size = os.path.getsize(args.model)
+    print(f"file   {args.model} ({_bytes(size)}), {kind.what}")
+    label = "nodes " if kind.option == "--node" else "layers"
+    if not items:
+        print(f"{label} no {kind.items} (fastcell converts "
+              + ("RNN, GRU and LSTM nodes)" if kind.option == "--node" else
+                 "SimpleRNN, GRU, LSTM, RNN and Bidirectional layers)"))
+        return 0
+    print(f"{label} {len(items)} {kind.items}{'s' if len(items) > 1 else ''} (convert one with "
+          f"`fastcell export MODEL{kind.suffix} OUT.safetensors {kind.option} NAME`)")
+    if kind.option == "--node":
+        rows = [("#", "op", "name", "graph", "direction", "input_size", "hidden_size", "layout")]
+        rows += [(str(n.index), n.op_type, n.name or "(unnamed)", n.graph, n.direction,
+                  "?" if n.input_size is None else str(n.input_size),
+                  "?" if n.hidden_size is None else str(n.hidden_size), str(n.layout)) for n in items]
+        _print_table(rows)
+        return 0
+    rows = [("#", "type", "name", "direction", "input_size", "units", "layers", "dtype", "options")]
+    rows += [(str(k.index), k.type, k.path, k.direction,
+              "?" if k.input_size is None else str(k.input_size), str(k.units), str(k.num_layers),
+              k.options.get("dtype", "?"),
+              ", ".join(f"{o}={v!r}" for o, v in k.changed_options.items()) or "-")
+             for k in items]
+    _print_table(rows)
+    for k in items:
+        if k.mask:
+            print(f"  #{k.index} is masked by {k.mask}: call the converted layer with lengths "
+                  "(right-padded sequences)")
+        if k.problem:
+            print(f"  #{k.index} cannot be converted: {k.problem}")
     return 0
 
 
 def _info(args):
-    if _is_onnx(args.model):
-        return _info_onnx(args)
+    kind = _foreign(args.model)
+    if kind is not None:
+        return _info_foreign(args, kind)
     model = load(args.model)
     cfg = model.config()
     stored = model._stored_state_dict()
@@ -260,9 +313,10 @@ def _load_npy(path, option):
 
 
 def _run(args):
-    if _is_onnx(args.model):
-        raise CliError(f"{args.model} is an ONNX model; convert it first: fastcell export "
-                       f"{args.model} OUT.safetensors [--node NAME]")
+    kind = _foreign(args.model)
+    if kind is not None:
+        raise CliError(f"{args.model} is {kind.what}; convert it first: fastcell export "
+                       f"{args.model} OUT.safetensors [{kind.option} NAME]")
     model = load(args.model)
     x = _load_npy(args.input, "--input")
     lengths = None if args.lengths is None else _load_npy(args.lengths, "--lengths")
@@ -360,12 +414,12 @@ class _Progress:
 
 
 def _export(args):
-    if _is_onnx(args.src):
-        model = _model_from_onnx(args)
-    elif args.node is not None:
-        raise CliError(f"--node: only for ONNX models (SRC named *.onnx), got {args.src}")
-    else:
-        model = _model_from_checkpoint(args)
+    kind = _foreign(args.src)
+    for other in _FOREIGN.values():
+        if other is not kind and getattr(args, other.keyword) is not None:
+            raise CliError(f"{other.option}: only for {other.what.split()[1]} models (SRC named "
+                           f"*{other.suffix}), got {args.src}")
+    model = _model_from_foreign(args, kind) if kind else _model_from_checkpoint(args)
     if args.weights:
         model = quantize(model, args.weights)
     save(model, args.dest)
@@ -374,20 +428,36 @@ def _export(args):
     return 0
 
 
-def _model_from_onnx(args):
-    """The fastcell layer of one recurrent node of the ONNX model args.src."""
+def _model_from_foreign(args, kind):
+    """The fastcell layer of one recurrent node of an ONNX model, or one recurrent layer (or a
+    stack of them) of a Keras model: args.src."""
     given = [opt for opt, v in (("--nonlinearity", args.nonlinearity), ("--reset-after/--reset-before",
              args.reset_after), ("--batch-first", args.batch_first), ("--prefix", args.prefix))
              if v is not None]
     if given:
-        raise CliError(f"{given[0]}: only for PyTorch checkpoints; an ONNX node's attributes say "
-                       "this (activations, linear_before_reset, layout)")
-    onnx_import = _onnx_import()
-    node = args.node
-    if node is not None and node.isdigit():  # an index, unless a node has that name
-        if node not in [n.name for n in onnx_import.onnx_nodes(args.src)]:
-            node = int(node)
-    return onnx_import.from_onnx(args.src, node=node)
+        says = ("an ONNX node's attributes say this (activations, linear_before_reset, layout)"
+                if kind.option == "--node" else
+                "a Keras layer's config says this (activation, reset_after; Keras is batch-first)")
+        raise CliError(f"{given[0]}: only for PyTorch checkpoints; {says}")
+    module = kind.load()
+    chosen = getattr(args, kind.keyword)
+    names = None
+
+    def pick(value):   # an index, unless an item has that name
+        nonlocal names
+        if not value.isdigit():
+            return value
+        if names is None:
+            names = {n for i in getattr(module, kind.lister)(args.src)
+                     for n in ((i.name,) if kind.option == "--node" else (i.name, i.path))}
+        return value if value in names else int(value)
+
+    if isinstance(chosen, list):
+        chosen = [pick(v) for v in chosen]
+        chosen = chosen[0] if len(chosen) == 1 else chosen
+    elif chosen is not None:
+        chosen = pick(chosen)
+    return getattr(module, kind.converter)(args.src, **{kind.keyword: chosen})
 
 
 def _model_from_checkpoint(args):

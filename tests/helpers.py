@@ -420,3 +420,19 @@ def tensor_max_diff(a, b):
         return max(tensor_max_diff(u, v) for u, v in zip(a, b))
     a, b = (v.detach().numpy() if hasattr(v, "detach") else v for v in (a, b))
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0))
+
+
+# ---- the command line ----
+
+def cli_without(package, command, cwd):
+    """`fastcell COMMAND...` (main()) in a child process where importing `package` fails."""
+    import subprocess
+    import sys
+
+    from conftest import ENV
+
+    code = (f"import sys; sys.modules[{package!r}] = None\n"
+            "from fastcell.cli import main\n"
+            f"sys.exit(main({list(command)!r}))\n")
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          env=ENV, timeout=120)

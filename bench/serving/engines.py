@@ -5,7 +5,7 @@ kind (bench/serving/drivers.py) plays the schedule on it:
 - "tick": step(ids, x, out) steps one batch, a frame of each stream due, in one call.
 - "per frame": serve(ids, rows, frames, out_rows, done, t0, record) serves a tick's frames one
   call each (Python lists), writing each frame's result time into done.
-- "per frame, Batcher": submit(sid, frame) -> a Future per frame; close_stream(sid), where the
+- "per frame, Batcher": submit(sid, frame) -> a FrameResult (a light future) per frame; close_stream(sid), where the
   engine has it, closes a stream behind its frames.
 - "network": examples/stream_server.py, served through sockets to client processes
   (bench/serving/network.py); its class gives its path and make_schedule (the load of /mux is
@@ -240,7 +240,7 @@ class _Counted:
 
 
 class BatcherEngine:
-    """fastcell's Batcher over a StreamPool: one submit() (and one Future) per frame."""
+    """fastcell's Batcher over a StreamPool: one submit() (and one FrameResult) per frame."""
     kind, exact = "per frame, Batcher", True
 
     def __init__(self, setup, spec, capacity):
@@ -249,7 +249,7 @@ class BatcherEngine:
         self.calls = 0
         self.batcher = fastcell.Batcher(_Counted(self), max_delay=setup.batcher_delay)
         self.open, self.close, self.submit = self.pool.open, self.pool.close, self.batcher.submit
-        # Closes the stream after the frames already submitted for it (a Future), if it can.
+        # Closes the stream after the frames already submitted for it (a FrameResult).
         self.close_stream = getattr(self.batcher, "close_stream", None)
 
     def stop(self):

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastcell import spec
+from fastcell.convert.choosing import choose
 from fastcell.convert.onnx_fold import ConstantFolder, NotConstant
 from fastcell.convert.onnx_reader import (A_FLOAT, A_FLOATS, A_INT, A_STRING, A_STRINGS, Bad,
                                           FormatError, OnnxModel, attributes, get, text)
@@ -224,33 +225,27 @@ class _Converter:
                 text = "; ".join(self.describe(i).describe() for i in range(min(n, 12)))
             return text + (f"; and {n - 12} more" if n > 12 else "")
 
-        if node is None:
-            if n == 1:
-                return 0
-            if n == 0:
-                hint = ""
-                if self.model.op_types & {"Gemm", "MatMul"}:
-                    hint = (" (torch.onnx.export writes nn.LSTMCell, GRUCell and RNNCell as Gemm "
-                            "and activation nodes, not as one recurrent node: export the cell's "
-                            "weights with fastcell.from_torch instead)")
-                raise self.fail(f"no RNN, GRU or LSTM node in the model{hint}")
-            raise ValueError(f"node: the model has {n} recurrent nodes, name one (or give its "
-                             f"index): {listing()}")
-        if isinstance(node, (int, np.integer)) and not isinstance(node, bool):
-            if not 0 <= node < n:
-                raise ValueError(f"node: index {node} is out of range: the model has {n} recurrent "
-                                 f"node{'s' if n != 1 else ''}" + (f": {listing()}" if n else ""))
-            return int(node)
-        if not isinstance(node, str):
-            raise TypeError(f"node: expected a node name, an index or None, got {type(node).__name__}")
-        found = [i for i in range(n) if text(self.nodes[i][1].name) == node]
-        if len(found) == 1:
-            return found[0]
-        if found:
-            raise ValueError(f"node: {len(found)} recurrent nodes are named {node!r}; give the "
-                             f"index of one: {listing()}")
-        raise ValueError(f"node: no RNN, GRU or LSTM node named {node!r}; the model has "
-                         + (listing() if n else "none"))
+        return choose(node, n, argument="node", item="recurrent node",
+                      named="RNN, GRU or LSTM node", listing=listing,
+                      matches=lambda name: [[i for i in range(n) if text(self.nodes[i][1].name) == name]],
+                      index_hint="give its index", ambiguous_hint="give the index of one",
+                      expected="a node name, an index or None", empty=self._no_node)
+
+    def _no_node(self):
+        """The error for a model without a recurrent node, saying what the recurrence became."""
+        hint = ""
+        if self.model.op_types & {"Loop", "Scan"}:
+            op = "Loop" if "Loop" in self.model.op_types else "Scan"
+            hint = (f" (the recurrence was exported as a {op} of plain ops: tf2onnx writes "
+                    "Keras' SimpleRNN, GRU(reset_after=False), GRU(use_bias=False) and masked "
+                    "layers so, and PyTorch cells in a loop come out so too; convert a Keras model "
+                    "with fastcell.from_keras and a PyTorch cell with fastcell.from_torch instead)")
+        elif self.model.op_types & {"Gemm", "MatMul"}:
+            hint = (" (torch.onnx.export writes nn.LSTMCell, GRUCell and RNNCell as Gemm and "
+                    "activation nodes, and tf2onnx Keras layers with unroll=True as MatMul and "
+                    "activation nodes, not as one recurrent node: convert a PyTorch cell with "
+                    "fastcell.from_torch and a Keras model with fastcell.from_keras instead)")
+        return self.fail(f"no RNN, GRU or LSTM node in the model{hint}")
 
     # -- the layer --
 

@@ -93,8 +93,8 @@ _LAYER_EXTRA = {**_CELL_EXTRA, "lstm": {"proj_size": "size0"}}
 
 
 class FormatError(ValueError):
-    """A file fastcell cannot read: not a valid fastcell weight file, or an ONNX model it cannot
-    import (fastcell.convert.onnx_import); the message says what is wrong."""
+    """A file fastcell cannot read: not a valid fastcell weight file, or an ONNX or Keras model it
+    cannot import (fastcell.convert.onnx_import, keras_import); the message says what is wrong."""
 
 
 # ---- writing ----

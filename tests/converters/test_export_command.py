@@ -19,7 +19,7 @@ import fastcell
 from fastcell.io.weights_file import load
 from conftest import ENV, fails, fastcell_cmd, ok, torch_or_skip
 from helpers import FORMATS, ODD_I as I, ODD_H as H, ODD_P as P
-from helpers import assert_same_stored, header_of
+from helpers import assert_same_stored, cli_without, header_of
 
 
 # ---- export ----
@@ -254,12 +254,7 @@ def test_onnx_export_chooses_a_node_and_errors(tmp_path, in_process):
 def test_onnx_without_the_onnx_package_says_so(tmp_path):
     _onnx_file(tmp_path / "m.onnx")
     for command in (["info", "m.onnx"], ["export", "m.onnx", "m.safetensors"]):
-        code = ("import sys; sys.modules['onnx'] = None\n"
-                "from fastcell.cli import main\n"
-                f"sys.exit(main({command!r}))\n")
-        r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                           env=ENV, timeout=120)
-        fails(r, "needs the onnx package: pip install 'fastcell[onnx]'")
+        fails(cli_without("onnx", command, tmp_path), "needs the onnx package: pip install 'fastcell[onnx]'")
 
 
 # ---- reduced weights: --weights int8 / bf16 ----

@@ -543,7 +543,7 @@ def _in_child(batcher, sid, model, x):
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
         signal.alarm(30)        # a stuck child ends itself
         for name, call in [("submit", lambda: batcher.submit(sid, x[0])),
-                           ("submit", lambda: batcher.submit_async(sid, x[0])),
+                           ("submit_async", lambda: batcher.submit_async(sid, x[0])),
                            ("close_stream", lambda: batcher.close_stream(sid))]:
             try:
                 call()

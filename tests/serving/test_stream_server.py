@@ -319,7 +319,7 @@ def test_a_full_batcher_refuses_the_frame_with_1013(served, rng):
             assert np.array_equal(np.array([first, second]), reference(model, x[:2]))
             for f in filled:
                 f.result(timeout=TIMEOUT)
-            await asyncio.wrap_future(batcher.close_stream(extra))
+            await batcher.close_stream_async(extra)
 
     try:
         with hang_guard(30):
