@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+import fastcell
 from bench.serving import netload
 from bench.serving.drivers import ABORT_LAG, Run
 from bench.serving.load import H, make_mux_schedule
@@ -35,6 +36,11 @@ class NetworkEngine:
     """examples/stream_server.py on a thread of this process, serving this pool's model."""
     kind, exact = "network", True
     path = None
+
+    @property
+    def steps(self):
+        """pool.step calls so far."""
+        return self.server.mux.ticks
 
     def __init__(self, setup, spec, capacity):
         self.setup = setup
@@ -58,8 +64,20 @@ class MuxEngine(NetworkEngine):
 
 class SocketEngine(NetworkEngine):
     """One stream per connection: a session connects at its start and leaves at its end (the
-    load of the other engines, load.make_schedule)."""
+    load of the other engines, load.make_schedule). The server's Batcher is swapped, before any
+    connection, for one whose pool counts its steps (frames per step: the batching)."""
     path = "/"
+
+    def __init__(self, setup, spec, capacity):
+        from bench.serving.engines import _Counted   # engines.py imports this module
+        super().__init__(setup, spec, capacity)
+        self.pool, self.calls = self.server.pool, 0
+        self.server.batcher.close()
+        self.server.batcher = fastcell.Batcher(_Counted(self), max_delay=setup.batcher_delay)
+
+    @property
+    def steps(self):
+        return self.calls
 
 
 def client_jobs(engine, sched, setup, record, drain, abort_lag):
@@ -147,8 +165,7 @@ def run_network(engine, sched, setup, record=False, drain=0.5, abort_lag=ABORT_L
             procs.append((here, proc, frames))
         for pipe, proc, _ in procs:
             _receive(pipe, proc, 120, "connecting")
-        mux = engine.server.mux
-        ticks0 = mux.ticks
+        steps0 = engine.steps
         t0 = time.perf_counter() + 0.1
         for pipe, _, _ in procs:
             pipe.send(t0)
@@ -157,7 +174,7 @@ def run_network(engine, sched, setup, record=False, drain=0.5, abort_lag=ABORT_L
         netload.sleep_until(t0 + sched.total)
         cpu = (time.process_time() - c0) / max(1e-9, time.perf_counter() - w0)
         results = [_receive(pipe, proc, drain + 120, "playing") for pipe, proc, _ in procs]
-        ticks = mux.ticks - ticks0
+        ticks = engine.steps - steps0
         errors = [e for r in results for e in r["errors"]]
         if errors:
             raise RuntimeError(f"{engine.path}: {len(errors)} client errors, the first: "

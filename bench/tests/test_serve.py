@@ -20,7 +20,8 @@ from bench.serving import drivers, engines, harness, load, report  # noqa: E402
 
 # Two fastcell engines always; the others where their library (or fastcell API) is there.
 ENGINES = ["pool-t1", "pool-int8-t2", "state-t2"]
-for name in ("torch-t1", "ort-t1", "batcher-t1"):
+# The network engines (examples/stream_server.py through sockets) where websockets is installed.
+for name in ("torch-t1", "ort-t1", "batcher-t1", "mux-t1", "ws-t2"):
     if engines.missing(next(e for e in engines.ENGINES if e.name == name)) is None:
         ENGINES.append(name)
 
@@ -38,7 +39,7 @@ def test_parity_ran_and_passed(quick_run):
     _, result = quick_run
     assert set(result["parity"]) == set(ENGINES)
     for name, p in result["parity"].items():
-        if name.startswith(("pool", "state", "batcher")):
+        if name.startswith(("pool", "state", "batcher", "mux", "ws")):
             assert p["max_abs_diff"] == 0, name
         else:
             assert p["max_abs_diff"] <= 1e-4, name
@@ -58,6 +59,54 @@ def test_every_engine_searched(quick_run):
         for s in r["trials"]:
             assert 1 <= s["streams"] <= 6 and s["frames"] > 0      # --max-streams 6 is the cap
             assert s["late"] >= 0 and s["dropped"] >= 0
+
+
+def test_network_engines_ran_through_sockets(quick_run):
+    """The network engines' trials came back from their client processes, with the clients' own
+    CPU and send delay; the report lists them. (Their parity run, above, checked every output bit
+    for bit and every session opened and closed on the server.)"""
+    out, result = quick_run
+    network = [n for n in ENGINES if n.startswith(("mux", "ws"))]
+    if not network:
+        pytest.skip("websockets not installed")
+    block = report.section_of((out / "RESULTS.md").read_text())
+    assert "| network engine |" in block
+    for name in network:
+        r = result["results"][name]
+        assert r["kind"] == "network" and r["p99_limit"] == harness.P99_LIMIT_NETWORK
+        for s in r["trials"]:
+            assert s["client_cpu"] >= 0 and s["send_lag"] == s["send_lag"]   # not NaN
+            assert s["frames_per_call"] >= 1      # the server stepped every frame it answered
+        assert f"| `{name}` |" in block
+
+
+def test_mux_schedule():
+    """/mux's load: a connection's frames due at one time are
+    one request, one per period at most, holding each stream at most once; a session's frames
+    are consecutive requests of its connection, from its start to its end."""
+    P, C = 0.032, 4
+    sched = load.make_mux_schedule(40, C, 0.2, 1.0, 0.3, seed=4, period=P, jitter=0.001)
+    assert sched.connections == C and len(sched.conn) == sched.sessions
+    conn = sched.conn[sched.sess]
+    for c in range(C):
+        mine = conn == c
+        times = np.unique(sched.t[mine])
+        assert len(times) and np.all(np.diff(times) > P - 2 * 0.001 - 1e-9)
+        for t in times:
+            at = mine & (sched.t == t)
+            assert len(np.unique(sched.sess[at])) == at.sum()     # a session once a request
+    for g in range(sched.sessions):
+        f = sched.by_sess[np.searchsorted(sched.sess[sched.by_sess], g):][:sched.nframes[g]]
+        assert np.array_equal(sched.seq[f], np.arange(sched.nframes[g]))
+        assert sched.nframes[g] > 0
+        ts = sched.t[f]
+        assert ts[0] >= sched.start[g] and ts[-1] < min(sched.end[g], sched.total)
+        own = np.unique(sched.t[conn == sched.conn[g]])
+        lo = np.searchsorted(own, ts[0])
+        assert np.array_equal(own[lo:lo + len(ts)], ts)      # every request while it lives
+        assert lo == 0 or own[lo - 1] < sched.start[g]
+        after = own[lo + len(ts):]
+        assert not len(after) or after[0] >= min(sched.end[g], sched.total)
 
 
 def test_results_in_output_file(quick_run):
