@@ -188,6 +188,18 @@ class Receiver(threading.Thread):
         self.open = {}              # key -> Incoming
         self.stop = False
         self.error = None
+        self._call = None           # a function to run on this thread between messages
+        self._called = threading.Event()
+
+    def call(self, fn, timeout=10.0):
+        """Runs fn() on the receiver's thread between two messages (at once if the receiver is
+        not running) and returns when it has run: fn sees no message half recorded."""
+        self._call = fn
+        while self.is_alive() and not self._called.wait(0.05):
+            pass
+        if not self._called.is_set() and self._call is not None:
+            self._call = None
+            fn()
 
     def add(self, key, conn):
         self.new.append((key, conn))
@@ -214,6 +226,10 @@ class Receiver(threading.Thread):
                         inc.conn.sock.close()
                         del self.open[key]
                         self.on_message(key, CLOSE, b"", clock())
+                if self._call is not None:
+                    fn, self._call = self._call, None
+                    fn()
+                    self._called.set()
                 if self.stop and not self.open:
                     break
         except BaseException as e:      # noqa: B036 - reported to the parent
@@ -236,8 +252,12 @@ class Recorder:
         self.lag = []               # how late each send left (s): the client's own delay
         self.opened, self.closed = [], []   # counts, appended by several threads
         self.aborted = ""
+        self.final = False          # the results are reported: later replies are not recorded
+        self.stopping = False       # the trial is over: senders and the connector stop
 
     def served(self, idx, now, t0, y=None):
+        if self.final:
+            return
         self.done[idx] = now - t0
         self.hits[idx] += 1
         self.order[idx] = self.count
@@ -299,7 +319,7 @@ def run_mux(job, pipe):
             else:
                 pending = (None, None, ("close " + " ".join(map(str, close_keys[a:b].tolist()))))
             sleep_until(t0 + due)
-            if rec.aborted:
+            if rec.aborted or rec.stopping:
                 return
             try:
                 oldest = frames_t[inflight[c][0][0][0]]
@@ -356,7 +376,7 @@ def run_streams(job, pipe):
         i = inflight[g].popleft()
         rec.served(i, now, t0, np.frombuffer(data, "<f4") if job["record"] else None)
         remaining[g] -= 1
-        if remaining[g] == 0 and want_close[g]:
+        if remaining[g] == 0 and want_close[g] and not rec.final:   # after the report: left open
             close(g)
 
     recv = Receiver(on_message)
@@ -383,7 +403,7 @@ def run_streams(job, pipe):
                         + [(job["end"][g], 1, g) for g in range(S) if np.isfinite(job["end"][g])])
         for due, kind, g in events:
             sleep_until(t0 + due)
-            if rec.aborted or clock() > stop_t:
+            if rec.aborted or rec.stopping:
                 return
             if kind == 0:
                 connect(g)
@@ -397,9 +417,9 @@ def run_streams(job, pipe):
         for i in range(len(t)):
             g = sess[i]
             sleep_until(t0 + t[i])
-            if rec.aborted:
+            if rec.aborted or rec.stopping:
                 return
-            if not ready[g].wait(max(0.0, stop_t - clock())):
+            if not ready[g].wait(max(0.0, stop_t - clock())) or rec.stopping:
                 return
             now = clock()
             if now - (t0 + t[i]) > job["abort_lag"]:
@@ -430,10 +450,23 @@ def _finish(job, pipe, rec, t0, stop_t, threads, all_answered, recv, open_conns)
     c1, w1 = time.process_time(), clock()
     for th in threads:
         th.join(max(0.0, stop_t - clock()))
+    # What is still to send or connect is past the drain: stopped here, and waited for, so the
+    # streams reported opened are all the server saw opened.
+    rec.stopping = True
+    for th in threads:
+        th.join(60.0)
     while clock() < stop_t and not rec.aborted and not all_answered():
         time.sleep(0.001)
     lag = np.array(rec.lag)
-    pipe.send(dict(done=rec.done, hits=rec.hits, order=rec.order, outs=rec.outs,
+    books = {}
+
+    def close_books():      # on the receiver's thread: no reply is half recorded
+        rec.final = True
+        books.update(done=rec.done.copy(), hits=rec.hits.copy(), order=rec.order.copy(),
+                     outs=None if rec.outs is None else rec.outs.copy())
+
+    recv.call(close_books)
+    pipe.send(dict(books,
                    opened=sum(rec.opened), closed=sum(rec.closed), errors=rec.errors + (
                        [repr(recv.error)] if recv.error else []), aborted=rec.aborted,
                    cpu=(c1 - c0) / (w1 - w0) if w1 > w0 else float("nan"),

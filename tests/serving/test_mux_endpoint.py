@@ -650,3 +650,28 @@ def test_mux_from_the_command_line(rng):
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0 and err == "" and out == "", (proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("compression", [None, "deflate"])
+def test_permessage_deflate_is_off_unless_asked_for(served, rng, compression):
+    """A client offering permessage-deflate (websockets' default) gets it only from a server
+    made with compression="deflate"; either way every reply is exact."""
+    model = stream_server.random_model(5, I, H)
+    srv = served(model, capacity=16, compression=compression)
+
+    async def main():
+        async with connect(srv.url + "/mux", open_timeout=TIMEOUT) as ws:   # offers deflate
+            client = Client(ws, model, rng)
+            for keys in ([1, 2, 3], [3, 1], [2, 1, 3, 4]):
+                await client.send(keys)
+            await client.check_all()
+            return client, ws.response.headers.get("Sec-WebSocket-Extensions")
+
+    with hang_guard(30):
+        client, extensions = asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+    assert client.answered == 3
+    if compression is None:
+        assert extensions is None
+    else:
+        assert "permessage-deflate" in extensions
+    assert streams_left(srv.server) == 0
