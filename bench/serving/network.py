@@ -100,13 +100,25 @@ def client_jobs(engine, sched, setup, record, drain, abort_lag):
                 a, b = np.searchsorted(c, cc, "left"), np.searchsorted(c, cc, "right")
                 cut = a + np.flatnonzero(np.diff(t[a:b]) > 0) + 1
                 edges = np.concatenate([[a], cut, [b]]) if b > a else np.array([a])
+                sends = t[edges[:-1]] if b > a else np.empty(0)
                 events = [(float(t[lo]), "request", int(lo), int(hi))
                           for lo, hi in zip(edges[:-1], edges[1:])]
+                # The sessions that ended since the connection's last request are closed by one
+                # "close" message just before its next request (or at the end, past the last),
+                # as a gateway closes its calls with its next tick.
                 ending = np.flatnonzero((sched.conn == cc) & np.isfinite(sched.end))
-                for g in ending[np.argsort(sched.end[ending], kind="stable")].tolist():
-                    events.append((float(sched.end[g]), "close", len(close_keys),
-                                   len(close_keys) + 1))
-                    close_keys.append(KEY0 + g)
+                nxt = np.searchsorted(sends, sched.end[ending])
+                due = np.where(nxt < len(sends), sends[np.minimum(nxt, len(sends) - 1)],
+                               sched.end[ending])
+                order = np.lexsort((sched.end[ending], due))
+                ending, due = ending[order], due[order]
+                cuts = np.flatnonzero(np.diff(due) > 0) + 1
+                for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts,
+                                                                                 [len(due)]])):
+                    if hi > lo:
+                        events.append((float(due[lo]), "close", len(close_keys),
+                                       len(close_keys) + int(hi - lo)))
+                        close_keys.extend(KEY0 + g for g in ending[lo:hi].tolist())
                 plans.append(sorted(events))
             jobs.append((mine, dict(base, kind="mux", frames=mine, t=t, rows=mine,
                                     keys=np.uint64(KEY0) + sched.sess[mine].astype(np.uint64),
