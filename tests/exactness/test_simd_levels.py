@@ -3,7 +3,9 @@ FASTCELL_ISA, against the CPU's best: AVX2 + FMA and AVX-512 give the same bits 
 the same order, each step fused-multiply-added); the baseline level, for CPUs without FMA, rounds
 every product on its own, so it may differ in the last bits, and only there. The same holds for
 the reduced weight formats: bf16 (float sums of the bf16 values) and int8, whose integer sums are
-exact on every path (AVX-512 VNNI, AVX-VNNI, AVX2 without VNNI: "v4,novnni", plain C)."""
+exact on every path (AVX-512 VNNI, AVX-VNNI, AVX2 without VNNI: "v4,novnni", plain C), with its
+inputs x at 16 bits or at 8 ("int8x8"), also for an input of more than 512 values (which the AVX2
+path multiplies as bytes at 16 bits, as words at 8)."""
 
 import os
 import subprocess
@@ -28,19 +30,23 @@ from fastcell_c.platform import simd_level
 
 out = {"level": np.array(simd_level())}
 rng = np.random.default_rng(7)
-for dtype in (np.float32, np.float64):
-    for name, make in (("rnn", lambda: fastcell.RNN(19, 17, num_layers=2)),
-                       ("gru", lambda: fastcell.GRU(19, 17)),
-                       ("lstm", lambda: fastcell.LSTM(19, 33, proj_size=5)),
-                       ("peephole", lambda: fastcell.PeepholeLSTM(19, 17))):
+for dtype in (np.float32, np.float64, "wide"):
+    I = 531 if dtype == "wide" else 19
+    for name, make in (("rnn", lambda: fastcell.RNN(I, 17, num_layers=2)),
+                       ("gru", lambda: fastcell.GRU(I, 17)),
+                       ("lstm", lambda: fastcell.LSTM(I, 33, proj_size=5)),
+                       ("peephole", lambda: fastcell.PeepholeLSTM(I, 17))):
+        if dtype == "wide" and name not in ("gru", "lstm"):
+            continue
         m = make()
-        m.load_state_dict({k: rng.uniform(-0.4, 0.4, v.shape).astype(dtype)
+        m.load_state_dict({k: rng.uniform(-0.4, 0.4, v.shape).astype(np.float32 if dtype == "wide" else dtype)
                            for k, v in m.state_dict().items()})
-        key = f"{name}-{np.dtype(dtype).name}"
-        x = rng.standard_normal((70, 3, 19)).astype(dtype)
-        models = {key: m}
-        if dtype == np.float32:
+        key = f"{name}-{'wide' if dtype == 'wide' else np.dtype(dtype).name}"
+        x = rng.standard_normal((70, 3, I)).astype(np.float64 if dtype == np.float64 else np.float32)
+        models = {} if dtype == "wide" else {key: m}
+        if dtype != np.float64:
             models.update({f"{key}-{fmt}": fastcell.quantize(m, fmt) for fmt in ("int8", "bf16")})
+            models[f"{key}-int8x8"] = fastcell.quantize(m, "int8", input_bits=8)
         for key, m in models.items():
             out[key + "-seq"] = m(x)[0]
             out[key + "-lengths"] = m(x, lengths=[70, 9, 41])[0]
