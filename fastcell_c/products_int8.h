@@ -64,6 +64,25 @@ static inline int fc_i8_k4(const fc_i8_mat *w) { return w->k4[0] + (w->nseg > 1 
  * WORDS (the AVX2 path's layout): the same q_i as int16 words instead, rows of k4 words, for
  * 8-bit rows and 16-bit rows of k4 <= FC_I8_MW_ROWS (longer 16-bit rows stay hi and lo bytes). */
 #define FC_I8_MW_ROWS 512
+/* Stores nw quantized values qi of a row from its value i: as words (WORDS), bytes q + 128 (8
+ * bits), or hi and lo bytes of q + 32768 (16 bits, the lo row k4 bytes after the hi one). A
+ * constant nw (whole vectors) stores from registers; memcpy of a variable one is the row's end. */
+#define FC_I8_PUT(vi, vh, vb, q, k4, words, bits, i, qi, nw)                           \
+    do {                                                                                 \
+        if (words) {                                                                     \
+            vh h_ = __builtin_convertvector(qi, vh);                                     \
+            memcpy(q + 2 * (i), &h_, 2 * (nw));                                          \
+        } else if (bits == 8) {                                                          \
+            vb b_ = __builtin_convertvector(qi + 128, vb);                               \
+            memcpy(q + (i), &b_, nw);                                                    \
+        } else {                                                                         \
+            vi u_ = qi + 32768;                                                          \
+            vb hi_ = __builtin_convertvector(u_ >> 8, vb);                               \
+            vb lo_ = __builtin_convertvector(u_ & 255, vb);                              \
+            memcpy(q + (i), &hi_, nw);                                                   \
+            memcpy(q + k4 + (i), &lo_, nw);                                              \
+        }                                                                                \
+    } while (0)
 #define FC_I8_QUANTIZE(ATTR, NAME, W, WORDS)                                             \
     ATTR static int NAME(int m, int k, int k4, int bits, const float *a, long lda, uint8_t *qa, \
                          float *scale)                                                   \
@@ -107,40 +126,27 @@ static inline int fc_i8_k4(const fc_i8_mat *w) { return w->k4[0] + (w->nseg > 1 
             int zero = amax < FC_I8_TINY;                                                \
             float inv = zero ? 0.0f : lim / amax;                                        \
             scale[r] = zero ? 0.0f : amax / lim;                                         \
-            /* x * inv, non-finite -> 0, clamped, rounded to nearest even, as integers */ \
-            for (int i = 0; i < k; i += W) {                                             \
+            /* x * inv, non-finite -> 0, clamped, rounded to nearest even, as integers;    \
+             * whole vectors stored straight from registers, then the row's last lanes */  \
+            for (int i = 0; i < kv; i += W) {                                            \
+                vf x = *(const vf *)(v + i);                                             \
+                vi fin = ((vi)x & absmask) <= 0x7f7fffff;                                \
+                vf y = (vf)((vi)(x * inv) & fin);                                        \
+                vi lo = y < -lim, hi = y > lim;           /* vector ?: is C++ only */    \
+                y = (vf)(((vi)y & ~lo) | ((vi)((vf){} - lim) & lo));                     \
+                y = (vf)(((vi)y & ~hi) | ((vi)((vf){} + lim) & hi));                     \
+                vi qi = __builtin_convertvector((y + magic) - magic, vi);                \
+                FC_I8_PUT(vi, vh, vb, q, k4, words, bits, i, qi, W);                     \
+            }                                                                            \
+            if (kv < k) {                                                                \
                 vi qi;                                                                   \
-                if (i + W <= k) {                                                        \
-                    vf x = *(const vf *)(v + i);                                         \
-                    vi fin = ((vi)x & absmask) <= 0x7f7fffff;                            \
-                    vf y = (vf)((vi)(x * inv) & fin);                                    \
-                    vi lo = y < -lim, hi = y > lim;       /* vector ?: is C++ only */    \
-                    y = (vf)(((vi)y & ~lo) | ((vi)((vf){} - lim) & lo));                 \
-                    y = (vf)(((vi)y & ~hi) | ((vi)((vf){} + lim) & hi));                 \
-                    qi = __builtin_convertvector((y + magic) - magic, vi);               \
-                } else {                                                                 \
-                    for (int j = 0; j < W; j++) {                                        \
-                        float x = i + j < k ? v[i + j] * inv : 0.0f;                     \
-                        x = i + j < k && __builtin_fabsf(v[i + j]) <= big ? x : 0.0f;    \
-                        x = x < -lim ? -lim : x > lim ? lim : x;                         \
-                        qi[j] = (int32_t)((x + magic) - magic);                          \
-                    }                                                                    \
+                for (int j = 0; j < W; j++) {                                            \
+                    float x = kv + j < k ? v[kv + j] * inv : 0.0f;                       \
+                    x = kv + j < k && __builtin_fabsf(v[kv + j]) <= big ? x : 0.0f;      \
+                    x = x < -lim ? -lim : x > lim ? lim : x;                             \
+                    qi[j] = (int32_t)((x + magic) - magic);                              \
                 }                                                                        \
-                int nw = k - i < W ? k - i : W;                                          \
-                if (words) {                                                             \
-                    vh h = __builtin_convertvector(qi, vh);                              \
-                    memcpy(q + 2 * i, &h, 2 * nw);                                       \
-                } else if (bits == 8) {                                                  \
-                    vb b8 = __builtin_convertvector(qi + 128, vb);                       \
-                    if (nw == W) *(vb *)(q + i) = b8;                                    \
-                    else memcpy(q + i, &b8, nw);                                         \
-                } else {                                                                 \
-                    vi u = qi + 32768;                                                   \
-                    vb hi = __builtin_convertvector(u >> 8, vb);                         \
-                    vb lo = __builtin_convertvector(u & 255, vb);                        \
-                    if (nw == W) { *(vb *)(q + i) = hi; *(vb *)(q + k4 + i) = lo; }      \
-                    else { memcpy(q + i, &hi, nw); memcpy(q + k4 + i, &lo, nw); }        \
-                }                                                                        \
+                FC_I8_PUT(vi, vh, vb, q, k4, words, bits, kv, qi, k - kv);               \
             }                                                                            \
             for (int i = k; i < k4; i++) {                                               \
                 if (words) { q[2 * i] = 0; q[2 * i + 1] = 0; continue; }                 \
