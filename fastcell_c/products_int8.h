@@ -110,11 +110,16 @@ static inline int fc_i8_k4(const fc_i8_mat *w) { return w->k4[0] + (w->nseg > 1 
                 vi gt = x > vmax;                /* non-negative floats order as ints */ \
                 vmax = (x & gt) | (vmax & ~gt);                                          \
             }                                                                            \
-            int32_t imax = 0, nonfinite = 0;                                             \
-            for (int j = 0; j < W; j++) {                                                \
-                imax = vmax[j] > imax ? vmax[j] : imax;                                  \
-                nonfinite |= vbad[j];                                                    \
-            }                                                                            \
+            /* the lanes' max and or, halving (exact in any order) */                    \
+            int32_t lm[W], lb[W];                                                        \
+            memcpy(lm, &vmax, sizeof lm);                                                \
+            memcpy(lb, &vbad, sizeof lb);                                                \
+            for (int n = W / 2; n >= 1; n /= 2)                                          \
+                for (int j = 0; j < n; j++) {                                            \
+                    lm[j] = lm[j + n] > lm[j] ? lm[j + n] : lm[j];                       \
+                    lb[j] |= lb[j + n];                                                  \
+                }                                                                        \
+            int32_t imax = lm[0], nonfinite = lb[0];                                     \
             float amax;                                                                  \
             memcpy(&amax, &imax, 4);                                                     \
             for (int i = kv; i < k; i++) {                                               \
@@ -126,15 +131,14 @@ static inline int fc_i8_k4(const fc_i8_mat *w) { return w->k4[0] + (w->nseg > 1 
             int zero = amax < FC_I8_TINY;                                                \
             float inv = zero ? 0.0f : lim / amax;                                        \
             scale[r] = zero ? 0.0f : amax / lim;                                         \
-            /* x * inv, non-finite -> 0, clamped, rounded to nearest even, as integers;    \
-             * whole vectors stored straight from registers, then the row's last lanes */  \
+            /* x * inv, non-finite -> 0, rounded to nearest even, as integers; whole      \
+             * vectors stored straight from registers, then the row's last lanes (clamped \
+             * there too). No clamp is needed: |v_i| <= amax, so |v_i * inv| <= lim (1 +   \
+             * 2^-24)^2 < lim + 1/2, which rounds to at most lim. */                       \
             for (int i = 0; i < kv; i += W) {                                            \
                 vf x = *(const vf *)(v + i);                                             \
                 vi fin = ((vi)x & absmask) <= 0x7f7fffff;                                \
                 vf y = (vf)((vi)(x * inv) & fin);                                        \
-                vi lo = y < -lim, hi = y > lim;           /* vector ?: is C++ only */    \
-                y = (vf)(((vi)y & ~lo) | ((vi)((vf){} - lim) & lo));                     \
-                y = (vf)(((vi)y & ~hi) | ((vi)((vf){} + lim) & hi));                     \
                 vi qi = __builtin_convertvector((y + magic) - magic, vi);                \
                 FC_I8_PUT(vi, vh, vb, q, k4, words, bits, i, qi, W);                     \
             }                                                                            \
