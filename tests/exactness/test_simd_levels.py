@@ -118,3 +118,70 @@ def test_threads_give_one_threads_bits_at_every_level(results):
                 one = key.replace("-3t-", "-1t-") if key.replace("-3t-", "-1t-") in r else \
                     key.replace("-3t-", "-")
                 np.testing.assert_array_equal(r[key], r[one], err_msg=f"{level}: {key}")
+
+
+# The int8 products' activation rounding, bit for bit against fastcell.reference at every level,
+# on hostile rows: values at amax (x * (lim / amax) rounds to lim itself, with no clamp in the
+# kernels' whole vectors), on the 8- and 16-bit grids and halfway between (ties), amax a random
+# float from 1e-30 to 3.4e38, just above and below the 1e-30 zero threshold, denormals alone and
+# under a tiny amax, zeros and -0, infinities from overflow, NaN; rows of 1 to 600 values (whole
+# vectors and a row's tail at every width). The product x @ [I; -I] of a ReLU cell with no h and no
+# bias gives each quantized value times its scales, as reference.matmul computes them.
+HOSTILE = r"""
+import sys
+import numpy as np
+import fastcell
+from fastcell import reference
+
+f32 = np.float32
+rng = np.random.default_rng(11)
+
+def rows(k):
+    out = []
+    for mag in (1e-30, 1.0000001e-30, 9.99e-31, 1e-20, 1e-3, 1.0, 3.0, 1e20, 1.7e38, 3.4028235e38):
+        out.append(np.clip(rng.standard_normal(k) * mag, -mag, mag).astype(f32))
+        r = np.full(k, mag, f32); r[::2] *= -1; out.append(r)
+        for lim in (127, 32767):
+            g = rng.integers(-lim, lim + 1, k).astype(np.float64)
+            with np.errstate(over="ignore"):
+                r = (g / lim * mag).astype(f32); r[0] = mag; out.append(r)
+                r = ((g + 0.5) / lim * mag).astype(f32); r[0] = mag; out.append(r)   # inf past FLT_MAX
+            r = (np.nextafter(f32(mag), f32(0)) * (g / lim)).astype(f32); r[-1] = -f32(mag); out.append(r)
+    for _ in range(40):
+        a = f32(np.exp(rng.uniform(-69, 88)))
+        r = (a * rng.uniform(-1, 1, k)).astype(f32); r[rng.integers(k)] = a
+        r[rng.integers(k)] = -np.nextafter(a, f32(0)); out.append(r)
+    r = np.full(k, f32(1e-45)); r[0] = f32(3e-39); out.append(r)
+    r = rng.uniform(-1e-38, 1e-38, k).astype(f32); r[0] = f32(2e-30); out.append(r)
+    r = rng.standard_normal(k).astype(f32); r[rng.integers(k)] = np.nan; out.append(r)
+    out += [np.zeros(k, f32), -np.zeros(k, f32)]
+    return np.stack(out)
+
+res = {}
+for k in (1, 3, 16, 37, 64, 128, 600):
+    x = rows(k)
+    eye = np.eye(k, dtype=f32)
+    cell = fastcell.RNNCell(weight_ih=np.concatenate([eye, -eye]), weight_hh=np.zeros((2 * k, 2 * k), f32),
+                            bias_ih=np.zeros(2 * k, f32), bias_hh=np.zeros(2 * k, f32), nonlinearity="relu")
+    for bits in (8, 16):
+        q = fastcell.quantize(cell, "int8", input_bits=bits)
+        w = q._stored_state_dict()["weight_ih"]
+        with np.errstate(all="ignore"):
+            res[f"{k}-{bits}-got"] = q(x)
+            res[f"{k}-{bits}-want"] = np.maximum(reference.matmul(x, w, bits), 0).astype(f32)
+np.savez(sys.argv[1], **res)
+"""
+
+
+@pytest.mark.parametrize("level", [lv for lv, n in LEVELS.items() if n <= LEVELS[simd_level()]])
+def test_int8_activation_rounding_is_the_references_on_hostile_rows(level, tmp_path):
+    env = dict(os.environ, FASTCELL_ISA=level, PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, "-c", HOSTILE, str(tmp_path / "h.npz")], env=env, check=True, timeout=120)
+    with np.load(tmp_path / "h.npz") as f:
+        r = {k: f[k] for k in f.files}
+    for key in r:
+        if key.endswith("-got"):
+            want = r[key[:-4] + "-want"]
+            assert r[key].tobytes() == want.tobytes(), f"{level}: {key}"
+    for k in (16, 600):   # 8 and 16 bits round these rows differently (the check can tell them apart)
+        assert r[f"{k}-8-want"].tobytes() != r[f"{k}-16-want"].tobytes()
