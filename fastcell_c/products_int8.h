@@ -287,7 +287,7 @@ fc_i8_kernel512(const int MB, const int NB, const int SIXTEEN, int r, int nq, in
 {
     const int V = SIXTEEN ? 2 * MB : MB;
     const int KS = V * NB < 8 ? 2 : 1;
-    __m512i acc[2][4][4];
+    __m512i acc[2][6][4];
     FC_UNROLL for (int k = 0; k < KS; k++)
         FC_UNROLL for (int i = 0; i < V; i++)
             FC_UNROLL for (int b = 0; b < NB; b++) acc[k][i][b] = _mm512_setzero_si512();
@@ -345,7 +345,8 @@ FC_TARGET_VNNI512 static void fc_i8_panel_vnni512(int m, int pw, int ldq, int nq
                                                   const float *sa, int add, float *c, long ldc)
 {
     int nb = pw / 16, r = 0;
-    if (bits == 8) {
+    if (bits == 8) {   /* 6 rows: 24 accumulators, 10 loads per 24 vpdpbusd (4 rows: 8 per 16) */
+        for (; r + 6 <= m; r += 6) FC_I8_KERNEL512_NB(6, 0)
         for (; r + 4 <= m; r += 4) FC_I8_KERNEL512_NB(4, 0)
         for (; r < m; r++) FC_I8_KERNEL512_NB(1, 0)
     } else {
