@@ -1,7 +1,8 @@
 /* The int8 weight format's products: c[0:m, 0:n] (+)= a[0:m, rows] @ W[rows, 0:n], with W stored
  * as int8 with one float scale per column (output) and segment, and a quantized to 8-bit unsigned
  * integers row by row on every call: u8 x s8 dot products of 4 bytes (AVX-512 VNNI / AVX-VNNI
- * vpdpbusd), summed exactly in int32, then one dequantizing pass per output.
+ * vpdpbusd, AMX tdpbusd for blocks of 16 8-bit rows), summed exactly in int32, then one
+ * dequantizing pass per output.
  *
  * Segments. The rows of a packing are one or two segments (the input rows of W_ih, then the
  * recurrent rows of W_hh: a streaming step multiplies [x h] in one call), each with its own
@@ -18,7 +19,7 @@
  *   8 bits:  t_j = (float)(acc_j - 128 cs_j)
  *   16 bits: t_j = 256 (float)(acc_hi_j - 128 cs_j) + (float)acc_lo_j
  *   c_j = (first segment without beta ? 0 : c_j) + t_j * (sw_j * s)
- * The integer sums are exact in any order, so every path (VNNI in 512 or 256 bits, widened
+ * The integer sums are exact in any order, so every path (AMX tiles, VNNI in 512 or 256 bits, widened
  * weights times activation words with vpmaddwd, plain C) gives the same bits; the float steps
  * are the same everywhere but the baseline level, which has no FMA (the SIMD paths dequantize
  * in registers, the baseline in a pass over an int32 buffer). A non-finite v_i quantizes to 0 and then adds v_i times its
@@ -357,6 +358,84 @@ FC_TARGET_VNNI512 static void fc_i8_panel_vnni512(int m, int pw, int ldq, int nq
 
 FC_I8_QUANTIZE(FC_TARGET_VNNI512, fc_i8_quantize_vnni512, 16, 0)
 
+/* ---- AMX (path 4): blocks of 16 rows of 8-bit activations by tiles, the rest as above ----
+ * tdpbusd sums u8 x s8 products of 4 bytes into int32 as vpdpbusd does, exactly, so the sums are
+ * the same; the B tile is the panel itself (16 quads of 16 columns, one quad a row: rows
+ * ldq * 4 bytes apart). The quads past the last whole 16 are added in C, then the block is
+ * dequantized with fc_i8_kernel512's float steps (t = acc - 128 cs, p = sw * s, t * p or
+ * fma(t, p, c)): the same bits. The tile configuration is loaded on every call (another library
+ * in the process may load its own) and released at its end. */
+#define FC_TARGET_AMX __attribute__((target("arch=x86-64-v4,avx512vnni,amx-tile,amx-int8")))
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} fc_amx_cfg;
+
+#define FC_AMX_COLS(B)                                                                   \
+    if (nb > B) {                                                                        \
+        _tile_loadd(5, w + (long)q * ldq * 4 + B * 64, ldq * 4);                         \
+        _tile_dpbusd(B, 4, 5);                                                           \
+    }
+FC_TARGET_AMX static void fc_i8_panel_amx(int m, int pw, int ldq, int nq, int bits,
+                                          const uint8_t *qa, long lq, const int8_t *w,
+                                          const int32_t *cs, const float *sw, const float *sa,
+                                          int add, float *c, long ldc)
+{
+    int r = 0;
+    if (bits == 8 && m >= 16 && nq >= 16) {
+        int nb = pw / 16, nk = nq / 16 * 16;
+        fc_amx_cfg cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        for (int t = 0; t < 6; t++) {            /* 0-3: C (16 x 16 int32), 4: A, 5: B */
+            cfg.rows[t] = 16;
+            cfg.colsb[t] = 64;
+        }
+        _tile_loadconfig(&cfg);
+        int32_t acc[16 * 64] __attribute__((aligned(64)));
+        for (; r + 16 <= m; r += 16) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            const uint8_t *x0 = qa + (long)r * lq;
+            for (int q = 0; q < nk; q += 16) {
+                _tile_loadd(4, x0 + 4 * q, lq);
+                FC_AMX_COLS(0) FC_AMX_COLS(1) FC_AMX_COLS(2) FC_AMX_COLS(3)
+            }
+            _tile_stored(0, acc, 256);
+            _tile_stored(1, acc + 16, 256);
+            _tile_stored(2, acc + 32, 256);
+            _tile_stored(3, acc + 48, 256);
+            for (int q = nk; q < nq; q++) {         /* the last quads, exactly in int32 */
+                const int8_t *wq = w + (long)q * ldq * 4;
+                for (int i = 0; i < 16; i++) {
+                    const uint8_t *x = x0 + (long)i * lq + 4 * q;
+                    for (int j = 0; j < pw; j++)
+                        acc[i * 64 + j] += x[0] * wq[4 * j] + x[1] * wq[4 * j + 1] +
+                                           x[2] * wq[4 * j + 2] + x[3] * wq[4 * j + 3];
+                }
+            }
+            for (int b = 0; b < nb; b++) {
+                __m512i zc = _mm512_slli_epi32(_mm512_loadu_si512(cs + b * 16), 7);   /* 128 cs */
+                __m512 swv = _mm512_loadu_ps(sw + b * 16);
+                for (int i = 0; i < 16; i++) {
+                    __m512 t = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(acc + i * 64 + b * 16), zc));
+                    __m512 pv = _mm512_mul_ps(swv, _mm512_set1_ps(sa[r + i]));
+                    float *out = c + (long)(r + i) * ldc + b * 16;
+                    __m512 y = add ? _mm512_fmadd_ps(t, pv, _mm512_loadu_ps(out)) : _mm512_mul_ps(t, pv);
+                    _mm512_storeu_ps(out, y);
+                }
+            }
+        }
+        _tile_release();
+    }
+    if (r < m)
+        fc_i8_panel_vnni512(m - r, pw, ldq, nq, bits, qa + (long)r * lq * (bits / 8), lq, w, cs,
+                            sw, sa + r, add, c + (long)r * ldc, ldc);
+}
+
 /* ---- 256-bit paths (AVX-VNNI and AVX2), dequantizing in registers like fc_i8_kernel512 ----
  * Both end with int32 sums of 8 consecutive columns per ymm and share this last step, the float
  * steps of fc_i8_dequant_base. MODE: FC_I8_M8, 8-bit rows as bytes: t = (float)(acc - 128 cs);
@@ -571,6 +650,7 @@ static void fc_i8_pick(int path, fc_i8_quantize_fn *quantize, fc_i8_panel_fn *pa
 #ifdef FC_DISPATCH
     if (path > 0) *narrow = fc_i8_panel_narrow_fma;
     switch (path) {
+    case 4: *panel = fc_i8_panel_amx; *quantize = fc_i8_quantize_vnni512; break;
     case 3: *panel = fc_i8_panel_vnni512; *quantize = fc_i8_quantize_vnni512; break;
     case 2: *panel = fc_i8_panel_avxvnni; *quantize = fc_i8_quantize_avxvnni; break;
     case 1: *panel = fc_i8_panel_avx2; *quantize = fc_i8_quantize_avx2; break;

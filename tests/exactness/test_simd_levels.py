@@ -3,7 +3,8 @@ FASTCELL_ISA, against the CPU's best: AVX2 + FMA and AVX-512 give the same bits 
 the same order, each step fused-multiply-added); the baseline level, for CPUs without FMA, rounds
 every product on its own, so it may differ in the last bits, and only there. The same holds for
 the reduced weight formats: bf16 (float sums of the bf16 values) and int8, whose integer sums are
-exact on every path (AVX-512 VNNI, AVX-VNNI, AVX2 without VNNI: "v4,novnni", plain C), with its
+exact on every path (AMX tiles, AVX-512 VNNI: "v4,noamx", AVX-VNNI, AVX2 without VNNI: "v4,novnni",
+plain C), with its
 inputs x at 16 bits or at 8 ("int8x8"), also for an input of more than 512 values (which the AVX2
 path multiplies as bytes at 16 bits, as words at 8)."""
 
@@ -17,7 +18,7 @@ import pytest
 from fastcell_c.platform import simd_level
 from conftest import ROOT
 
-LEVELS = {"base": 1, "v3": 3, "v4": 4, "v4,novnni": 4}
+LEVELS = {"base": 1, "v3": 3, "v4": 4, "v4,novnni": 4, "v4,noamx": 4}
 
 # Runs in a fresh process (the level is read once per process): every cell kind, both dtypes,
 # sizes off the vector width, a sequence, a batch, a fused streaming step and a packed-length run.
@@ -91,7 +92,7 @@ def test_fma_levels_give_the_same_bits(results):
     if "v3" not in results or "v4" not in results:
         pytest.skip("this CPU has no AVX-512: only one FMA level to run")
     v4 = results["v4"]
-    for other in ("v3", "v4,novnni"):
+    for other in ("v3", "v4,novnni", "v4,noamx"):
         for key in v4:
             if key != "level":
                 np.testing.assert_array_equal(results[other][key], v4[key], err_msg=f"{other}: {key}")
@@ -185,3 +186,63 @@ def test_int8_activation_rounding_is_the_references_on_hostile_rows(level, tmp_p
             assert r[key].tobytes() == want.tobytes(), f"{level}: {key}"
     for k in (16, 600):   # 8 and 16 bits round these rows differently (the check can tell them apart)
         assert r[f"{k}-8-want"].tobytes() != r[f"{k}-16-want"].tobytes()
+
+
+# AMX tiles (blocks of 16 rows of 8-bit activations and 16 quads, the quads past them in C, the
+# rows past them by AVX-512 VNNI) against AVX-512 VNNI alone ("v4,noamx"): batches and sequences
+# whose products take every part (rows and quads on and off 16, panels of 16 to 64 columns, both
+# segments, 16-bit x beside them), lengths, both directions, stacks, a projection, streaming steps
+# of 1,024 Silero-sized streams and two threads.
+AMX = r"""
+import sys
+import numpy as np
+import fastcell
+from fastcell_c.platform import int8_path
+
+rng = np.random.default_rng(5)
+out = {"path": np.array(int8_path())}
+
+def make(cls, I, H, **kw):
+    m = cls(I, H, **kw)
+    k = 1 / np.sqrt(H)
+    m.load_state_dict({n: rng.uniform(-k, k, v.shape).astype(np.float32) for n, v in m.state_dict().items()})
+    return m
+
+for name, m, T, B in (("lstm256", make(fastcell.LSTM, 256, 256), 20, 16),
+                      ("silero", make(fastcell.LSTM, 128, 128), 2, 1024),
+                      ("gru531", make(fastcell.GRU, 531, 72, num_layers=2), 9, 37),
+                      ("lstm64p", make(fastcell.LSTM, 70, 64, proj_size=20), 11, 23),
+                      ("rnn48", make(fastcell.RNN, 48, 48, bidirectional=True), 7, 33)):
+    for bits in (8, 16):
+        q = fastcell.quantize(m, "int8", input_bits=bits)
+        x = rng.standard_normal((T, B, m.input_size)).astype(np.float32)
+        out[f"{name}-{bits}-seq"] = q(x)[0]
+        out[f"{name}-{bits}-len"] = q(x, lengths=np.sort(rng.integers(1, T + 1, B))[::-1].copy())[0]
+        if not q.bidirectional:
+            state = q.new_state(batch=B)
+            for t in range(2):
+                out[f"{name}-{bits}-step{t}"] = q.step(x[t], state).copy()
+            out[f"{name}-{bits}-2t"] = q.with_threads(2)(x)[0]
+np.savez(sys.argv[1], **out)
+"""
+
+
+def test_amx_tiles_give_the_vnni_bits(tmp_path):
+    if LEVELS[simd_level()] < 4:
+        pytest.skip("no AVX-512 on this CPU")
+    got = {}
+    for level in ("v4", "v4,noamx"):
+        env = dict(os.environ, FASTCELL_ISA=level, PYTHONPATH=str(ROOT))
+        path = tmp_path / f"{level}.npz"
+        subprocess.run([sys.executable, "-c", AMX, str(path)], env=env, check=True, timeout=300)
+        with np.load(path) as f:
+            got[level] = {k: f[k] for k in f.files}
+    assert str(got["v4,noamx"]["path"]) == "vnni512"
+    if str(got["v4"]["path"]) != "amx":
+        pytest.skip(f"no AMX tiles here (int8 path {got['v4']['path']})")
+    for key, want in got["v4,noamx"].items():
+        if key != "path":
+            np.testing.assert_array_equal(got["v4"][key], want, err_msg=key)
+    for key in got["v4"]:
+        if key.endswith("-2t"):
+            np.testing.assert_array_equal(got["v4"][key], got["v4"][key[:-3] + "-seq"], err_msg=key)
