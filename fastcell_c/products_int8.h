@@ -363,8 +363,9 @@ FC_I8_QUANTIZE(FC_TARGET_VNNI512, fc_i8_quantize_vnni512, 16, 0)
  * the same; the B tile is the panel itself (16 quads of 16 columns, one quad a row: rows
  * ldq * 4 bytes apart). The quads past the last whole 16 are added in C, then the block is
  * dequantized with fc_i8_kernel512's float steps (t = acc - 128 cs, p = sw * s, t * p or
- * fma(t, p, c)): the same bits. The tile configuration is loaded on every call (another library
- * in the process may load its own) and released at its end. */
+ * fma(t, p, c)): the same bits. Each call checks the tile configuration (sttilecfg) and loads
+ * its own where it differs (another library in the process may have loaded its own, or released
+ * the tiles); the tiles stay configured between calls, since ldtilecfg costs more than a panel. */
 #define FC_TARGET_AMX __attribute__((target("arch=x86-64-v4,avx512vnni,amx-tile,amx-int8")))
 typedef struct {
     uint8_t palette, start_row, reserved[14];
@@ -392,7 +393,9 @@ FC_TARGET_AMX static void fc_i8_panel_amx(int m, int pw, int ldq, int nq, int bi
             cfg.rows[t] = 16;
             cfg.colsb[t] = 64;
         }
-        _tile_loadconfig(&cfg);
+        fc_amx_cfg now;                          /* ldtilecfg costs more than checking */
+        _tile_storeconfig(&now);
+        if (memcmp(&now, &cfg, sizeof cfg) != 0) _tile_loadconfig(&cfg);
         int32_t acc[16 * 64] __attribute__((aligned(64)));
         for (; r + 16 <= m; r += 16) {
             _tile_zero(0);
@@ -429,7 +432,6 @@ FC_TARGET_AMX static void fc_i8_panel_amx(int m, int pw, int ldq, int nq, int bi
                 }
             }
         }
-        _tile_release();
     }
     if (r < m)
         fc_i8_panel_vnni512(m - r, pw, ldq, nq, bits, qa + (long)r * lq * (bits / 8), lq, w, cs,
