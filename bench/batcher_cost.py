@@ -15,7 +15,6 @@ Interleaved rounds, medians, per frame. The target: submit + result ≤ 1/0.6 of
     python -m bench.batcher_cost [--rounds 15]
 """
 
-import argparse
 import asyncio
 import statistics
 import time
@@ -24,6 +23,7 @@ import numpy as np
 
 import fastcell
 from bench.pool_step import I, silero_cell
+from bench.timing import command_line
 
 SIZES = (1_000, 4_000)
 TARGET = 1 / 0.6
@@ -95,13 +95,7 @@ def targets(results):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=15)
-    args = p.parse_args(argv)
-    results = measure(args.rounds)
-    print("\n".join(table(results)))
-    for what, value, ok in targets(results):
-        print(f"{'met ' if ok else 'MISS'} {what}: {value}")
+    command_line(__doc__, measure, table, targets, 15, argv)
 
 
 if __name__ == "__main__":

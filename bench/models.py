@@ -6,6 +6,9 @@ Runtime session holding a single RNN/GRU/LSTM node, each in a weight format:
 - "int8": fastcell.quantize(cell, "int8") (one scale per row); PyTorch's dynamic quantization
   (torch.ao.quantization.quantize_dynamic, qint8); ONNX Runtime's quantize_dynamic (QInt8), which
   turns the LSTM node into com.microsoft's DynamicQuantizeLSTM.
+- "int8x8": fastcell's int8 with each layer's input x quantized to 8 bits per row
+  (fastcell.quantize(cell, "int8", input_bits=8)), as ONNX Runtime's and PyTorch's int8 quantize
+  theirs (per tensor); fastcell only.
 - "bf16": fastcell.quantize(cell, "bf16"); OpenVINO's INFERENCE_PRECISION_HINT=bf16 (bench.team).
 
 OpenVINO (bench.team's rival beside ONNX Runtime) compiles the same one-node ONNX model for its
@@ -32,7 +35,9 @@ import fastcell
 KINDS = ("rnn", "gru", "lstm", "peephole")
 GATES = {"rnn": 1, "gru": 3, "lstm": 4, "peephole": 4}
 LABELS = {"rnn": "RNN tanh", "gru": "GRU", "lstm": "LSTM", "peephole": "peephole LSTM"}
-WEIGHT_FORMATS = ("float32", "int8", "bf16")
+WEIGHT_FORMATS = ("float32", "int8", "int8x8", "bf16")
+# fastcell.quantize's arguments for each reduced weight format of the benchmark
+QUANTIZE_ARGS = {"int8": ("int8", {}), "int8x8": ("int8", {"input_bits": 8}), "bf16": ("bf16", {})}
 
 # ONNX's gate blocks as indices into PyTorch's (SPEC.md "Other conventions"): GRU r,z,n -> z,r,h;
 # LSTM i,f,g,o -> i,o,f,c; peepholes p_i,p_f,p_o -> p_i,p_o,p_f.
@@ -315,7 +320,9 @@ class Models:
         check_format(fmt, WEIGHT_FORMATS)
         if fmt == "float32":
             return self._get(("fastcell", fmt), lambda: build_fastcell(self.kind, self.weights))
-        return self._get(("fastcell", fmt), lambda: fastcell.quantize(self.fastcell(), fmt))
+        fmt_name, args = QUANTIZE_ARGS[fmt]
+        return self._get(("fastcell", fmt),
+                         lambda: fastcell.quantize(self.fastcell(), fmt_name, **args))
 
     def torch(self, step, fmt="float32"):
         """nn.*Cell (step=True) or the one-layer nn.RNN/GRU/LSTM, in weight format fmt."""

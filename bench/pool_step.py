@@ -9,13 +9,13 @@ workers). Per stream-step times, and the ratios the issue sets targets on: pool 
     python -m bench.pool_step [--rounds 30]
 """
 
-import argparse
 import statistics
 import time
 
 import numpy as np
 
 import fastcell
+from bench.timing import command_line
 
 I = H = 128
 OPEN, N = 20_000, 1_250
@@ -96,13 +96,7 @@ def targets(results):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=30)
-    args = p.parse_args(argv)
-    results = measure(args.rounds)
-    print("\n".join(table(results)))
-    for what, value, ok in targets(results):
-        print(f"{'met ' if ok else 'MISS'} {what}: {value}")
+    command_line(__doc__, measure, table, targets, 30, argv)
 
 
 if __name__ == "__main__":

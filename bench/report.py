@@ -6,7 +6,8 @@
 
 Timing: the calls of bench/scenarios.py (the ones the pytest-benchmark suites time), one thread on
 every side: every cell in float32 (SCENARIOS), then the LSTM's int8 and bf16 weights against
-fastcell's float32 and the rivals' int8 (REDUCED_SCENARIOS). For one (cell, scenario) the
+fastcell's float32 and the rivals' int8 (REDUCED_SCENARIOS), then fastcell's int8 with 8-bit
+inputs against ONNX Runtime's int8 (INPUT8_SCENARIOS). For one (cell, scenario) the
 competitors are warmed up, calibrated to a batch of calls lasting at least --batch-ms, then timed
 in rounds, each round running every competitor's batch once in a rotating order. A time is the
 median over rounds of a batch's time per call; a ratio is the median over rounds of the two
@@ -74,11 +75,17 @@ def ratios(sc, samples, steps):
             out[comp] = paired_ratio(samples["fastcell"], s)
         elif fc is not None:
             out[comp] = paired_ratio(s, fc)
+    for num, den in sc.pairs:
+        if num in samples and den in samples:
+            out[f"{num}/{den}"] = paired_ratio(samples[num], samples[den])
     return out
 
 
 def ratio_label(comp):
-    """A ratio's name in the log, "fc" for fastcell: pytorch/fc, fc/fc-int8, fc/floor."""
+    """A ratio's name in the log, "fc" for fastcell: pytorch/fc, fc/fc-int8, fc/floor; a pair's
+    ratio "onnxruntime-int8/fastcell-int8x8" as onnxruntime-int8/fc-int8x8."""
+    if "/" in comp:
+        return comp.replace("fastcell", "fc")
     library, fmt = split_competitor(comp)
     if library == "floor":
         return "fc/floor"
@@ -243,6 +250,15 @@ def fmt_ratio(x):
 REDUCED_RIVAL_TARGETS = {"onnxruntime-int8": 1.5, "pytorch-int8": 2.0}
 REDUCED_STEP_TARGETS = {1: {"fastcell-int8": 3.0, "fastcell-bf16": 1.7},
                         1024: {"fastcell-int8": 2.5, "fastcell-bf16": 1.6}}
+# int8 with 8-bit inputs (issue 20): at least this many times faster than ONNX Runtime's int8, at
+# an error no larger than its own.
+INPUT8_RIVAL = "onnxruntime-int8/fastcell-int8x8"
+INPUT8_TARGET = 1.3
+
+
+def is_input8(row):
+    """Whether a row is one of INPUT8_SCENARIOS' (fastcell int8 with 8-bit inputs)."""
+    return "fastcell-int8x8" in row["competitors"]
 
 
 def reduced_targets(row):
@@ -275,6 +291,12 @@ def targets(rows, cold, threads=()):
     for row in rows:
         name = f"{LABELS[row['kind']]}, {row['mode']} B={row['B']} H={row['H']}"
         r = row["ratio"].get
+        if is_input8(row):
+            at_least(f"{name}, int8 x8", r(INPUT8_RIVAL), INPUT8_TARGET, "ONNX Runtime int8")
+            e, o = row["error"].get("fastcell-int8x8"), row["error"].get("onnxruntime-int8")
+            add(f"{name}, int8 x8: error ≤ ONNX Runtime int8's",
+                "n/a" if None in (e, o) else f"{e:.1e} vs {o:.1e}", None if None in (e, o) else e <= o)
+            continue
         if row["formats"]:
             for comp, lo in reduced_targets(row).items():
                 library, fmt = split_competitor(comp)
@@ -375,6 +397,33 @@ def reduced_section(rows):
     return L
 
 
+def input8_section(rows):
+    """fastcell's int8 with 8-bit inputs against ONNX Runtime's int8: speed and accuracy."""
+    L = ["## int8 with 8-bit inputs (LSTM)\n",
+         "fastcell int8x8: `fastcell.quantize(cell, \"int8\", input_bits=8)`, the same int8 weights "
+         "as fastcell int8 with each row of x quantized to 8 bits instead of 16 (h is 8 bits in "
+         "both), as ONNX Runtime's `DynamicQuantizeLSTM` quantizes its x and h (to 8 bits, per "
+         "tensor). All four in one interleaved group per shape, one thread each. "
+         "**ONNX Runtime int8/fastcell int8x8** (target ≥ "
+         f"{INPUT8_TARGET:g}×, at an error no larger than ONNX Runtime int8's) and "
+         "**fastcell int8/int8x8** (what 8-bit inputs buy) are paired per-round ratios; errors as "
+         "in the accuracy table above (max abs difference from PyTorch's float32 model).\n",
+         "| cell | T | B | H | fastcell float32 | fastcell int8 | fastcell int8x8 | ONNX Runtime "
+         "int8 | ONNX Runtime int8/fastcell int8x8 | fastcell int8/int8x8 | fastcell float32/int8x8 "
+         "| error int8 | error int8x8 | error ONNX Runtime int8 |",
+         "|---|--:|--:|--:|" + "--:|" * 10]
+    comps = ("fastcell", "fastcell-int8", "fastcell-int8x8", "onnxruntime-int8")
+    for r in rows:
+        t, e = r["median_s"], r["error"]
+        L.append(f"| {LABELS[r['kind']]} | {r['T']} | {r['B']} | {r['H']} | "
+                 + " | ".join(fmt_time(t[c]) if c in t else "n/a" for c in comps) + " | "
+                 + " | ".join(fmt_ratio(r["ratio"].get(k)) for k in (
+                     INPUT8_RIVAL, "fastcell-int8/fastcell-int8x8", "fastcell-int8x8")) + " | "
+                 + " | ".join(f"{e[c]:.1e}" if c in e else "n/a" for c in comps[1:]) + " |")
+    L.append("")
+    return L
+
+
 def command(args):
     return "python -m bench.report" + (" --quick" if args.quick else "") + (
         f" --only '{args.only}'" if args.only else "")
@@ -382,7 +431,8 @@ def command(args):
 
 def write_markdown(path, rows, cold, machine, parity, args, elapsed, threads=(), team=""):
     full = [r for r in rows if not r["formats"]]
-    reduced = [r for r in rows if r["formats"]]
+    reduced = [r for r in rows if r["formats"] and not is_input8(r)]
+    input8 = [r for r in rows if is_input8(r)]
     L = []
     L.append("# fastcell benchmark results\n")
     L.append(f"Written by `{command(args)}` on "
@@ -417,8 +467,10 @@ def write_markdown(path, rows, cold, machine, parity, args, elapsed, threads=(),
         L.append("¹ PyTorch column: the torch-ops module (PyTorch has no peephole LSTM).\n")
     if reduced:
         L.extend(reduced_section(reduced))
+    if input8:
+        L.extend(input8_section(input8))
     L.append("### Absolute medians per call\n")
-    for group in (full, reduced):
+    for group in (full, reduced, input8):
         if not group:
             continue
         comps = group[0]["competitors"]
@@ -546,7 +598,7 @@ def write_chart(path, rows):
     import matplotlib.pyplot as plt
 
     full = [r for r in rows if not r["formats"]]
-    reduced = [r for r in rows if r["formats"]]
+    reduced = [r for r in rows if r["formats"] and not is_input8(r)]   # input8's: the table only
     modes = [m for m in ("step", "sequence", "batch") if any(r["mode"] == m for r in full)]
     widths = [sum(r["mode"] == m for r in full) for m in modes] + ([1.5 * len(reduced)] if reduced else [])
     fig, axes = plt.subplots(2, len(widths), figsize=(4 + 0.55 * sum(widths), 8.5),

@@ -9,7 +9,8 @@ A competitor is a library in a weight format (bench/models.py): "fastcell", "pyt
 "onnxruntime", "floor" in float32, "fastcell-int8", "pytorch-int8", ... in a reduced one. A
 scenario lists the competitors it times side by side and the cells it runs for: SCENARIOS, every
 cell in float32 against the rivals; REDUCED_SCENARIOS, the LSTM's int8 and bf16 against fastcell's
-float32 and the rivals' int8.
+float32 and the rivals' int8; INPUT8_SCENARIOS, fastcell's int8 with 8-bit inputs ("int8x8")
+against ONNX Runtime's int8, which quantizes its inputs to 8 bits too.
 """
 
 import contextlib
@@ -23,6 +24,7 @@ from fastcell_c.blas_floor import blas_floor
 
 COMPETITORS = ("fastcell", "pytorch", "onnxruntime", "floor")
 REDUCED_COMPETITORS = ("fastcell", "fastcell-int8", "fastcell-bf16", "pytorch-int8", "onnxruntime-int8")
+INPUT8_COMPETITORS = ("fastcell", "fastcell-int8", "fastcell-int8x8", "onnxruntime-int8")
 
 # How the fastcell side of the streaming-step benchmark steps one stream:
 #   "call":   state = cell(x, state)                                      (the cells' first API)
@@ -55,6 +57,7 @@ class Scenario:
     H: int
     competitors: tuple = COMPETITORS   # timed side by side, each against fastcell
     kinds: tuple = KINDS               # the cells it runs for
+    pairs: tuple = ()                  # more (numerator, denominator) ratios, "num/den" in a row
 
     @property
     def I(self):
@@ -89,7 +92,16 @@ REDUCED_SCENARIOS = tuple(
                           ("sequence", 100, 1, 64), ("sequence", 100, 1, 256),
                           ("sequence", 100, 1, 512), ("batch", 50, 16, 256), ("batch", 50, 64, 512)))
 
-ALL_SCENARIOS = SCENARIOS + REDUCED_SCENARIOS
+# int8 with 8-bit inputs where the input projection weighs most (the Silero batch, long sequences,
+# batches), against ONNX Runtime's int8 (and fastcell's int8 of 16-bit inputs): the trade of
+# quantize(..., input_bits=8).
+INPUT8_SCENARIOS = tuple(
+    Scenario(mode, T, B, H, competitors=INPUT8_COMPETITORS, kinds=("lstm",),
+             pairs=(("onnxruntime-int8", "fastcell-int8x8"), ("fastcell-int8", "fastcell-int8x8")))
+    for mode, T, B, H in (("step", 1, 1024, 128), ("sequence", 100, 1, 256),
+                          ("sequence", 100, 1, 512), ("batch", 50, 16, 256)))
+
+ALL_SCENARIOS = SCENARIOS + REDUCED_SCENARIOS + INPUT8_SCENARIOS
 
 
 class Runner:

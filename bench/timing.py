@@ -49,3 +49,16 @@ def measure(fns, batch_ms, budget_s, min_rounds, max_rounds, settle_s=0.0):
 def paired_ratio(num, den, num_steps=1, den_steps=1):
     """Median over rounds of (num per step) / (den per step)."""
     return statistics.median((a / num_steps) / (b / den_steps) for a, b in zip(num, den))
+
+
+def command_line(doc, measure, table, targets, rounds, argv=None):
+    """A small benchmark's command: --rounds, then its table and each target met or missed."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=rounds)
+    args = p.parse_args(argv)
+    results = measure(args.rounds)
+    print("\n".join(table(results)))
+    for what, value, ok in targets(results):
+        print(f"{'met ' if ok else 'MISS'} {what}: {value}")

@@ -5,9 +5,11 @@
     fastcell run MODEL --input x.npy [--output y.npy] [--lengths l.npy] [--state-output s.npz]
     fastcell export SRC DEST [--nonlinearity tanh|relu] [--reset-after | --reset-before]
                              [--batch-first] [--prefix NAME.] [--weights int8|bf16]
-    fastcell export MODEL.onnx DEST [--node NAME] [--weights int8|bf16]
+                             [--input-bits 16|8]
+    fastcell export MODEL.onnx DEST [--node NAME] [--weights int8|bf16] [--input-bits 16|8]
     fastcell export MODEL.keras DEST [--layer NAME [--layer NAME ...]] [--weights int8|bf16]
-    fastcell quantize IN OUT --weights int8|bf16
+                                [--input-bits 16|8]
+    fastcell quantize IN OUT --weights int8|bf16 [--input-bits 16|8]
     fastcell demo
 
 Errors print one line to stderr and exit with status 2. Only ``export`` of a PyTorch checkpoint
@@ -24,7 +26,7 @@ import time
 
 import numpy as np
 
-from fastcell.formats.reduced import REDUCED_FORMATS
+from fastcell.formats.reduced import INPUT_BITS, REDUCED_FORMATS
 from fastcell.io.weights_file import FormatError, load, save
 from fastcell.models.quantize import quantize
 
@@ -156,6 +158,19 @@ def _weights_option(parser, required):
         "--weights", choices=REDUCED_FORMATS, required=required,
         help="store the weight matrices in int8 (one float32 scale per output row) or bf16; "
              "biases and peepholes stay float32" + ("" if required else " (default: keep float)"))
+    parser.add_argument(
+        "--input-bits", type=int, choices=INPUT_BITS, metavar="{16,8}",
+        help="with --weights int8: the bits each layer's input x is quantized to per row on "
+             "every call, 16 (the default, the more exact) or 8 (faster in batches and long "
+             "sequences, about twice the error)")
+
+
+def _reduced(model, args):
+    """model with its weights in --weights' format (and --input-bits, int8 only)."""
+    if args.input_bits is not None and args.weights != "int8":
+        raise CliError(f"--input-bits: only with --weights int8 (how an int8 model quantizes its "
+                       f"inputs), got {'--weights ' + args.weights if args.weights else 'no --weights'}")
+    return quantize(model, args.weights, input_bits=args.input_bits)
 
 
 # ---- info ----
@@ -261,6 +276,9 @@ def _info(args):
                                     f"({'PyTorch form' if cfg['reset_after'] else 'Cho et al. 2014 form'})"))
     rows += [("bias", cfg["bias"]), ("parameters", f"{_n_params(stored):,}"), ("dtype", cfg["dtype"]),
              ("weights", _FORMAT_NAMES.get(model.weight_format, model.weight_format)),
+             *([("input_bits", f"{model.input_bits} (each layer's input x is quantized to "
+                               f"{model.input_bits} bits per row on every call, h to 8)")]
+               if model.input_bits is not None else []),
              ("in file", f"{_bytes(_stored_bytes(stored))} of weights"),
              ("in memory", f"{_bytes(model.weight_bytes)} of weights (as stored and as packed "
                            "for the kernels)")]
@@ -420,8 +438,8 @@ def _export(args):
             raise CliError(f"{other.option}: only for {other.what.split()[1]} models (SRC named "
                            f"*{other.suffix}), got {args.src}")
     model = _model_from_foreign(args, kind) if kind else _model_from_checkpoint(args)
-    if args.weights:
-        model = quantize(model, args.weights)
+    if args.weights or args.input_bits is not None:
+        model = _reduced(model, args)
     save(model, args.dest)
     print(f"wrote {args.dest}: {model!r}, {_n_params(model._stored_state_dict()):,} parameters, "
           f"{_bytes(os.path.getsize(args.dest))}")
@@ -490,7 +508,7 @@ def _quantize(args):
         raise CliError(f"{args.src}: its weights are already {model.weight_format}; quantize the "
                        "float file it came from")
     before = _stored_bytes(model._stored_state_dict())
-    reduced = quantize(model, args.weights)
+    reduced = _reduced(model, args)
     save(reduced, args.dest)
     after = _stored_bytes(reduced._stored_state_dict())
     print(f"wrote {args.dest}: {reduced!r}, weights {before:,} -> {after:,} bytes "

@@ -7,14 +7,15 @@ computes in the dtype of its arguments. ``None`` biases mean zero.
 The weight matrices may also be ``fastcell.formats.reduced.Reduced`` (int8, bf16): the reference then
 computes what the kernels compute with them (``matmul``): bf16 weights are their float values;
 int8 products quantize each row of their activations as the kernels do (fastcell_c/products_int8.h),
-16 bits for a layer's input x and 8 bits for h, r * h and the projection's input, and sum exactly.
+``input_bits`` for a layer's input x (16, the default, or 8: a model quantized with that
+``input_bits``) and 8 bits for h, r * h and the projection's input, and sum exactly.
 """
 
 import numpy as np
 
 from fastcell.formats.reduced import Reduced
 
-INPUT_BITS = 16   # int8 products: activation bits of x (a layer's input)
+INPUT_BITS = 16   # int8 products: activation bits of x (a layer's input), by default
 HIDDEN_BITS = 8   # ... of h, r * h (reset-before GRU) and o * tanh(c) (LSTM projection)
 
 
@@ -79,9 +80,10 @@ def _blocks(a, n):
     return np.split(a, n, axis=-1)
 
 
-def rnn_cell(x, h, weight_ih, weight_hh, bias_ih=None, bias_hh=None, nonlinearity="tanh"):
+def rnn_cell(x, h, weight_ih, weight_hh, bias_ih=None, bias_hh=None, nonlinearity="tanh",
+             input_bits=INPUT_BITS):
     """h_t = phi(W_ih x + b_ih + W_hh h + b_hh)."""
-    a = _affine(x, weight_ih, bias_ih, INPUT_BITS) + _affine(h, weight_hh, bias_hh)
+    a = _affine(x, weight_ih, bias_ih, input_bits) + _affine(h, weight_hh, bias_hh)
     if nonlinearity == "tanh":
         return np.tanh(a)
     if nonlinearity == "relu":
@@ -89,10 +91,11 @@ def rnn_cell(x, h, weight_ih, weight_hh, bias_ih=None, bias_hh=None, nonlinearit
     raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
 
 
-def gru_cell(x, h, weight_ih, weight_hh, bias_ih=None, bias_hh=None, reset_after=True):
+def gru_cell(x, h, weight_ih, weight_hh, bias_ih=None, bias_hh=None, reset_after=True,
+             input_bits=INPUT_BITS):
     """Gate blocks r, z, n. reset_after: n = tanh(W_in x + b_in + r * (W_hn h + b_hn)),
     else n = tanh(W_in x + b_in + W_hn (r * h) + b_hn). h_t = (1 - z) * n + z * h."""
-    xr, xz, xn = _blocks(_affine(x, weight_ih, bias_ih, INPUT_BITS), 3)
+    xr, xz, xn = _blocks(_affine(x, weight_ih, bias_ih, input_bits), 3)
     H = h.shape[-1]
     b_rz, b_hn = (None, None) if bias_hh is None else (bias_hh[:2 * H], bias_hh[2 * H:])
     if reset_after:
@@ -109,13 +112,15 @@ def gru_cell(x, h, weight_ih, weight_hh, bias_ih=None, bias_hh=None, reset_after
 
 
 def lstm_cell(x, h, c, weight_ih, weight_hh, bias_ih=None, bias_hh=None, weight_hr=None,
-              weight_ph=None):
+              weight_ph=None, input_bits=INPUT_BITS):
     """Gate blocks i, f, g, o. Returns (h_t, c_t).
 
     weight_hr (P, H): PyTorch's projection, h_t = W_hr (o * tanh(c_t)).
     weight_ph (3, H): diagonal peepholes p_i, p_f, p_o; i and f see c_{t-1}, o sees c_t.
+    input_bits: an int8 W_ih's activation bits (a float or bf16 one ignores it).
     """
-    gi, gf, gg, go = _blocks(_affine(x, weight_ih, bias_ih, INPUT_BITS) + _affine(h, weight_hh, bias_hh), 4)
+    gi, gf, gg, go = _blocks(_affine(x, weight_ih, bias_ih, input_bits)
+                             + _affine(h, weight_hh, bias_hh), 4)
     if weight_ph is not None:
         p_i, p_f, p_o = weight_ph
         gi = gi + p_i * c
@@ -133,7 +138,7 @@ def lstm_cell(x, h, c, weight_ih, weight_hh, bias_ih=None, bias_hh=None, weight_
 def run(cell, xs, state, **weights):
     """Applies a cell function step by step over xs (T, B, I); returns (outputs (T, B, H_out), final state).
 
-    ``state`` is h, or (h, c) for lstm_cell.
+    ``state`` is h, or (h, c) for lstm_cell; ``weights`` may hold the cell's input_bits too.
     """
     outputs = []
     for x in xs:

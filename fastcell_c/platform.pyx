@@ -28,8 +28,9 @@ def simd_level():
 
 
 def int8_path():
-    """The int8 products' path: "vnni512" (AVX-512 VNNI), "avxvnni", "avx2" or "base"."""
-    return ("base", "avx2", "avxvnni", "vnni512")[fc_platform_int8_path()]
+    """The int8 products' path: "amx" (AMX tiles for blocks of 16 rows of 8-bit activations,
+    AVX-512 VNNI for the rest), "vnni512" (AVX-512 VNNI), "avxvnni", "avx2" or "base"."""
+    return ("base", "avx2", "avxvnni", "vnni512", "amx")[fc_platform_int8_path()]
 
 
 cdef fc_mm_fn mm_for(int fmt) noexcept nogil:

@@ -1,7 +1,8 @@
 /* The int8 weight format's products: c[0:m, 0:n] (+)= a[0:m, rows] @ W[rows, 0:n], with W stored
  * as int8 with one float scale per column (output) and segment, and a quantized to 8-bit unsigned
  * integers row by row on every call: u8 x s8 dot products of 4 bytes (AVX-512 VNNI / AVX-VNNI
- * vpdpbusd), summed exactly in int32, then one dequantizing pass per output.
+ * vpdpbusd, AMX tdpbusd for blocks of 16 8-bit rows), summed exactly in int32, then one
+ * dequantizing pass per output.
  *
  * Segments. The rows of a packing are one or two segments (the input rows of W_ih, then the
  * recurrent rows of W_hh: a streaming step multiplies [x h] in one call), each with its own
@@ -18,7 +19,7 @@
  *   8 bits:  t_j = (float)(acc_j - 128 cs_j)
  *   16 bits: t_j = 256 (float)(acc_hi_j - 128 cs_j) + (float)acc_lo_j
  *   c_j = (first segment without beta ? 0 : c_j) + t_j * (sw_j * s)
- * The integer sums are exact in any order, so every path (VNNI in 512 or 256 bits, widened
+ * The integer sums are exact in any order, so every path (AMX tiles, VNNI in 512 or 256 bits, widened
  * weights times activation words with vpmaddwd, plain C) gives the same bits; the float steps
  * are the same everywhere but the baseline level, which has no FMA (the SIMD paths dequantize
  * in registers, the baseline in a pass over an int32 buffer). A non-finite v_i quantizes to 0 and then adds v_i times its
@@ -64,6 +65,25 @@ static inline int fc_i8_k4(const fc_i8_mat *w) { return w->k4[0] + (w->nseg > 1 
  * WORDS (the AVX2 path's layout): the same q_i as int16 words instead, rows of k4 words, for
  * 8-bit rows and 16-bit rows of k4 <= FC_I8_MW_ROWS (longer 16-bit rows stay hi and lo bytes). */
 #define FC_I8_MW_ROWS 512
+/* Stores nw quantized values qi of a row from its value i: as words (WORDS), bytes q + 128 (8
+ * bits), or hi and lo bytes of q + 32768 (16 bits, the lo row k4 bytes after the hi one). A
+ * constant nw (whole vectors) stores from registers; memcpy of a variable one is the row's end. */
+#define FC_I8_PUT(vi, vh, vb, q, k4, words, bits, i, qi, nw)                           \
+    do {                                                                                 \
+        if (words) {                                                                     \
+            vh h_ = __builtin_convertvector(qi, vh);                                     \
+            memcpy(q + 2 * (i), &h_, 2 * (nw));                                          \
+        } else if (bits == 8) {                                                          \
+            vb b_ = __builtin_convertvector(qi + 128, vb);                               \
+            memcpy(q + (i), &b_, nw);                                                    \
+        } else {                                                                         \
+            vi u_ = qi + 32768;                                                          \
+            vb hi_ = __builtin_convertvector(u_ >> 8, vb);                               \
+            vb lo_ = __builtin_convertvector(u_ & 255, vb);                              \
+            memcpy(q + (i), &hi_, nw);                                                   \
+            memcpy(q + k4 + (i), &lo_, nw);                                              \
+        }                                                                                \
+    } while (0)
 #define FC_I8_QUANTIZE(ATTR, NAME, W, WORDS)                                             \
     ATTR static int NAME(int m, int k, int k4, int bits, const float *a, long lda, uint8_t *qa, \
                          float *scale)                                                   \
@@ -91,11 +111,16 @@ static inline int fc_i8_k4(const fc_i8_mat *w) { return w->k4[0] + (w->nseg > 1 
                 vi gt = x > vmax;                /* non-negative floats order as ints */ \
                 vmax = (x & gt) | (vmax & ~gt);                                          \
             }                                                                            \
-            int32_t imax = 0, nonfinite = 0;                                             \
-            for (int j = 0; j < W; j++) {                                                \
-                imax = vmax[j] > imax ? vmax[j] : imax;                                  \
-                nonfinite |= vbad[j];                                                    \
-            }                                                                            \
+            /* the lanes' max and or, halving (exact in any order) */                    \
+            int32_t lm[W], lb[W];                                                        \
+            memcpy(lm, &vmax, sizeof lm);                                                \
+            memcpy(lb, &vbad, sizeof lb);                                                \
+            for (int n = W / 2; n >= 1; n /= 2)                                          \
+                for (int j = 0; j < n; j++) {                                            \
+                    lm[j] = lm[j + n] > lm[j] ? lm[j + n] : lm[j];                       \
+                    lb[j] |= lb[j + n];                                                  \
+                }                                                                        \
+            int32_t imax = lm[0], nonfinite = lb[0];                                     \
             float amax;                                                                  \
             memcpy(&amax, &imax, 4);                                                     \
             for (int i = kv; i < k; i++) {                                               \
@@ -107,40 +132,26 @@ static inline int fc_i8_k4(const fc_i8_mat *w) { return w->k4[0] + (w->nseg > 1 
             int zero = amax < FC_I8_TINY;                                                \
             float inv = zero ? 0.0f : lim / amax;                                        \
             scale[r] = zero ? 0.0f : amax / lim;                                         \
-            /* x * inv, non-finite -> 0, clamped, rounded to nearest even, as integers */ \
-            for (int i = 0; i < k; i += W) {                                             \
+            /* x * inv, non-finite -> 0, rounded to nearest even, as integers; whole      \
+             * vectors stored straight from registers, then the row's last lanes (clamped \
+             * there too). No clamp is needed: |v_i| <= amax, so |v_i * inv| <= lim (1 +   \
+             * 2^-24)^2 < lim + 1/2, which rounds to at most lim. */                       \
+            for (int i = 0; i < kv; i += W) {                                            \
+                vf x = *(const vf *)(v + i);                                             \
+                vi fin = ((vi)x & absmask) <= 0x7f7fffff;                                \
+                vf y = (vf)((vi)(x * inv) & fin);                                        \
+                vi qi = __builtin_convertvector((y + magic) - magic, vi);                \
+                FC_I8_PUT(vi, vh, vb, q, k4, words, bits, i, qi, W);                     \
+            }                                                                            \
+            if (kv < k) {                                                                \
                 vi qi;                                                                   \
-                if (i + W <= k) {                                                        \
-                    vf x = *(const vf *)(v + i);                                         \
-                    vi fin = ((vi)x & absmask) <= 0x7f7fffff;                            \
-                    vf y = (vf)((vi)(x * inv) & fin);                                    \
-                    vi lo = y < -lim, hi = y > lim;       /* vector ?: is C++ only */    \
-                    y = (vf)(((vi)y & ~lo) | ((vi)((vf){} - lim) & lo));                 \
-                    y = (vf)(((vi)y & ~hi) | ((vi)((vf){} + lim) & hi));                 \
-                    qi = __builtin_convertvector((y + magic) - magic, vi);               \
-                } else {                                                                 \
-                    for (int j = 0; j < W; j++) {                                        \
-                        float x = i + j < k ? v[i + j] * inv : 0.0f;                     \
-                        x = i + j < k && __builtin_fabsf(v[i + j]) <= big ? x : 0.0f;    \
-                        x = x < -lim ? -lim : x > lim ? lim : x;                         \
-                        qi[j] = (int32_t)((x + magic) - magic);                          \
-                    }                                                                    \
+                for (int j = 0; j < W; j++) {                                            \
+                    float x = kv + j < k ? v[kv + j] * inv : 0.0f;                       \
+                    x = kv + j < k && __builtin_fabsf(v[kv + j]) <= big ? x : 0.0f;      \
+                    x = x < -lim ? -lim : x > lim ? lim : x;                             \
+                    qi[j] = (int32_t)((x + magic) - magic);                              \
                 }                                                                        \
-                int nw = k - i < W ? k - i : W;                                          \
-                if (words) {                                                             \
-                    vh h = __builtin_convertvector(qi, vh);                              \
-                    memcpy(q + 2 * i, &h, 2 * nw);                                       \
-                } else if (bits == 8) {                                                  \
-                    vb b8 = __builtin_convertvector(qi + 128, vb);                       \
-                    if (nw == W) *(vb *)(q + i) = b8;                                    \
-                    else memcpy(q + i, &b8, nw);                                         \
-                } else {                                                                 \
-                    vi u = qi + 32768;                                                   \
-                    vb hi = __builtin_convertvector(u >> 8, vb);                         \
-                    vb lo = __builtin_convertvector(u & 255, vb);                        \
-                    if (nw == W) { *(vb *)(q + i) = hi; *(vb *)(q + k4 + i) = lo; }      \
-                    else { memcpy(q + i, &hi, nw); memcpy(q + k4 + i, &lo, nw); }        \
-                }                                                                        \
+                FC_I8_PUT(vi, vh, vb, q, k4, words, bits, kv, qi, k - kv);               \
             }                                                                            \
             for (int i = k; i < k4; i++) {                                               \
                 if (words) { q[2 * i] = 0; q[2 * i + 1] = 0; continue; }                 \
@@ -277,7 +288,7 @@ fc_i8_kernel512(const int MB, const int NB, const int SIXTEEN, int r, int nq, in
 {
     const int V = SIXTEEN ? 2 * MB : MB;
     const int KS = V * NB < 8 ? 2 : 1;
-    __m512i acc[2][4][4];
+    __m512i acc[2][6][4];
     FC_UNROLL for (int k = 0; k < KS; k++)
         FC_UNROLL for (int i = 0; i < V; i++)
             FC_UNROLL for (int b = 0; b < NB; b++) acc[k][i][b] = _mm512_setzero_si512();
@@ -335,7 +346,8 @@ FC_TARGET_VNNI512 static void fc_i8_panel_vnni512(int m, int pw, int ldq, int nq
                                                   const float *sa, int add, float *c, long ldc)
 {
     int nb = pw / 16, r = 0;
-    if (bits == 8) {
+    if (bits == 8) {   /* 6 rows: 24 accumulators, 10 loads per 24 vpdpbusd (4 rows: 8 per 16) */
+        for (; r + 6 <= m; r += 6) FC_I8_KERNEL512_NB(6, 0)
         for (; r + 4 <= m; r += 4) FC_I8_KERNEL512_NB(4, 0)
         for (; r < m; r++) FC_I8_KERNEL512_NB(1, 0)
     } else {
@@ -345,6 +357,86 @@ FC_TARGET_VNNI512 static void fc_i8_panel_vnni512(int m, int pw, int ldq, int nq
 }
 
 FC_I8_QUANTIZE(FC_TARGET_VNNI512, fc_i8_quantize_vnni512, 16, 0)
+
+/* ---- AMX (path 4): blocks of 16 rows of 8-bit activations by tiles, the rest as above ----
+ * tdpbusd sums u8 x s8 products of 4 bytes into int32 as vpdpbusd does, exactly, so the sums are
+ * the same; the B tile is the panel itself (16 quads of 16 columns, one quad a row: rows
+ * ldq * 4 bytes apart). The quads past the last whole 16 are added in C, then the block is
+ * dequantized with fc_i8_kernel512's float steps (t = acc - 128 cs, p = sw * s, t * p or
+ * fma(t, p, c)): the same bits. Each call checks the tile configuration (sttilecfg) and loads
+ * its own where it differs (another library in the process may have loaded its own, or released
+ * the tiles); the tiles stay configured between calls, since ldtilecfg costs more than a panel. */
+#define FC_TARGET_AMX __attribute__((target("arch=x86-64-v4,avx512vnni,amx-tile,amx-int8")))
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} fc_amx_cfg;
+
+#define FC_AMX_COLS(B)                                                                   \
+    if (nb > B) {                                                                        \
+        _tile_loadd(5, w + (long)q * ldq * 4 + B * 64, ldq * 4);                         \
+        _tile_dpbusd(B, 4, 5);                                                           \
+    }
+FC_TARGET_AMX static void fc_i8_panel_amx(int m, int pw, int ldq, int nq, int bits,
+                                          const uint8_t *qa, long lq, const int8_t *w,
+                                          const int32_t *cs, const float *sw, const float *sa,
+                                          int add, float *c, long ldc)
+{
+    int r = 0;
+    if (bits == 8 && m >= 16 && nq >= 16) {
+        int nb = pw / 16, nk = nq / 16 * 16;
+        fc_amx_cfg cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        for (int t = 0; t < 6; t++) {            /* 0-3: C (16 x 16 int32), 4: A, 5: B */
+            cfg.rows[t] = 16;
+            cfg.colsb[t] = 64;
+        }
+        fc_amx_cfg now;                          /* ldtilecfg costs more than checking */
+        _tile_storeconfig(&now);
+        if (memcmp(&now, &cfg, sizeof cfg) != 0) _tile_loadconfig(&cfg);
+        int32_t acc[16 * 64] __attribute__((aligned(64)));
+        for (; r + 16 <= m; r += 16) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            const uint8_t *x0 = qa + (long)r * lq;
+            for (int q = 0; q < nk; q += 16) {
+                _tile_loadd(4, x0 + 4 * q, lq);
+                FC_AMX_COLS(0) FC_AMX_COLS(1) FC_AMX_COLS(2) FC_AMX_COLS(3)
+            }
+            _tile_stored(0, acc, 256);
+            _tile_stored(1, acc + 16, 256);
+            _tile_stored(2, acc + 32, 256);
+            _tile_stored(3, acc + 48, 256);
+            for (int q = nk; q < nq; q++) {         /* the last quads, exactly in int32 */
+                const int8_t *wq = w + (long)q * ldq * 4;
+                for (int i = 0; i < 16; i++) {
+                    const uint8_t *x = x0 + (long)i * lq + 4 * q;
+                    for (int j = 0; j < pw; j++)
+                        acc[i * 64 + j] += x[0] * wq[4 * j] + x[1] * wq[4 * j + 1] +
+                                           x[2] * wq[4 * j + 2] + x[3] * wq[4 * j + 3];
+                }
+            }
+            for (int b = 0; b < nb; b++) {
+                __m512i zc = _mm512_slli_epi32(_mm512_loadu_si512(cs + b * 16), 7);   /* 128 cs */
+                __m512 swv = _mm512_loadu_ps(sw + b * 16);
+                for (int i = 0; i < 16; i++) {
+                    __m512 t = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(acc + i * 64 + b * 16), zc));
+                    __m512 pv = _mm512_mul_ps(swv, _mm512_set1_ps(sa[r + i]));
+                    float *out = c + (long)(r + i) * ldc + b * 16;
+                    __m512 y = add ? _mm512_fmadd_ps(t, pv, _mm512_loadu_ps(out)) : _mm512_mul_ps(t, pv);
+                    _mm512_storeu_ps(out, y);
+                }
+            }
+        }
+    }
+    if (r < m)
+        fc_i8_panel_vnni512(m - r, pw, ldq, nq, bits, qa + (long)r * lq * (bits / 8), lq, w, cs,
+                            sw, sa + r, add, c + (long)r * ldc, ldc);
+}
 
 /* ---- 256-bit paths (AVX-VNNI and AVX2), dequantizing in registers like fc_i8_kernel512 ----
  * Both end with int32 sums of 8 consecutive columns per ymm and share this last step, the float
@@ -560,6 +652,7 @@ static void fc_i8_pick(int path, fc_i8_quantize_fn *quantize, fc_i8_panel_fn *pa
 #ifdef FC_DISPATCH
     if (path > 0) *narrow = fc_i8_panel_narrow_fma;
     switch (path) {
+    case 4: *panel = fc_i8_panel_amx; *quantize = fc_i8_quantize_vnni512; break;
     case 3: *panel = fc_i8_panel_vnni512; *quantize = fc_i8_quantize_vnni512; break;
     case 2: *panel = fc_i8_panel_avxvnni; *quantize = fc_i8_quantize_avxvnni; break;
     case 1: *panel = fc_i8_panel_avx2; *quantize = fc_i8_quantize_avx2; break;

@@ -239,6 +239,16 @@ bad_values = pytest.mark.parametrize("bad", list(BAD_VALUES))
 # ==== weight files (files/, cli/, converters/) ====
 
 FORMATS = ["int8", "bf16"]
+# The reduced models the tests build, by name: fastcell.quantize's format and arguments. "int8x8":
+# int8 weights with each layer's input x quantized to 8 bits (input_bits=8) instead of 16.
+QUANTIZED = {"int8": ("int8", {}), "int8x8": ("int8", {"input_bits": 8}), "bf16": ("bf16", {})}
+QFORMATS = list(QUANTIZED)
+
+
+def quantized(model, name, **kwargs):
+    """fastcell.quantize(model, ...) as QUANTIZED names it."""
+    fmt, args = QUANTIZED[name]
+    return fastcell.quantize(model, fmt, **args, **kwargs)
 # The reduced files' models: 3 -> 17, projection 5 (not multiples of any vector width); the float
 # files' models: 3 -> 4.
 ODD_I, ODD_H, ODD_P = 3, 17, 5
@@ -272,7 +282,8 @@ def odd_cell(variant, bias=True, seed=0, dtype=np.float32):
 
 
 def reduced_layer(fmt, variant="lstm", **kwargs):
-    return fastcell.quantize(odd_layer(variant, **kwargs), fmt)
+    """odd_layer in a reduced format as QUANTIZED names it (int8, int8x8, bf16)."""
+    return quantized(odd_layer(variant, **kwargs), fmt)
 
 
 def assert_same_model(a, b):

@@ -2,6 +2,7 @@
 
     python tools/golden_outputs.py save before.npz      # on the tree before the change
     python tools/golden_outputs.py compare before.npz   # after it: every array byte for byte
+    python tools/golden_outputs.py save --input8 before8.npz   # adds int8 with 8-bit inputs
 
 Every cell type and variant, float32, float64, int8 and bf16 weights, sizes off the vector width
 (1, 3, 17) and on it (64), and every call: a layer on a sequence (several layers, bidirectional,
@@ -68,11 +69,16 @@ def _make_cell(kind, I, H, rng, dtype):
     return fastcell.PeepholeLSTMCell(**w, weight_ph=rng.uniform(-0.6, 0.6, (3, H)).astype(dtype))
 
 
+INPUT8 = False   # --input8: also int8 with 8-bit inputs (trees with quantize(..., input_bits=8))
+
+
 def _variants(model):
     yield "", model
     if model.dtype == np.float32:
         for fmt in ("int8", "bf16"):
             yield f"-{fmt}", fastcell.quantize(model, fmt)
+        if INPUT8:
+            yield "-int8x8", fastcell.quantize(model, "int8", input_bits=8)
 
 
 def _states(layer, rng, batch):
@@ -138,6 +144,10 @@ def collect():
 
 
 def main(argv):
+    global INPUT8
+    if "--input8" in argv:
+        INPUT8 = True
+        argv = [a for a in argv if a != "--input8"]
     if len(argv) != 3 or argv[1] not in ("save", "compare"):
         print(__doc__, file=sys.stderr)
         return 2

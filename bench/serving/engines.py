@@ -293,6 +293,11 @@ ENGINES = [
                ("StreamPool",)),
     EngineSpec("pool-int8-t2", "fastcell StreamPool int8", PoolEngine, 2, "int8", 2000,
                ("StreamPool",)),
+    # int8 with each frame's x quantized to 8 bits (quantize(..., input_bits=8)): bench.models
+    EngineSpec("pool-int8x8-t1", "fastcell StreamPool int8, 8-bit inputs", PoolEngine, 1,
+               "int8x8", 2000, ("StreamPool",)),
+    EngineSpec("pool-int8x8-t2", "fastcell StreamPool int8, 8-bit inputs", PoolEngine, 2,
+               "int8x8", 2000, ("StreamPool",)),
     EngineSpec("torch-t1", "PyTorch LSTMCell, batched by hand", TorchEngine, 1, "float32", 1000,
                ("torch",)),
     EngineSpec("torch-t2", "PyTorch LSTMCell, batched by hand", TorchEngine, 2, "float32", 1000,

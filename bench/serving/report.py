@@ -51,6 +51,8 @@ TARGETS = [
      "pool-t1", "ort-t1", 5.0),
     ("fp32 StreamPool: 2 threads ≥ 1.8× 1 thread", "pool-t2", "pool-t1", 1.8),
     ("int8 StreamPool, 2 threads: 50,000 streams (aim)", "pool-int8-t2", None, 50000),
+    ("int8 StreamPool with 8-bit inputs, 2 threads: 50,000 streams (aim)", "pool-int8x8-t2", None,
+     50000),
     ("stream_server.py /mux, 8 connections, pool 1 thread: ≥ 12,000 streams", "mux-t1", None,
      12000),
     ("stream_server.py /mux, 8 connections, pool 2 threads: ≥ 12,000 streams", "mux-t2", None,
@@ -64,6 +66,8 @@ RATIOS = [
     ("StreamPool int8 2 threads / 1 thread", "pool-int8-t2", "pool-int8-t1"),
     ("StreamPool int8 / fp32, 1 thread", "pool-int8-t1", "pool-t1"),
     ("StreamPool int8 / fp32, 2 threads", "pool-int8-t2", "pool-t2"),
+    ("StreamPool int8 8-bit inputs / int8, 1 thread", "pool-int8x8-t1", "pool-int8-t1"),
+    ("StreamPool int8 8-bit inputs / int8, 2 threads", "pool-int8x8-t2", "pool-int8-t2"),
     ("StreamPool / PyTorch batched, 1 thread", "pool-t1", "torch-t1"),
     ("StreamPool / PyTorch batched, 2 threads", "pool-t2", "torch-t2"),
     ("StreamPool / StreamState per frame, 1 thread", "pool-t1", "state-t1"),
@@ -113,7 +117,8 @@ def section(results, skipped, parity, args, settings, elapsed):
     L.append(f"Written by `{command(args)}` on {time.strftime('%Y-%m-%d %H:%M %Z')} in "
              f"{elapsed / 60:.1f} min{quick}. Model: Silero-VAD-sized `LSTMCell({I}, {H})`, "
              "PyTorch's default initialisation, the same weights in every engine (int8: "
-             "`fastcell.quantize(cell, \"int8\")`).\n")
+             "`fastcell.quantize(cell, \"int8\")`; int8x8, its inputs x quantized to 8 bits: "
+             "`fastcell.quantize(cell, \"int8\", input_bits=8)`).\n")
     L.append(f"Load: N streams, each sending a frame every {PERIOD * 1e3:g} ms with a random "
              f"phase and ±{JITTER * 1e3:g} ms jitter; each stream's session lasts an exponential "
              f"time (mean {settings['session_mean']:g} s), then it closes and a new stream (new "
@@ -232,9 +237,9 @@ def splice(text, block):
     return text.rstrip("\n") + "\n\n" + block if text.strip() else block
 
 
-FAMILY_COLORS = {"pool-int8": "#2ca02c", "pool": "#1f77b4", "torch": "#ee4c2c",
-                 "state": "#9467bd", "ort": "#5a5a5a", "batcher": "#ff7f0e", "mux": "#17becf",
-                 "ws": "#bcbd22"}
+FAMILY_COLORS = {"pool-int8x8": "#8c564b", "pool-int8": "#2ca02c", "pool": "#1f77b4",
+                 "torch": "#ee4c2c", "state": "#9467bd", "ort": "#5a5a5a", "batcher": "#ff7f0e",
+                 "mux": "#17becf", "ws": "#bcbd22"}
 KIND_MARKERS = {"tick": "o", "per frame": "s", "per frame, Batcher": "^", "network": "D"}
 
 

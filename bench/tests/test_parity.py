@@ -7,7 +7,7 @@ import pytest
 
 from bench.models import KINDS
 from bench.parity import PARITY_TOL, REDUCED_TOL, check_parity, verify
-from bench.scenarios import REDUCED_SCENARIOS, SCENARIOS, runners_for
+from bench.scenarios import INPUT8_SCENARIOS, REDUCED_SCENARIOS, SCENARIOS, runners_for
 
 
 def test_check_parity():
@@ -43,6 +43,18 @@ def test_reduced_formats_are_the_same_model(sc):
         _, errors = verify(kind, sc, runners_for(kind, sc))
         assert {"fastcell-int8", "fastcell-bf16"} <= set(errors)
         assert all(e <= REDUCED_TOL for e in errors.values())
+
+
+@pytest.mark.parametrize("sc", [sc for sc in INPUT8_SCENARIOS if sc.H <= 128], ids=lambda sc: sc.id)
+def test_int8_with_8_bit_inputs_is_the_same_model(sc):
+    # fastcell.quantize(..., input_bits=8), benchmarked against ONNX Runtime's int8: within
+    # REDUCED_TOL of PyTorch's float32 model, and not the model of 16-bit inputs.
+    for kind in sc.kinds:
+        runners = runners_for(kind, sc)
+        _, errors = verify(kind, sc, runners)
+        assert {"fastcell-int8", "fastcell-int8x8"} <= set(errors)
+        assert all(e <= REDUCED_TOL for e in errors.values())
+        assert errors["fastcell-int8x8"] != errors["fastcell-int8"]
 
 
 @pytest.mark.parametrize("B", [1, 3])

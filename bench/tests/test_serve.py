@@ -19,7 +19,7 @@ from bench.models import Models, optional_import  # noqa: E402
 from bench.serving import drivers, engines, harness, load, report  # noqa: E402
 
 # Two fastcell engines always; the others where their library (or fastcell API) is there.
-ENGINES = ["pool-t1", "pool-int8-t2", "state-t2"]
+ENGINES = ["pool-t1", "pool-int8-t2", "pool-int8x8-t1", "state-t2"]
 # The network engines (examples/stream_server.py through sockets) where websockets is installed.
 for name in ("torch-t1", "ort-t1", "batcher-t1", "mux-t1", "ws-t2"):
     if engines.missing(next(e for e in engines.ENGINES if e.name == name)) is None:
@@ -47,6 +47,9 @@ def test_parity_ran_and_passed(quick_run):
         assert p["closed"] > 0 and p["opened"] == p["sessions"] > p["closed"]
         assert p["served"] == p["frames"]
     assert 0 < result["parity"]["pool-int8-t2"]["error_vs_float32"] <= 0.1
+    # int8 with 8-bit inputs: bit for bit its own StreamState's, and not int8's of 16-bit inputs
+    x8 = result["parity"]["pool-int8x8-t1"]["error_vs_float32"]
+    assert 0 < x8 <= 0.1 and x8 != result["parity"]["pool-int8-t2"]["error_vs_float32"]
 
 
 def test_every_engine_searched(quick_run):

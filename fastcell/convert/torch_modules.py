@@ -20,7 +20,7 @@ __all__ = ["from_torch"]
 
 # ---- from_torch ----
 
-def from_torch(module, *, threads=1):
+def from_torch(module, *, threads=1, input_bits=None):
     """The fastcell layer or cell computing what a PyTorch module computes, with its weights.
 
     Takes ``nn.RNN``, ``nn.GRU``, ``nn.LSTM`` (any num_layers, bidirectional, batch_first,
@@ -34,19 +34,25 @@ def from_torch(module, *, threads=1):
     an int8 model (``weight_format == "int8"``) holding exactly the module's int8 weights and
     scales (a per-tensor scale repeated for every row, or its per-channel scales; zero points must
     be 0) and its float32 biases. fastcell quantizes the activations its own way (per row, 8 bits
-    for h, 16 for x), so its outputs are close to the torch int8 module's, not bitwise equal.
-    float16 dynamic quantization, and other quantized modules, raise TypeError.
+    for h, and ``input_bits`` for x: 16, the default, or 8 as fastcell.quantize takes it), so its
+    outputs are close to the torch int8 module's, not bitwise equal. float16 dynamic
+    quantization, and other quantized modules, raise TypeError.
 
     Anything else raises TypeError naming its type. threads: the model's (``model.threads``).
     """
     threads = check_threads(threads)
-    return with_threads(_model(module), threads)
+    return with_threads(_model(module, input_bits), threads)
 
 
-def _model(module):
+def _model(module, input_bits=None):
     quantized = dynamic_quantized_kind(module)
     if quantized is not None:
-        return from_dynamic_quantized(module, *quantized)
+        return from_dynamic_quantized(module, *quantized, input_bits=input_bits)
+    if input_bits is not None:
+        raise ValueError(f"input_bits: only for PyTorch's dynamic quantized (int8) modules, got "
+                         f"input_bits={input_bits!r} for a float {type(module).__name__}; quantize "
+                         "its fastcell model instead: fastcell.quantize(model, 'int8', "
+                         "input_bits=8)")
     kind, is_cell = _torch_kind(module)
     dtype = _module_dtype(module)
     weights = {name: float_array(t, name) for name, t in module.state_dict().items()}

@@ -19,7 +19,7 @@ import numpy as np
 
 from fastcell import spec
 from fastcell.checks import float_array
-from fastcell.formats.reduced import Reduced
+from fastcell.formats.reduced import Reduced, input_bits_for
 from fastcell.models import CELLS, LAYERS
 
 __all__ = ["dynamic_quantized_kind", "from_dynamic_quantized"]
@@ -40,7 +40,9 @@ def dynamic_quantized_kind(module):
     return None
 
 
-def from_dynamic_quantized(module, kind, is_cell):
+def from_dynamic_quantized(module, kind, is_cell, input_bits=None):
+    """The int8 fastcell model of a dynamic quantized module (its x quantized to input_bits)."""
+    input_bits_for(input_bits, "int8")      # a bad value is refused before anything is read
     torch = sys.modules["torch"]
     what = _type_name(module)
     dtype = getattr(module, "weight_dtype" if is_cell else "dtype", None)
@@ -61,7 +63,7 @@ def from_dynamic_quantized(module, kind, is_cell):
             weights[f"weight_{part}"], weights[f"bias_{part}"] = w, b
         weights = _fill_biases(weights, [""])
         kw = {"nonlinearity": module.nonlinearity} if kind == "rnn" else {}
-        return CELLS[kind](**weights, **kw)
+        return CELLS[kind](**weights, **kw, input_bits=input_bits)
 
     if not module.bias:
         # quantize_dynamic refuses bias=False; a layer built so holds the random biases its
@@ -100,7 +102,7 @@ def from_dynamic_quantized(module, kind, is_cell):
     args = dict(input_size=module.input_size, hidden_size=H, num_layers=module.num_layers,
                 bias=f"bias_ih{suffixes[0]}" in weights, batch_first=module.batch_first,
                 bidirectional=module.bidirectional, dtype=np.float32)
-    return LAYERS[kind](**args, weights=weights)
+    return LAYERS[kind](**args, weights=weights, input_bits=input_bits)
 
 
 def _unpack(module, packed, name):

@@ -11,6 +11,11 @@ which a reduced format reduces: fastcell.spec.MATRICES.
   weight clipped) that rounds the row with the least squared error. Weights quantized elsewhere
   (PyTorch's qint8, per tensor or per channel, symmetric) may also hold -128.
 - bf16: the top 16 bits of the float32, rounded to nearest even; the value is exactly that bf16.
+
+An int8 model also quantizes the activations of its products, per row, on every call
+(fastcell_c/products_int8.h): h to 8 bits, and each layer's input x to its ``input_bits``, 16 (the
+default, the more exact: unit Gaussian features reach 3 to 4) or 8 (fewer multiply-adds: faster
+where the input projection dominates, at about twice the error). ``input_bits_for`` checks it.
 """
 
 import numpy as np
@@ -18,6 +23,32 @@ import numpy as np
 FLOAT_FORMATS = ("float32", "float64")
 REDUCED_FORMATS = ("int8", "bf16")
 FORMATS = FLOAT_FORMATS + REDUCED_FORMATS
+INPUT_BITS = (16, 8)      # an int8 model's x bits; the first is the default
+
+
+def input_bits_for(value, weight_format):
+    """The x bits of a model in ``weight_format`` given ``input_bits=value``: int8 takes 16 or 8
+    (None: 16); the other formats quantize no activations and take None only (None back).
+    Errors name the argument, what it takes and what came."""
+    if weight_format != "int8":
+        if value is not None:
+            raise ValueError(f"input_bits: only int8 models quantize their inputs; a "
+                             f"{weight_format} model takes None, got {value!r}")
+        return None
+    if value is None:
+        return INPUT_BITS[0]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"input_bits: expected 16 or 8, got {value!r}")
+    if value not in INPUT_BITS:
+        raise ValueError(f"input_bits: expected 16 or 8, got {value}")
+    return int(value)
+
+
+def input_bits_config(bits):
+    """A model config's "input_bits" entry: {"input_bits": 8}, or nothing for the default 16 and
+    the formats without it. Absent means 16, so int8 files of 16 bits are as before, and a
+    fastcell that does not know the key (which refuses what it does not know) refuses 8."""
+    return {} if bits in (None, INPUT_BITS[0]) else {"input_bits": bits}
 
 
 class Reduced:

@@ -10,7 +10,9 @@ Tensors carry PyTorch's state_dict names. The config names the module, cell type
 ``weight_format`` (fastcell.formats.reduced; "float32" or "float64" are also accepted there when
 they equal ``dtype``). A layer that runs backwards in time (ONNX's direction="reverse") has
 ``"reverse": true``; the key is absent otherwise, so older readers refuse such a file rather than
-run it forwards. What each tensor holds:
+run it forwards. Likewise an int8 model that quantizes its inputs x to 8 bits has
+``"input_bits": 8`` (16 or 8, int8 only); absent, x takes 16 bits, as in every file before the
+key. What each tensor holds:
 
     format     W_ih, W_hh, W_hr (names as PyTorch)   "<matrix>.scale"           biases, peepholes
     float32    F32                                   -                          F32
@@ -47,7 +49,7 @@ import threading
 import numpy as np
 
 from fastcell import spec
-from fastcell.formats.reduced import FLOAT_FORMATS, FORMATS, REDUCED_FORMATS, Reduced
+from fastcell.formats.reduced import FLOAT_FORMATS, FORMATS, INPUT_BITS, REDUCED_FORMATS, Reduced
 from fastcell.models import CELLS, LAYERS, is_model, with_threads
 from fastcell.spec import is_matrix
 from fastcell_c.team import check_threads
@@ -409,7 +411,7 @@ def _check_config(config):
                 problems.append(f"config {key!r} is {_name(v)}, expected an integer in [{low}, {high}]")
         elif isinstance(kind, tuple) and v not in kind:
             problems.append(f"config {key!r} is {_name(v)}, expected one of {list(kind)}")
-    optional = ("weight_format", "reverse", "initial_state") if layer else ("weight_format",)
+    optional = ("weight_format", "input_bits") + (("reverse", "initial_state") if layer else ())
     problems += [f"config has an unexpected key {_name(k)} for a {config['cell']} {config['module']}"
                  for k in config if k not in spec and k not in optional]
     if layer and "initial_state" in config and not isinstance(config["initial_state"], bool):
@@ -429,6 +431,14 @@ def _check_config(config):
                             f"'dtype' is {_name(dtype)}")
         elif fmt in FLOAT_FORMATS and dtype != fmt:
             problems.append(f"config 'weight_format' is {fmt!r} but 'dtype' is {_name(dtype)}")
+    if "input_bits" in config:  # optional, int8 only: absent, x is quantized to 16 bits
+        bits, fmt = config["input_bits"], config.get("weight_format", config.get("dtype"))
+        if fmt != "int8":
+            problems.append(f"config 'input_bits' is for int8 weights, but the weight format is "
+                            f"{_name(fmt)}")
+        elif not (isinstance(bits, int) and not isinstance(bits, bool) and bits in INPUT_BITS):
+            problems.append(f"config 'input_bits' is {_name(bits)}, expected one of "
+                            f"{list(INPUT_BITS)}")
     if not problems and config.get("proj_size", 0) >= config["hidden_size"]:
         problems.append(f"config 'proj_size' is {config['proj_size']}, expected 0 or less than "
                         f"hidden_size={config['hidden_size']}")
@@ -554,8 +564,9 @@ def _build(config, weights, path):
             init = tuple(weights.pop(n) for n in INITIAL_NAMES if n in weights) or None
             if init is not None and len(init) == 1:
                 init = init[0]
-            return LAYERS[kind](**kwargs, dtype=dtype, weights=weights, initial_state=init)
+            return LAYERS[kind](**kwargs, dtype=dtype, weights=weights, initial_state=init,
+                                input_bits=config.get("input_bits"))
         extra = {k: config[k] for k in _CELL_EXTRA[kind]}
-        return CELLS[kind](**weights, **extra)
+        return CELLS[kind](**weights, **extra, input_bits=config.get("input_bits"))
     except (ValueError, TypeError) as exc:  # the checks above should make this unreachable
         raise _fail(path, f"cannot build the {kind} {config['module']}: {exc}") from None

@@ -4,7 +4,7 @@ whole sequence in one kernel call with ``cell.run(xs, state)``."""
 import numpy as np
 
 from fastcell.checks import Frozen, as_input, shape_error
-from fastcell.formats.reduced import REDUCED_FORMATS
+from fastcell.formats.reduced import REDUCED_FORMATS, input_bits_config
 from fastcell.models.recurrence import GRURecurrence, LSTMRecurrence, RNNRecurrence, stored_value
 from fastcell_c.stream import Stepper
 from fastcell_c.team import team_of, unpickled_threads
@@ -54,6 +54,8 @@ class _Cell(Frozen):
                              doc='How the weight matrices are stored: "float32", "float64", "int8" or "bf16".')
     weight_bytes = property(lambda self: self._rec.resident_bytes(),
                             doc="Bytes of weights this model keeps in memory (packed for its kernel).")
+    input_bits = property(lambda self: self._rec.input_bits,
+                          doc="int8: the bits x is quantized to per row, 16 or 8; None otherwise.")
 
     kind = ""
 
@@ -72,6 +74,7 @@ class _Cell(Frozen):
                "dtype": self.dtype.name, **self._extra_config()}
         if self.weight_format in REDUCED_FORMATS:
             cfg["weight_format"] = self.weight_format
+        cfg.update(input_bits_config(self.input_bits))
         return cfg
 
     def _extra_config(self):
@@ -89,6 +92,7 @@ class _Cell(Frozen):
 
     def __repr__(self):
         fmt = f", weight_format={self.weight_format!r}" if self.weight_format in REDUCED_FORMATS else ""
+        fmt += "" if self.input_bits is None else f", input_bits={self.input_bits}"
         return f"{type(self).__name__}({self.input_size}, {self.hidden_size}, dtype={self.dtype.name}{fmt})"
 
     # -- argument handling --
@@ -184,8 +188,9 @@ class RNNCell(_Cell):
     """h' = phi(W_ih x + b_ih + W_hh h + b_hh), phi tanh or relu (nn.RNNCell)."""
 
     def __init__(self, weight_ih, weight_hh, bias_ih=None, bias_hh=None, nonlinearity="tanh", *,
-                 threads=1):
-        super().__init__(RNNRecurrence(weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity), threads)
+                 threads=1, input_bits=None):
+        super().__init__(RNNRecurrence(weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity,
+                                       input_bits=input_bits), threads)
 
     kind = "rnn"
     nonlinearity = property(lambda self: self._rec.nonlinearity)
@@ -198,8 +203,9 @@ class GRUCell(_Cell):
     """nn.GRUCell (reset_after=True) or the reset-before GRU of Cho et al. 2014."""
 
     def __init__(self, weight_ih, weight_hh, bias_ih=None, bias_hh=None, reset_after=True, *,
-                 threads=1):
-        super().__init__(GRURecurrence(weight_ih, weight_hh, bias_ih, bias_hh, reset_after), threads)
+                 threads=1, input_bits=None):
+        super().__init__(GRURecurrence(weight_ih, weight_hh, bias_ih, bias_hh, reset_after,
+                                       input_bits=input_bits), threads)
 
     kind = "gru"
     reset_after = property(lambda self: self._rec.reset_after)
@@ -211,8 +217,10 @@ class GRUCell(_Cell):
 class LSTMCell(_Cell):
     """nn.LSTMCell; the state is an (h, c) pair."""
 
-    def __init__(self, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *, threads=1):
-        super().__init__(LSTMRecurrence(weight_ih, weight_hh, bias_ih, bias_hh), threads)
+    def __init__(self, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *, threads=1,
+                 input_bits=None):
+        super().__init__(LSTMRecurrence(weight_ih, weight_hh, bias_ih, bias_hh,
+                                        input_bits=input_bits), threads)
 
     kind = "lstm"
 
@@ -220,10 +228,11 @@ class LSTMCell(_Cell):
 class PeepholeLSTMCell(_Cell):
     """LSTM with diagonal peepholes weight_ph (3, H), rows p_i, p_f, p_o (docs/SPEC.md)."""
 
-    def __init__(self, weight_ih, weight_hh, weight_ph, bias_ih=None, bias_hh=None, *, threads=1):
+    def __init__(self, weight_ih, weight_hh, weight_ph, bias_ih=None, bias_hh=None, *, threads=1,
+                 input_bits=None):
         if weight_ph is None:
             raise TypeError("weight_ph: expected an array of shape (3, hidden_size), got None")
-        super().__init__(LSTMRecurrence(weight_ih, weight_hh, bias_ih, bias_hh, weight_ph=weight_ph),
-                         threads)
+        super().__init__(LSTMRecurrence(weight_ih, weight_hh, bias_ih, bias_hh, weight_ph=weight_ph,
+                                        input_bits=input_bits), threads)
 
     kind = "peephole_lstm"

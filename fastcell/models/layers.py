@@ -7,7 +7,8 @@ import numpy as np
 from fastcell import spec
 from fastcell.checks import (FLOAT_DTYPES, Frozen, as_flag, as_input, as_int, shape_error,
                              to_numpy)
-from fastcell.formats.reduced import REDUCED_FORMATS, Reduced, reduce
+from fastcell.formats.reduced import (REDUCED_FORMATS, Reduced, input_bits_config, input_bits_for,
+                                      reduce)
 from fastcell.models.recurrence import GRURecurrence, LSTMRecurrence, RNNRecurrence
 from fastcell_c.kernel import run_directions
 from fastcell_c.stream import Stepper
@@ -25,6 +26,9 @@ class _Layer(Frozen):
     run backwards in time, as a bidirectional layer's backward half does (with lengths: from each
     sequence's last valid element); its weights keep the plain names (``weight_ih_l0``). Such a
     layer, like a bidirectional one, needs the whole sequence: it has no ``step``.
+
+    ``input_bits`` (int8 weights only; fastcell.quantize sets it): the bits to which every layer's
+    input x is quantized per row, 16 (None: the default) or 8.
     """
 
     kind = ""
@@ -34,10 +38,11 @@ class _Layer(Frozen):
     _initial = None  # likewise: no initial state (zeros)
     threads = 1      # likewise: one thread
     _team = None
+    _input_bits = None  # likewise: the format's default (16 for int8)
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  bidirectional=False, dtype=np.float32, proj_size=0, reverse=False, *,
-                 weights=None, initial_state=None, threads=1):
+                 weights=None, initial_state=None, threads=1, input_bits=None):
         input_size, hidden_size = as_int(input_size, "input_size"), as_int(hidden_size, "hidden_size")
         num_layers, proj_size = as_int(num_layers, "num_layers"), as_int(proj_size, "proj_size", 0)
         if proj_size and proj_size >= hidden_size:
@@ -62,6 +67,8 @@ class _Layer(Frozen):
         self._weight_format = _format_of(weights) or dt.name
         if self._weight_format in REDUCED_FORMATS and dt != np.float32:
             raise TypeError(f"dtype: {self._weight_format} weights compute in float32, got {dt}")
+        # int8: the bits every layer's input x is quantized to (16 or 8), for every _make
+        self._input_bits = input_bits_for(input_bits, self._weight_format)
         self._initial = self._checked_initial(initial_state)
         self.threads, self._team = team_of(threads)
         if weights is None:
@@ -85,6 +92,12 @@ class _Layer(Frozen):
     def weight_bytes(self):
         """Bytes of weights this model keeps in memory (packed for its kernels)."""
         return sum(r.resident_bytes() for r in self._weights[0])
+
+    @property
+    def input_bits(self):
+        """int8: the bits each layer's input x (the first layer's x, the next layers' the
+        outputs below) is quantized to per row, 16 or 8; None for the other formats."""
+        return self._weights[0][0].input_bits
 
     @property
     def output_size(self):
@@ -135,6 +148,7 @@ class _Layer(Frozen):
             cfg["initial_state"] = True
         if self._weight_format in REDUCED_FORMATS:
             cfg["weight_format"] = self._weight_format
+        cfg.update(input_bits_config(self.input_bits))
         return cfg
 
     def constructor_args(self):
@@ -162,6 +176,7 @@ class _Layer(Frozen):
         args += ["reverse=True"] if self.reverse else []
         args += [f"{k}={v!r}" for k, v in self._extra_config().items()]
         fmt = f", weight_format={self._weight_format!r}" if self._weight_format in REDUCED_FORMATS else ""
+        fmt += "" if self.input_bits is None else f", input_bits={self.input_bits}"
         return f"{type(self).__name__}({', '.join(args)}, dtype={self.dtype.name}{fmt})"
 
     # -- weights --
@@ -419,19 +434,20 @@ class RNN(_Layer):
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, bidirectional=False, dtype=np.float32, reverse=False, *,
-                 weights=None, initial_state=None, threads=1):
+                 weights=None, initial_state=None, threads=1, input_bits=None):
         if nonlinearity not in spec.NONLINEARITIES:
             raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dtype,
                          reverse=reverse, weights=weights, initial_state=initial_state,
-                         threads=threads)
+                         threads=threads, input_bits=input_bits)
 
     def _extra_config(self):
         return {"nonlinearity": self.nonlinearity}
 
     def _make(self, w, s):
-        return RNNRecurrence(**w, nonlinearity=self.nonlinearity, suffix=s)
+        return RNNRecurrence(**w, nonlinearity=self.nonlinearity, suffix=s,
+                             input_bits=self._input_bits)
 
 
 class GRU(_Layer):
@@ -441,17 +457,18 @@ class GRU(_Layer):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  bidirectional=False, reset_after=True, dtype=np.float32, reverse=False, *,
-                 weights=None, initial_state=None, threads=1):
+                 weights=None, initial_state=None, threads=1, input_bits=None):
         self.reset_after = as_flag(reset_after, "reset_after")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dtype,
                          reverse=reverse, weights=weights, initial_state=initial_state,
-                         threads=threads)
+                         threads=threads, input_bits=input_bits)
 
     def _extra_config(self):
         return {"reset_after": self.reset_after}
 
     def _make(self, w, s):
-        return GRURecurrence(**w, reset_after=self.reset_after, suffix=s)
+        return GRURecurrence(**w, reset_after=self.reset_after, suffix=s,
+                             input_bits=self._input_bits)
 
 
 class LSTM(_Layer):
@@ -461,16 +478,16 @@ class LSTM(_Layer):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  bidirectional=False, proj_size=0, dtype=np.float32, reverse=False, *,
-                 weights=None, initial_state=None, threads=1):
+                 weights=None, initial_state=None, threads=1, input_bits=None):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional,
                          dtype, proj_size, reverse, weights=weights, initial_state=initial_state,
-                         threads=threads)
+                         threads=threads, input_bits=input_bits)
 
     def _extra_config(self):
         return {"proj_size": self.proj_size}
 
     def _make(self, w, s):
-        return LSTMRecurrence(**w, suffix=s)
+        return LSTMRecurrence(**w, suffix=s, input_bits=self._input_bits)
 
 
 class PeepholeLSTM(_Layer):
@@ -481,10 +498,10 @@ class PeepholeLSTM(_Layer):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  bidirectional=False, dtype=np.float32, reverse=False, *, weights=None,
-                 initial_state=None, threads=1):
+                 initial_state=None, threads=1, input_bits=None):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dtype,
                          reverse=reverse, weights=weights, initial_state=initial_state,
-                         threads=threads)
+                         threads=threads, input_bits=input_bits)
 
     def _make(self, w, s):
-        return LSTMRecurrence(**w, suffix=s)
+        return LSTMRecurrence(**w, suffix=s, input_bits=self._input_bits)

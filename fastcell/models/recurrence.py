@@ -9,14 +9,14 @@ again). All arrays are read-only, so one object serves many threads.
 
 The weight matrices (W_ih, W_hh, W_hr) may be float32, float64, or ``Reduced`` (int8 or bf16,
 fastcell.formats.reduced), all in one format; a reduced recurrence computes in float32 with float32
-biases and peepholes.
+biases and peepholes. An int8 one quantizes its input x to ``input_bits`` (16 or 8) per row.
 """
 
 import numpy as np
 
 from fastcell import spec
 from fastcell.checks import FLOAT_DTYPES, as_flag, as_weight, check_same_dtype, shape_error, to_numpy
-from fastcell.formats.reduced import REDUCED_FORMATS, Reduced
+from fastcell.formats.reduced import REDUCED_FORMATS, Reduced, input_bits_config, input_bits_for
 from fastcell_c.gru import GRUKernel
 from fastcell_c.kernel import INT8_MAX_ROWS, gate_layout
 from fastcell_c.lstm import LSTMKernel
@@ -62,7 +62,8 @@ class Recurrence:
     has_cell_state = False
     matrices = ("weight_ih", "weight_hh")
 
-    def __init__(self, weight_ih, weight_hh, bias_ih, bias_hh, suffix="", hidden_out=None):
+    def __init__(self, weight_ih, weight_hh, bias_ih, bias_hh, suffix="", hidden_out=None,
+                 input_bits=None):
         self.suffix = suffix
         w_ih = as_matrix(weight_ih, "weight_ih" + suffix)
         rows, I = w_ih.shape
@@ -77,6 +78,8 @@ class Recurrence:
             raise shape_error("weight_hh" + suffix, (rows, hout), w_hh.shape)
         self.weight_format = _format_of(w_ih)
         check_same_format(self.weight_format, **{"weight_hh" + suffix: w_hh})
+        # int8: the bits x is quantized to (None for the other formats)
+        self.input_bits = input_bits_for(input_bits, self.weight_format)
         # Reduced formats compute in float32, with float32 biases and peepholes.
         self.dtype = np.dtype(np.float32) if isinstance(w_ih, Reduced) else w_ih.dtype
         if (bias_ih is None) != (bias_hh is None):
@@ -112,6 +115,8 @@ class Recurrence:
             data.append(d)
             if self.weight_format in REDUCED_FORMATS:
                 fmt["scale_" + name.split("_")[1]] = scale
+        if self.input_bits is not None:
+            fmt["input_bits"] = self.input_bits
         return data, fmt
 
     def _folded_bias(self):
@@ -159,7 +164,10 @@ class Recurrence:
 
     def __reduce__(self):
         # The compiled kernel holds raw pointers: pickle the weights and rebuild it on load.
-        return (_rebuild, (type(self), {**self.stored(), **self._options(), "suffix": self.suffix}))
+        # input_bits only where not the default: int8 pickles of 16 bits load in older fastcells.
+        return (_rebuild, (type(self), {**self.stored(), **self._options(),
+                                        **input_bits_config(self.input_bits),
+                                        "suffix": self.suffix}))
 
 
 def stored_value(w):
@@ -190,10 +198,10 @@ class RNNRecurrence(Recurrence):
     gates = spec.GATES["rnn"]
 
     def __init__(self, weight_ih, weight_hh, bias_ih=None, bias_hh=None, nonlinearity="tanh",
-                 suffix=""):
+                 suffix="", input_bits=None):
         if nonlinearity not in spec.NONLINEARITIES:
             raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
-        super().__init__(weight_ih, weight_hh, bias_ih, bias_hh, suffix)
+        super().__init__(weight_ih, weight_hh, bias_ih, bias_hh, suffix, input_bits=input_bits)
         self.nonlinearity = nonlinearity
         (w_ih, w_hh), fmt = self._kernel_args("weight_ih", "weight_hh")
         self.kernel = RNNKernel(w_ih, w_hh, self._folded_bias(), self.hidden_size,
@@ -207,8 +215,8 @@ class GRURecurrence(Recurrence):
     gates = spec.GATES["gru"]
 
     def __init__(self, weight_ih, weight_hh, bias_ih=None, bias_hh=None, reset_after=True,
-                 suffix=""):
-        super().__init__(weight_ih, weight_hh, bias_ih, bias_hh, suffix)
+                 suffix="", input_bits=None):
+        super().__init__(weight_ih, weight_hh, bias_ih, bias_hh, suffix, input_bits=input_bits)
         self.reset_after = as_flag(reset_after, "reset_after")
         H = self.hidden_size
         bias = self._folded_bias()
@@ -231,12 +239,12 @@ class LSTMRecurrence(Recurrence):
     has_cell_state = True
 
     def __init__(self, weight_ih, weight_hh, bias_ih=None, bias_hh=None, weight_hr=None,
-                 weight_ph=None, suffix=""):
+                 weight_ph=None, suffix="", input_bits=None):
         w_hr = None if weight_hr is None else as_matrix(weight_hr, "weight_hr" + suffix)
         if w_hr is not None and w_hr.shape[0] == 0:
             raise shape_error("weight_hr" + suffix, "(proj_size, hidden_size), proj_size >= 1", w_hr.shape)
         super().__init__(weight_ih, weight_hh, bias_ih, bias_hh, suffix,
-                         hidden_out=None if w_hr is None else w_hr.shape[0])
+                         hidden_out=None if w_hr is None else w_hr.shape[0], input_bits=input_bits)
         H = self.hidden_size
         if w_hr is not None and w_hr.shape != (w_hr.shape[0], H):
             raise shape_error("weight_hr" + suffix, (w_hr.shape[0], H), w_hr.shape)

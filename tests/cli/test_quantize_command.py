@@ -70,6 +70,40 @@ def test_quantize_command_errors(files, in_process):
     assert not (files / "o.safetensors").exists()
 
 
+@pytest.mark.parametrize("name", ["lstm", "cell"])
+def test_quantize_command_input_bits(files, in_process, name):
+    ok(in_process("quantize", f"{name}.safetensors", "q.safetensors", "--weights", "int8",
+                  "--input-bits", "8", cwd=files))
+    want = fastcell.quantize(load(files / f"{name}.safetensors"), "int8", input_bits=8)
+    back = load(files / "q.safetensors")
+    assert back.input_bits == 8 and header_of(files / "q.safetensors")[0]["__metadata__"]["version"] == "2"
+    assert_same_stored(want, back)
+    x = np.load(files / "x.npy")
+    assert_same_outputs(want, back, x)
+    rows = info_rows(ok(fastcell_cmd("info", "q.safetensors", cwd=files)))
+    assert rows["input_bits"].startswith("8 (each layer's input x is quantized to 8 bits per row")
+    ok(in_process("quantize", f"{name}.safetensors", "q16.safetensors", "--weights", "int8", cwd=files))
+    assert info_rows(ok(in_process("info", "q16.safetensors", cwd=files)))["input_bits"].startswith("16 ")
+    ok(in_process("quantize", f"{name}.safetensors", "b.safetensors", "--weights", "bf16", cwd=files))
+    assert "input_bits" not in info_rows(ok(in_process("info", "b.safetensors", cwd=files)))
+    assert "input_bits" not in info_rows(ok(in_process("info", f"{name}.safetensors", cwd=files)))
+
+
+def test_quantize_command_input_bits_errors(files, in_process):
+    fails(in_process("quantize", "lstm.safetensors", "o.safetensors", "--weights", "bf16",
+                     "--input-bits", "8", cwd=files),
+          "fastcell quantize: error: --input-bits: only with --weights int8", "got --weights bf16")
+    for bad in ("4", "8.0", "x"):
+        with pytest.raises(SystemExit) as exc:
+            in_process("quantize", "lstm.safetensors", "o.safetensors", "--weights", "int8",
+                       "--input-bits", bad, cwd=files)
+        assert exc.value.code == 2
+    r = fastcell_cmd("quantize", "lstm.safetensors", "o.safetensors", "--weights", "int8",
+                     "--input-bits", "12", cwd=files)
+    assert r.returncode == 2 and "--input-bits" in r.stderr and "Traceback" not in r.stderr
+    assert not (files / "o.safetensors").exists()
+
+
 def info_rows(out):
     return {line[:11].strip(): line[13:] for line in out.splitlines()}
 

@@ -313,3 +313,43 @@ def test_quantize_dynamic_on_a_bare_lstm():
         assert type(q) is nn.LSTM
         assert model.weight_format == "float32"
         assert max_diff(got, want) <= TOL[np.float32]
+
+
+@pytest.mark.parametrize("make", [lambda: nn.GRU(6, 10, num_layers=2, bidirectional=True),
+                                  lambda: nn.LSTMCell(6, 10)], ids=["GRU", "LSTMCell"])
+def test_input_bits(make, rng):
+    # from_torch(..., input_bits=8): the same int8 weights, x quantized to 8 bits as
+    # fastcell.quantize(..., input_bits=8) does; 16 (the default) otherwise.
+    torch.manual_seed(3)
+    fmodule = make()
+    qmodule = quantized(fmodule)
+    m16, m8 = fastcell.from_torch(qmodule), fastcell.from_torch(qmodule, input_bits=8, threads=2)
+    assert (m16.input_bits, m8.input_bits, m8.threads) == (16, 8, 2)
+    for name, w in m16._stored_state_dict().items():
+        other = m8._stored_state_dict()[name]
+        np.testing.assert_array_equal(w.data if isinstance(w, Reduced) else w,
+                                      other.data if isinstance(w, Reduced) else other)
+    x = rng.standard_normal((T, 3, 6)).astype(np.float32)
+    run = (lambda m: m.run(x)[0]) if isinstance(m8, fastcell.LSTMCell) else (lambda m: m(x)[0])
+    want = (fastcell.LSTMCell(**m8._stored_state_dict(), input_bits=8) if isinstance(m8, fastcell.LSTMCell)
+            else fastcell.GRU(**m8.constructor_args(), weights=m8._stored_state_dict()))
+    assert want.input_bits == 8
+    np.testing.assert_array_equal(run(m8), run(want))
+    assert not np.array_equal(run(m8), run(m16))
+    with torch.no_grad():
+        xt, ref, state = torch.from_numpy(x), [], None
+        if isinstance(m8, fastcell.LSTMCell):
+            for t in range(T):
+                state = fmodule(xt[t], state)
+                ref.append(state[0])
+            ref = torch.stack(ref)
+        else:
+            ref = fmodule(xt)[0]
+    assert max_diff(run(m8), ref) < CLOSE_TO_TORCH_INT8   # the float module: the same model
+    for bad, exc in ((7, ValueError), ("8", TypeError)):
+        with pytest.raises(exc, match="input_bits: expected 16 or 8"):
+            fastcell.from_torch(qmodule, input_bits=bad)
+    with pytest.raises(ValueError, match=r"input_bits: only for PyTorch's dynamic quantized \(int8\) "
+                                         r"modules, got input_bits=8 for a float GRU; quantize its "
+                                         r"fastcell model instead"):
+        fastcell.from_torch(nn.GRU(3, 4), input_bits=8)

@@ -18,8 +18,9 @@ import pytest
 import fastcell
 from fastcell_c.kernel import split_rule
 from fastcell_c.team import max_threads
+from helpers import QUANTIZED, quantized
 
-FORMATS = ["float32", "float64", "int8", "bf16"]
+FORMATS = ["float32", "float64", "int8", "int8x8", "bf16"]
 KINDS = ["rnn_tanh", "rnn_relu", "gru", "gru_reset_before", "lstm", "lstm_proj", "peephole_lstm"]
 I = 11
 
@@ -45,7 +46,7 @@ def layer(kind, fmt, H, rng, **kw):
     # Non-zero biases and peepholes, weights large enough that the nonlinearities bend.
     m.load_state_dict({k: rng.uniform(-0.6, 0.6, v.shape).astype(dtype)
                        for k, v in m.state_dict().items()})
-    return fastcell.quantize(m, fmt) if fmt in ("int8", "bf16") else m
+    return quantized(m, fmt) if fmt in QUANTIZED else m
 
 
 def cell_of(model):
@@ -56,7 +57,9 @@ def cell_of(model):
     extra = {"rnn": {"nonlinearity": getattr(model, "nonlinearity", None)},
              "gru": {"reset_after": getattr(model, "reset_after", None)}}.get(model.kind, {})
     cell = cls(**sd, **extra)
-    return fastcell.quantize(cell, model.weight_format) if model.weight_format in ("int8", "bf16") else cell
+    if model.weight_format in QUANTIZED:
+        return fastcell.quantize(cell, model.weight_format, input_bits=model.input_bits)
+    return cell
 
 
 def flat(result):

@@ -490,6 +490,39 @@ def test_bad_weight_format_config(tmp_path, change, pattern):
     expect(tmp_path, config_case(INT8, change), pattern)
 
 
+@pytest.mark.parametrize("value", [7, 0, 32, -8, "8", 8.0, True, None, [8], {"bits": 8}])
+def test_bad_input_bits_config(tmp_path, value):
+    expect(tmp_path, config_case(INT8, setter("input_bits", value)),
+           rf"config 'input_bits' is {re.escape(repr(value))}, expected one of \[16, 8\]")
+
+
+def test_input_bits_is_for_int8_files_alone(tmp_path):
+    expect(tmp_path, config_case(BF16, setter("input_bits", 8)),
+           r"config 'input_bits' is for int8 weights, but the weight format is 'bf16'")
+    expect(tmp_path, config_case(odd_layer("gru"), setter("input_bits", 16)),
+           r"config 'input_bits' is for int8 weights, but the weight format is 'float32'")
+    expect(tmp_path, config_case(odd_cell("gru"), setter("input_bits", 8)),
+           r"config 'input_bits' is for int8 weights, but the weight format is 'float32'")
+
+
+@pytest.mark.parametrize("model", [INT8, fastcell.quantize(odd_cell("rnn_tanh"), "int8")],
+                         ids=["layer", "cell"])
+def test_input_bits_in_an_int8_file(tmp_path, model):
+    # Absent (every int8 file before the key) or 16: x takes 16 bits; 8: 8 bits, bit for bit the
+    # model quantize(..., input_bits=8) makes of the same weights.
+    x = np.random.default_rng(0).standard_normal((6, 2, model.input_size)).astype(np.float32)
+    run = (lambda m: m(x)[0]) if model.config()["module"] == "layer" else (lambda m: m.run(x)[0])
+    assert "input_bits" not in model.config()
+    for change, bits in ((lambda c: None, 16), (setter("input_bits", 16), 16), (setter("input_bits", 8), 8)):
+        back = load_bytes(tmp_path, config_case(model, change))
+        assert back.input_bits == bits
+        twin = type(model)(**model.constructor_args(), weights=model._stored_state_dict(),
+                           input_bits=bits) if model.config()["module"] == "layer" else \
+            type(model)(**model._stored_state_dict(), **model._extra_config(), input_bits=bits)
+        assert np.array_equal(run(back), run(twin))
+        assert np.array_equal(run(back), run(model)) == (bits == 16)
+
+
 def test_bf16_config_with_float64_dtype(tmp_path):
     expect(tmp_path, config_case(BF16, setter("dtype", "float64")),
            r"'weight_format' is 'bf16', which computes in float32, but 'dtype' is 'float64'")

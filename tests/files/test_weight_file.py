@@ -19,7 +19,7 @@ from fastcell.formats.reduced import Reduced
 from fastcell.io import weights_file as wf
 from fastcell.io.weights_file import FormatError, load, save
 from conftest import ENV, ROOT, VARIANTS
-from helpers import FORMATS, ODD_I as I, ODD_H as H, ODD_P as P
+from helpers import FORMATS, ODD_I as I, ODD_H as H, ODD_P as P, QFORMATS, QUANTIZED, quantized
 from helpers import (assert_same_model, assert_same_outputs, assert_same_stored, expected_dtypes,
                      header_of, layer_of, odd_cell, odd_layer, reduced_layer, same_bits, saved_with_a_run,
                      small_cell)
@@ -212,15 +212,16 @@ LAYER_CASES = [
 ]
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", QFORMATS)
 @pytest.mark.parametrize("variant,kwargs", LAYER_CASES,
                          ids=[f"{v}-" + "-".join(f"{k}={x}" for k, x in kw.items()) for v, kw in LAYER_CASES])
 def test_layer_round_trip_is_bit_exact(tmp_path, rng, fmt, variant, kwargs):
     model = reduced_layer(fmt, variant, **kwargs)
-    assert model.weight_format == fmt
+    assert model.weight_format == QUANTIZED[fmt][0]
     save(model, tmp_path / "m.safetensors")
     back = load(tmp_path / "m.safetensors")
     assert_same_stored(model, back)
+    assert back.input_bits == model.input_bits
     assert wf.expected_shapes(model.config()) == model.expected_shapes()
     x = rng.standard_normal((2, 9, I) if kwargs.get("batch_first") else (9, 2, I)).astype(np.float32)
     assert_same_outputs(model, back, x)
@@ -231,14 +232,15 @@ def test_layer_round_trip_is_bit_exact(tmp_path, rng, fmt, variant, kwargs):
             assert same_bits(model.step(xk, sa), back.step(xk, sb))
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", QFORMATS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_cell_round_trip_is_bit_exact(tmp_path, rng, fmt, variant, bias):
-    model = fastcell.quantize(odd_cell(variant, bias=bias), fmt)
+    model = quantized(odd_cell(variant, bias=bias), fmt)
     save(model, tmp_path / "c.safetensors")
     back = load(tmp_path / "c.safetensors")
     assert_same_stored(model, back)
+    assert back.input_bits == model.input_bits
     x = rng.standard_normal((7, 2, I)).astype(np.float32)
     assert_same_outputs(model, back, x)
     one, two = model(x[0]), back(x[0])
@@ -290,15 +292,19 @@ def test_loaded_file_reads_back_what_quantize_gave(tmp_path):
 
 # ---- the reduced file: plain safetensors, version 2, dtypes I8 / BF16 / F32 ----
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_file_layout_names_dtypes_and_version(tmp_path, fmt):
-    model = reduced_layer(fmt, "lstm", num_layers=2, bidirectional=True, proj_size=P)
+@pytest.mark.parametrize("name", QFORMATS)
+def test_file_layout_names_dtypes_and_version(tmp_path, name):
+    model = reduced_layer(name, "lstm", num_layers=2, bidirectional=True, proj_size=P)
+    fmt = QUANTIZED[name][0]
     path = tmp_path / "m.safetensors"
     save(model, path)
     header, n, data = header_of(path)
     meta = header.pop("__metadata__")
     assert meta["format"] == "fastcell" and meta["version"] == "2"
-    assert json.loads(meta["config"]) == model.config() and model.config()["weight_format"] == fmt
+    config = json.loads(meta["config"])
+    assert config == model.config() and model.config()["weight_format"] == fmt
+    # input_bits in the config only where it is 8: 16-bit int8 files are as before the key
+    assert config.get("input_bits") == (8 if name == "int8x8" else None)
     assert {k: e["dtype"] for k, e in header.items()} == expected_dtypes(model)
     if fmt == "int8":
         assert header["weight_hr_l1_reverse.scale"]["shape"] == [P]

@@ -114,3 +114,26 @@ def test_a_pool_reloads_between_steps_and_keeps_its_streams():
         pool.reload(fastcell.quantize(layer, "int8"))
     with pytest.raises(TypeError, match="model: expected a fastcell model"):
         pool.reload("layer")
+
+
+def test_reload_between_input_bits(rng):
+    # An int8 pool may move between 16- and 8-bit inputs (the state is the same; only how x is
+    # rounded changes): from the reload on, each stream steps as the new model's StreamState
+    # from the state it had.
+    I = 6
+    base = fastcell.LSTM(I, 17, num_layers=2)
+    q16, q8 = fastcell.quantize(base, "int8"), fastcell.quantize(base, "int8", input_bits=8)
+    pool = fastcell.StreamPool(q16, 4)
+    sid = pool.open()
+    xs = rng.standard_normal((6, 1, I)).astype(np.float32)
+    state = q16.new_state()
+    for t in range(3):
+        assert np.array_equal(pool.step(np.array([sid]), xs[t]), q16.step(xs[t], state))
+    pool.reload(q8)
+    assert pool.model.input_bits == 8
+    state8 = q8.new_state()
+    state8.h[...], state8.c[...] = state.h, state.c
+    for t in range(3, 6):
+        y = pool.step(np.array([sid]), xs[t])
+        assert np.array_equal(y, q8.step(xs[t], state8))
+        assert not np.array_equal(y, q16.step(xs[t], state))

@@ -36,6 +36,10 @@ def models(rng):
         ("lstm_int8", fastcell.quantize(cell_of("lstm", 17, 33, np.float32, rng), "int8")),
         ("gru_2layer_int8", fastcell.quantize(fastcell.GRU(3, 17, num_layers=2), "int8")),
         ("lstm_bf16", fastcell.quantize(cell_of("lstm", 3, 17, np.float32, rng), "bf16")),
+        ("lstm_int8x8", fastcell.quantize(cell_of("lstm", 17, 33, np.float32, rng), "int8",
+                                          input_bits=8)),
+        ("gru_2layer_int8x8", fastcell.quantize(fastcell.GRU(3, 17, num_layers=2), "int8",
+                                                input_bits=8)),
     ]
     return out
 
