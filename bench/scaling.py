@@ -3,22 +3,24 @@ from the weight bytes each core reads per step against its L2, fitted to bench/t
 2-thread measurements on this machine and predicted for 1 to 64 cores.
 
 The model. A step reads the recurrent weights W_hh once (4 H x H weights: 4 bytes each in float32,
-1 in int8); split by hidden units, each of n cores reads W/n bytes of its own. Where a core's
-slice fits in its L2 (W/n <= RESIDENT x L2: the rest of the L2 holds h, the gate rows and the
-code's data) it is read from L2 at the near bandwidth; else it streams from L3 or memory at the
-far bandwidth, which the cores share up to a total (FAR_CORES cores' worth: an assumption, not
-measurable on 2 cores). The step's other work (gate pass, input projection share) scales as 1/n
-with it. The parts meet at one barrier a step, a flat counter: each of the n - 1 other arrivals
-moves one cache line, SYNC seconds each.
+1 in int8); split by hidden units, each of n cores reads W/n bytes of its own. Successive steps
+walk a slice's panels in alternating order (products.h), so a core's L2 keeps the part it read
+last for the next step: up to RESIDENT x L2 of the slice (the rest of the L2 holds h, the gate
+rows and the code's data) is read from L2 at the near bandwidth, and the remainder streams from
+L3 or memory at the far bandwidth, which the cores share up to a total (FAR_CORES cores' worth: an
+assumption, not measurable on 2 cores). The step's other work (gate pass, input projection share)
+scales as 1/n with it. The parts meet at one barrier a step, a flat counter: each of the n - 1
+other arrivals moves one cache line, SYNC seconds each.
 
-    t(n) = (W / n) / bandwidth(W / n, n) + SYNC * (n - 1)
+    r = min(W / n, RESIDENT x L2)
+    t(n) = r / near + (W / n - r) / (far x min(1, FAR_CORES / n)) + SYNC x (n - 1)
 
-Fitted here, per weight format: the near rate from the 1-thread shapes whose W fits one L2, the
-far one from those whose W does not (both include the gate pass and the projection share, per
-byte of W); SYNC is measured apart (bench.team.barrier_seconds: a split walk of a tiny RNN). So
-the 1-thread column is a fit, and the 2-thread column is a prediction that checks the residency
-switch: a shape whose W fits in two L2s but not one (float32 H = 512, int8 H = 1024 here) must
-speed up by more than 2.
+Fitted here, per weight format: the near rate from the 1-thread shapes whose W fits, the far one
+from those whose W does not (their resident part taken at the near rate; both rates include the
+gate pass and the projection share, per byte of W); SYNC is measured apart
+(bench.team.barrier_seconds: a split walk of a tiny RNN). So the 1-thread column is a fit, and
+the 2-thread column is a prediction that checks the residency: a shape whose W fits in two L2s
+but not in one (float32 H = 512, int8 H = 1024 here) speeds up by more than 2.
 
     python -m bench.scaling           # prints the model with this machine's defaults
 """
@@ -59,17 +61,12 @@ class Model:
     def __init__(self, near, far, sync, l2):
         self.near, self.far, self.sync, self.l2 = near, far, sync, l2
 
-    def resident(self, nbytes):
-        return nbytes <= RESIDENT * self.l2
-
     def step(self, H, fmt, n):
         """Seconds per step of an H LSTM in fmt on n cores."""
         w = weight_bytes(H, fmt) / n
-        if self.resident(w):
-            bw = self.near[fmt]
-        else:
-            bw = self.far[fmt] * min(1.0, FAR_CORES / n)
-        return w / bw + self.sync * (n - 1)
+        r = min(w, RESIDENT * self.l2)
+        far = self.far[fmt] * min(1.0, FAR_CORES / n)
+        return r / self.near[fmt] + (w - r) / far + self.sync * (n - 1)
 
 
 def _b1_rows(rows):
@@ -93,13 +90,14 @@ def fit(rows, sync, l2=None):
     b1 = _b1_rows(rows)
     near, far = {}, {}
     for fmt in BYTES:
+        r = RESIDENT * l2
         inside = [weight_bytes(H, f) / t[1] for H, f, t in b1
-                  if f == fmt and weight_bytes(H, f) <= RESIDENT * l2]
-        beyond = [weight_bytes(H, f) / t[1] for H, f, t in b1
-                  if f == fmt and weight_bytes(H, f) > RESIDENT * l2]
-        if not inside or not beyond:
+                  if f == fmt and weight_bytes(H, f) <= r]
+        if not inside or len(inside) == sum(f == fmt for _, f, _ in b1):
             raise ValueError(f"scaling: need {fmt} B = 1 shapes both inside and beyond one L2")
-        near[fmt], far[fmt] = statistics.median(inside), statistics.median(beyond)
+        near[fmt] = statistics.median(inside)
+        far[fmt] = statistics.median((weight_bytes(H, f) - r) / max(t[1] - r / near[fmt], 1e-12)
+                                     for H, f, t in b1 if f == fmt and weight_bytes(H, f) > r)
     return Model(near, far, sync, l2)
 
 
@@ -116,8 +114,8 @@ def scaling_markdown(res):
     m = res["model"]
     rates = "; ".join(f"{f}: near {m.near[f] / 1e9:.0f} GB/s, far {m.far[f] / 1e9:.0f} GB/s"
                       for f in BYTES)
-    L = [f"Fitted to the 1-thread column: L2 {m.l2 / 2**20:.1f} MiB a core (a slice is resident up "
-         f"to {RESIDENT:.0%} of it); rates of W a core ({rates}; far shared by at most "
+    L = [f"Fitted to the 1-thread column: L2 {m.l2 / 2**20:.1f} MiB a core (up to {RESIDENT:.0%} of it "
+         f"keeps a slice's part resident from step to step); rates of W a core ({rates}; far shared by at most "
          f"{FAR_CORES} cores' worth in all, assumed). Measured: one barrier of 2 threads "
          f"{m.sync * 1e9:.0f} ns (bench.team.barrier_seconds), counted once per extra core.", "",
          "| shape (B = 1) | threads | measured µs/step | model µs/step | model / measured |",
