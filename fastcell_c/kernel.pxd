@@ -67,6 +67,14 @@ cdef struct Job:
     Py_ssize_t bounds[MAX_PARTS + 1]    # rows: part p's rows [bounds[p], bounds[p + 1])
 
 
+cdef struct UnitsLayout:     # the buffer of a walk split by hidden units (Kernel.units_layout)
+    char* buf                # made by Kernel.units_layout; the owner frees it
+    Py_ssize_t shared        # bytes of the shared part: the workspace, then h's second buffer
+    Py_ssize_t h_alt         # where h's second buffer starts
+    Py_ssize_t part_bytes    # each part's own region after the shared one
+    Py_ssize_t qoff          # the int8 scratch's offset in a part's region (-1: none)
+
+
 cdef struct Call:            # one prepared Kernel.run
     Walk w
     const char* x
@@ -119,6 +127,11 @@ cdef class Kernel:
                         Slice* sl) noexcept nogil
     cdef Py_ssize_t proj_outputs(self) noexcept nogil
     cdef int plan(self, Py_ssize_t T, Py_ssize_t B, int threads, int* nparts) noexcept
+    cdef int unit_parts(self, Py_ssize_t B, int threads) noexcept nogil
+    cdef int units_layout(self, Py_ssize_t T, Py_ssize_t B, bint packed, int nparts,
+                          UnitsLayout* lay) except -1
+    cdef void run_units_in(self, Walk* w, const char* x, char* h, char* c, char* out,
+                           const UnitsLayout* lay, Team team, int nparts) noexcept nogil
     cdef int run_parts(self, Walk* w, const char* x, char* h, char* c, char* out,
                        Team team) except -1
     cdef int prepare(self, Call* call, x, h, c, out, Py_ssize_t out_col, bint batch_first,

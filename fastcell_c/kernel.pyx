@@ -536,16 +536,56 @@ cdef class Kernel:
         """How a walk of B rows splits over at most `threads` parts: ROWS (each part its own
         rows, no barrier), UNITS (each part its hidden units, a barrier a step) or 0 (one part),
         with the number of parts."""
-        cdef Py_ssize_t vectors = self.stride // FC_LANES if self.hidden_size >= FC_LANES else 0
-        cdef Py_ssize_t macs = self.gates * self.hidden_size * self.output_size
         nparts[0] = <int>min(threads, B // ROWS_PER_PART)
         if nparts[0] >= 2:
             return ROWS
-        nparts[0] = <int>min(threads, vectors)
-        if nparts[0] >= 2 and macs * B >= UNIT_MIN_MACS:
+        nparts[0] = self.unit_parts(B, threads)
+        if nparts[0] >= 2:
             return UNITS
         nparts[0] = 1
         return 0
+
+    cdef int unit_parts(self, Py_ssize_t B, int threads) noexcept nogil:
+        """The parts of a split by hidden units of B rows' step where it pays (whole vectors of
+        units each, a step's product of at least UNIT_MIN_MACS multiply-adds), else 0."""
+        cdef Py_ssize_t vectors = self.stride // FC_LANES if self.hidden_size >= FC_LANES else 0
+        cdef Py_ssize_t macs = self.gates * self.hidden_size * self.output_size
+        cdef int n = <int>min(threads, vectors)
+        return n if n >= 2 and macs * B >= UNIT_MIN_MACS else 0
+
+    cdef int units_layout(self, Py_ssize_t T, Py_ssize_t B, bint packed, int nparts,
+                          UnitsLayout* lay) except -1:
+        """Lays out and allocates (lay.buf) the buffer of a walk of T steps of B rows (at most)
+        split by hidden units over at most nparts parts: the shared workspace and h's second
+        buffer, then each part's own region ([x h] rows and the int8 scratch)."""
+        cdef Py_ssize_t isz = 8 if self.is_double else 4
+        cdef Py_ssize_t ws = self.workspace(T, B, packed) * isz
+        lay.h_alt = ws
+        lay.shared = (ws + B * self.output_size * isz + 63) // 64 * 64
+        lay.part_bytes = ((B * self.ks + self.q_elems) * isz + 127) // 64 * 64
+        lay.qoff = (B * self.ks * isz + 63) // 64 * 64 if self.q_elems else -1
+        lay.buf = alloc_aligned(lay.shared + nparts * lay.part_bytes)
+        if lay.buf == NULL:
+            raise MemoryError(f"workspace of {nparts} threads for T={T}, B={B}")
+        return 0
+
+    cdef void run_units_in(self, Walk* w, const char* x, char* h, char* c, char* out,
+                           const UnitsLayout* lay, Team team, int nparts) noexcept nogil:
+        """A walk (at most the layout's T and B) split by hidden units over nparts parts of a
+        team its caller holds, in a buffer laid out by units_layout."""
+        cdef Job job
+        job.w = w[0]
+        job.x, job.h, job.c, job.out = x, h, c, out
+        job.kernel = <void*>self
+        job.mode = UNITS
+        job.isz = 8 if self.is_double else 4
+        job.work = lay.buf
+        job.h_alt = lay.buf + lay.h_alt
+        job.priv = lay.buf + lay.shared
+        job.part_bytes = lay.part_bytes
+        job.qoff = lay.qoff
+        job.team = team._t
+        team.run(_run_part, &job, nparts)
 
     cdef int run_parts(self, Walk* w, const char* x, char* h, char* c, char* out,
                        Team team) except -1:
@@ -554,44 +594,43 @@ cdef class Kernel:
         cdef int nparts, mode = self.plan(w.T, w.B, team.threads, &nparts)
         if mode == 0:
             return 0
+        cdef bint ran = False
+        cdef UnitsLayout lay
+        if mode == UNITS:
+            self.units_layout(w.T, w.B, w.lengths != NULL, nparts, &lay)
+            with nogil:
+                if team.enter():
+                    self.run_units_in(w, x, h, c, out, &lay, team, nparts)
+                    team.leave()
+                    ran = True
+            free(lay.buf)
+            return 1 if ran else 0
         cdef Job job
-        cdef Py_ssize_t isz = 8 if self.is_double else 4, shared, part, bmax
-        cdef bint packed = w.lengths != NULL
+        cdef Py_ssize_t isz = 8 if self.is_double else 4, part, bmax
         job.w = w[0]
         job.x, job.h, job.c, job.out = x, h, c, out
         job.kernel = <void*>self
-        job.mode = mode
+        job.mode = ROWS
         job.isz = isz
         job.h_alt = NULL
         rows = None
-        if mode == ROWS:
-            if not packed:
-                # A part's rows are not contiguous in a time-major x: its walk takes them as a
-                # packed batch of full lengths (the same sums: the bits of the whole walk).
-                rows = np.empty(2 * w.B, np.int64)
-                rows[:w.B] = w.T
-                rows[w.B:] = np.arange(w.B)
-                job.w.lengths = <const int64_t*>cnp.PyArray_DATA(<cnp.ndarray>rows)
-                job.w.perm = job.w.lengths + w.B
-                packed = True
-            balance_rows(&job.w, nparts, job.bounds)
-            bmax = 0
-            for part in range(nparts):
-                bmax = max(bmax, job.bounds[part + 1] - job.bounds[part])
-            job.part_bytes = (self.work_elems(w.T, bmax, packed) * isz + 127) // 64 * 64
-            job.qoff = <Py_ssize_t>self.qwork_of(NULL, w.T, bmax, packed) if self.q_elems else -1
-            shared = 0
-        else:
-            job.part_bytes = ((w.B * self.ks + self.q_elems) * isz + 127) // 64 * 64
-            job.qoff = (w.B * self.ks * isz + 63) // 64 * 64 if self.q_elems else -1
-            shared = (self.workspace(w.T, w.B, packed) + w.B * self.output_size) * isz
-        job.work = alloc_aligned(shared + nparts * job.part_bytes)
+        if w.lengths == NULL:
+            # A part's rows are not contiguous in a time-major x: its walk takes them as a
+            # packed batch of full lengths (the same sums: the bits of the whole walk).
+            rows = np.empty(2 * w.B, np.int64)
+            rows[:w.B] = w.T
+            rows[w.B:] = np.arange(w.B)
+            job.w.lengths = <const int64_t*>cnp.PyArray_DATA(<cnp.ndarray>rows)
+            job.w.perm = job.w.lengths + w.B
+        balance_rows(&job.w, nparts, job.bounds)
+        bmax = 0
+        for part in range(nparts):
+            bmax = max(bmax, job.bounds[part + 1] - job.bounds[part])
+        job.part_bytes = (self.work_elems(w.T, bmax, True) * isz + 127) // 64 * 64
+        job.qoff = <Py_ssize_t>self.qwork_of(NULL, w.T, bmax, True) if self.q_elems else -1
+        job.work = job.priv = alloc_aligned(nparts * job.part_bytes)
         if job.work == NULL:
             raise MemoryError(f"workspace of {nparts} threads for T={w.T}, B={w.B}")
-        job.priv = job.work + (shared + 63) // 64 * 64 if mode == UNITS else job.work
-        if mode == UNITS:
-            job.h_alt = job.work + self.workspace(w.T, w.B, packed) * isz
-        cdef bint ran = False
         with nogil:
             if team.enter():
                 job.team = team._t

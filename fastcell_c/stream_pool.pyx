@@ -17,7 +17,7 @@ import numpy as np
 
 from fastcell_c.walk cimport Walk, make_walk
 from fastcell_c.kernel import as_int, to_numpy
-from fastcell_c.kernel cimport Kernel, alloc_aligned, buffer_of, has_dims, is_array
+from fastcell_c.kernel cimport Kernel, UnitsLayout, alloc_aligned, buffer_of, has_dims, is_array
 from fastcell_c.stream cimport Stepper
 
 cnp.import_array()
@@ -113,7 +113,7 @@ cdef void _step_part(void* arg, int part, int nparts) noexcept nogil:
     while r < job.n:
         r2 = fc_claim(&job.next, job.unit)
         (<StatePool>job.pool)._rows(job, part, r, min(job.unit, job.n - r),
-                                     r2, min(job.unit, job.n - r2))
+                                     r2, min(job.unit, job.n - r2), False)
         r = r2
 
 
@@ -154,12 +154,13 @@ cdef class StatePool:
     cdef char** _cbuf                   # per thread: the chunk's c rows
     cdef char** _work                   # per thread: the kernels' workspace for CHUNK rows
     cdef void** _qwork                  # per thread and layer: the int8 products' scratch
+    cdef UnitsLayout* _units            # per layer (threads > 1): a step's split by hidden units
     cdef int _typenum
     cdef bint _parity
     cdef pthread_mutex_t _mu            # the streams' states: step, close, reset, get/set_state
     cdef pthread_mutex_t _ids_mu        # which slots are open (_live, _gen, _free): held briefly
     cdef bint _mu_ok
-    cdef Team _team
+    cdef readonly Team _team            # its threads (read by the tests' stall hook)
     cdef object __weakref__             # the fork hooks keep a weak set of live pools
 
     def __cinit__(self):
@@ -234,6 +235,16 @@ cdef class StatePool:
             self._free[i] = <int32_t>(capacity - 1 - i)     # slot 0 is handed out first
         self._nfree = capacity
         self._tick = 0
+        if threads > 1:
+            # A step too small to split by rows splits each layer by hidden units where that
+            # pays (a big model's few streams): its buffer made once, for up to CHUNK rows.
+            self._units = <UnitsLayout*>calloc(L, sizeof(UnitsLayout))
+            if self._units == NULL:
+                raise MemoryError(f"threads: workspace for {threads} threads")
+            for l in range(L):
+                k = self._kernels[l]
+                if (<Kernel>k).unit_parts(CHUNK, <int>threads) >= 2:
+                    k.units_layout(1, CHUNK, False, <int>threads, &self._units[l])
         self._team = Team(threads)
         _live_pools.add(self)
 
@@ -257,6 +268,10 @@ cdef class StatePool:
         free(self._cbuf)
         free(self._work)
         free(self._qwork)
+        if self._units != NULL:
+            for t in range(self.num_layers):
+                free(self._units[t].buf)
+            free(self._units)
         if self._mu_ok:
             pthread_mutex_destroy(&self._mu)
             pthread_mutex_destroy(&self._ids_mu)
@@ -478,6 +493,7 @@ cdef class StatePool:
             return out
         cdef StepJob job
         cdef Py_ssize_t nparts
+        cdef bint units
         cdef Py_ssize_t bad = -1
         cdef uint64_t tick
         if n > self.capacity:       # then some id is closed or repeated; a _slots entry each
@@ -516,8 +532,11 @@ cdef class StatePool:
         job.unit = min(CHUNK, max(MIN_CHUNK, (n // (nparts * CHUNKS_PER_THREAD) + 7) // 8 * 8))
         if nparts == 1:
             job.unit = CHUNK
+        units = self._units != NULL and nparts == 1 and n <= CHUNK and self._team.ready()
         with nogil:
-            if nparts == 1:
+            if units:
+                self._rows(&job, 0, 0, n, 0, 0, True)
+            elif nparts == 1:
                 _step_part(&job, 0, 1)
             else:
                 self._team.run(_step_part, &job, <int>nparts)
@@ -589,17 +608,19 @@ cdef class StatePool:
         return np.ascontiguousarray(a, dtype=self.dtype)
 
     cdef void _rows(self, const StepJob* job, int part, Py_ssize_t r, Py_ssize_t m,
-                    Py_ssize_t r_next, Py_ssize_t m_next) noexcept nogil:
+                    Py_ssize_t r_next, Py_ssize_t m_next, bint units) noexcept nogil:
         """Steps the m <= CHUNK rows from r of the job with thread `part`'s buffers: gathers
         their state rows, runs each layer as a StreamState step of m rows does, writes the rows
         back and the last layer's h to out. Asks for the state rows of the m_next rows from
-        r_next (this thread's next chunk) meanwhile."""
+        r_next (this thread's next chunk) meanwhile. units: the caller alone holds the pool's
+        team, and each layer whose step pays splits over it by hidden units (the same bits)."""
         cdef Py_ssize_t L = self.num_layers, Ho = self.output_size, H = self.hidden_size
         cdef Py_ssize_t isz = self._isz, hb = Ho * isz, cbytes = H * isz
         cdef char* hbuf = self._hbuf[part]
         cdef char* cbuf = self._cbuf[part] if self.has_cell_state else NULL
         cdef char* work = self._work[part]
         cdef Py_ssize_t j, l
+        cdef int nparts
         cdef char* row
         cdef const char* src
         cdef Walk w
@@ -616,9 +637,16 @@ cdef class StatePool:
             w = make_walk(1, m, False, 0, NULL, NULL, False)
             w.flip = job.flip
             w.qwork = self._qwork[part * L + l]
-            (<Kernel>self._kptr[l]).run_walk(
-                &w, src, hbuf + l * CHUNK * hb,
-                NULL if cbuf == NULL else cbuf + l * CHUNK * cbytes, NULL, work)
+            nparts = (<Kernel>self._kptr[l]).unit_parts(m, <int>self.threads) if units else 0
+            if nparts >= 2 and self._units[l].buf != NULL:
+                (<Kernel>self._kptr[l]).run_units_in(
+                    &w, src, hbuf + l * CHUNK * hb,
+                    NULL if cbuf == NULL else cbuf + l * CHUNK * cbytes, NULL,
+                    &self._units[l], self._team, nparts)
+            else:
+                (<Kernel>self._kptr[l]).run_walk(
+                    &w, src, hbuf + l * CHUNK * hb,
+                    NULL if cbuf == NULL else cbuf + l * CHUNK * cbytes, NULL, work)
             src = hbuf + l * CHUNK * hb     # the next layer reads this layer's new h
         for j in range(m):
             row = self._block + job.slots[r + j] * self._row

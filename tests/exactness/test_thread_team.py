@@ -172,6 +172,40 @@ def test_pool_of_a_threaded_model(fmt, rng, split_everything):
             assert_same_bytes(pool.step(ids, x), one.step(x, ref), f"{fmt} model at {n}t, t={t}")
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_pool_splits_a_few_streams_by_units(kind, fmt, rng, split_everything):
+    """A pool step too small to split by rows (fewer than 64 streams on 2 threads) splits each
+    layer by hidden units, and one of 64 or more by rows: every stream gets the bytes of the
+    model's own step, at 2 and 3 threads, in a stack of 2 layers too."""
+    for L in (1, 2):
+        one = layer(kind, fmt, 40, rng, num_layers=L)
+        for n in (2, 3):
+            pool = fastcell.StreamPool(one, capacity=70, threads=n)
+            for rows in (1, 5, 63, 70):
+                ids = [pool.open() for _ in range(rows)]
+                ref = one.new_state(rows)
+                for t in range(3):
+                    x = rng.standard_normal((rows, I)).astype(one.dtype)
+                    assert_same_bytes(pool.step(ids, x), one.step(x, ref),
+                                      f"{L} layers, {n} threads, {rows} rows, t={t}")
+                for sid in ids:
+                    pool.close(sid)
+
+
+def test_a_pool_split_by_units_survives_a_stall(rng, split_everything):
+    """A pool's worker stalled at a barrier of a units split: taken over, the same bytes."""
+    one = layer("lstm", "float32", 40, rng)
+    pool = fastcell.StreamPool(one, capacity=4, threads=2)
+    ids = [pool.open() for _ in range(3)]
+    ref = one.new_state(3)
+    pool._team._fault(1, 0, 20_000, times=2)
+    for t in range(3):
+        x = rng.standard_normal((3, I)).astype(np.float32)
+        assert_same_bytes(pool.step(ids, x), one.step(x, ref), f"t={t}")
+    assert pool._team.stalls >= 1
+
+
 def test_default_rule_splits_big_shapes_exactly(rng):
     """Without the lowered rule: a long single sequence splits by units, a batch by rows."""
     one = layer("lstm", "float32", 160, rng)
@@ -179,6 +213,10 @@ def test_default_rule_splits_big_shapes_exactly(rng):
         x = rng.standard_normal((T, B, I)).astype(np.float32)
         want = one(x)
         assert_same_bytes(one.with_threads(2)(x), want, f"T={T} B={B}")
+    pool = fastcell.StreamPool(one, capacity=2, threads=2)     # a few streams: by units
+    ids, ref = [pool.open(), pool.open()], one.new_state(2)
+    for x in rng.standard_normal((3, 2, I)).astype(np.float32):
+        assert_same_bytes(pool.step(ids, x), one.step(x, ref), "pool")
     cell = cell_of(one)
     two = cell.with_threads(2)
     s, ref = two.new_state(1), cell.new_state(1)
