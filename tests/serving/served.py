@@ -3,6 +3,7 @@ tests/serving/ is on sys.path for them): the example loaded as a module, the ser
 loop of its own thread (so a test sees its pool), and each stream's reference outputs.
 """
 
+import asyncio
 import importlib.util
 import threading
 
@@ -60,3 +61,12 @@ def streams_left(server):
             break
         threading.Event().wait(0.01)
     return len(server.pool)
+
+
+async def eventually(holds):
+    """Whether holds() comes true within TIMEOUT, polled every 10 ms on the event loop."""
+    for _ in range(int(TIMEOUT / 0.01)):
+        if holds():
+            return True
+        await asyncio.sleep(0.01)
+    return False

@@ -24,7 +24,8 @@ from conftest import ENV, hang_guard
 websockets = pytest.importorskip("websockets", minversion="12")
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
-from served import H, I, SCRIPT, TIMEOUT, servers, stream_server, streams_left  # noqa: E402
+from served import (H, I, SCRIPT, TIMEOUT, eventually, servers, stream_server,  # noqa: E402
+                    streams_left)
 
 U64 = 2 ** 64 - 1
 ROW = 8 + 4 * I          # a request's bytes per stream: its key and its frame
@@ -235,13 +236,6 @@ def test_waiting_requests_of_every_connection_meet_in_one_step(served, rng):
 
     mux._step = step
 
-    async def pending_is(n):
-        for _ in range(int(TIMEOUT / 0.01)):
-            if mux.pending == n:
-                return True
-            await asyncio.sleep(0.01)
-        return False
-
     async def main():
         async with connect_mux(srv.url) as a, connect_mux(srv.url) as b, \
                 connect_mux(srv.url) as c, connect_mux(srv.url) as d:
@@ -255,7 +249,7 @@ def test_waiting_requests_of_every_connection_meet_in_one_step(served, rng):
             await ca.send([3, 4])                    # a's, no stream in common with [1, 2]
             await ca.send([4, 1])                    # key 4 again: the tick after
             await cb.send([6])
-            assert await pending_is(3 + 1 + 4 + 2 + 2 + 1)
+            assert await eventually(lambda: mux.pending == 3 + 1 + 4 + 2 + 2 + 1)
             release.set()
             for cl in (ca, cb, cc, cd):
                 await cl.check_all()
@@ -440,13 +434,6 @@ def test_leaving_while_its_requests_and_closes_wait_frees_every_stream(served):
 
     mux._step = step
 
-    async def pending_is(n):
-        for _ in range(int(TIMEOUT / 0.01)):
-            if mux.pending == n:
-                return True
-            await asyncio.sleep(0.01)
-        return False
-
     async def main():
         async with connect_mux(srv.url) as a, connect_mux(srv.url) as b:
             ca, cb = Client(a, model, np.random.default_rng(1)), Client(b, model, np.random.default_rng(2))
@@ -455,9 +442,9 @@ def test_leaving_while_its_requests_and_closes_wait_frees_every_stream(served):
             await cb.send([1, 2, 3])
             await cb.close([1])
             await cb.send([2, 4])
-            assert await pending_is(5) and len(srv.server.pool) == 5
+            assert await eventually(lambda: mux.pending == 5) and len(srv.server.pool) == 5
             b.transport.abort()
-            assert await pending_is(0)           # its requests are dropped, not stepped
+            assert await eventually(lambda: mux.pending == 0)    # its requests dropped, not stepped
             release.set()
             await ca.check()
             return await pool_len_is(srv.server, 1)

@@ -24,7 +24,7 @@ from conftest import ENV, hang_guard
 websockets = pytest.importorskip("websockets", minversion="12")
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
-from served import (H, I, SCRIPT, TIMEOUT, reference, servers, stream_server,  # noqa: E402
+from served import (H, I, SCRIPT, eventually, TIMEOUT, reference, servers, stream_server,  # noqa: E402
                     streams_left)
 
 
@@ -283,13 +283,6 @@ def test_a_full_batcher_refuses_the_frame_with_1013(served, rng):
             held.set()
             release.wait(TIMEOUT)
 
-    async def pending_is(n):
-        for _ in range(int(TIMEOUT / 0.01)):
-            if batcher.pending == n:
-                return True
-            await asyncio.sleep(0.01)
-        return False
-
     async def main():
         async with connect(srv.url, open_timeout=TIMEOUT) as a, \
                 connect(srv.url, open_timeout=TIMEOUT) as b:
@@ -297,7 +290,7 @@ def test_a_full_batcher_refuses_the_frame_with_1013(served, rng):
                 batcher.submit(extra, x[2]).add_done_callback(hold)
                 await asyncio.to_thread(held.wait, 1)
             await a.send(x[0].tobytes())
-            assert await pending_is(1)   # a's frame waits
+            assert await eventually(lambda: batcher.pending == 1)   # a's frame waits
             filled = []
             for _ in range(100):
                 try:
