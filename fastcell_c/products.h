@@ -486,33 +486,25 @@ static inline fc_runs fc_bf16_runs(const fc_mat *w, int j0, int k)
 /* The product over one packed matrix, per format and level: a matrix narrower than a vector
  * through the narrow products, one row through the GEMV, more through the GEMM, each called
  * directly. For int8, rows [j0, j0 + k) are whole segments; work: its scratch. */
+/* The float32 (S = f) and float64 (S = d) products, one definition for both. */
+#define FC_DEFINE_MM_FLOAT(LVL, FMT, T, S)                                               \
+    static void fc_mm_##FMT##_##LVL(int m, int n, int k, const void *a_, int lda,         \
+                                    const fc_mat *w, int j0, int beta, void *c_, int ldc, \
+                                    int backward, void *work)                            \
+    {                                                                                    \
+        const T *a = (const T *)a_, *wp = (const T *)w->wp;                              \
+        T *c = (T *)c_;                                                                  \
+        (void)work;                                                                      \
+        if (m <= 0 || n <= 0) return;                                                    \
+        if (n < FC_LANES) {                                                              \
+            fc_runs R = {1, {0, 0}, {j0, 0}, {k, 0}};                                    \
+            fc_narrow_##S##_##LVL(m, n, &R, a, lda, wp, w->ks, beta, c, ldc);            \
+        } else if (m == 1) fc_gemv_p_##S##_##LVL(k, n, a, wp, w->ks, j0, beta, c, backward); \
+        else fc_gemm_p_##S##_##LVL(m, n, k, a, lda, wp, w->ks, j0, beta, c, ldc);        \
+    }
 #define FC_DEFINE_MM(LVL)                                                                \
-    static void fc_mm_f32_##LVL(int m, int n, int k, const void *a_, int lda, const fc_mat *w, \
-                                int j0, int beta, void *c_, int ldc, int backward, void *work) \
-    {                                                                                    \
-        const float *a = (const float *)a_, *wp = (const float *)w->wp;                  \
-        float *c = (float *)c_;                                                          \
-        (void)work;                                                                      \
-        if (m <= 0 || n <= 0) return;                                                    \
-        if (n < FC_LANES) {                                                              \
-            fc_runs R = {1, {0, 0}, {j0, 0}, {k, 0}};                                    \
-            fc_narrow_f_##LVL(m, n, &R, a, lda, wp, w->ks, beta, c, ldc);                \
-        } else if (m == 1) fc_gemv_p_f_##LVL(k, n, a, wp, w->ks, j0, beta, c, backward);  \
-        else fc_gemm_p_f_##LVL(m, n, k, a, lda, wp, w->ks, j0, beta, c, ldc);            \
-    }                                                                                    \
-    static void fc_mm_f64_##LVL(int m, int n, int k, const void *a_, int lda, const fc_mat *w, \
-                                int j0, int beta, void *c_, int ldc, int backward, void *work) \
-    {                                                                                    \
-        const double *a = (const double *)a_, *wp = (const double *)w->wp;               \
-        double *c = (double *)c_;                                                        \
-        (void)work;                                                                      \
-        if (m <= 0 || n <= 0) return;                                                    \
-        if (n < FC_LANES) {                                                              \
-            fc_runs R = {1, {0, 0}, {j0, 0}, {k, 0}};                                    \
-            fc_narrow_d_##LVL(m, n, &R, a, lda, wp, w->ks, beta, c, ldc);                \
-        } else if (m == 1) fc_gemv_p_d_##LVL(k, n, a, wp, w->ks, j0, beta, c, backward);  \
-        else fc_gemm_p_d_##LVL(m, n, k, a, lda, wp, w->ks, j0, beta, c, ldc);            \
-    }                                                                                    \
+    FC_DEFINE_MM_FLOAT(LVL, f32, float, f)                                               \
+    FC_DEFINE_MM_FLOAT(LVL, f64, double, d)                                              \
     static void fc_mm_bf16_##LVL(int m, int n, int k, const void *a_, int lda, const fc_mat *w, \
                                  int j0, int beta, void *c_, int ldc, int backward, void *work) \
     {                                                                                    \
@@ -580,53 +572,34 @@ static void fc_mm_i8(int m, int n, int k, const void *a, int lda, const fc_mat *
                   work);                                                                 \
         }                                                                                \
     }
-#define FC_DEFINE_COLS(LVL)                                                              \
-    static void fc_range_f32_##LVL(int m, int c0, int c1, int k, const void *a_, int lda, \
-                                  const fc_mat *w, int j0, int beta, void *c_, int ldc,  \
-                                  int backward, void *work)                              \
+/* The float32 (S = f) and float64 (S = d) ranges, one definition for both. */
+#define FC_DEFINE_RANGE_FLOAT(LVL, FMT, T, S)                                            \
+    static void fc_range_##FMT##_##LVL(int m, int c0, int c1, int k, const void *a_,      \
+                                       int lda, const fc_mat *w, int j0, int beta,       \
+                                       void *c_, int ldc, int backward, void *work)      \
     {                                                                                    \
-        const int PW = FC_PANEL_BYTES / 4;                                               \
+        const int PW = FC_PANEL_BYTES / (int)sizeof(T);                                  \
         FC_COLS_PLAN(PW)                                                                 \
-        const float *a = (const float *)a_, *wp = (const float *)w->wp;                  \
-        float *c = (float *)c_;                                                          \
+        const T *a = (const T *)a_, *wp = (const T *)w->wp;                              \
+        T *c = (T *)c_;                                                                  \
         if (fb > fa) {                                                                   \
-            if (m == 1) fc_gemv_p_f_##LVL(k, fb - fa, a, wp + (long)fa * w->ks, w->ks, j0, \
-                                          beta, c + fa, backward);                      \
-            else fc_gemm_p_f_##LVL(m, fb - fa, k, a, lda, wp + (long)fa * w->ks, w->ks, j0, \
-                                   beta, c + fa, ldc);                                  \
+            if (m == 1) fc_gemv_p_##S##_##LVL(k, fb - fa, a, wp + (long)fa * w->ks, w->ks, \
+                                              j0, beta, c + fa, backward);              \
+            else fc_gemm_p_##S##_##LVL(m, fb - fa, k, a, lda, wp + (long)fa * w->ks,      \
+                                       w->ks, j0, beta, c + fa, ldc);                    \
         }                                                                                \
         for (int e = 0; e < 2; e++) {                  /* the cut panels at each end */  \
             int lo = e ? tail : c0, hi = e ? c1 : head;                                  \
             if (hi <= lo) continue;                                                      \
             int o = lo / PW * PW, pw = n - o < PW ? n - o : PW;                          \
-            const float *wt = wp + (long)o * w->ks + (long)j0 * pw + (lo - o);           \
-            if (m == 1) fc_gemv_t_f_##LVL(k, hi - lo, a, wt, pw, beta, c + lo);          \
-            else fc_gemm_t_f_##LVL(m, hi - lo, k, a, lda, wt, pw, beta, c + lo, ldc);    \
+            const T *wt = wp + (long)o * w->ks + (long)j0 * pw + (lo - o);               \
+            if (m == 1) fc_gemv_t_##S##_##LVL(k, hi - lo, a, wt, pw, beta, c + lo);      \
+            else fc_gemm_t_##S##_##LVL(m, hi - lo, k, a, lda, wt, pw, beta, c + lo, ldc); \
         }                                                                                \
-    }                                                                                    \
-    static void fc_range_f64_##LVL(int m, int c0, int c1, int k, const void *a_, int lda, \
-                                  const fc_mat *w, int j0, int beta, void *c_, int ldc,  \
-                                  int backward, void *work)                              \
-    {                                                                                    \
-        const int PW = FC_PANEL_BYTES / 8;                                               \
-        FC_COLS_PLAN(PW)                                                                 \
-        const double *a = (const double *)a_, *wp = (const double *)w->wp;               \
-        double *c = (double *)c_;                                                        \
-        if (fb > fa) {                                                                   \
-            if (m == 1) fc_gemv_p_d_##LVL(k, fb - fa, a, wp + (long)fa * w->ks, w->ks, j0, \
-                                          beta, c + fa, backward);                      \
-            else fc_gemm_p_d_##LVL(m, fb - fa, k, a, lda, wp + (long)fa * w->ks, w->ks, j0, \
-                                   beta, c + fa, ldc);                                  \
-        }                                                                                \
-        for (int e = 0; e < 2; e++) {                                                    \
-            int lo = e ? tail : c0, hi = e ? c1 : head;                                  \
-            if (hi <= lo) continue;                                                      \
-            int o = lo / PW * PW, pw = n - o < PW ? n - o : PW;                          \
-            const double *wt = wp + (long)o * w->ks + (long)j0 * pw + (lo - o);          \
-            if (m == 1) fc_gemv_t_d_##LVL(k, hi - lo, a, wt, pw, beta, c + lo);          \
-            else fc_gemm_t_d_##LVL(m, hi - lo, k, a, lda, wt, pw, beta, c + lo, ldc);    \
-        }                                                                                \
-    }                                                                                    \
+    }
+#define FC_DEFINE_COLS(LVL)                                                              \
+    FC_DEFINE_RANGE_FLOAT(LVL, f32, float, f)                                            \
+    FC_DEFINE_RANGE_FLOAT(LVL, f64, double, d)                                           \
     static void fc_range_bf16_##LVL(int m, int c0, int c1, int k, const void *a_, int lda,\
                                    const fc_mat *w, int j0, int beta, void *c_, int ldc, \
                                    int backward, void *work)                             \
