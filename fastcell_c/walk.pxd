@@ -82,6 +82,25 @@ cdef inline void blas_panels(int m, int n, int I, const floating* a, const fc_ma
         o += PW
 
 
+cdef inline Py_ssize_t live_rows(const Walk* w, const floating* x, int I, floating* xp,
+                                 bint pack) noexcept nogil:
+    """The rows of x the walk reads (T * B, or with lengths each step's live ones); with lengths
+    and `pack`, copies them into xp step by step, the order the projection's G rows take."""
+    cdef Py_ssize_t s, j, n = w.B, r = 0
+    if w.lengths == NULL:
+        return w.T * w.B
+    for s in range(w.T):
+        while n > 0 and w.lengths[n - 1] <= s:
+            n -= 1
+        if pack:
+            for j in range(n):
+                memcpy(xp + (r + j) * I,
+                       x + (time_of(w, s, j) * w.x_ts + batch_of(w, j) * w.x_bs) * I,
+                       I * sizeof(floating))
+        r += n
+    return r
+
+
 cdef inline void project_inputs(Walk* w, const floating* x, int I, const fc_mat* wm, int split,
                                 int gates, floating* G, floating* xp) noexcept nogil:
     """G = x @ W_ih^T for every row the walk will read: one GEMM (xp: packing space, lengths only).
@@ -89,19 +108,8 @@ cdef inline void project_inputs(Walk* w, const floating* x, int I, const fc_mat*
     wm: the kernel's packed matrices (W_ih's rows first), wm[1] the columns from `split` on when
     the kernel packs them apart. With w.use_blas (float formats only) BLAS with its threads reads
     the same panels."""
-    cdef Py_ssize_t s, j, n = w.B, r = 0
-    cdef const floating* src = x
-    if w.lengths == NULL:
-        r = w.T * w.B
-    else:
-        for s in range(w.T):
-            while n > 0 and w.lengths[n - 1] <= s:
-                n -= 1
-            for j in range(n):
-                memcpy(xp + r * I, x + (time_of(w, s, j) * w.x_ts + batch_of(w, j) * w.x_bs) * I,
-                       I * sizeof(floating))
-                r += 1
-        src = xp
+    cdef Py_ssize_t r = live_rows(w, x, I, xp, True)
+    cdef const floating* src = x if w.lengths == NULL else xp
     if w.use_blas:
         blas_panels(<int>r, split, I, src, &wm[0], G, gates)
         if split < gates:
@@ -235,20 +243,9 @@ cdef inline int project_own(Walk* w, const floating* x, int I, const fc_mat* wm,
     """project_inputs for this part's columns: of the gates0 blocks of wm[0] and the gates1 of
     wm[1] (from column `split` of a gate row). With lengths, part 0 packs the rows for all.
     -1: this part stops (meet)."""
-    cdef Py_ssize_t s, j, n = w.B, r = 0
+    cdef Py_ssize_t r = live_rows(w, x, I, xp, sl.part == 0)
     cdef const floating* src = x
-    if w.lengths == NULL:
-        r = w.T * w.B
-    else:
-        for s in range(w.T):
-            while n > 0 and w.lengths[n - 1] <= s:
-                n -= 1
-            if sl.part == 0:
-                for j in range(n):
-                    memcpy(xp + r * I,
-                           x + (time_of(w, s, j) * w.x_ts + batch_of(w, j) * w.x_bs) * I,
-                           I * sizeof(floating))
-            r += n
+    if w.lengths != NULL:
         src = xp
         if meet(sl) < 0:
             return -1
