@@ -17,7 +17,7 @@
 # of a tick are resolved by one loop callback per event loop.
 cimport numpy as cnp
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
-from libc.stdint cimport int64_t
+from libc.stdint cimport INT64_MIN, int64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 
@@ -105,7 +105,7 @@ DEF CANCELLED = 4
 DEF IDLE = 1          # what the worker sleeps for, if it sleeps
 DEF WAITING = 2
 
-cdef int64_t SID_MIN = -9223372036854775807 - 1
+cdef int64_t SID_MIN = INT64_MIN
 
 # The idents of the running worker threads: a close() there never waits (it would wait for
 # itself, or two batchers closed from each other's workers for each other).
