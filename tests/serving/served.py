@@ -8,6 +8,8 @@ import importlib.util
 import threading
 
 import numpy as np
+import pytest
+from websockets.exceptions import ConnectionClosed
 
 from conftest import ROOT
 
@@ -70,3 +72,28 @@ async def eventually(holds):
             return True
         await asyncio.sleep(0.01)
     return False
+
+
+async def pool_len_is(server, n):
+    """len(server.pool), once it is n (closes land just after the replies that follow them)."""
+    await eventually(lambda: len(server.pool) == n)
+    return len(server.pool)
+
+
+async def told_and_closed(ws):
+    """The error message the server sends, and the code of the close after it."""
+    message = await asyncio.wait_for(ws.recv(), TIMEOUT)
+    with pytest.raises(ConnectionClosed) as closed:
+        await asyncio.wait_for(ws.recv(), TIMEOUT)
+    return message, closed.value.rcvd.code
+
+
+async def keep_pinging(ws):
+    """Pings every 50 ms, each answered, until the connection is closed: a live link that sends
+    no frames."""
+    try:
+        while True:
+            await asyncio.wait_for(await ws.ping(), TIMEOUT)
+            await asyncio.sleep(0.05)
+    except ConnectionClosed:
+        pass

@@ -24,8 +24,8 @@ from conftest import ENV, hang_guard
 websockets = pytest.importorskip("websockets", minversion="12")
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
-from served import (H, I, SCRIPT, TIMEOUT, eventually, servers, stream_server,  # noqa: E402
-                    streams_left)
+from served import (H, I, SCRIPT, TIMEOUT, eventually, keep_pinging, pool_len_is,  # noqa: E402
+                    servers, stream_server, streams_left, told_and_closed)
 
 U64 = 2 ** 64 - 1
 ROW = 8 + 4 * I          # a request's bytes per stream: its key and its frame
@@ -87,23 +87,6 @@ class Client:
 
     async def check_all(self):
         await self.check(len(self.expected))
-
-
-async def told_and_closed(ws):
-    """The error message the server sends, and the code of the close after it."""
-    message = await asyncio.wait_for(ws.recv(), TIMEOUT)
-    with pytest.raises(ConnectionClosed) as closed:
-        await asyncio.wait_for(ws.recv(), TIMEOUT)
-    return message, closed.value.rcvd.code
-
-
-async def pool_len_is(server, n):
-    """len(server.pool), once it is n (closes land just after the replies that follow them)."""
-    for _ in range(int(TIMEOUT / 0.01)):
-        if len(server.pool) == n:
-            break
-        await asyncio.sleep(0.01)
-    return len(server.pool)
 
 
 def connect_mux(url):
@@ -472,15 +455,13 @@ def test_idle_mux_connections_are_closed_with_their_streams(served, rng):
             await client.check()
 
             async def busy_otherwise():
-                try:
-                    if close_some:
+                if close_some:
+                    try:
                         await client.close([1])
                         await client.close([2])
-                    while True:
-                        await asyncio.wait_for(await ws.ping(), TIMEOUT)
-                        await asyncio.sleep(0.05)
-                except ConnectionClosed:
-                    pass
+                    except ConnectionClosed:
+                        return
+                await keep_pinging(ws)
 
             other = asyncio.create_task(busy_otherwise())
             try:

@@ -24,8 +24,8 @@ from conftest import ENV, hang_guard
 websockets = pytest.importorskip("websockets", minversion="12")
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
-from served import (H, I, SCRIPT, eventually, TIMEOUT, reference, servers, stream_server,  # noqa: E402
-                    streams_left)
+from served import (H, I, SCRIPT, TIMEOUT, eventually, keep_pinging, pool_len_is,  # noqa: E402
+                    reference, servers, stream_server, streams_left, told_and_closed)
 
 
 @pytest.fixture
@@ -208,27 +208,13 @@ def test_idle_clients_are_disconnected_and_their_streams_closed(served, rng):
     assert srv.server.idle_timeout == 0.5
     xs = rng.standard_normal((10_000, I)).astype(np.float32)
 
-    async def told_and_closed(ws):
-        message = await asyncio.wait_for(ws.recv(), TIMEOUT)
-        with pytest.raises(ConnectionClosed) as closed:
-            await asyncio.wait_for(ws.recv(), TIMEOUT)
-        return message, closed.value.rcvd.code
-
     async def silent():
         async with connect(srv.url, open_timeout=TIMEOUT) as ws:
             return await told_and_closed(ws)
 
     async def pinging():
         async with connect(srv.url, open_timeout=TIMEOUT) as ws:
-            async def ping():
-                try:
-                    while True:
-                        await asyncio.wait_for(await ws.ping(), TIMEOUT)   # answered
-                        await asyncio.sleep(0.05)
-                except ConnectionClosed:
-                    pass
-
-            pinger = asyncio.create_task(ping())
+            pinger = asyncio.create_task(keep_pinging(ws))
             try:
                 return await told_and_closed(ws)
             finally:
@@ -244,11 +230,7 @@ def test_idle_clients_are_disconnected_and_their_streams_closed(served, rng):
                 t += 1
                 await asyncio.sleep(0.01)
             # the idle ones are gone, their streams too; this one's stays
-            for _ in range(int(TIMEOUT / 0.01)):
-                if len(srv.server.pool) == 1:
-                    break
-                await asyncio.sleep(0.01)
-            open_now = len(srv.server.pool)
+            open_now = await pool_len_is(srv.server, 1)
             await ws.send(xs[t].tobytes())
             replies.append(np.frombuffer(await ws.recv(), "<f4"))
         return np.array(replies), open_now
