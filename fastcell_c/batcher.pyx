@@ -367,10 +367,8 @@ cdef class BatcherCore:
         """submit(sid, frame) -> FrameResult: queues one frame (shape (input_size,) or
         (1, input_size); copied) of the open pool stream `sid`. Raises BatcherFullError when
         max_pending frames are waiting."""
-        cdef const char* src = self._frame_ptr(frame)
-        if src == NULL:
-            frame = self._frame(frame)
-            src = <const char*>cnp.PyArray_DATA(<cnp.ndarray>frame)
+        frame = self._frame(frame)
+        cdef const char* src = <const char*>cnp.PyArray_DATA(<cnp.ndarray>frame)
         cdef int64_t s = _sid(sid)
         self._admit(1, "submit")
         cdef FrameResult res = FrameResult.__new__(FrameResult)
@@ -382,10 +380,8 @@ cdef class BatcherCore:
         """``await batcher.submit_async(sid, frame)`` (in the event loop's thread): the output
         row. The futures of a tick are resolved by one callback per loop. Cancelling the
         awaitable before its tick drops the frame."""
-        cdef const char* src = self._frame_ptr(frame)
-        if src == NULL:
-            frame = self._frame(frame)
-            src = <const char*>cnp.PyArray_DATA(<cnp.ndarray>frame)
+        frame = self._frame(frame)
+        cdef const char* src = <const char*>cnp.PyArray_DATA(<cnp.ndarray>frame)
         cdef int64_t s = _sid(sid)
         self._admit(1, "submit_async")
         fut = _running_loop().create_future()
@@ -460,17 +456,15 @@ cdef class BatcherCore:
     def closed(self):
         return self._closed
 
-    cdef const char* _frame_ptr(self, frame) noexcept:
-        """The frame's data when it is already an (input_size,) native array of the dtype."""
+    cdef object _frame(self, frame):
+        """The frame as an (input_size,) C-contiguous native array of the dtype: itself when it
+        is one already (a few C checks), else converted and checked."""
         if (cnp.PyArray_Check(frame) and cnp.PyArray_TYPE(<cnp.ndarray>frame) == self.typenum
                 and cnp.PyArray_NDIM(<cnp.ndarray>frame) == 1
                 and cnp.PyArray_DIM(<cnp.ndarray>frame, 0) == self.input_size
                 and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>frame)
                 and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>frame)):
-            return <const char*>cnp.PyArray_DATA(<cnp.ndarray>frame)
-        return NULL
-
-    cdef object _frame(self, frame):
+            return frame
         a = to_numpy(frame, "frame")
         I = self.input_size
         if a.shape != (I,) and a.shape != (1, I):
